@@ -1,0 +1,26 @@
+# vmreplica — the two front-door commands are `make demo` and `make test`.
+# Both run `make setup` first, which installs everything a fresh Debian machine lacks.
+
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test bench clean unit
+
+setup:
+	bash scripts/setup.sh
+
+demo: setup
+	$(PY) -m vmreplica.demo
+
+test: setup
+	bash scripts/run-tests.sh $(PYTEST_ARGS)
+
+unit: setup
+	$(PY) -m pytest -q tests/unit
+
+bench: setup
+	$(PY) bench/bench_cycle.py
+
+clean:
+	rm -rf $(VENV) guest build demo-run bench-run

@@ -1,0 +1,41 @@
+#!/bin/bash
+# Idempotent set-up of a fresh Debian machine for vmreplica: Debian packages, the demo
+# guest, a virtual environment built from Debian's python (for python3-libnbd and
+# python3-libvirt) and the package itself. Safe to run again: it only does what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PACKAGES=(qemu-system-x86 qemu-utils qemu-system-common python3-venv python3-libnbd
+          python3-libvirt libvirt-daemon-system python3-cryptography rsync cpio busybox-static
+          iproute2 procps)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing Debian packages: ${missing[*]}"
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+        -o Dpkg::Options::=--force-confold "${missing[@]}"
+fi
+
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import nbd' 2>/dev/null; then
+    echo "setup: creating .venv from /usr/bin/python3 --system-site-packages"
+    rm -rf .venv
+    /usr/bin/python3 -m venv --system-site-packages .venv
+fi
+stamp=.venv/.vmreplica-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    echo "setup: installing vmreplica into .venv"
+    .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+    touch "$stamp"
+fi
+
+if [ ! -f guest/demo/initramfs.img ] || [ scripts/build-guest.sh -nt guest/demo/initramfs.img ] \
+   || [ scripts/guest-init.sh -nt guest/demo/initramfs.img ]; then
+    echo "setup: building the demo guest"
+    bash scripts/build-guest.sh guest/demo
+fi
+echo "setup: ready (.venv/bin/vmreplica)"

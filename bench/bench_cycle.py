@@ -1,0 +1,159 @@
+"""Benchmark of the foundation: one delta cycle against rsync, the initial copy against
+qemu-img convert. Two real hosts (daemons, TLS on loopback, qemu-storage-daemon) on this
+machine; every figure is a whole command as an operator runs it.
+
+Scenario (issue 2): an 8 GiB qcow2 disk of a powered-off VM holding ALLOC of data;
+after the last cycle, 1,024 scattered 64 KiB writes (64 MiB) made with qemu-io; then
+  - `vmreplica sync VM` (CLI start to acknowledged cycle), and
+  - `rsync --inplace --no-whole-file` of the same image onto its previous copy.
+Each round makes new writes; the median of the rounds is reported. The replica head is
+compared with the source after every round (qemu-img compare). Rows are printed for
+compressible writes (qemu-io's fill patterns, as the issue prescribes) and for
+incompressible ones (random bytes, `qemu-io write -s`), and for several allocated sizes
+(rsync reads the whole allocated image; a bitmap cycle reads only what changed).
+Ends with `ratio_vs_rsync=X` for the issue's scenario (2 GiB allocated, qemu-io patterns).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from vmreplica import lab
+
+GiB, MiB, KiB = 1 << 30, 1 << 20, 1 << 10
+
+
+def sh(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(args, check=True, capture_output=True, text=True)
+
+
+def timed(*args: str) -> float:
+    t = time.perf_counter()
+    subprocess.run(args, check=True, capture_output=True)
+    return time.perf_counter() - t
+
+
+def fill(disk: Path, alloc: int, random_file: Path) -> None:
+    """Allocate ``alloc`` bytes of incompressible data spread over the disk (64 MiB runs)."""
+    runs = alloc // (64 * MiB)
+    stride = (8 * GiB) // max(runs, 1)
+    cmds = []
+    for i in range(runs):
+        cmds += ["-c", f"write -s {random_file} {i * stride} {64 * MiB}"]
+    sh("qemu-io", "-f", "qcow2", *cmds, str(disk))
+
+
+def scatter(disk: Path, seed: int, size: int, random64k: Path | None) -> None:
+    """1,024 writes of 64 KiB at random 64 KiB-aligned places of the whole disk."""
+    rnd = random.Random(seed)
+    offsets = rnd.sample(range(size // (64 * KiB)), 1024)
+    cmds = []
+    for i, o in enumerate(offsets):
+        src = f"-s {random64k}" if random64k else f"-P {i % 250 + 1}"
+        cmds += ["-c", f"write {src} {o * 64 * KiB} {64 * KiB}"]
+    sh("qemu-io", "-f", "qcow2", *cmds, str(disk))
+
+
+def make_random(path: Path, size: int, seed: int) -> Path:
+    rnd = random.Random(seed)
+    path.write_bytes(rnd.randbytes(size))
+    return path
+
+
+def delta_rows(a, b, work: Path, allocs: list[int], rounds: int) -> list[dict]:
+    rows = []
+    rand64 = make_random(work / "rand64m", 64 * MiB, 1)
+    for alloc in allocs:
+        vm = f"b{alloc // GiB}g"
+        a.run("vm", "create", vm, "--disk", "8G")
+        disk = Path(a.vm(vm)["disks"][0]["path"])
+        fill(disk, alloc, rand64)
+        a.run("enable", vm, "--replica", b.address)
+        a.run("initial", vm)
+        prev = work / f"{vm}-prev.qcow2"
+        sh("cp", "--sparse=always", str(disk), str(prev))
+        head = b.vm(vm)["disks"][0]["path"]
+        for kind in ("patterns", "random"):
+            syncs, rsyncs = [], []
+            for r in range(rounds):
+                seed = hash((alloc, kind, r)) & 0xFFFF
+                rand = make_random(work / "rand64k", 64 * KiB, seed) if kind == "random" else None
+                scatter(disk, seed, 8 * GiB, rand)
+                syncs.append(timed(*lab.cli_path(), "--home", str(a.home), "sync", vm))
+                rsyncs.append(timed("rsync", "--inplace", "--no-whole-file", str(disk), str(prev)))
+                same = subprocess.run(["qemu-img", "compare", "-U", str(disk), head],
+                                      capture_output=True, text=True)
+                if same.returncode != 0:
+                    raise SystemExit(f"replica differs from the source after round {r}: "
+                                     f"{same.stdout}{same.stderr}")
+            row = {"alloc": alloc, "kind": kind, "sync": statistics.median(syncs),
+                   "rsync": statistics.median(rsyncs), "syncs": syncs, "rsyncs": rsyncs}
+            rows.append(row)
+            print(f"delta  alloc={alloc // GiB} GiB writes={kind:8}  sync {row['sync']:.3f} s  "
+                  f"rsync {row['rsync']:.3f} s  ratio {row['rsync'] / row['sync']:.2f}  "
+                  f"(rounds: sync {' '.join(f'{x:.3f}' for x in syncs)}; "
+                  f"rsync {' '.join(f'{x:.3f}' for x in rsyncs)})", flush=True)
+        a.run("remove", vm)
+        a.run("vm", "delete", vm)
+        prev.unlink()
+    return rows
+
+
+def initial_row(a, b, work: Path) -> dict:
+    vm = "init4g"
+    a.run("vm", "create", vm, "--disk", "4G")
+    disk = Path(a.vm(vm)["disks"][0]["path"])
+    rand = make_random(work / "rand64m-b", 64 * MiB, 2)
+    runs = 16
+    cmds = []
+    for i in range(runs):
+        cmds += ["-c", f"write -s {rand} {i * (4 * GiB // runs)} {64 * MiB}"]
+    sh("qemu-io", "-f", "qcow2", *cmds, str(disk))
+    a.run("enable", vm, "--replica", b.address)
+    t_init = timed(*lab.cli_path(), "--home", str(a.home), "initial", vm)
+    conv = work / "convert.qcow2"
+    t_conv = timed("qemu-img", "convert", "-O", "qcow2", str(disk), str(conv))
+    head = b.vm(vm)["disks"][0]["path"]
+    same = subprocess.run(["qemu-img", "compare", "-U", str(disk), head], capture_output=True)
+    if same.returncode != 0:
+        raise SystemExit("initial copy differs from the source")
+    conv.unlink()
+    a.run("remove", vm)
+    a.run("vm", "delete", vm)
+    print(f"initial  4 GiB disk, 1 GiB data: vmreplica initial {t_init:.2f} s, "
+          f"qemu-img convert {t_conv:.2f} s, ratio {t_conv / t_init:.2f}", flush=True)
+    return {"initial": t_init, "convert": t_conv}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--alloc", default="2", help="allocated GiB, comma separated (e.g. 1,2,4)")
+    p.add_argument("--work", default="bench-run")
+    args = p.parse_args()
+    work = Path(args.work).absolute()
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    allocs = [int(x) * GiB for x in args.alloc.split(",")]
+    a, b = lab.two_sites(work / "hosts")
+    try:
+        rows = delta_rows(a, b, work, allocs, args.rounds)
+        initial_row(a, b, work)
+    finally:
+        lab.teardown(a, b)
+    main_row = next(r for r in rows if r["alloc"] == 2 * GiB and r["kind"] == "patterns") \
+        if any(r["alloc"] == 2 * GiB for r in rows) else rows[0]
+    print(f"ratio_vs_rsync={main_row['rsync'] / main_row['sync']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Host commands: init, serve, shutdown, host."""
+
+from __future__ import annotations
+
+import os
+
+import time
+
+from .. import errors
+from .main import client_of, home_of
+from .render import emit_json
+
+
+def register(sub) -> None:
+    p = sub.add_parser("init", help="create a host home (state, TLS identity, folders)")
+    p.add_argument("--name", required=True, help="this host's name, e.g. site-a.example.com")
+    p.add_argument("--listen", required=True, help="replication address, e.g. 127.0.0.1:8443")
+    p.add_argument("--driver", default="qemu", choices=["qemu", "libvirt"])
+    p.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"],
+                   help="qemu driver accelerator; auto uses KVM only where it boots a guest")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("serve", help="run the host daemon")
+    p.add_argument("--detach", action="store_true", help="run in the background; return when ready")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("shutdown", help="stop the host daemon cleanly")
+    p.set_defaults(func=cmd_shutdown)
+
+    p = sub.add_parser("host", help="show this host's name, address and fingerprint")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_host)
+
+
+def cmd_init(args) -> int:
+    from ..service.home import Home, init_home
+    home = Home.resolve(args.home)
+    info = init_home(home, args.name, args.listen, args.driver, args.accel)
+    if args.json:
+        emit_json(info)
+    else:
+        print(f"host {info['name']} created in {info['home']}")
+        print(f"  replication address  {info['listen']}")
+        print(f"  certificate          {info['fingerprint']}")
+        print(f"next: vmreplica --home {info['home']} serve --detach")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from ..service.daemon import Daemon, setup_logging, spawn_detached
+    home = home_of(args)
+    if args.detach:
+        pid = spawn_detached(home)
+        print(f"daemon running (pid {pid}); log: {home.log}")
+        return 0
+    setup_logging(home, foreground=True)
+    Daemon(home).run()
+    return 0
+
+
+def cmd_shutdown(args) -> int:
+    client = client_of(args)
+    try:
+        info = client.call("POST", "/v1/shutdown")
+    except errors.DaemonNotRunning:
+        print("daemon is not running")
+        return 0
+    pid = info.get("pid")
+    deadline = time.monotonic() + 60
+    while pid and time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        if pid:
+            raise errors.OperationError(f"daemon (pid {pid}) did not stop within 60 s")
+    print("daemon stopped")
+    return 0
+
+
+def cmd_host(args) -> int:
+    info = client_of(args).call("GET", "/v1/host")
+    if args.json:
+        emit_json(info)
+    else:
+        for k in ("name", "listen", "driver", "fingerprint", "home", "version"):
+            print(f"{k:12} {info.get(k)}")
+    return 0
+
+

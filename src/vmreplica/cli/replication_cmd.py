@@ -1,0 +1,133 @@
+"""Replication commands: enable, initial, sync, status, suspend, resume, remove, test-connection."""
+
+from __future__ import annotations
+
+from ..domain.units import format_size
+from .main import client_of
+from .render import ago, duration, emit_json, table
+
+
+def register(sub) -> None:
+    p = sub.add_parser("enable", help="replicate a VM to a replica host")
+    p.add_argument("vm")
+    p.add_argument("--replica", required=True, metavar="HOST:PORT")
+    p.add_argument("--frequency", default="5m", choices=["30s", "5m", "15m"])
+    p.add_argument("--compression", default="zstd", choices=["zstd", "none"])
+    p.add_argument("--exclude-disk", action="append", default=[], metavar="NAME")
+    p.add_argument("--security-tag", default="", metavar="TAG",
+                   help="the tag the replica's authorization entry requires")
+    p.set_defaults(func=cmd_enable)
+
+    p = sub.add_parser("initial", help="run the initial copy (allocated data only)")
+    p.add_argument("vm")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_initial)
+
+    p = sub.add_parser("sync", help="run one cycle now; exit 0 once the replica acked it")
+    p.add_argument("vm")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_sync)
+
+    p = sub.add_parser("status", help="state, health, last cycle and lag of relationships")
+    p.add_argument("vm", nargs="?")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    for verb, text in (("suspend", "pause replication (changes stay tracked)"),
+                       ("resume", "resume replication")):
+        p = sub.add_parser(verb, help=text)
+        p.add_argument("vm")
+        p.set_defaults(func=cmd_simple, verb=verb)
+
+    p = sub.add_parser("remove", help="remove replication on both hosts")
+    p.add_argument("vm")
+    p.add_argument("--keep-replica", action="store_true",
+                   help="keep the replica VM and its disks on the replica host")
+    p.add_argument("--force", action="store_true",
+                   help="remove here even if the replica host is unreachable")
+    p.set_defaults(func=cmd_remove)
+
+    p = sub.add_parser("test-connection", help="check that a paired replica answers")
+    p.add_argument("address", metavar="HOST:PORT")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_test_connection)
+
+
+def cmd_enable(args) -> int:
+    info = client_of(args).call("POST", "/v1/relationships", {
+        "vm": args.vm, "replica": args.replica, "frequency": args.frequency,
+        "compression": args.compression, "exclude_disks": args.exclude_disk,
+        "security_tag": args.security_tag})
+    print(f"replication of {info['vm']} to {info['replica']} enabled ({info['state']})")
+    print(f"next: {info['next']}")
+    return 0
+
+
+def _cycle_report(args, kind: str, stats: dict) -> int:
+    if args.json:
+        emit_json(stats)
+        return 0
+    raw, wire = stats.get("raw_bytes", 0), stats.get("wire_bytes", 0)
+    print(f"{kind} of {args.vm}: cycle {stats['cycle']} acknowledged in "
+          f"{duration(stats.get('seconds'))}; {format_size(raw)} changed, "
+          f"{format_size(wire)} sent")
+    return 0
+
+
+def cmd_initial(args) -> int:
+    return _cycle_report(args, "initial replication",
+                         client_of(args).call("POST", f"/v1/relationships/{args.vm}/initial"))
+
+
+def cmd_sync(args) -> int:
+    return _cycle_report(args, "sync",
+                         client_of(args).call("POST", f"/v1/relationships/{args.vm}/sync"))
+
+
+def cmd_status(args) -> int:
+    q = f"?vm={args.vm}" if args.vm else ""
+    info = client_of(args).call("GET", f"/v1/status{q}")
+    rels = info["relationships"]
+    if args.json:
+        emit_json(rels)
+        return 0
+    if not rels:
+        print(f"{info['host']}: no replicated VMs")
+        return 0
+    table([[r["vm"], r["role"], r["peer"], r["state"], r["health"], r["frequency"],
+            ago(r["last_cycle_at"]), duration(r["lag_seconds"])] for r in rels],
+          ["VM", "ROLE", "PEER", "STATE", "HEALTH", "FREQ", "LAST CYCLE", "LAG"])
+    for r in rels:
+        for reason in r["reasons"]:
+            print(f"  {r['vm']}: {r['health']}: {reason}")
+    return 0
+
+
+def cmd_simple(args) -> int:
+    info = client_of(args).call("POST", f"/v1/relationships/{args.vm}/{args.verb}")
+    print(f"{info['vm']}: {info['state']}")
+    return 0
+
+
+def cmd_remove(args) -> int:
+    q = []
+    if args.keep_replica:
+        q.append("keep_replica=1")
+    if args.force:
+        q.append("force=1")
+    info = client_of(args).call("DELETE", f"/v1/relationships/{args.vm}"
+                                + ("?" + "&".join(q) if q else ""))
+    print(f"replication of {args.vm} removed"
+          + (f"; replica side: {info['replica_side']}" if "replica_side" in info else ""))
+    return 0
+
+
+def cmd_test_connection(args) -> int:
+    info = client_of(args).call("POST", "/v1/test-connection", {"address": args.address})
+    if args.json:
+        emit_json(info)
+        return 0
+    print(f"{args.address} is {info['peer']}: round trip {info['round_trip_ms']} ms; "
+          f"replica server {'enabled' if info['replica_server'] else 'disabled'}; "
+          f"this host {'is' if info['authorized'] else 'is NOT'} authorized there")
+    return 0

@@ -1,0 +1,90 @@
+"""vm commands: create, list, show, start, stop, delete."""
+
+from __future__ import annotations
+
+from .main import client_of
+from .render import emit_json, size, table
+
+
+def register(sub) -> None:
+    p = sub.add_parser("vm", help="manage this host's virtual machines")
+    vsub = p.add_subparsers(dest="vm_command", metavar="ACTION")
+    vsub.required = True
+    c = vsub.add_parser("create", help="create a VM with qcow2 disks")
+    c.add_argument("name")
+    c.add_argument("--disk", action="append", required=True, metavar="SIZE",
+                   help="add a disk of SIZE (e.g. 8G); repeatable")
+    c.add_argument("--memory", type=int, default=256, metavar="MB")
+    c.add_argument("--guest", choices=["demo"], help="boot the built-in demo guest")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_create)
+    ls = vsub.add_parser("list", help="list VMs")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_list)
+    s = vsub.add_parser("show", help="show a VM and its disks")
+    s.add_argument("name")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_show)
+    s = vsub.add_parser("start", help="start a VM")
+    s.add_argument("name")
+    s.set_defaults(func=cmd_start)
+    s = vsub.add_parser("stop", help="shut a VM down (--force: power off at once)")
+    s.add_argument("name")
+    s.add_argument("--force", action="store_true")
+    s.set_defaults(func=cmd_stop)
+    s = vsub.add_parser("delete", help="delete a stopped VM and its disks")
+    s.add_argument("name")
+    s.set_defaults(func=cmd_delete)
+
+
+def cmd_create(args) -> int:
+    vm = client_of(args).call("POST", "/v1/vms", {"name": args.name, "disks": args.disk,
+                                                  "memory_mb": args.memory, "guest": args.guest})
+    if args.json:
+        emit_json(vm)
+    else:
+        print(f"VM {vm['name']} created ({len(vm['disks'])} disk(s)); start it with "
+              f"`vmreplica vm start {vm['name']}`")
+    return 0
+
+
+def cmd_list(args) -> int:
+    vms = client_of(args).call("GET", "/v1/vms")["vms"]
+    if args.json:
+        emit_json(vms)
+        return 0
+    table([[v["name"], v["state"], v["role"], len(v["disks"]),
+            size(sum(d["virtual_size"] for d in v["disks"]))] for v in vms],
+          ["VM", "STATE", "ROLE", "DISKS", "SIZE"])
+    return 0
+
+
+def cmd_show(args) -> int:
+    vm = client_of(args).call("GET", f"/v1/vms/{args.name}")
+    if args.json:
+        emit_json(vm)
+        return 0
+    print(f"{vm['name']}: {vm['state']}, role {vm['role']}, {vm['memory_mb']} MB"
+          + (f", guest {vm['guest']}" if vm.get("guest") else ""))
+    table([[d["name"], d["format"], size(d["virtual_size"]), d["path"]] for d in vm["disks"]],
+          ["DISK", "FORMAT", "SIZE", "PATH"])
+    return 0
+
+
+def cmd_start(args) -> int:
+    vm = client_of(args).call("POST", f"/v1/vms/{args.name}/start")
+    print(f"{vm['name']}: {vm['state']}")
+    return 0
+
+
+def cmd_stop(args) -> int:
+    q = "?force=1" if args.force else ""
+    vm = client_of(args).call("POST", f"/v1/vms/{args.name}/stop{q}")
+    print(f"{vm['name']}: {vm['state']}")
+    return 0
+
+
+def cmd_delete(args) -> int:
+    client_of(args).call("DELETE", f"/v1/vms/{args.name}")
+    print(f"VM {args.name} deleted")
+    return 0

@@ -1,0 +1,94 @@
+"""The driver protocol every hypervisor implements, and the registry that picks one by name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from ..errors import UsageError
+
+
+@dataclass
+class DiskInfo:
+    name: str            # stable name inside the VM: disk0, disk1, ...
+    path: str            # image file (for a replica: the head of its chain)
+    format: str          # qcow2 | raw
+    virtual_size: int
+
+
+@dataclass
+class VMInfo:
+    name: str
+    uuid: str
+    state: str           # running | stopped
+    memory_mb: int
+    disks: list[DiskInfo] = field(default_factory=list)
+    guest: str | None = None
+    pid: int | None = None
+    agent: bool = False  # has a guest-agent channel
+
+
+@dataclass
+class BitmapInfo:
+    name: str
+    recording: bool
+    persistent: bool
+    inconsistent: bool
+    count: int = 0       # dirty bytes
+    granularity: int = 65536
+
+
+class BlockSession(Protocol):
+    """Access to a VM's disks for change tracking, whether the VM runs or not.
+
+    ``freeze`` atomically (one transaction over all disks) starts bitmap ``new``,
+    stops bitmap ``since`` and fixes a point-in-time view of every disk; the view is
+    exported over NBD (with ``since`` as its dirty-bitmap context) until ``close``.
+    """
+
+    running: bool
+
+    def bitmaps(self, disk: str) -> list[BitmapInfo]: ...
+    def freeze(self, disks: list[str], since: str | None, new: str | None) -> dict[str, "Export"]: ...
+    def release(self, disks: list[str], names: list[str]) -> None: ...
+    def restore(self, disks: list[str], since: str, new: str) -> None: ...
+    def merge(self, disks: list[str], target: str, sources: list[str]) -> None: ...
+    def close(self) -> None: ...
+
+
+@dataclass
+class Export:
+    socket: str
+    name: str
+    size: int
+    bitmap_context: str | None = None
+
+
+class Driver(Protocol):
+    name: str
+
+    def list_vms(self) -> list[VMInfo]: ...
+    def inspect(self, name: str) -> VMInfo: ...
+    def create_vm(self, name: str, sizes: list[int], memory_mb: int, guest: str | None,
+                  disk_format: str) -> VMInfo: ...
+    def define_vm(self, desc: dict) -> VMInfo: ...
+    def describe(self, name: str) -> dict: ...
+    def start(self, name: str) -> None: ...
+    def stop(self, name: str, force: bool = False, timeout: float = 60.0) -> None: ...
+    def delete(self, name: str) -> None: ...
+    def block_session(self, name: str) -> BlockSession: ...
+
+
+def get_driver(name: str, home: Path, config: dict) -> Driver:
+    """Drivers are chosen by name from the host's configuration."""
+    if name == "qemu":
+        from .qemu import QemuDriver
+        return QemuDriver(home, config)
+    if name == "libvirt":
+        try:
+            from .libvirt import LibvirtDriver
+        except ImportError as e:
+            raise UsageError(f"the libvirt driver is not available: {e}") from None
+        return LibvirtDriver(home, config)
+    raise UsageError(f"unknown hypervisor driver {name!r}", hint="choose qemu or libvirt")

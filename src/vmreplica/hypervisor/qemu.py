@@ -1,0 +1,632 @@
+"""The embedded `qemu` driver: VMs are QEMU processes this host starts itself, controlled
+over QMP. No other daemon needed.
+
+    HOME/vms/NAME/vm.json         the VM's description (name, uuid, memory, disks, guest)
+    HOME/vms/NAME/diskN.qcow2     disks made by `vm create` (a replica's disks live in
+                                  the replica store instead; vm.json points at them)
+    HOME/run/<id>.{qmp,qga,pid,nbd}, HOME/vms/NAME/console.log   runtime files
+
+A VM keeps running when the daemon stops or dies (as with any hypervisor); the daemon
+finds it again by its pid file and uuid. The accelerator is `kvm`, `tcg` or `auto`:
+`auto` uses KVM only after proving once that a guest boots under it on this machine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid as uuidlib
+from pathlib import Path
+
+from ..errors import Conflict, HypervisorError, NotFound, UsageError
+from ..qemutools import img
+from ..qemutools.qmp import Monitor
+from ..qemutools.qsd import StorageDaemon, qcow2_node
+from .base import BitmapInfo, DiskInfo, Export, VMInfo
+from .guest import guest_files
+
+log = logging.getLogger("vmreplica.qemu")
+
+QEMU = "qemu-system-x86_64"
+
+
+class QemuDriver:
+    name = "qemu"
+
+    def __init__(self, home: Path, config: dict):
+        self.home = Path(home)
+        self.vms_dir = self.home / "vms"
+        self.run_dir = self.home / "run"
+        self.accel_setting = config.get("accel") or "auto"
+        self._accel: str | None = None
+
+    # -- files -----------------------------------------------------------------------
+    def _dir(self, name: str) -> Path:
+        return self.vms_dir / name
+
+    def _load(self, name: str) -> dict:
+        try:
+            return json.loads((self._dir(name) / "vm.json").read_text())
+        except FileNotFoundError:
+            raise NotFound(f"no VM named {name} on this host",
+                           hint="`vmreplica vm list` shows the VMs of this host") from None
+
+    def _save(self, desc: dict) -> None:
+        d = self._dir(desc["name"])
+        tmp = d / "vm.json.tmp"
+        tmp.write_text(json.dumps(desc, indent=2, sort_keys=True))
+        os.replace(tmp, d / "vm.json")
+
+    def _rt(self, desc: dict, ext: str) -> Path:
+        return self.run_dir / f"{desc['uuid'][:8]}.{ext}"
+
+    def _pid(self, desc: dict) -> int | None:
+        try:
+            pid = int(self._rt(desc, "pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return None
+        return pid if desc["uuid"].encode() in cmdline else None
+
+    def _info(self, desc: dict) -> VMInfo:
+        pid = self._pid(desc)
+        return VMInfo(
+            name=desc["name"], uuid=desc["uuid"], state="running" if pid else "stopped",
+            memory_mb=desc["memory_mb"], guest=desc.get("guest"), pid=pid,
+            agent=bool(desc.get("agent")),
+            disks=[DiskInfo(d["name"], d["path"], d["format"], int(d["virtual_size"]))
+                   for d in desc["disks"]])
+
+    # -- inventory -------------------------------------------------------------------
+    def list_vms(self) -> list[VMInfo]:
+        out = []
+        if self.vms_dir.exists():
+            for d in sorted(self.vms_dir.iterdir()):
+                if (d / "vm.json").exists():
+                    out.append(self._info(self._load(d.name)))
+        return out
+
+    def inspect(self, name: str) -> VMInfo:
+        return self._info(self._load(name))
+
+    def describe(self, name: str) -> dict:
+        """Portable description: what another host needs to define the same VM."""
+        desc = self._load(name)
+        return {"name": desc["name"], "uuid": desc["uuid"], "memory_mb": desc["memory_mb"],
+                "guest": desc.get("guest"), "agent": bool(desc.get("agent")),
+                "disks": [{"name": d["name"], "format": d["format"],
+                           "virtual_size": int(d["virtual_size"])} for d in desc["disks"]]}
+
+    def exists(self, name: str) -> bool:
+        return (self._dir(name) / "vm.json").exists()
+
+    # -- create / define / delete ----------------------------------------------------
+    def create_vm(self, name: str, sizes: list[int], memory_mb: int = 256,
+                  guest: str | None = None, disk_format: str = "qcow2") -> VMInfo:
+        if self.exists(name):
+            raise Conflict(f"a VM named {name} already exists on this host")
+        if disk_format not in ("qcow2", "raw"):
+            raise UsageError(f"unsupported disk format {disk_format!r}", hint="use qcow2 or raw")
+        if guest is not None:
+            guest_files(guest)  # fails clearly if the demo guest was not built
+        d = self._dir(name)
+        d.mkdir(parents=True)
+        try:
+            disks = []
+            for i, size in enumerate(sizes):
+                path = d / f"disk{i}.{disk_format}"
+                img.create(path, size, disk_format)
+                disks.append({"name": f"disk{i}", "path": str(path), "format": disk_format,
+                              "virtual_size": size})
+            desc = {"name": name, "uuid": str(uuidlib.uuid4()), "memory_mb": memory_mb,
+                    "guest": guest, "agent": guest is not None, "disks": disks,
+                    "created_at": time.time()}
+            self._save(desc)
+        except BaseException:
+            shutil.rmtree(d, ignore_errors=True)
+            raise
+        return self._info(desc)
+
+    def define_vm(self, desc: dict) -> VMInfo:
+        """Define a VM whose disks already exist (a replica, a failed-over VM)."""
+        name = desc["name"]
+        if self.exists(name):
+            raise Conflict(f"a VM named {name} already exists on this host")
+        for d in desc["disks"]:
+            if not d.get("path"):
+                raise UsageError(f"disk {d['name']} of {name} has no path")
+        self._dir(name).mkdir(parents=True)
+        full = {"name": name, "uuid": desc.get("uuid") or str(uuidlib.uuid4()),
+                "memory_mb": int(desc.get("memory_mb") or 256), "guest": desc.get("guest"),
+                "agent": bool(desc.get("agent")), "created_at": time.time(),
+                # Files and folders outside the VM folder that belong to this VM and go
+                # with it when it is deleted (a replica's storage, say).
+                "owns": [str(p) for p in desc.get("owns") or []],
+                "disks": [{"name": d["name"], "path": str(d["path"]),
+                           "format": d.get("format", "qcow2"),
+                           "virtual_size": int(d["virtual_size"])} for d in desc["disks"]]}
+        self._save(full)
+        return self._info(full)
+
+    def set_disks(self, name: str, disks: dict[str, str]) -> None:
+        """Point disks of a defined VM at other images (e.g. a test-failover overlay)."""
+        desc = self._load(name)
+        for d in desc["disks"]:
+            if d["name"] in disks:
+                d["path"] = str(disks[d["name"]])
+        self._save(desc)
+
+    def delete(self, name: str) -> None:
+        desc = self._load(name)
+        if self._pid(desc):
+            raise Conflict(f"VM {name} is running", hint=f"stop it first: `vmreplica vm stop {name}`")
+        for ext in ("pid", "qmp", "qga", "nbd"):
+            self._rt(desc, ext).unlink(missing_ok=True)
+        for owned in desc.get("owns") or []:
+            p = Path(owned)
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        shutil.rmtree(self._dir(name))
+
+    # -- power -----------------------------------------------------------------------
+    def accelerator(self) -> str:
+        if self._accel is None:
+            self._accel = resolve_accel(self.accel_setting, self.home)
+        return self._accel
+
+    def _command(self, desc: dict) -> list[str]:
+        accel = self.accelerator()
+        args = [QEMU, "-name", f"{desc['name']},process=vmreplica-{desc['name']}",
+                "-uuid", desc["uuid"], "-machine", f"pc,accel={accel}", "-m", str(desc["memory_mb"]),
+                "-smp", "1", "-nodefaults", "-display", "none", "-no-user-config",
+                "-daemonize", "-pidfile", str(self._rt(desc, "pid")),
+                "-chardev", f"socket,id=qmp,path={self._rt(desc, 'qmp')},server=on,wait=off",
+                "-mon", "chardev=qmp,mode=control",
+                "-serial", f"file:{self._dir(desc['name']) / 'console.log'}",
+                "-nic", "none"]
+        if accel == "kvm":
+            args += ["-cpu", "host"]
+        if desc.get("guest"):
+            files = guest_files(desc["guest"])
+            args += ["-kernel", str(files["kernel"]), "-initrd", str(files["initrd"]),
+                     "-append", files["cmdline"], "-no-reboot"]
+        if desc.get("agent"):
+            args += ["-device", "virtio-serial-pci,id=vser0",
+                     "-chardev", f"socket,id=qga0,path={self._rt(desc, 'qga')},server=on,wait=off",
+                     "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0"]
+        for d in desc["disks"]:
+            node = d["name"]
+            args += ["-blockdev", json.dumps({"driver": "file", "filename": d["path"],
+                                              "node-name": f"{node}-file", "discard": "unmap"}),
+                     "-blockdev", json.dumps({"driver": d["format"], "file": f"{node}-file",
+                                              "node-name": node, "discard": "unmap"}),
+                     "-device", f"virtio-blk-pci,drive={node},id=vd-{node},serial={node}"]
+        return args
+
+    def start(self, name: str) -> None:
+        desc = self._load(name)
+        if self._pid(desc):
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for ext in ("pid", "qmp", "qga"):
+            self._rt(desc, ext).unlink(missing_ok=True)
+        for d in desc["disks"]:
+            if not Path(d["path"]).exists():
+                raise HypervisorError(f"disk {d['name']} of {name} is missing: {d['path']}")
+        console = self._dir(name) / "console.log"
+        if console.exists() and console.stat().st_size > (8 << 20):
+            console.unlink()
+        proc = subprocess.run(self._command(desc), capture_output=True, text=True)
+        if proc.returncode != 0:
+            lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+            reason = lines[-1] if lines else f"exit {proc.returncode}"
+            if "lock" in reason.lower():
+                reason += " (a replication cycle or another process holds the disk)"
+            raise HypervisorError(f"QEMU could not start {name}: {reason}")
+        if not self._pid(desc):
+            raise HypervisorError(f"QEMU started {name} but exited at once; see {console}")
+
+    def stop(self, name: str, force: bool = False, timeout: float = 60.0) -> None:
+        """Shut down cleanly (guest agent, then ACPI), power off after ``timeout``; --force: at once."""
+        desc = self._load(name)
+        pid = self._pid(desc)
+        if not pid:
+            return
+        if not force:
+            asked = False
+            if desc.get("agent"):
+                try:
+                    self.agent_command(name, "guest-shutdown", timeout=3, expect_reply=False)
+                    asked = True
+                except HypervisorError:
+                    pass
+            if not asked:
+                try:
+                    with Monitor(self._rt(desc, "qmp"), timeout=5) as mon:
+                        mon.execute("system_powerdown")
+                except HypervisorError:
+                    pass
+            if _wait_gone(pid, timeout):
+                return
+            log.warning("%s did not shut down within %.0f s: powering it off", name, timeout)
+        try:
+            with Monitor(self._rt(desc, "qmp"), timeout=10, connect_timeout=5) as mon:
+                mon.execute("quit")
+        except HypervisorError:
+            pass
+        if not _wait_gone(pid, 15):
+            os.kill(pid, signal.SIGKILL)
+            _wait_gone(pid, 10)
+
+    def monitor(self, name: str, timeout: float = 30.0) -> Monitor:
+        desc = self._load(name)
+        if not self._pid(desc):
+            raise Conflict(f"VM {name} is not running")
+        return Monitor(self._rt(desc, "qmp"), timeout=timeout)
+
+    # -- guest agent -----------------------------------------------------------------
+    def agent_command(self, name: str, command: str, arguments: dict | None = None,
+                      timeout: float = 10.0, expect_reply: bool = True):
+        desc = self._load(name)
+        if not desc.get("agent"):
+            raise HypervisorError(f"VM {name} has no guest agent channel")
+        if not self._pid(desc):
+            raise Conflict(f"VM {name} is not running")
+        return agent_call(self._rt(desc, "qga"), command, arguments, timeout, expect_reply)
+
+    # -- block access for change tracking -------------------------------------------
+    def block_session(self, name: str) -> "QemuBlockSession":
+        desc = self._load(name)
+        return QemuBlockSession(self, desc)
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        # A zombie (our own child) counts as gone.
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z"):
+                return True
+        except (OSError, IndexError):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def agent_call(path: Path, command: str, arguments: dict | None, timeout: float,
+               expect_reply: bool = True):
+    """One guest-agent command over its virtio-serial socket, with a sync handshake first."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        try:
+            s.connect(str(path))
+        except OSError as e:
+            raise HypervisorError(f"guest agent socket {path}: {e}") from None
+        f = s.makefile("rwb", buffering=0)
+        sync_id = int(time.monotonic_ns() % 1_000_000_000)
+        s.sendall(b"\xff" + json.dumps({"execute": "guest-sync-delimited",
+                                        "arguments": {"id": sync_id}}).encode() + b"\n")
+        deadline = time.monotonic() + timeout
+        while True:
+            line = _agent_line(f, deadline)
+            try:
+                if json.loads(line.lstrip(b"\xff")).get("return") == sync_id:
+                    break
+            except ValueError:
+                continue
+        msg = {"execute": command}
+        if arguments:
+            msg["arguments"] = arguments
+        s.sendall(json.dumps(msg).encode() + b"\n")
+        if not expect_reply:
+            return None
+        reply = json.loads(_agent_line(f, deadline).lstrip(b"\xff"))
+    except (socket.timeout, TimeoutError):
+        raise HypervisorError(f"the guest agent did not answer {command} within {timeout:.0f} s") from None
+    finally:
+        s.close()
+    if "error" in reply:
+        raise HypervisorError(f"guest agent refused {command}: {reply['error'].get('desc')}")
+    return reply.get("return")
+
+
+def _agent_line(f, deadline: float) -> bytes:
+    buf = b""
+    while not buf.endswith(b"\n"):
+        if time.monotonic() > deadline:
+            raise TimeoutError
+        c = f.read(1)
+        if not c:
+            raise HypervisorError("the guest agent closed its channel")
+        buf += c
+    return buf.strip()
+
+
+class QemuBlockSession:
+    """Change-tracking access to a VM's disks: QMP on the VM's QEMU while it runs (fleecing
+    gives the frozen view), a qemu-storage-daemon over its disks while it is off."""
+
+    def __init__(self, driver: QemuDriver, desc: dict):
+        self.driver = driver
+        self.desc = desc
+        self.short = desc["uuid"][:8]
+        self.sizes = {d["name"]: int(d["virtual_size"]) for d in desc["disks"]}
+        self.qsd: StorageDaemon | None = None
+        self._exports: list[str] = []
+        self._fleece: list[str] = []
+        self._nbd_started = False
+        self.running = driver._pid(desc) is not None
+        if self.running:
+            self.mon = Monitor(driver._rt(desc, "qmp"), timeout=60)
+            self.nbd_socket = str(driver._rt(desc, "nbd"))
+        else:
+            blockdevs = []
+            for d in desc["disks"]:
+                if d["format"] == "qcow2":
+                    blockdevs += qcow2_node(d["path"], d["name"])
+                else:
+                    blockdevs += [{"driver": "file", "filename": d["path"],
+                                   "node-name": f"{d['name']}-file"},
+                                  {"driver": "raw", "file": f"{d['name']}-file",
+                                   "node-name": d["name"]}]
+            self.qsd = StorageDaemon(driver.run_dir, f"{self.short}-bs", blockdevs).start()
+            self.mon = self.qsd.qmp
+            self.nbd_socket = str(self.qsd.nbd_socket)
+
+    # -- bitmaps -----------------------------------------------------------------------
+    def bitmaps(self, disk: str) -> list[BitmapInfo]:
+        nodes = self.mon.execute("query-named-block-nodes", {"flat": True})
+        for n in nodes:
+            if n.get("node-name") == disk:
+                return [BitmapInfo(b["name"], bool(b.get("recording")), bool(b.get("persistent")),
+                                   bool(b.get("inconsistent")), int(b.get("count", 0)),
+                                   int(b.get("granularity", 65536)))
+                        for b in n.get("dirty-bitmaps", [])]
+        raise HypervisorError(f"VM {self.desc['name']} has no disk node {disk}")
+
+    def _transaction(self, actions: list[dict]) -> None:
+        if actions:
+            self.mon.execute("transaction", {"actions": actions})
+
+    def freeze(self, disks: list[str], since: str | None, new: str | None) -> dict[str, Export]:
+        """One transaction: start ``new``, stop ``since``, and (running VM) start fleecing."""
+        actions: list[dict] = []
+        for disk in disks:
+            if new:
+                actions.append({"type": "block-dirty-bitmap-add",
+                                "data": {"node": disk, "name": new, "persistent": True}})
+            if since:
+                actions.append({"type": "block-dirty-bitmap-disable",
+                                "data": {"node": disk, "name": since}})
+        if self.running:
+            for disk in disks:
+                target = self._fleece_target(disk)
+                actions.append({"type": "blockdev-backup",
+                                "data": {"device": disk, "target": target, "sync": "none",
+                                         "job-id": f"fleece-{disk}", "auto-dismiss": True}})
+                self._fleece.append(disk)
+        try:
+            self._transaction(actions)
+        except BaseException:
+            self._drop_fleece()
+            raise
+        exports = {}
+        if self.running and not self._nbd_started:
+            Path(self.nbd_socket).unlink(missing_ok=True)
+            self.mon.execute("nbd-server-start", {"addr": {"type": "unix",
+                                                           "data": {"path": self.nbd_socket}}})
+            self._nbd_started = True
+        for disk in disks:
+            node = f"fleece-{disk}" if self.running else disk
+            args = {"type": "nbd", "id": f"exp-{disk}", "node-name": node, "name": disk,
+                    "writable": False}
+            if since:
+                args["bitmaps"] = [since]
+            self.mon.execute("block-export-add", args)
+            self._exports.append(disk)
+            exports[disk] = Export(self.nbd_socket, disk, self.sizes[disk],
+                                   f"qemu:dirty-bitmap:{since}" if since else None)
+        return exports
+
+    def _fleece_target(self, disk: str) -> str:
+        path = self.driver.run_dir / f"{self.short}-fleece-{disk}.qcow2"
+        path.unlink(missing_ok=True)
+        img.create(path, self.sizes[disk], "qcow2")
+        self.mon.execute("blockdev-add", {
+            "driver": "qcow2", "node-name": f"fleece-{disk}", "backing": disk,
+            "file": {"driver": "file", "filename": str(path)}})
+        return f"fleece-{disk}"
+
+    def unexport(self) -> None:
+        for disk in self._exports:
+            try:
+                self.mon.execute("block-export-del", {"id": f"exp-{disk}"})
+            except HypervisorError as e:
+                log.warning("removing export of %s: %s", disk, e)
+        if self._exports:
+            self._wait_exports_gone()
+        self._exports = []
+        self._drop_fleece()
+        if self._nbd_started:
+            try:
+                self.mon.execute("nbd-server-stop")
+            except HypervisorError:
+                pass
+            self._nbd_started = False
+            Path(self.nbd_socket).unlink(missing_ok=True)
+
+    def _wait_exports_gone(self) -> None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                left = self.mon.execute("query-block-exports")
+            except HypervisorError:
+                return
+            if not any(e.get("id", "").startswith("exp-") for e in left):
+                return
+            time.sleep(0.01)
+
+    def _drop_fleece(self) -> None:
+        for disk in self._fleece:
+            try:
+                self.mon.execute("block-job-cancel", {"device": f"fleece-{disk}", "force": True})
+            except HypervisorError:
+                pass
+        for disk in self._fleece:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                jobs = self.mon.execute("query-block-jobs")
+                if not any(j.get("device") == f"fleece-{disk}" for j in jobs):
+                    break
+                time.sleep(0.01)
+            try:
+                self.mon.execute("blockdev-del", {"node-name": f"fleece-{disk}"})
+            except HypervisorError as e:
+                log.warning("removing fleece node of %s: %s", disk, e)
+            (self.driver.run_dir / f"{self.short}-fleece-{disk}.qcow2").unlink(missing_ok=True)
+        self._fleece = []
+
+    def release(self, disks: list[str], names: list[str]) -> None:
+        """Remove bitmaps ``names`` from ``disks`` (those that exist)."""
+        actions = []
+        for disk in disks:
+            have = {b.name for b in self.bitmaps(disk)}
+            actions += [{"type": "block-dirty-bitmap-remove", "data": {"node": disk, "name": n}}
+                        for n in names if n in have]
+        self._transaction(actions)
+
+    def restore(self, disks: list[str], since: str, new: str) -> None:
+        """Undo a freeze: ``since`` records again and takes back what ``new`` recorded."""
+        actions = []
+        for disk in disks:
+            have = {b.name for b in self.bitmaps(disk)}
+            if since in have:
+                actions.append({"type": "block-dirty-bitmap-enable",
+                                "data": {"node": disk, "name": since}})
+                if new in have:
+                    actions.append({"type": "block-dirty-bitmap-merge",
+                                    "data": {"node": disk, "target": since, "bitmaps": [new]}})
+            if new in have:
+                actions.append({"type": "block-dirty-bitmap-remove",
+                                "data": {"node": disk, "name": new}})
+        self._transaction(actions)
+
+    def merge(self, disks: list[str], target: str, sources: list[str]) -> None:
+        """Fold ``sources`` into ``target`` (enabled) and remove them: a superset, never less."""
+        actions = []
+        for disk in disks:
+            have = {b.name: b for b in self.bitmaps(disk)}
+            srcs = [s for s in sources if s in have and s != target]
+            if target in have and not have[target].recording:
+                actions.append({"type": "block-dirty-bitmap-enable",
+                                "data": {"node": disk, "name": target}})
+            if srcs:
+                actions.append({"type": "block-dirty-bitmap-merge",
+                                "data": {"node": disk, "target": target, "bitmaps": srcs}})
+                actions += [{"type": "block-dirty-bitmap-remove", "data": {"node": disk, "name": s}}
+                            for s in srcs]
+        self._transaction(actions)
+
+    def close(self) -> None:
+        try:
+            self.unexport()
+        finally:
+            if self.qsd is not None:
+                self.qsd.close()
+            else:
+                self.mon.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+# -- accelerator -------------------------------------------------------------------------
+
+def resolve_accel(setting: str, home: Path) -> str:
+    if setting in ("kvm", "tcg"):
+        return setting
+    cache = Path(home) / "run" / "accel-probe.json"
+    key = {"kernel": os.uname().release, "qemu": _qemu_version()}
+    try:
+        cached = json.loads(cache.read_text())
+        if cached.get("key") == key:
+            return cached["accel"]
+    except (OSError, ValueError, KeyError):
+        pass
+    accel, reason = probe_kvm(Path(home) / "run")
+    log.info("accelerator auto: %s (%s)", accel, reason)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({"key": key, "accel": accel, "reason": reason,
+                                 "checked_at": time.time()}))
+    return accel
+
+
+def _qemu_version() -> str:
+    try:
+        return subprocess.run([QEMU, "--version"], capture_output=True, text=True,
+                              timeout=10).stdout.split("\n")[0]
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def probe_kvm(work: Path, timeout: float = 20.0) -> tuple[str, str]:
+    """KVM only if a guest boots under it here: /dev/kvm opening is not enough (nested
+    virtualization can hang a Linux kernel right after the firmware)."""
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR)
+        os.close(fd)
+    except OSError as e:
+        return "tcg", f"/dev/kvm unusable: {e.strerror}"
+    try:
+        files = guest_files("demo")
+    except UsageError:
+        return "tcg", "no demo guest to prove KVM with"
+    work.mkdir(parents=True, exist_ok=True)
+    disk = work / "kvm-probe.qcow2"
+    log_path = work / "kvm-probe.log"
+    log_path.unlink(missing_ok=True)
+    img.create(disk, 16 << 20, "qcow2")
+    proc = subprocess.Popen(
+        [QEMU, "-machine", "pc,accel=kvm", "-cpu", "host", "-m", "256", "-nodefaults",
+         "-display", "none", "-no-user-config", "-serial", f"file:{log_path}", "-nic", "none",
+         "-kernel", str(files["kernel"]), "-initrd", str(files["initrd"]),
+         "-append", files["cmdline"], "-no-reboot",
+         "-drive", f"file={disk},if=virtio,format=qcow2"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                return "tcg", f"QEMU with KVM exited ({proc.returncode})"
+            try:
+                if files["ready_marker"] in log_path.read_text(errors="replace"):
+                    return "kvm", "a guest booted under KVM"
+            except OSError:
+                pass
+            time.sleep(0.2)
+        return "tcg", f"a guest did not boot under KVM within {timeout:.0f} s"
+    finally:
+        proc.kill()
+        proc.wait()
+        disk.unlink(missing_ok=True)
+        log_path.unlink(missing_ok=True)

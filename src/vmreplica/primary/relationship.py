@@ -1,0 +1,199 @@
+"""Primary-side relationship operations: enable, initial, sync, suspend, resume, remove, status."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from ..domain.health import assess
+from ..domain.schedule import format_frequency, parse_frequency
+from ..domain.states import Role, State, check_transition, suspend_allowed
+from ..errors import Conflict, NotFound, Unreachable, UsageError
+from .cycle import run_cycle
+
+COMPRESSIONS = ("zstd", "none")
+
+
+def enable(host, vm: str, replica: str, frequency: str = "5m", compression: str = "zstd",
+           exclude_disks: list[str] | None = None, security_tag: str = "") -> dict:
+    info = host.driver.inspect(vm)  # NotFound with a clear message
+    existing = host.store.relationship(vm)
+    if existing is not None:
+        where = "to " + existing["peer"] if existing["role"] == "primary" else "from " + existing["peer"]
+        raise Conflict(f"VM {vm} is already replicated {where} (state {existing['state']})",
+                       hint=f"use `vmreplica set {vm}` to change it, or `vmreplica remove {vm}` first")
+    freq = parse_frequency(frequency)
+    if compression not in COMPRESSIONS:
+        raise UsageError(f"unknown compression {compression!r}", hint="choose zstd or none")
+    names = [d.name for d in info.disks]
+    exclude = list(exclude_disks or [])
+    for name in exclude:
+        if name not in names:
+            raise UsageError(f"VM {vm} has no disk {name!r} to exclude",
+                             hint=f"its disks are {', '.join(names)}")
+    disks = [d for d in info.disks if d.name not in exclude]
+    if not disks:
+        raise UsageError(f"every disk of {vm} is excluded: nothing to replicate")
+    for d in disks:
+        if d.format != "qcow2":
+            raise UsageError(
+                f"disk {d.name} of {vm} is {d.format}: only qcow2 disks can be replicated "
+                "(persistent change tracking)",
+                hint=f"convert it (`qemu-img convert -O qcow2`) or exclude it with "
+                     f"`--exclude-disk {d.name}`")
+    client = host.client_for_address(replica)  # NotTrusted if not paired
+    desc = host.driver.describe(vm)
+    desc["disks"] = [{"name": d.name, "format": d.format, "virtual_size": d.virtual_size}
+                     for d in disks]
+    rel_id = uuid.uuid4().hex
+    answer = client.request("POST", "/v1/replica/relationships", {
+        "vm": vm, "id": rel_id, "epoch": 1, "security_tag": security_tag,
+        "frequency": freq, "description": desc,
+    })
+    peer = host.store.peer_by_address(f"{client.host}:{client.port}")
+    rel = {
+        "vm": vm, "id": rel_id, "role": Role.PRIMARY.value, "peer": peer["name"],
+        "peer_address": peer["address"], "state": State.READY_FOR_INITIAL.value, "epoch": 1,
+        "frequency": freq, "compression": compression, "disks": [d.name for d in disks],
+        "excluded": exclude, "security_tag": security_tag, "cycle": -1, "bitmap": None,
+        "tracker": "bitmap", "consecutive_failures": 0,
+    }
+    try:
+        host.store.add_relationship(rel)
+    except Exception:
+        client.request("DELETE", f"/v1/replica/relationships/{vm}")
+        raise
+    host.event("relationship", f"replication enabled to {peer['name']} every "
+                               f"{format_frequency(freq)}", vm)
+    return {"vm": vm, "replica": peer["name"], "state": rel["state"],
+            "replica_heads": answer.get("heads"), "next": f"vmreplica initial {vm}"}
+
+
+def _rel(host, vm: str, role: str = "primary") -> dict:
+    rel = host.store.relationship(vm)
+    if rel is None:
+        try:
+            host.driver.inspect(vm)
+        except NotFound:
+            raise NotFound(f"no VM named {vm} on {host.name}",
+                           hint="`vmreplica vm list` shows the VMs of this host") from None
+        raise NotFound(f"VM {vm} is not replicated", hint=f"enable it with `vmreplica enable {vm} "
+                                                          "--replica HOST:PORT`")
+    if role and rel["role"] != role:
+        raise UsageError(f"{host.name} is the {rel['role']} side of {vm}: run this on its "
+                         f"{role} ({rel['peer']})")
+    return rel
+
+
+def initial(host, vm: str) -> dict:
+    rel = _rel(host, vm)
+    if rel["state"] not in (State.READY_FOR_INITIAL.value, State.INITIAL_IN_PROGRESS.value):
+        raise Conflict(f"initial replication of {vm} is already done (state {rel['state']})",
+                       hint=f"`vmreplica sync {vm}` runs a cycle now")
+    host.store.update_relationship(vm, state=State.INITIAL_IN_PROGRESS.value)
+    host.event("initial", "initial replication started", vm)
+    try:
+        stats = run_cycle(host, vm, initial=True)
+    except Exception:
+        host.store.update_relationship(vm, state=State.READY_FOR_INITIAL.value)
+        raise
+    host.store.update_relationship(vm, state=State.REPLICATING.value)
+    host.event("initial", f"initial replication done: {stats.get('raw_bytes', 0)} bytes", vm)
+    return stats
+
+
+def sync(host, vm: str) -> dict:
+    rel = _rel(host, vm)
+    if rel["state"] not in (State.REPLICATING.value, State.ERROR.value):
+        hint = {
+            State.READY_FOR_INITIAL.value: f"run `vmreplica initial {vm}` first",
+            State.SUSPENDED.value: f"resume it with `vmreplica resume {vm}`",
+            State.RESYNC_REQUIRED.value: "change tracking was broken: a resynchronization is required",
+        }.get(rel["state"])
+        raise Conflict(f"{vm} cannot sync in state {rel['state']}", hint=hint)
+    stats = run_cycle(host, vm)
+    if rel["state"] == State.ERROR.value:
+        host.store.update_relationship(vm, state=State.REPLICATING.value)
+    return stats
+
+
+def suspend(host, vm: str) -> dict:
+    rel = _rel(host, vm)
+    if not suspend_allowed(rel["state"]):
+        raise Conflict(f"{vm} cannot be suspended in state {rel['state']}")
+    host.store.update_relationship(vm, state=State.SUSPENDED.value, suspended_from=rel["state"])
+    host.event("relationship", "replication suspended (changes are still tracked)", vm)
+    return {"vm": vm, "state": State.SUSPENDED.value}
+
+
+def resume(host, vm: str) -> dict:
+    rel = _rel(host, vm)
+    if rel["state"] != State.SUSPENDED.value:
+        raise Conflict(f"{vm} is not suspended (state {rel['state']})")
+    back = rel.get("suspended_from") or State.REPLICATING.value
+    if back == State.SUSPENDED.value:
+        back = State.REPLICATING.value
+    check_transition(State.SUSPENDED, back)
+    host.store.update_relationship(vm, state=back, last_attempt_at=None)
+    host.event("relationship", "replication resumed", vm)
+    return {"vm": vm, "state": back}
+
+
+def remove(host, vm: str, keep_replica: bool = False, force: bool = False) -> dict:
+    rel = _rel(host, vm, role="")
+    if rel["role"] == Role.REPLICA.value:
+        from ..replica.receiver import remove_relationship
+        return remove_relationship(host, vm, keep_replica)
+    remote = "removed"
+    try:
+        q = "?keep=1" if keep_replica else ""
+        host.client_for_peer(rel["peer"], timeout=120).request(
+            "DELETE", f"/v1/replica/relationships/{vm}{q}")
+    except NotFound:
+        remote = "already gone"
+    except Unreachable as e:
+        if not force:
+            raise Unreachable(e.message, hint=f"nothing was removed; retry when {rel['peer']} is "
+                              "back, or use --force to remove it here only (then run `vmreplica "
+                              f"remove {vm}` on {rel['peer']})") from None
+        remote = "unreachable: not removed there"
+    with host.vm_lock(vm):
+        _drop_bitmaps(host, rel)
+        host.store.remove_relationship(vm)
+    host.event("relationship", f"replication removed (replica: {remote})", vm)
+    return {"vm": vm, "replica": rel["peer"], "replica_side": remote}
+
+
+def _drop_bitmaps(host, rel: dict) -> None:
+    """Remove every bitmap this relationship made on the VM's disks (invariant 6)."""
+    from ..tracking.bitmap import bitmap_prefix
+    try:
+        host.driver.inspect(rel["vm"])
+    except NotFound:
+        return
+    tracker = host.tracker(rel.get("tracker", "bitmap"))
+    with host.driver.block_session(rel["vm"]) as session:
+        names = tracker.owned(session, rel["disks"], bitmap_prefix(rel["id"]))
+        if names:
+            session.release(rel["disks"], sorted(names))
+
+
+def status(host, vm: str | None = None) -> list[dict]:
+    now = time.time()
+    rels = [host.store.relationship(vm)] if vm else host.store.relationships()
+    if vm and rels[0] is None:
+        _rel(host, vm, role="")
+    out = []
+    for rel in rels:
+        health = assess(rel, now)
+        last = rel.get("last_success_at") if rel["role"] == "primary" else rel.get("last_freeze_at")
+        out.append({
+            "vm": rel["vm"], "role": rel["role"], "peer": rel["peer"], "state": rel["state"],
+            "health": health.level, "reasons": health.reasons,
+            "frequency": format_frequency(int(rel.get("frequency", 300))),
+            "last_cycle_at": last, "lag_seconds": (now - last) if last else None,
+            "cycle": rel.get("cycle") if rel["role"] == "primary" else rel.get("last_applied_cycle"),
+            "epoch": rel["epoch"], "last_error": rel.get("last_error"),
+            "disks": rel["disks"],
+        })
+    return out

@@ -1,0 +1,63 @@
+"""qemu-img: create images and overlays, read their metadata and bitmaps, compare contents."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from ..errors import HypervisorError, OperationError
+
+
+def _run(args: list[str], what: str, check: bool = True) -> subprocess.CompletedProcess:
+    try:
+        proc = subprocess.run(args, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise OperationError(f"{args[0]} is not installed", hint="run `make setup`") from None
+    if check and proc.returncode != 0:
+        msg = (proc.stderr or proc.stdout).strip().splitlines()
+        raise HypervisorError(f"{what} failed: {msg[-1] if msg else 'exit ' + str(proc.returncode)}")
+    return proc
+
+
+def create(path: Path | str, size: int | None, fmt: str = "qcow2", backing: Path | str | None = None,
+           options: dict | None = None) -> None:
+    args = ["qemu-img", "create", "-q", "-f", fmt]
+    opts = dict(options or {})
+    if backing is not None:
+        args += ["-b", str(backing), "-F", "qcow2"]
+    if opts:
+        args += ["-o", ",".join(f"{k}={v}" for k, v in opts.items())]
+    args.append(str(path))
+    if size is not None:
+        args.append(str(size))
+    _run(args, f"creating image {path}")
+
+
+def info(path: Path | str, backing_chain: bool = False) -> dict:
+    """Image metadata; ``-U`` so it works while a VM or daemon has the image open."""
+    args = ["qemu-img", "info", "-U", "--output=json"]
+    if backing_chain:
+        args.append("--backing-chain")
+    proc = _run(args + [str(path)], f"reading image {path}")
+    return json.loads(proc.stdout)
+
+
+def bitmaps(path: Path | str) -> list[dict]:
+    """Persistent bitmaps of a qcow2 image: [{name, granularity, flags: [auto, in-use]}]."""
+    data = info(path).get("format-specific", {}).get("data", {})
+    return list(data.get("bitmaps") or [])
+
+
+def bitmap(path: Path | str, *operations: tuple[str, str]) -> None:
+    """Run ``qemu-img bitmap`` operations, e.g. ("--remove", NAME); the image must be closed."""
+    for op, name in operations:
+        _run(["qemu-img", "bitmap", op, str(path), name], f"{op[2:]} bitmap {name} on {path}")
+
+
+def compare(a: Path | str, b: Path | str) -> tuple[bool, str]:
+    """Guest-visible comparison of two images: (identical, qemu-img's message)."""
+    proc = _run(["qemu-img", "compare", "-U", str(a), str(b)], "comparing images", check=False)
+    if proc.returncode not in (0, 1):
+        raise HypervisorError(f"comparing {a} and {b} failed: {proc.stderr.strip()}")
+    return proc.returncode == 0, (proc.stdout or proc.stderr).strip()

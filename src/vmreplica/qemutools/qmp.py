@@ -1,0 +1,118 @@
+"""A small synchronous QMP client (QEMU Machine Protocol) with timeouts on every step.
+
+Used for VM QEMUs and qemu-storage-daemons alike. Synchronous and thread-friendly (one
+client per socket at a time, the caller serialises), events are kept for whoever asks.
+Every failure is a ``HypervisorError`` that names the command and QEMU's reason.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+from ..errors import HypervisorError
+
+
+class QMPError(HypervisorError):
+    def __init__(self, command: str, klass: str, desc: str):
+        super().__init__(f"QEMU refused {command}: {desc}")
+        self.command, self.klass, self.desc = command, klass, desc
+
+
+class Monitor:
+    def __init__(self, path: str | Path, timeout: float = 30.0, connect_timeout: float = 10.0):
+        self.path = str(path)
+        self.timeout = timeout
+        self.events: list[dict] = []
+        self._buf = b""
+        self._sock = self._connect(connect_timeout)
+        try:
+            greeting = self._read_message(connect_timeout)
+            if "QMP" not in greeting:
+                raise HypervisorError(f"{self.path} is not a QMP monitor")
+            self.execute("qmp_capabilities")
+        except BaseException:
+            self.close()
+            raise
+
+    def _connect(self, timeout: float) -> socket.socket:
+        deadline = time.monotonic() + timeout
+        while True:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(self.path)
+                return s
+            except (FileNotFoundError, ConnectionRefusedError) as e:
+                s.close()
+                if time.monotonic() >= deadline:
+                    raise HypervisorError(f"cannot connect to QEMU monitor {self.path}: "
+                                          f"{e.strerror}") from None
+                time.sleep(0.01)
+
+    def _read_message(self, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise HypervisorError(f"QEMU monitor {self.path} did not answer within "
+                                      f"{timeout:.0f} s")
+            self._sock.settimeout(left)
+            try:
+                piece = self._sock.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError as e:
+                raise HypervisorError(f"QEMU monitor {self.path} failed: {e}") from None
+            if not piece:
+                raise HypervisorError(f"QEMU monitor {self.path} closed the connection")
+            self._buf += piece
+        line, _, self._buf = self._buf.partition(b"\n")
+        return json.loads(line)
+
+    def execute(self, command: str, arguments: dict | None = None,
+                timeout: float | None = None):
+        msg = {"execute": command}
+        if arguments:
+            msg["arguments"] = arguments
+        try:
+            self._sock.sendall(json.dumps(msg).encode() + b"\n")
+        except OSError as e:
+            raise HypervisorError(f"QEMU monitor {self.path} failed: {e}") from None
+        while True:
+            reply = self._read_message(timeout or self.timeout)
+            if "event" in reply:
+                self.events.append(reply)
+                continue
+            if "error" in reply:
+                err = reply["error"]
+                raise QMPError(command, err.get("class", ""), err.get("desc", ""))
+            return reply.get("return")
+
+    def wait_event(self, name: str, timeout: float, match=None) -> dict:
+        """Return (and consume) the first event ``name`` (optionally matching ``match(ev)``)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for i, ev in enumerate(self.events):
+                if ev["event"] == name and (match is None or match(ev)):
+                    return self.events.pop(i)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise HypervisorError(f"QEMU did not report {name} within {timeout:.0f} s")
+            reply = self._read_message(left)
+            if "event" in reply:
+                self.events.append(reply)
+
+    def close(self) -> None:
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False

@@ -1,0 +1,181 @@
+"""qemu-storage-daemon: serve images over NBD (and QMP) without a VM.
+
+Used to read a powered-off VM's disks with their persistent dirty bitmaps, and to write
+into a replica head. Closed with QMP ``quit`` so persistent bitmaps are stored cleanly
+(a killed daemon leaves them marked in-use, which the tracker treats as a break).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from ..errors import HypervisorError
+from .qmp import Monitor
+
+
+def _explain(stderr: str) -> str:
+    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+    last = lines[-1] if lines else "no message"
+    if "lock" in last.lower():
+        return f"{last} (is the VM running, or another vmreplica operation using the disk?)"
+    return last
+
+
+class StorageDaemon:
+    def __init__(self, run_dir: Path, name: str, blockdevs: list[dict],
+                 exports: list[dict] | None = None, nbd: bool = True):
+        self.run_dir = Path(run_dir)
+        self.name = name
+        self.blockdevs = blockdevs
+        self.exports = list(exports or [])
+        self.qmp_socket = self.run_dir / f"{name}.qmp"
+        self.nbd_socket = self.run_dir / f"{name}.nbd" if nbd else None
+        self.err_path = self.run_dir / f"{name}.err"
+        self.pid_path = self.run_dir / f"{name}.qsd.pid"
+        self.proc: subprocess.Popen | None = None
+        self.qmp: Monitor | None = None
+
+    def start(self) -> "StorageDaemon":
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for p in (self.qmp_socket, self.nbd_socket):
+            if p is not None:
+                p.unlink(missing_ok=True)
+        # If the daemon that started it dies, the storage daemon gets SIGTERM and exits
+        # cleanly (flushing, storing bitmaps) instead of holding the images locked.
+        args = ["setpriv", "--pdeathsig", "SIGTERM", "--", "qemu-storage-daemon",
+                "--pidfile", str(self.pid_path)]
+        for bd in self.blockdevs:
+            args += ["--blockdev", json.dumps(bd)]
+        if self.nbd_socket is not None:
+            args += ["--nbd-server", f"addr.type=unix,addr.path={self.nbd_socket}"]
+        for ex in self.exports:
+            args += ["--export", json.dumps(ex)]
+        # The monitor comes last: its socket appears once everything before it is set up.
+        args += ["--chardev", f"socket,id=mon,path={self.qmp_socket},server=on,wait=off",
+                 "--monitor", "chardev=mon"]
+        err = open(self.err_path, "w")
+        try:
+            self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                                         close_fds=True)
+        except FileNotFoundError:
+            raise HypervisorError("qemu-storage-daemon is not installed",
+                                  hint="run `make setup`") from None
+        finally:
+            err.close()
+        deadline = time.monotonic() + 30
+        while not self.qmp_socket.exists():
+            if self.proc.poll() is not None:
+                raise HypervisorError(f"qemu-storage-daemon failed: {_explain(self._stderr())}")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise HypervisorError("qemu-storage-daemon did not start within 30 s")
+            time.sleep(0.002)
+        try:
+            self.qmp = Monitor(self.qmp_socket, timeout=60)
+        except HypervisorError:
+            self.kill()
+            raise
+        return self
+
+    def _stderr(self) -> str:
+        try:
+            return self.err_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def add_nbd_export(self, node: str, name: str, writable: bool = False,
+                       bitmaps: list[str] | None = None) -> None:
+        args = {"type": "nbd", "id": f"exp-{name}", "node-name": node, "name": name,
+                "writable": writable}
+        if bitmaps:
+            args["bitmaps"] = bitmaps
+        self.qmp.execute("block-export-add", args)
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Quit cleanly (flush, store persistent bitmaps); kill only if it does not stop."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None and self.qmp is not None:
+            try:
+                self.qmp.execute("quit", timeout=10)
+            except HypervisorError:
+                self.proc.terminate()
+        if self.qmp is not None:
+            self.qmp.close()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        rc = self.proc.returncode
+        self._cleanup()
+        if rc not in (0, None, -15):
+            raise HypervisorError(f"qemu-storage-daemon exited with {rc}: {_explain(self._stderr())}")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if self.qmp is not None:
+            self.qmp.close()
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        for p in (self.qmp_socket, self.nbd_socket, self.err_path, self.pid_path):
+            if p is not None:
+                try:
+                    os.unlink(p)
+                except OSError:
+                    pass
+
+    def __enter__(self) -> "StorageDaemon":
+        return self.start()
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            try:
+                self.close()
+            except HypervisorError:
+                pass
+        return False
+
+
+def reap(run_dir: Path, timeout: float = 15.0) -> list[int]:
+    """Stop storage daemons a previous daemon left running (found by their pid files)."""
+    stopped = []
+    for pid_path in Path(run_dir).glob("*.qsd.pid"):
+        try:
+            pid = int(pid_path.read_text().strip())
+            alive = b"qemu-storage-daemon" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            alive = False
+        if alive:
+            os.kill(pid, 15)  # SIGTERM: a clean exit that stores persistent bitmaps
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+                time.sleep(0.02)
+            if Path(f"/proc/{pid}").exists():
+                os.kill(pid, 9)
+            stopped.append(pid)
+        stem = pid_path.name[: -len(".qsd.pid")]
+        for ext in (".qmp", ".nbd", ".err", ".qsd.pid"):
+            (Path(run_dir) / f"{stem}{ext}").unlink(missing_ok=True)
+    return stopped
+
+
+def qcow2_node(path: Path | str, node: str, read_only: bool = False,
+               backing: str | None | bool = True) -> list[dict]:
+    """The two blockdevs (file + qcow2) that open ``path`` as node ``node``."""
+    file_node = {"driver": "file", "filename": str(path), "node-name": f"{node}-file",
+                 "read-only": read_only}
+    fmt = {"driver": "qcow2", "file": f"{node}-file", "node-name": node, "read-only": read_only}
+    if backing is None:
+        fmt["backing"] = None
+    elif isinstance(backing, str):
+        fmt["backing"] = backing
+    return [file_node, fmt]

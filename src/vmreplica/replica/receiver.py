@@ -1,0 +1,295 @@
+"""Replica-side operations: accept a relationship, receive a cycle, stage it, apply it.
+
+A cycle is staged durably first (records written as they arrive, each verified, then
+fsync + rename + directory fsync + a row in the state store), applied into the heads,
+and only then acknowledged. At start-up every staged cycle still listed is applied
+again before the daemon serves anything (invariant 1: no torn head).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from ..domain.patterns import find_authorization
+from ..domain.states import Role, State
+from ..errors import Conflict, IntegrityError, NotFound, Refused, UsageError
+from ..transport import wire
+from . import apply as applier
+from . import store as rstore
+
+log = logging.getLogger("vmreplica.replica")
+
+
+def create_relationship(host, peer: dict, body: dict) -> dict:
+    settings = host.store.get_setting("replica_server") or {}
+    vm = str(body.get("vm", ""))
+    if not settings.get("enabled"):
+        raise Refused(f"{host.name} is not a replica server",
+                      hint=f"on {host.name} run `vmreplica replica-server enable --allow "
+                           f"{peer['name']}`")
+    entry = find_authorization(host.store.authorizations(), peer["name"])
+    if entry is None:
+        raise Refused(f"primary {peer['name']} is not authorized to replicate to {host.name}",
+                      hint=f"on {host.name} run `vmreplica replica-server enable --allow "
+                           f"{peer['name']}` (or a pattern that matches it)")
+    tag = str(body.get("security_tag") or "")
+    if entry["tag"] and entry["tag"] != tag:
+        raise Refused(f"security tag mismatch: {host.name} allows {peer['name']} only with tag "
+                      f"{entry['tag']!r}, the primary sent {tag!r}",
+                      hint=f"enable replication with `--security-tag {entry['tag']}`")
+    existing = host.store.relationship(vm)
+    if existing is not None:
+        if existing["id"] == body.get("id") and existing["peer"] == peer["name"]:
+            return _describe(host, existing)  # retried request: idempotent
+        raise Conflict(f"{host.name} already holds a relationship for VM {vm} "
+                       f"(with {existing['peer']})",
+                       hint=f"remove it on {host.name} with `vmreplica remove {vm}` first")
+    desc = body.get("description") or {}
+    disks = desc.get("disks") or []
+    if not disks:
+        raise UsageError("the relationship has no disks to replicate")
+    try:
+        host.driver.inspect(vm)
+        raise Conflict(f"{host.name} already has a VM named {vm}",
+                       hint=f"delete or rename it on {host.name}, then enable again")
+    except NotFound:
+        pass
+    storage = Path(entry["storage"] or settings.get("storage") or host.home.storage)
+    heads = rstore.create_chains(storage, vm, disks)
+    try:
+        replica_desc = dict(desc)
+        replica_desc["name"] = vm
+        replica_desc["disks"] = [dict(d, path=heads[d["name"]], format="qcow2") for d in disks]
+        replica_desc["owns"] = [str(rstore.vm_dir(storage, vm))]
+        host.driver.define_vm(replica_desc)
+        rel = {
+            "vm": vm, "id": body["id"], "role": Role.REPLICA.value, "peer": peer["name"],
+            "peer_address": peer.get("address"), "state": State.WAITING_FOR_INITIAL.value,
+            "epoch": int(body.get("epoch", 1)), "storage": str(storage),
+            "disks": [d["name"] for d in disks], "heads": heads,
+            "frequency": int(body.get("frequency", 300)), "last_applied_cycle": -1,
+            "security_tag": tag,
+        }
+        host.store.add_relationship(rel)
+    except Exception:
+        try:
+            host.driver.delete(vm)
+        except Exception:  # noqa: BLE001
+            pass
+        rstore.delete_chains(storage, vm)
+        raise
+    host.event("relationship", f"replica of {vm} created for primary {peer['name']}", vm)
+    return _describe(host, host.store.relationship(vm))
+
+
+def _describe(host, rel: dict) -> dict:
+    return {"vm": rel["vm"], "replica": host.name, "state": rel["state"], "heads": rel["heads"]}
+
+
+def _own_relationship(host, peer: dict, vm: str) -> dict:
+    rel = host.store.relationship(vm)
+    if rel is None or rel["role"] != Role.REPLICA.value:
+        raise NotFound(f"{host.name} holds no replica of VM {vm}",
+                       hint="enable replication again from the primary")
+    if rel["peer"] != peer["name"]:
+        raise Refused(f"{host.name} replicates {vm} from {rel['peer']}, not from {peer['name']}")
+    return rel
+
+
+class _Tee:
+    """``read(n)`` from the request body, copying every byte read into the staging file."""
+
+    def __init__(self, read, sink):
+        self._read, self._sink = read, sink
+        self.bytes = 0
+
+    def read(self, n: int) -> bytes:
+        piece = self._read(n)
+        if piece:
+            self._sink(piece)
+            self.bytes += len(piece)
+        return piece
+
+
+KEEP_IN_MEMORY = 256 << 20  # a staged delta up to this size is applied from memory
+
+
+def receive_cycle(host, peer: dict, vm: str, body) -> dict:
+    """Receive one cycle. A delta is verified and staged durably, then applied, then
+    acknowledged; an initial copy (nothing consistent to protect yet) is applied as it
+    streams in and the replica counts as seeded only once all of it is verified."""
+    rel = _own_relationship(host, peer, vm)
+    reader = wire.CycleReader(body.read)
+    header = reader.start()
+    cycle = _check_header(host, rel, header)
+    with host.vm_lock(vm):
+        if header.get("initial"):
+            return _receive_initial(host, vm, cycle, reader)
+        return _receive_delta(host, vm, cycle, reader, body)
+
+
+def _receive_initial(host, vm: str, cycle: int, reader: wire.CycleReader) -> dict:
+    rel = host.store.relationship(vm)
+    if rel["state"] != State.WAITING_FOR_INITIAL.value:
+        host.store.update_relationship(vm, state=State.WAITING_FOR_INITIAL.value)
+    t0 = time.monotonic()
+    heads = [rel["heads"][d] for d in rel["disks"]]
+    rstore.reset_heads(heads)
+    stats = applier.apply_records(reader.records(), heads, host.home.run, f"ap-{_short(vm)}")
+    _applied(host, vm, cycle, reader.header, reader.trailer)
+    host.event("initial", f"initial copy received: {stats['bytes']} bytes in "
+                          f"{stats['records']} records", vm)
+    return {"vm": vm, "cycle": cycle, "applied": True, "records": stats["records"],
+            "apply_seconds": round(time.monotonic() - t0, 4)}
+
+
+def _receive_delta(host, vm: str, cycle: int, reader: wire.CycleReader, body) -> dict:
+    sdir = host.home.staging / vm
+    sdir.mkdir(parents=True, exist_ok=True)
+    part = sdir / f"incoming-{cycle:08d}-{time.monotonic_ns()}.part"
+    kept: list[wire.Record] | None = []
+    t_start = time.monotonic()
+    try:
+        with open(part, "wb") as f:
+            # The staged file is the stream exactly as received: the header, then every
+            # record as it is read and verified, then the end frame.
+            f.write(reader.head_bytes)
+            reader._read = _Tee(body.read, f.write).read
+            for rec in reader.records():
+                if kept is not None:
+                    kept.append(rec)
+                    if reader.raw_bytes > KEEP_IN_MEMORY:
+                        kept = None  # too large to hold: apply from the staged file
+            t_recv = time.monotonic()
+            f.flush()
+            os.fsync(f.fileno())
+        final = sdir / f"cycle-{cycle:08d}.stage"
+        os.replace(part, final)
+        _fsync_dir(sdir)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    host.store.add_staged(vm, cycle, str(final))
+    t_staged = time.monotonic()
+    result = _apply(host, vm, cycle, final, kept, reader.trailer)
+    result.update(receive_seconds=round(t_recv - t_start, 4),
+                  stage_seconds=round(t_staged - t_recv, 4),
+                  apply_seconds=round(time.monotonic() - t_staged, 4))
+    return {"vm": vm, "cycle": cycle, "applied": True, **result}
+
+
+def _check_header(host, rel: dict, header: dict) -> int:
+    epoch = int(header.get("epoch", 0))
+    if epoch < int(rel["epoch"]):
+        raise Refused(f"cycle refused: epoch {epoch} is older than the replica's {rel['epoch']} "
+                      "(another host has become the primary of this VM)",
+                      hint="this host is no longer the primary; see `vmreplica status`")
+    if header.get("relationship") != rel["id"]:
+        raise Refused(f"cycle refused: it belongs to another relationship of {rel['vm']}")
+    cycle = int(header.get("cycle", -1))
+    last = int(rel.get("last_applied_cycle", -1))
+    if cycle < last:
+        raise Refused(f"cycle {cycle} is older than the last applied cycle {last}")
+    if not header.get("initial") and last < 0:
+        raise Refused(f"cycle {cycle} refused: the initial copy has not been received",
+                      hint="run `vmreplica initial VM` on the primary")
+    if list(header.get("disks", [])) != list(rel["disks"]):
+        raise IntegrityError("cycle refused: its disk list does not match the replica's")
+    return cycle
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _apply(host, vm: str, cycle: int, path: Path, records=None, trailer=None) -> dict:
+    """Apply staged cycle ``path`` (from ``records`` if they are still in memory)."""
+    rel = host.store.relationship(vm)
+    heads = [rel["heads"][d] for d in rel["disks"]]
+    if records is None:
+        with open(path, "rb") as f:
+            reader = wire.reader_for_file(f)
+            header = reader.start()
+            stats = applier.apply_records(reader.records(), heads, host.home.run,
+                                          f"ap-{_short(vm)}")
+            trailer = reader.trailer
+    else:
+        header = None
+        stats = applier.apply_records(records, heads, host.home.run, f"ap-{_short(vm)}")
+    _applied(host, vm, cycle, header, trailer)
+    host.store.remove_staged(vm, cycle)
+    path.unlink(missing_ok=True)
+    return {"records": stats["records"], "bytes": stats["bytes"]}
+
+
+def _applied(host, vm: str, cycle: int, header: dict | None, trailer: dict | None) -> None:
+    rel = host.store.relationship(vm)
+    trailer = trailer or {}
+    changes = {"last_applied_cycle": cycle, "last_applied_at": time.time(),
+               "last_freeze_at": trailer.get("freeze_time"),
+               "epoch": max(int(rel["epoch"]), int(trailer.get("epoch", 0)))}
+    if rel["state"] == State.WAITING_FOR_INITIAL.value:
+        changes["state"] = State.REPLICATING.value
+    host.store.update_relationship(vm, **changes)
+
+
+def _short(vm: str) -> str:
+    import hashlib
+    return hashlib.sha1(vm.encode()).hexdigest()[:8]
+
+
+def recover(host) -> list[tuple[str, int]]:
+    """Start-up: re-apply every cycle that was staged but not recorded as applied."""
+    redone = []
+    for row in host.store.staged():
+        path = Path(row["path"])
+        if not path.exists() or host.store.relationship(row["vm"]) is None:
+            host.store.remove_staged(row["vm"], row["cycle"])
+            continue
+        log.warning("re-applying staged cycle %s of %s after an interrupted apply",
+                    row["cycle"], row["vm"])
+        _apply(host, row["vm"], row["cycle"], path)
+        host.event("recovery", f"re-applied staged cycle {row['cycle']} after a restart",
+                   row["vm"])
+        redone.append((row["vm"], row["cycle"]))
+    # Leftover partial uploads were never acknowledged: drop them.
+    if host.home.staging.exists():
+        for part in host.home.staging.glob("*/*.part"):
+            part.unlink(missing_ok=True)
+    return redone
+
+
+def remove_relationship(host, vm: str, keep_replica: bool) -> dict:
+    rel = host.store.relationship(vm)
+    if rel is None or rel["role"] != Role.REPLICA.value:
+        raise NotFound(f"{host.name} holds no replica of VM {vm}")
+    with host.vm_lock(vm):
+        removed_vm = False
+        try:
+            info = host.driver.inspect(vm)
+            if info.state == "running":
+                host.driver.stop(vm, force=True)
+            if not keep_replica:
+                host.driver.delete(vm)
+                removed_vm = True
+        except NotFound:
+            pass
+        if not keep_replica:
+            rstore.delete_chains(Path(rel["storage"]), vm)
+        for p in (host.home.staging / vm).glob("*"):
+            p.unlink(missing_ok=True)
+        try:
+            (host.home.staging / vm).rmdir()
+        except OSError:
+            pass
+        host.store.remove_relationship(vm)
+    host.event("relationship", f"replica of {vm} removed"
+               + (" (VM and disks kept)" if keep_replica else ""), vm)
+    return {"vm": vm, "removed_vm": removed_vm, "kept": keep_replica}

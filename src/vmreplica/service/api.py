@@ -1,0 +1,221 @@
+"""Routes of the two APIs a daemon serves.
+
+Management API (unix socket in the home, for the CLI and later the dashboard): every
+operation of the host. Replication API (TCP + mutual TLS, for peer hosts): pairing,
+hello, relationship creation, cycles, removal; every route but /v1/pair requires a
+pinned client certificate.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+from .. import __version__
+from ..domain.patterns import validate_pattern
+from ..errors import Refused, UsageError
+from ..primary import relationship as prim
+from ..replica import receiver
+from ..transport.http import Request, Router
+from . import trust, vms
+
+
+def _flag(req: Request, name: str) -> bool:
+    return req.query.get(name, "") in ("1", "true", "yes")
+
+
+def management_routes(host, daemon) -> Router:
+    r = Router()
+
+    @r.route("GET", "/v1/ping")
+    def ping(req):
+        return {"name": host.name, "pid": os.getpid(), "version": __version__,
+                "listen": host.listen, "started_at": daemon.started_at}
+
+    @r.route("POST", "/v1/shutdown")
+    def shutdown(req):
+        threading.Thread(target=daemon.stop, name="shutdown", daemon=True).start()
+        return {"stopping": True, "pid": os.getpid()}
+
+    @r.route("GET", "/v1/host")
+    def host_info(req):
+        return {"name": host.name, "listen": host.listen, "fingerprint": host.fingerprint,
+                "driver": host.store.get_setting("driver"), "home": str(host.home.root),
+                "version": __version__}
+
+    # -- trust -------------------------------------------------------------------
+    @r.route("POST", "/v1/trust/token")
+    def token(req):
+        return trust.make_token(host)
+
+    @r.route("POST", "/v1/trust/pair")
+    def pair(req):
+        body = req.json()
+        return trust.pair(host, str(body.get("address", "")), str(body.get("token", "")))
+
+    @r.route("GET", "/v1/trust/peers")
+    def peers(req):
+        return {"peers": [{k: p[k] for k in ("name", "address", "fingerprint", "paired_at")}
+                          for p in host.store.peers()]}
+
+    @r.route("DELETE", "/v1/trust/peers/{name}")
+    def unpair(req):
+        name = req.params["name"]
+        users = [x["vm"] for x in host.store.relationships() if x["peer"] == name]
+        if users:
+            raise UsageError(f"{name} is still used by the replication of {', '.join(users)}",
+                             hint="remove those relationships first")
+        if not host.store.remove_peer(name):
+            raise UsageError(f"no paired host named {name}")
+        host.event("trust", f"unpaired {name}")
+        return {"removed": name}
+
+    @r.route("POST", "/v1/test-connection")
+    def test_connection(req):
+        body = req.json()
+        address = str(body.get("address", ""))
+        t0 = time.monotonic()
+        client = host.client_for_address(address, timeout=10)
+        hello = client.request("GET", "/v1/hello")
+        return {"address": address, "peer": hello.get("name"), "replica_server":
+                hello.get("replica_server"), "authorized": hello.get("authorized"),
+                "round_trip_ms": round((time.monotonic() - t0) * 1000, 1)}
+
+    # -- replica server ------------------------------------------------------------
+    @r.route("GET", "/v1/replica-server")
+    def rs_show(req):
+        settings = host.store.get_setting("replica_server") or {}
+        return {"name": host.name, "enabled": bool(settings.get("enabled")),
+                "listen": host.listen, "storage": settings.get("storage"),
+                "fingerprint": host.fingerprint,
+                "authorizations": host.store.authorizations()}
+
+    @r.route("POST", "/v1/replica-server")
+    def rs_set(req):
+        body = req.json()
+        settings = host.store.get_setting("replica_server") or {}
+        enable = body.get("enabled", True)
+        storage = body.get("storage") or settings.get("storage") or str(host.home.storage)
+        storage = os.path.abspath(storage)
+        patterns = [validate_pattern(p) for p in body.get("allow") or []]
+        tag = str(body.get("tag") or "")
+        if enable:
+            os.makedirs(storage, exist_ok=True)
+            if not os.access(storage, os.W_OK):
+                raise UsageError(f"storage directory {storage} is not writable")
+        for p in patterns:
+            host.store.add_authorization(p, storage, tag)
+        for p in body.get("disallow") or []:
+            host.store.remove_authorization(p.lower())
+        settings.update(enabled=bool(enable), storage=storage)
+        host.store.set_setting("replica_server", settings)
+        host.event("replica-server", ("enabled" if enable else "disabled")
+                   + (f"; allowed {', '.join(patterns)}" if patterns else ""))
+        return rs_show(req)
+
+    # -- VMs -----------------------------------------------------------------------
+    @r.route("GET", "/v1/vms")
+    def vm_list(req):
+        return {"vms": vms.list_all(host)}
+
+    @r.route("POST", "/v1/vms")
+    def vm_create(req):
+        return vms.create(host, req.json())
+
+    @r.route("GET", "/v1/vms/{name}")
+    def vm_show(req):
+        return vms.show(host, req.params["name"])
+
+    @r.route("POST", "/v1/vms/{name}/start")
+    def vm_start(req):
+        return vms.start(host, req.params["name"])
+
+    @r.route("POST", "/v1/vms/{name}/stop")
+    def vm_stop(req):
+        return vms.stop(host, req.params["name"], _flag(req, "force"))
+
+    @r.route("DELETE", "/v1/vms/{name}")
+    def vm_delete(req):
+        return vms.delete(host, req.params["name"])
+
+    # -- relationships ---------------------------------------------------------------
+    @r.route("POST", "/v1/relationships")
+    def enable(req):
+        b = req.json()
+        return prim.enable(host, str(b.get("vm", "")), str(b.get("replica", "")),
+                           frequency=b.get("frequency") or "5m",
+                           compression=b.get("compression") or "zstd",
+                           exclude_disks=b.get("exclude_disks") or [],
+                           security_tag=b.get("security_tag") or "")
+
+    @r.route("POST", "/v1/relationships/{vm}/initial")
+    def initial(req):
+        return prim.initial(host, req.params["vm"])
+
+    @r.route("POST", "/v1/relationships/{vm}/sync")
+    def sync(req):
+        return prim.sync(host, req.params["vm"])
+
+    @r.route("POST", "/v1/relationships/{vm}/suspend")
+    def suspend(req):
+        return prim.suspend(host, req.params["vm"])
+
+    @r.route("POST", "/v1/relationships/{vm}/resume")
+    def resume(req):
+        return prim.resume(host, req.params["vm"])
+
+    @r.route("DELETE", "/v1/relationships/{vm}")
+    def remove(req):
+        return prim.remove(host, req.params["vm"], keep_replica=_flag(req, "keep_replica"),
+                           force=_flag(req, "force"))
+
+    @r.route("GET", "/v1/status")
+    def status(req):
+        return {"host": host.name, "relationships": prim.status(host, req.query.get("vm"))}
+
+    @r.route("GET", "/v1/events")
+    def events(req):
+        return {"events": host.store.events(req.query.get("vm"),
+                                            float(req.query.get("since", 0) or 0))}
+
+    return r
+
+
+def replication_routes(host) -> Router:
+    r = Router()
+
+    @r.route("POST", "/v1/pair")
+    def pair(req):
+        return trust.accept_pairing(host, req.json())
+
+    @r.route("GET", "/v1/hello")
+    def hello(req):
+        peer = trust.require_peer(host, req.peer_fingerprint)
+        from ..domain.patterns import find_authorization
+        settings = host.store.get_setting("replica_server") or {}
+        entry = find_authorization(host.store.authorizations(), peer["name"])
+        return {"name": host.name, "version": __version__, "you": peer["name"],
+                "replica_server": bool(settings.get("enabled")),
+                "authorized": entry is not None}
+
+    @r.route("POST", "/v1/replica/relationships")
+    def create(req):
+        peer = trust.require_peer(host, req.peer_fingerprint)
+        return receiver.create_relationship(host, peer, req.json())
+
+    @r.route("POST", "/v1/replica/relationships/{vm}/cycles")
+    def cycle(req):
+        peer = trust.require_peer(host, req.peer_fingerprint)
+        return receiver.receive_cycle(host, peer, req.params["vm"], req.body())
+
+    @r.route("DELETE", "/v1/replica/relationships/{vm}")
+    def remove(req):
+        peer = trust.require_peer(host, req.peer_fingerprint)
+        rel = host.store.relationship(req.params["vm"])
+        if rel is not None and rel["peer"] != peer["name"]:
+            raise Refused(f"{req.params['vm']} on {host.name} is replicated from {rel['peer']}")
+        return receiver.remove_relationship(host, req.params["vm"], _flag(req, "keep"))
+
+    return r
+

@@ -1,0 +1,143 @@
+"""The daemon process: start-up recovery, the two servers, the scheduler, clean shutdown."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from ..errors import Conflict, OperationError
+from .api import management_routes, replication_routes
+from .home import Home, parse_address
+from .host import Host
+from .scheduler import Scheduler
+
+log = logging.getLogger("vmreplica.daemon")
+
+
+class Daemon:
+    def __init__(self, home: Home):
+        self.home = home
+        self.started_at = time.time()
+        self._stopped = threading.Event()
+        self._lockfd: int | None = None
+        self.host: Host | None = None
+        self.servers = []
+        self.scheduler: Scheduler | None = None
+
+    def _lock(self) -> None:
+        self.home.run.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.home.run / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise Conflict(f"a vmreplica daemon already runs for {self.home.root}",
+                           hint="stop it with `vmreplica shutdown`") from None
+        self._lockfd = fd
+        self.home.pidfile.write_text(f"{os.getpid()}\n")
+
+    def run(self) -> None:
+        self.home.require()
+        self._lock()
+        from http.server import HTTPServer  # noqa: F401  (imported early: fail fast)
+        from ..transport.http import TLSHTTPServer, UnixHTTPServer, serve_in_thread
+        host = self.host = Host(self.home)
+        log.info("daemon for %s starting (pid %d)", host.name, os.getpid())
+        from ..qemutools.qsd import reap
+        reaped = reap(self.home.run)
+        if reaped:
+            log.warning("stopped %d storage daemon(s) left by a previous run", len(reaped))
+        from ..replica.receiver import recover
+        redone = recover(host)
+        if redone:
+            log.warning("re-applied %d staged cycle(s) at start-up: %s", len(redone), redone)
+        h, port = parse_address(host.listen)
+        try:
+            repl = TLSHTTPServer((h, port), replication_routes(host), host.server_context)
+        except OSError as e:
+            raise OperationError(f"cannot listen on {host.listen}: {e.strerror}",
+                                 hint="choose another port (`init --listen`) or stop what uses it")
+        sock = str(self.home.socket)
+        if os.path.exists(sock):
+            os.unlink(sock)
+        mgmt = UnixHTTPServer(sock, management_routes(host, self))
+        os.chmod(sock, 0o600)
+        self.servers = [repl, mgmt]
+        serve_in_thread(repl, "replication-api")
+        serve_in_thread(mgmt, "management-api")
+        self.scheduler = Scheduler(host)
+        self.scheduler.start()
+        host.event("daemon", f"daemon started (pid {os.getpid()}), listening on {host.listen}")
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: threading.Thread(target=self.stop, daemon=True).start())
+        log.info("ready: management %s, replication %s", sock, host.listen)
+        self._stopped.wait()
+        log.info("stopped")
+
+    def stop(self) -> None:
+        if self._stopped.is_set():
+            return
+        if self.scheduler:
+            self.scheduler.stop()
+        for s in self.servers:
+            s.shutdown()
+            s.server_close()
+        if self.host:
+            self.host.event("daemon", "daemon stopped")
+            self.host.close()
+        try:
+            os.unlink(self.home.socket)
+        except OSError:
+            pass
+        self.home.pidfile.unlink(missing_ok=True)
+        self._stopped.set()
+
+
+def setup_logging(home: Home, foreground: bool) -> None:
+    handlers = [logging.FileHandler(home.log)]
+    if foreground:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    logging.basicConfig(level=logging.INFO, handlers=handlers,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def spawn_detached(home: Home, timeout: float = 30.0) -> int:
+    """Start `serve` in the background and return its pid once it answers on its socket."""
+    from ..cli.client import Client
+    home.require()
+    log_f = open(home.root / "daemon.out", "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "vmreplica.cli.main", "--home", str(home.root),
+                             "serve"], stdin=subprocess.DEVNULL, stdout=log_f, stderr=log_f,
+                            start_new_session=True, close_fds=True)
+    client = Client(home)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = _tail(home.root / "daemon.out")
+            raise OperationError(f"the daemon exited during start-up (code {proc.returncode})"
+                                 + (f": {tail}" if tail else ""))
+        try:
+            info = client.call("GET", "/v1/ping")
+            if info.get("pid") == proc.pid:
+                return proc.pid
+        except OperationError:
+            pass
+        time.sleep(0.05)
+    proc.terminate()
+    raise OperationError(f"the daemon did not become ready within {timeout:.0f} s",
+                         hint=f"see {home.log}")
+
+
+def _tail(path: Path) -> str:
+    try:
+        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""

@@ -1,0 +1,117 @@
+"""A host's home directory: where its state, identity, VMs, replica storage and sockets live.
+
+    HOME/state.db            SQLite state (settings, peers, relationships, history)
+    HOME/tls/host.key,.crt   this host's identity (self-signed, pinned by its peers)
+    HOME/vms/                the hypervisor driver's VM folders
+    HOME/storage/            default replica storage (qcow2 chains of replicated disks)
+    HOME/staging/            received cycles, staged durably before they are applied
+    HOME/run/                mgmt.sock (management API), daemon.pid; HOME/daemon.log
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import Conflict, UsageError
+
+_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,62}[A-Za-z0-9])?$")
+MAX_SOCKET_PATH = 107
+
+
+@dataclass(frozen=True)
+class Home:
+    root: Path
+
+    @classmethod
+    def resolve(cls, value: str | None) -> "Home":
+        value = value or os.environ.get("VMREPLICA_HOME")
+        if not value:
+            raise UsageError("no host home given", hint="pass --home DIR or set VMREPLICA_HOME")
+        return cls(Path(value).expanduser().absolute())
+
+    @property
+    def db(self) -> Path: return self.root / "state.db"
+    @property
+    def key(self) -> Path: return self.root / "tls" / "host.key"
+    @property
+    def cert(self) -> Path: return self.root / "tls" / "host.crt"
+    @property
+    def vms(self) -> Path: return self.root / "vms"
+    @property
+    def storage(self) -> Path: return self.root / "storage"
+    @property
+    def staging(self) -> Path: return self.root / "staging"
+    @property
+    def run(self) -> Path: return self.root / "run"
+    @property
+    def socket(self) -> Path: return self.run / "mgmt.sock"
+    @property
+    def pidfile(self) -> Path: return self.run / "daemon.pid"
+    @property
+    def log(self) -> Path: return self.root / "daemon.log"
+
+    def exists(self) -> bool:
+        return self.db.exists() and self.cert.exists()
+
+    def require(self) -> None:
+        if not self.exists():
+            raise UsageError(f"{self.root} is not a vmreplica host home",
+                             hint=f"create it with: vmreplica --home {self.root} init --name NAME "
+                                  "--listen 127.0.0.1:PORT")
+
+
+def validate_host_name(name: str) -> str:
+    if not _NAME.match(name or ""):
+        raise UsageError(f"invalid host name {name!r}",
+                         hint="use letters, digits, '-' and '.', e.g. site-a.example.com")
+    return name.lower()
+
+
+def parse_address(text: str, default_port: int = 8443) -> tuple[str, int]:
+    """``HOST[:PORT]`` → (host, port); IPv6 as ``[::1]:PORT``."""
+    m = re.fullmatch(r"\[([0-9a-fA-F:]+)\](?::(\d+))?|([^:\s]+)(?::(\d+))?", text or "")
+    if not m:
+        raise UsageError(f"invalid address {text!r}", hint="use HOST:PORT, e.g. 127.0.0.1:8443")
+    host = m.group(1) or m.group(3)
+    port = int(m.group(2) or m.group(4) or default_port)
+    if not 0 < port < 65536:
+        raise UsageError(f"invalid port in {text!r}")
+    return host, port
+
+
+def init_home(home: Home, name: str, listen: str, driver: str, accel: str) -> dict:
+    from ..transport import tls
+    from .store import Store
+
+    if home.exists():
+        raise Conflict(f"{home.root} is already a vmreplica home",
+                       hint="use another directory, or delete this one first")
+    name = validate_host_name(name)
+    parse_address(listen)
+    if driver not in ("qemu", "libvirt"):
+        raise UsageError(f"unknown driver {driver!r}", hint="choose qemu or libvirt")
+    if accel not in ("auto", "kvm", "tcg"):
+        raise UsageError(f"unknown accelerator {accel!r}", hint="choose auto, kvm or tcg")
+    if len(str(home.socket)) > MAX_SOCKET_PATH:
+        raise UsageError(f"home path {home.root} is too long for a unix socket",
+                         hint="choose a home path shorter than about 90 characters")
+    for d in (home.root, home.key.parent, home.vms, home.storage, home.staging, home.run):
+        d.mkdir(parents=True, exist_ok=True)
+    # libvirt's qemu user (and anyone operating the host) must be able to traverse the home.
+    os.chmod(home.root, 0o755)
+    os.chmod(home.key.parent, 0o700)
+    fingerprint = tls.generate_identity(name, home.key, home.cert)
+    store = Store(home.db)
+    try:
+        store.set_setting("name", name)
+        store.set_setting("listen", listen)
+        store.set_setting("driver", driver)
+        store.set_setting("accel", accel)
+        store.set_setting("replica_server", {"enabled": False, "storage": str(home.storage)})
+    finally:
+        store.close()
+    return {"name": name, "listen": listen, "driver": driver, "fingerprint": fingerprint,
+            "home": str(home.root)}

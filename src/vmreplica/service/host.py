@@ -1,0 +1,97 @@
+"""The running host: its home, state store, identity, hypervisor driver and locks.
+
+One `Host` lives in the daemon; the primary and replica layers receive it as their
+context (they use its attributes, they never import the service package).
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from ..errors import NotTrusted, UsageError
+from ..transport import tls
+from ..transport.client import PeerClient
+from .home import Home, parse_address
+from .store import Store
+
+
+class Host:
+    def __init__(self, home: Home):
+        home.require()
+        self.home = home
+        self.store = Store(home.db)
+        self.name: str = self.store.get_setting("name")
+        self.listen: str = self.store.get_setting("listen")
+        self.cert_pem = home.cert.read_text()
+        self.fingerprint = tls.fingerprint_pem(self.cert_pem)
+        self._driver = None
+        self._locks: dict[str, threading.RLock] = {}
+        self._locks_guard = threading.Lock()
+        self._tls_ctx = None
+        self._tls_peers_key: tuple | None = None
+        self.stopping = threading.Event()
+
+    # -- parts chosen by name from configuration -------------------------------------
+    @property
+    def driver(self):
+        if self._driver is None:
+            from ..hypervisor.base import get_driver
+            config = {"accel": self.store.get_setting("accel", "auto"),
+                      "libvirt_uri": self.store.get_setting("libvirt_uri")}
+            self._driver = get_driver(self.store.get_setting("driver", "qemu"), self.home.root,
+                                      config)
+        return self._driver
+
+    def tracker(self, name: str = "bitmap"):
+        from ..tracking.base import get_tracker
+        return get_tracker(name)
+
+    def vm_lock(self, vm: str) -> threading.RLock:
+        with self._locks_guard:
+            return self._locks.setdefault(vm, threading.RLock())
+
+    # -- TLS -------------------------------------------------------------------------
+    def server_context(self):
+        """A server context trusting exactly the pinned peers (rebuilt when they change)."""
+        peers = self.store.peers()
+        key = tuple(sorted(p["fingerprint"] for p in peers))
+        if self._tls_ctx is None or key != self._tls_peers_key:
+            self._tls_ctx = tls.server_context(self.home.cert, self.home.key,
+                                               [p["cert_pem"] for p in peers])
+            self._tls_peers_key = key
+        return self._tls_ctx
+
+    def client_for_address(self, address: str, timeout: float = 60.0) -> PeerClient:
+        host, port = parse_address(address)
+        peer = self.store.peer_by_address(f"{host}:{port}")
+        if peer is None:
+            raise NotTrusted(f"this host is not paired with {host}:{port}",
+                             hint=f"on {host}:{port} run `vmreplica trust token`, then here "
+                                  f"`vmreplica trust pair {host}:{port} TOKEN`")
+        return self.client_for_peer(peer, timeout)
+
+    def client_for_peer(self, peer: dict | str, timeout: float = 60.0) -> PeerClient:
+        if isinstance(peer, str):
+            found = self.store.peer(peer)
+            if found is None:
+                raise NotTrusted(f"no paired host named {peer!r}",
+                                 hint="pair the hosts with `vmreplica trust token` / `trust pair`")
+            peer = found
+        if not peer.get("address"):
+            raise UsageError(f"no address is known for peer {peer['name']}")
+        host, port = parse_address(peer["address"])
+        return PeerClient(host, port, self.home.cert, self.home.key, peer["cert_pem"],
+                          peer["fingerprint"], peer_name=peer["name"], timeout=timeout)
+
+    def event(self, kind: str, message: str, vm: str | None = None) -> None:
+        self.store.add_event(kind, message, vm)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def staging_dir(host: Host, vm: str) -> Path:
+    d = host.home.staging / vm
+    d.mkdir(parents=True, exist_ok=True)
+    return d

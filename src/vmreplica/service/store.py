@@ -1,0 +1,250 @@
+"""The host's state: one SQLite database (WAL) in the host home.
+
+Settings, pinned peers, pairing tokens, authorization entries, relationships, staged
+cycles and the cycle history. One connection guarded by a lock: the daemon's threads
+share it; every write is a short transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS peers (
+    name TEXT PRIMARY KEY, address TEXT, fingerprint TEXT NOT NULL UNIQUE,
+    cert_pem TEXT NOT NULL, paired_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS pair_tokens (
+    id TEXT PRIMARY KEY, secret_hash TEXT NOT NULL, expires_at REAL NOT NULL,
+    used_at REAL);
+CREATE TABLE IF NOT EXISTS authorizations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, pattern TEXT NOT NULL UNIQUE, storage TEXT NOT NULL,
+    tag TEXT NOT NULL DEFAULT '');
+CREATE TABLE IF NOT EXISTS relationships (
+    vm TEXT PRIMARY KEY, id TEXT NOT NULL, role TEXT NOT NULL, peer TEXT NOT NULL,
+    peer_address TEXT, state TEXT NOT NULL, epoch INTEGER NOT NULL DEFAULT 1,
+    data TEXT NOT NULL DEFAULT '{}', created_at REAL NOT NULL, updated_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS staged_cycles (
+    vm TEXT NOT NULL, cycle INTEGER NOT NULL, path TEXT NOT NULL, staged_at REAL NOT NULL,
+    PRIMARY KEY (vm, cycle));
+CREATE TABLE IF NOT EXISTS cycles (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, vm TEXT NOT NULL, cycle INTEGER NOT NULL,
+    kind TEXT NOT NULL, started_at REAL NOT NULL, finished_at REAL, ok INTEGER,
+    raw_bytes INTEGER DEFAULT 0, wire_bytes INTEGER DEFAULT 0, extents INTEGER DEFAULT 0,
+    error TEXT);
+CREATE INDEX IF NOT EXISTS cycles_vm ON cycles (vm, started_at);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, vm TEXT, kind TEXT NOT NULL,
+    message TEXT NOT NULL);
+"""
+
+# Columns of `relationships` kept as real columns; everything else lives in `data` (JSON).
+_REL_COLUMNS = ("vm", "id", "role", "peer", "peer_address", "state", "epoch",
+                "created_at", "updated_at")
+
+
+class Store:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30,
+                                   isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        if self.get_setting("schema_version") is None:
+            self.set_setting("schema_version", SCHEMA_VERSION)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- low level -------------------------------------------------------------------
+    def _exec(self, sql: str, args: tuple | list = ()) -> sqlite3.Cursor:
+        with self._lock:
+            return self._db.execute(sql, args)
+
+    def _all(self, sql: str, args: tuple | list = ()) -> list[dict]:
+        with self._lock:
+            return [dict(r) for r in self._db.execute(sql, args).fetchall()]
+
+    def transaction(self):
+        return _Tx(self)
+
+    # -- settings --------------------------------------------------------------------
+    def get_setting(self, key: str, default: Any = None) -> Any:
+        rows = self._all("SELECT value FROM settings WHERE key=?", (key,))
+        return json.loads(rows[0]["value"]) if rows else default
+
+    def set_setting(self, key: str, value: Any) -> None:
+        self._exec("INSERT INTO settings(key, value) VALUES(?, ?) "
+                   "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                   (key, json.dumps(value)))
+
+    # -- peers -----------------------------------------------------------------------
+    def add_peer(self, name: str, address: str | None, fingerprint: str, cert_pem: str) -> None:
+        with self.transaction():
+            self._exec("DELETE FROM peers WHERE name=? OR fingerprint=?", (name, fingerprint))
+            self._exec("INSERT INTO peers(name, address, fingerprint, cert_pem, paired_at) "
+                       "VALUES(?,?,?,?,?)", (name, address, fingerprint, cert_pem, time.time()))
+
+    def peers(self) -> list[dict]:
+        return self._all("SELECT * FROM peers ORDER BY name")
+
+    def peer_by_fingerprint(self, fingerprint: str) -> dict | None:
+        rows = self._all("SELECT * FROM peers WHERE fingerprint=?", (fingerprint,))
+        return rows[0] if rows else None
+
+    def peer_by_address(self, address: str) -> dict | None:
+        rows = self._all("SELECT * FROM peers WHERE address=?", (address,))
+        return rows[0] if rows else None
+
+    def peer(self, name: str) -> dict | None:
+        rows = self._all("SELECT * FROM peers WHERE name=?", (name,))
+        return rows[0] if rows else None
+
+    def remove_peer(self, name: str) -> bool:
+        return self._exec("DELETE FROM peers WHERE name=?", (name,)).rowcount > 0
+
+    # -- pairing tokens --------------------------------------------------------------
+    def add_token(self, token_id: str, secret_hash: str, expires_at: float) -> None:
+        self._exec("DELETE FROM pair_tokens WHERE expires_at < ?", (time.time() - 86400,))
+        self._exec("INSERT INTO pair_tokens(id, secret_hash, expires_at) VALUES(?,?,?)",
+                   (token_id, secret_hash, expires_at))
+
+    def use_token(self, token_id: str) -> dict | None:
+        """Mark a token used and return it, or None if unknown. Single use: atomic."""
+        with self.transaction():
+            rows = self._all("SELECT * FROM pair_tokens WHERE id=?", (token_id,))
+            if not rows:
+                return None
+            self._exec("UPDATE pair_tokens SET used_at=? WHERE id=? AND used_at IS NULL",
+                       (time.time(), token_id))
+            return rows[0]
+
+    # -- authorization ---------------------------------------------------------------
+    def add_authorization(self, pattern: str, storage: str, tag: str) -> None:
+        self._exec("INSERT INTO authorizations(pattern, storage, tag) VALUES(?,?,?) "
+                   "ON CONFLICT(pattern) DO UPDATE SET storage=excluded.storage, tag=excluded.tag",
+                   (pattern, storage, tag))
+
+    def authorizations(self) -> list[dict]:
+        return self._all("SELECT pattern, storage, tag FROM authorizations ORDER BY id")
+
+    def remove_authorization(self, pattern: str) -> bool:
+        return self._exec("DELETE FROM authorizations WHERE pattern=?", (pattern,)).rowcount > 0
+
+    # -- relationships ---------------------------------------------------------------
+    def add_relationship(self, rel: dict) -> None:
+        now = time.time()
+        cols = {k: rel[k] for k in _REL_COLUMNS if k in rel}
+        cols.setdefault("created_at", now)
+        cols["updated_at"] = now
+        data = {k: v for k, v in rel.items() if k not in _REL_COLUMNS}
+        cols["data"] = json.dumps(data)
+        names = ",".join(cols)
+        marks = ",".join("?" for _ in cols)
+        self._exec(f"INSERT INTO relationships({names}) VALUES({marks})", list(cols.values()))
+
+    def relationship(self, vm: str) -> dict | None:
+        rows = self._all("SELECT * FROM relationships WHERE vm=?", (vm,))
+        return _unpack(rows[0]) if rows else None
+
+    def relationships(self) -> list[dict]:
+        return [_unpack(r) for r in self._all("SELECT * FROM relationships ORDER BY vm")]
+
+    def update_relationship(self, vm: str, **changes: Any) -> dict:
+        with self.transaction():
+            rows = self._all("SELECT * FROM relationships WHERE vm=?", (vm,))
+            if not rows:
+                raise KeyError(vm)
+            rel = _unpack(rows[0])
+            rel.update(changes)
+            rel["updated_at"] = time.time()
+            data = {k: v for k, v in rel.items() if k not in _REL_COLUMNS}
+            sets = {k: rel[k] for k in _REL_COLUMNS if k != "vm"}
+            sets["data"] = json.dumps(data)
+            assign = ",".join(f"{k}=?" for k in sets)
+            self._exec(f"UPDATE relationships SET {assign} WHERE vm=?", [*sets.values(), vm])
+            return rel
+
+    def remove_relationship(self, vm: str) -> None:
+        with self.transaction():
+            self._exec("DELETE FROM relationships WHERE vm=?", (vm,))
+            self._exec("DELETE FROM staged_cycles WHERE vm=?", (vm,))
+            self._exec("DELETE FROM cycles WHERE vm=?", (vm,))
+
+    # -- staged cycles (replica) -----------------------------------------------------
+    def add_staged(self, vm: str, cycle: int, path: str) -> None:
+        self._exec("INSERT OR REPLACE INTO staged_cycles(vm, cycle, path, staged_at) "
+                   "VALUES(?,?,?,?)", (vm, cycle, path, time.time()))
+
+    def staged(self, vm: str | None = None) -> list[dict]:
+        if vm is None:
+            return self._all("SELECT * FROM staged_cycles ORDER BY vm, cycle")
+        return self._all("SELECT * FROM staged_cycles WHERE vm=? ORDER BY cycle", (vm,))
+
+    def remove_staged(self, vm: str, cycle: int) -> None:
+        self._exec("DELETE FROM staged_cycles WHERE vm=? AND cycle=?", (vm, cycle))
+
+    # -- cycle history ---------------------------------------------------------------
+    def start_cycle(self, vm: str, cycle: int, kind: str) -> int:
+        cur = self._exec("INSERT INTO cycles(vm, cycle, kind, started_at) VALUES(?,?,?,?)",
+                         (vm, cycle, kind, time.time()))
+        return cur.lastrowid
+
+    def finish_cycle(self, row_id: int, ok: bool, raw_bytes=0, wire_bytes=0, extents=0,
+                     error: str | None = None) -> None:
+        self._exec("UPDATE cycles SET finished_at=?, ok=?, raw_bytes=?, wire_bytes=?, "
+                   "extents=?, error=? WHERE id=?",
+                   (time.time(), int(ok), raw_bytes, wire_bytes, extents, error, row_id))
+
+    def cycles(self, vm: str, limit: int = 100) -> list[dict]:
+        return self._all("SELECT * FROM cycles WHERE vm=? ORDER BY id DESC LIMIT ?", (vm, limit))
+
+    # -- events ----------------------------------------------------------------------
+    def add_event(self, kind: str, message: str, vm: str | None = None) -> None:
+        self._exec("INSERT INTO events(ts, vm, kind, message) VALUES(?,?,?,?)",
+                   (time.time(), vm, kind, message))
+
+    def events(self, vm: str | None = None, since: float = 0, limit: int = 1000) -> list[dict]:
+        if vm:
+            return self._all("SELECT * FROM events WHERE vm=? AND ts>=? ORDER BY id DESC LIMIT ?",
+                             (vm, since, limit))[::-1]
+        return self._all("SELECT * FROM events WHERE ts>=? ORDER BY id DESC LIMIT ?",
+                         (since, limit))[::-1]
+
+
+class _Tx:
+    def __init__(self, store: Store):
+        self.store = store
+        self.depth_owner = False
+
+    def __enter__(self):
+        self.store._lock.acquire()
+        self.depth_owner = not self.store._db.in_transaction
+        if self.depth_owner:
+            self.store._db.execute("BEGIN IMMEDIATE")
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if self.depth_owner:
+                self.store._db.execute("ROLLBACK" if exc_type else "COMMIT")
+        finally:
+            self.store._lock.release()
+        return False
+
+
+def _unpack(row: dict) -> dict:
+    data = json.loads(row.pop("data") or "{}")
+    row.update(data)
+    return row

@@ -1,0 +1,92 @@
+"""VM operations of the management API: thin checks around the hypervisor driver."""
+
+from __future__ import annotations
+
+from ..domain.units import parse_size
+from ..errors import Conflict, UsageError
+from .home import validate_host_name
+
+
+def role_of(host, vm: str) -> str:
+    rel = host.store.relationship(vm)
+    return rel["role"] if rel else "none"
+
+
+def vm_json(host, info) -> dict:
+    return {
+        "name": info.name, "state": info.state, "role": role_of(host, info.name),
+        "memory_mb": info.memory_mb, "guest": info.guest, "pid": info.pid,
+        "disks": [{"name": d.name, "path": d.path, "format": d.format,
+                   "virtual_size": d.virtual_size} for d in info.disks],
+    }
+
+
+def create(host, body: dict) -> dict:
+    name = str(body.get("name", ""))
+    try:
+        validate_host_name(name)
+    except UsageError:
+        raise UsageError(f"invalid VM name {name!r}",
+                         hint="use letters, digits, '-' and '.'") from None
+    sizes = [parse_size(s) for s in body.get("disks") or []]
+    if not sizes:
+        raise UsageError("a VM needs at least one disk", hint="add --disk SIZE, e.g. --disk 1G")
+    memory = int(body.get("memory_mb") or 256)
+    if memory < 32:
+        raise UsageError("memory must be at least 32 MB")
+    guest = body.get("guest")
+    if guest not in (None, "demo"):
+        raise UsageError(f"unknown guest {guest!r}", hint="the only built-in guest is 'demo'")
+    if host.store.relationship(name) is not None:
+        raise Conflict(f"a replication relationship named {name} exists on {host.name}")
+    with host.vm_lock(name):
+        info = host.driver.create_vm(name, sizes, memory_mb=memory, guest=guest,
+                                     disk_format=body.get("format") or "qcow2")
+    host.event("vm", f"VM created with {len(sizes)} disk(s)", name)
+    return vm_json(host, info)
+
+
+def show(host, name: str) -> dict:
+    return vm_json(host, host.driver.inspect(name))
+
+
+def list_all(host) -> list[dict]:
+    return [vm_json(host, i) for i in host.driver.list_vms()]
+
+
+def start(host, name: str) -> dict:
+    with host.vm_lock(name):
+        info = host.driver.inspect(name)
+        rel = host.store.relationship(name)
+        if rel and rel["role"] == "replica":
+            raise Conflict(f"{name} is a replica of {rel['peer']}'s VM and cannot be started "
+                           "while it is receiving replication",
+                           hint="use failover on this host to bring it up")
+        if info.state == "running":
+            return vm_json(host, info)
+        host.driver.start(name)
+        host.event("vm", "VM started", name)
+        return vm_json(host, host.driver.inspect(name))
+
+
+def stop(host, name: str, force: bool) -> dict:
+    with host.vm_lock(name):
+        info = host.driver.inspect(name)
+        if info.state != "running":
+            return vm_json(host, info)
+        host.driver.stop(name, force=force)
+        host.event("vm", "VM stopped" + (" (forced)" if force else ""), name)
+        return vm_json(host, host.driver.inspect(name))
+
+
+def delete(host, name: str) -> dict:
+    with host.vm_lock(name):
+        host.driver.inspect(name)
+        rel = host.store.relationship(name)
+        if rel is not None:
+            raise Conflict(f"{name} is replicated ({rel['role']} side, peer {rel['peer']})",
+                           hint=f"remove replication first: `vmreplica remove {name}`")
+        host.driver.delete(name)
+    host.event("vm", "VM deleted", name)
+    return {"name": name, "deleted": True}
+

@@ -1,0 +1,114 @@
+"""Client side of host-to-host traffic: HTTPS with mutual TLS against a pinned certificate.
+
+Every failure becomes one typed error that names the peer and says what to do:
+unreachable (refused, timed out, cut), not trusted (certificate not the pinned one),
+or the peer's own JSON error (refused, conflict, integrity...).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import ssl
+from pathlib import Path
+from typing import Iterable
+
+from .. import errors
+from . import tls
+
+
+class PeerClient:
+    def __init__(self, host: str, port: int, cert: Path, key: Path,
+                 pinned_pem: str | None, expect_fingerprint: str | None,
+                 peer_name: str | None = None, timeout: float = 60.0):
+        self.host, self.port = host, port
+        self.cert, self.key = cert, key
+        self.pinned_pem = pinned_pem
+        self.expect_fingerprint = expect_fingerprint
+        self.peer_name = peer_name
+        self.timeout = timeout
+        self.server_fingerprint: str | None = None
+
+    @property
+    def where(self) -> str:
+        label = f"{self.host}:{self.port}"
+        return f"{self.peer_name} ({label})" if self.peer_name else label
+
+    def _connect(self) -> http.client.HTTPSConnection:
+        ctx = tls.client_context(self.cert, self.key,
+                                 [self.pinned_pem] if self.pinned_pem else None)
+        conn = http.client.HTTPSConnection(self.host, self.port, context=ctx, timeout=self.timeout)
+        try:
+            conn.connect()
+        except ssl.SSLCertVerificationError as e:
+            conn.close()
+            raise errors.NotTrusted(
+                f"{self.where} presented a certificate that is not the one pinned for it ({e.verify_message})",
+                hint="if the peer was re-initialised, pair again: `vmreplica trust token` there, "
+                     "`vmreplica trust pair HOST:PORT TOKEN` here") from None
+        except ssl.SSLError as e:
+            conn.close()
+            raise errors.NotTrusted(
+                f"TLS with {self.where} failed: {e.reason or e}",
+                hint="the peer does not trust this host: pair the hosts with "
+                     "`vmreplica trust token` / `vmreplica trust pair`") from None
+        except (ConnectionRefusedError, socket.gaierror, TimeoutError, OSError) as e:
+            conn.close()
+            reason = "connection refused" if isinstance(e, ConnectionRefusedError) else (
+                "timed out" if isinstance(e, TimeoutError) else str(e))
+            raise errors.Unreachable(
+                f"cannot reach {self.where}: {reason}",
+                hint="check the address and that `vmreplica serve` runs there") from None
+        der = conn.sock.getpeercert(binary_form=True)
+        self.server_fingerprint = tls.fingerprint_der(der) if der else None
+        if self.expect_fingerprint and self.server_fingerprint != self.expect_fingerprint:
+            conn.close()
+            raise errors.NotTrusted(
+                f"{self.where} presented certificate {self.server_fingerprint}, expected "
+                f"{self.expect_fingerprint}",
+                hint="check you are pairing with the right host and token")
+        return conn
+
+    def request(self, method: str, path: str, body: dict | Iterable[bytes] | None = None,
+                timeout: float | None = None) -> dict:
+        conn = self._connect()
+        if timeout is not None:
+            conn.sock.settimeout(timeout)
+        try:
+            headers = {"Connection": "close"}
+            sent_error: Exception | None = None
+            try:
+                if body is None:
+                    conn.request(method, path, headers=headers)
+                elif isinstance(body, dict):
+                    data = json.dumps(body).encode()
+                    headers["Content-Type"] = "application/json"
+                    conn.request(method, path, body=data, headers=headers)
+                else:
+                    headers["Content-Type"] = "application/octet-stream"
+                    conn.request(method, path, body=body, headers=headers, encode_chunked=True)
+            except (BrokenPipeError, ConnectionResetError, ssl.SSLEOFError) as e:
+                sent_error = e  # the peer may have answered early (refusal): read it below
+            try:
+                resp = conn.getresponse()
+                raw = resp.read()
+            except (http.client.HTTPException, OSError) as e:
+                cause = sent_error or e
+                raise errors.Unreachable(
+                    f"connection to {self.where} was cut: {cause}",
+                    hint="nothing was applied on the replica; the changes are kept for the "
+                         "next cycle") from None
+        finally:
+            conn.close()
+        try:
+            data = json.loads(raw) if raw else {}
+        except ValueError:
+            raise errors.TransportError(f"{self.where} answered with something that is not JSON "
+                                        f"(HTTP {resp.status})") from None
+        if resp.status >= 400:
+            err = data.get("error") if isinstance(data, dict) else None
+            if err:
+                raise errors.from_json(err)
+            raise errors.TransportError(f"{self.where} answered HTTP {resp.status}")
+        return data

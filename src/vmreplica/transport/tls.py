@@ -1,0 +1,114 @@
+"""TLS identities and pinning: each host has a self-signed certificate; peers pin it.
+
+No CA: a host trusts exactly the certificates it pinned at pairing time. Server and
+client contexts load the pinned certificates as their only trust anchors, and the peer's
+SHA-256 fingerprint is compared as well, so a certificate is accepted only if it is
+byte-for-byte the pinned one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import ssl
+from pathlib import Path
+
+FINGERPRINT_PREFIX = "sha256:"
+
+
+def generate_identity(name: str, key_path: Path, cert_path: Path) -> str:
+    """Write a new EC P-256 key and a self-signed certificate for ``name``; return its fingerprint."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name),
+                         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "vmreplica host")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        # A self-signed certificate that is its own trust anchor: CA:TRUE lets OpenSSL
+        # accept it as the anchor; path length 0 stops it from signing anything else.
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True,
+                                     content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=True,
+                                     crl_sign=False, encipher_only=False,
+                                     decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                              ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(serialization.Encoding.PEM,
+                                serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key_pem)
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    Path(cert_path).write_bytes(cert_pem)
+    return fingerprint_pem(cert_pem.decode())
+
+
+def fingerprint_der(der: bytes) -> str:
+    return FINGERPRINT_PREFIX + hashlib.sha256(der).hexdigest()
+
+
+def fingerprint_pem(pem: str) -> str:
+    return fingerprint_der(ssl.PEM_cert_to_DER_cert(pem.strip() + "\n"))
+
+
+def peer_fingerprint(sock: ssl.SSLSocket) -> str | None:
+    der = sock.getpeercert(binary_form=True)
+    return fingerprint_der(der) if der else None
+
+
+def _base(purpose: int) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(purpose)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def server_context(cert: Path, key: Path, pinned_pems: list[str]) -> ssl.SSLContext:
+    """Server side: present our certificate; accept client certificates that are pinned.
+
+    A client certificate is optional at the TLS level (pairing happens before the peer
+    is pinned); every route but pairing requires one (see ``service.trust.require_peer``).
+    """
+    ctx = _base(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(cert), str(key))
+    if pinned_pems:
+        ctx.load_verify_locations(cadata="\n".join(p.strip() for p in pinned_pems) + "\n")
+        ctx.verify_mode = ssl.CERT_OPTIONAL
+    else:
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def client_context(cert: Path | None, key: Path | None,
+                   pinned_pems: list[str] | None) -> ssl.SSLContext:
+    """Client side: present our certificate (if any); accept only the pinned server certificate.
+
+    With ``pinned_pems=None`` (pairing) the server's certificate is not verified by
+    OpenSSL; the caller compares its fingerprint with the one in the pairing token.
+    """
+    ctx = _base(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    if pinned_pems:
+        ctx.load_verify_locations(cadata="\n".join(p.strip() for p in pinned_pems) + "\n")
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    else:
+        ctx.verify_mode = ssl.CERT_NONE
+    if cert and key:
+        ctx.load_cert_chain(str(cert), str(key))
+    return ctx

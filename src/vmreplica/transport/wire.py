@@ -1,0 +1,257 @@
+"""The cycle wire format (version 1): one stream of framed records per replication cycle.
+
+    stream  := MAGIC "VMRC" · VERSION u8 · HLEN u32 · HEADER (JSON, HLEN bytes) · record* · end
+    record  := FRAME · payload (PLEN bytes)
+    FRAME   := kind u8 · codec u8 · disk u16 · offset u64 · length u64 · PLEN u32 · check 32 B
+    end     := FRAME(kind=END, PLEN=len(TRAILER), check=stream digest) · TRAILER (JSON)
+
+All integers big-endian. ``kind`` is DATA (payload = the bytes, maybe compressed),
+ZERO (reads as zeros, no payload) or TRIM (unallocated at the source, no payload).
+``codec`` is NONE or ZSTD. ``check`` of a DATA record is the BLAKE3 digest of the
+uncompressed bytes, computed from the frozen source; of ZERO/TRIM records it is zero.
+The stream digest is BLAKE3 over the header and every FRAME in order, so a dropped,
+repeated, reordered or altered record fails the cycle even if each record is intact.
+The trailer repeats the totals (records, bytes) and the cycle's identity.
+Documented in docs/wire-format.md; every violation raises ``IntegrityError``.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import struct
+from dataclasses import dataclass
+from typing import BinaryIO, Callable, Iterator
+
+from ..errors import IntegrityError
+
+MAGIC = b"VMRC"
+VERSION = 1
+FRAME = struct.Struct(">BBHQQI32s")
+PREAMBLE = struct.Struct(">4sBI")
+MAX_HEADER = 1 << 20
+MAX_RECORD = 64 << 20
+ZERO_CHECK = bytes(32)
+
+
+class Kind(enum.IntEnum):
+    DATA = 1
+    ZERO = 2
+    TRIM = 3
+    END = 0xFF
+
+
+class Codec(enum.IntEnum):
+    NONE = 0
+    ZSTD = 1
+
+
+def _blake3():
+    from blake3 import blake3
+    return blake3
+
+
+class CycleWriter:
+    """Builds the bytes of one cycle stream; counts what it wrote."""
+
+    def __init__(self, header: dict, compression: str = "zstd", level: int = 1):
+        self.header = header
+        self._hash = _blake3()
+        self._digest = self._hash()
+        self._zstd = None
+        if compression == "zstd":
+            import zstandard
+            self._zstd = zstandard.ZstdCompressor(level=level)
+        self._skip = 0          # records left to send without trying to compress
+        self._misses = 0        # consecutive records that did not compress
+        self.records = 0
+        self.raw_bytes = 0      # guest bytes covered by DATA records
+        self.zero_bytes = 0     # guest bytes covered by ZERO/TRIM records
+        self.wire_bytes = 0
+
+    def _out(self, b: bytes) -> bytes:
+        self.wire_bytes += len(b)
+        return b
+
+    def begin(self) -> bytes:
+        head = json.dumps(self.header, sort_keys=True).encode()
+        pre = PREAMBLE.pack(MAGIC, VERSION, len(head)) + head
+        self._digest.update(pre)
+        return self._out(pre)
+
+    def data_frame(self, disk: int, offset: int, data) -> tuple[bytes, bytes]:
+        """(frame, payload) for a DATA record; the payload may be ``data`` itself."""
+        check = self._hash(data).digest()
+        payload, codec = data, Codec.NONE
+        if self._zstd is not None:
+            if self._skip:
+                self._skip -= 1
+            else:
+                packed = self._zstd.compress(data)
+                if len(packed) < len(data) * 0.97:
+                    payload, codec = packed, Codec.ZSTD
+                    self._misses = 0
+                else:
+                    # Incompressible data (encrypted, media): stop trying for a while.
+                    self._misses += 1
+                    if self._misses >= 4:
+                        self._skip, self._misses = 32, 0
+        frame = FRAME.pack(Kind.DATA, codec, disk, offset, len(data), len(payload), check)
+        self._digest.update(frame)
+        self.records += 1
+        self.raw_bytes += len(data)
+        self.wire_bytes += len(frame) + len(payload)
+        return frame, payload
+
+    def data(self, disk: int, offset: int, data) -> bytes:
+        frame, payload = self.data_frame(disk, offset, data)
+        return frame + bytes(payload)
+
+    def zero(self, disk: int, offset: int, length: int, trim: bool = False) -> bytes:
+        frame = FRAME.pack(Kind.TRIM if trim else Kind.ZERO, Codec.NONE, disk, offset, length, 0,
+                           ZERO_CHECK)
+        self._digest.update(frame)
+        self.records += 1
+        self.zero_bytes += length
+        return self._out(frame)
+
+    def end(self, info: dict) -> bytes:
+        trailer = dict(info, records=self.records, raw_bytes=self.raw_bytes,
+                       zero_bytes=self.zero_bytes)
+        body = json.dumps(trailer, sort_keys=True).encode()
+        frame = FRAME.pack(Kind.END, Codec.NONE, 0, 0, 0, len(body), self._digest.digest())
+        return self._out(frame + body)
+
+
+@dataclass
+class Record:
+    kind: Kind
+    disk: int
+    offset: int
+    length: int
+    payload: bytes | None = None  # uncompressed and verified, DATA only
+
+    def data(self) -> bytes:
+        return self.payload if self.payload is not None else b""
+
+
+class CycleReader:
+    """Parses and verifies a cycle stream read from ``read(n)`` (a file or a socket stream).
+
+    ``header`` is available after ``start()``; ``records()`` yields verified records;
+    ``trailer`` is set once the end frame has been read and checked.
+    """
+
+    def __init__(self, read: Callable[[int], bytes]):
+        self._read = read
+        self._hash = _blake3()
+        self._digest = self._hash()
+        self._zstd = None
+        self.header: dict | None = None
+        self.head_bytes = b""   # preamble + header exactly as received
+        self.trailer: dict | None = None
+        self.records_seen = 0
+        self.raw_bytes = 0
+        self.zero_bytes = 0
+
+    def _exact(self, n: int, what: str) -> bytes:
+        parts, need = [], n
+        while need:
+            piece = self._read(need)
+            if not piece:
+                raise IntegrityError(f"the cycle stream ended in the middle of {what}")
+            parts.append(piece)
+            need -= len(piece)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def start(self) -> dict:
+        pre = self._exact(PREAMBLE.size, "the preamble")
+        magic, version, hlen = PREAMBLE.unpack(pre)
+        if magic != MAGIC:
+            raise IntegrityError("this is not a vmreplica cycle stream (bad magic)")
+        if version != VERSION:
+            raise IntegrityError(f"unsupported cycle stream version {version} (this host "
+                                 f"speaks {VERSION})", hint="run the same vmreplica version "
+                                                            "on both hosts")
+        if hlen > MAX_HEADER:
+            raise IntegrityError(f"cycle header too large ({hlen} bytes)")
+        head = self._exact(hlen, "the header")
+        self.head_bytes = pre + head
+        self._digest.update(self.head_bytes)
+        try:
+            header = json.loads(head)
+        except ValueError:
+            raise IntegrityError("the cycle header is not valid JSON") from None
+        if not isinstance(header, dict):
+            raise IntegrityError("the cycle header is not a JSON object")
+        self.header = header
+        return header
+
+    def records(self) -> Iterator[Record]:
+        if self.header is None:
+            self.start()
+        while True:
+            frame = self._exact(FRAME.size, "a record frame")
+            kind, codec, disk, offset, length, plen, check = FRAME.unpack(frame)
+            n = self.records_seen
+            if kind == Kind.END:
+                body = self._exact(plen, "the trailer") if plen <= MAX_HEADER else b""
+                if check != self._digest.digest():
+                    raise IntegrityError("cycle stream digest mismatch: records were lost, "
+                                         "reordered or altered in transit")
+                self._finish(body)
+                return
+            self._digest.update(frame)
+            if kind not in (Kind.DATA, Kind.ZERO, Kind.TRIM) or codec not in (0, 1):
+                raise IntegrityError(f"record {n}: unknown kind {kind} or codec {codec}")
+            if length == 0 or length > MAX_RECORD or offset % 512 or length % 512:
+                raise IntegrityError(f"record {n}: invalid extent {offset}+{length}")
+            self.records_seen += 1
+            if kind != Kind.DATA:
+                if plen:
+                    raise IntegrityError(f"record {n}: a zero record carries a payload")
+                self.zero_bytes += length
+                yield Record(Kind(kind), disk, offset, length)
+                continue
+            if plen > length + (length >> 7) + 1024:
+                raise IntegrityError(f"record {n}: payload larger than its extent")
+            payload = self._exact(plen, f"record {n}")
+            if codec == Codec.ZSTD:
+                payload = self._decompress(payload, length, n)
+            elif plen != length:
+                raise IntegrityError(f"record {n}: payload length {plen} != extent {length}")
+            if self._hash(payload).digest() != check:
+                raise IntegrityError(f"record {n} (disk {disk}, offset {offset}): checksum "
+                                     "mismatch; the cycle is rejected")
+            self.raw_bytes += length
+            yield Record(Kind.DATA, disk, offset, length, payload)
+
+    def _decompress(self, payload: bytes, length: int, n: int) -> bytes:
+        if self._zstd is None:
+            import zstandard
+            self._zstd = zstandard.ZstdDecompressor()
+        try:
+            out = self._zstd.decompress(payload, max_output_size=length)
+        except Exception as e:  # noqa: BLE001 — zstandard.ZstdError and friends
+            raise IntegrityError(f"record {n}: payload does not decompress: {e}") from None
+        if len(out) != length:
+            raise IntegrityError(f"record {n}: decompressed to {len(out)} bytes, expected {length}")
+        return out
+
+    def _finish(self, body: bytes) -> None:
+        try:
+            trailer = json.loads(body)
+        except ValueError:
+            raise IntegrityError("the cycle trailer is not valid JSON") from None
+        if (trailer.get("records") != self.records_seen
+                or trailer.get("raw_bytes") != self.raw_bytes
+                or trailer.get("zero_bytes") != self.zero_bytes):
+            raise IntegrityError("cycle totals do not match the records received")
+        self.trailer = trailer
+
+    def read_all(self) -> list[Record]:
+        return list(self.records())
+
+
+def reader_for_file(f: BinaryIO) -> CycleReader:
+    return CycleReader(f.read)

@@ -1,0 +1,62 @@
+"""Shared fixtures: real hosts (homes, daemons, TLS on loopback) built with `vmreplica.lab`.
+
+Homes live under a short /tmp path (unix socket paths are limited to 107 bytes) that is
+traversable by other users (libvirt's qemu user, later). Hosts that tests only read from
+are shared per session; tests that kill daemons build their own.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from vmreplica import lab
+
+
+@pytest.fixture(scope="session")
+def lab_root():
+    root = Path(tempfile.mkdtemp(prefix="vmr-", dir="/tmp"))
+    os.chmod(root, 0o755)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+_counter = iter(range(10_000))
+
+
+@pytest.fixture
+def fresh_dir(lab_root):
+    d = lab_root / f"t{next(_counter)}"
+    d.mkdir()
+    os.chmod(d, 0o755)
+    return d
+
+
+@pytest.fixture(scope="session")
+def sites(lab_root):
+    """A primary (site-a) and a replica (site-b), paired both ways; shared by the session."""
+    a, b = lab.two_sites(lab_root / "shared")
+    yield a, b
+    lab.teardown(a, b)
+
+
+@pytest.fixture
+def own_sites(fresh_dir):
+    """Two hosts of this test's own, for tests that kill or cut things."""
+    a, b = lab.two_sites(fresh_dir)
+    yield a, b
+    lab.teardown(a, b)
+
+
+_vm_counter = iter(range(10_000))
+
+
+@pytest.fixture
+def vm_name(request):
+    base = request.node.name.split("[")[0].replace("test_", "")[:20].replace("_", "-")
+    return f"{base}-{next(_vm_counter)}"

@@ -33,3 +33,76 @@ def assert_replica_equals(primary, replica, vm):
     for src, head in replicated_pairs(primary, replica, vm):
         same, msg = images_identical(src, head)
         assert same, f"{src} != {head}: {msg}"
+
+
+class CuttingProxy:
+    """A TCP relay in front of a host's replication port that can cut the connection
+    after a given number of bytes from the client (a network failure mid-cycle)."""
+
+    def __init__(self, target_port: int):
+        import socket
+        import threading
+        self.target_port = target_port
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.port = self.listener.getsockname()[1]
+        self.address = f"127.0.0.1:{self.port}"
+        self.cut_after: int | None = None
+        self.cuts = 0
+        self._lock = threading.Lock()
+        self._stop = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def arm(self, cut_after: int) -> None:
+        self.cut_after = cut_after
+
+    def _accept(self):
+        import socket
+        import threading
+        while not self._stop:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.target_port))
+            budget = [self.cut_after]
+            threading.Thread(target=self._pump, args=(client, server, budget, True),
+                             daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, budget, False),
+                             daemon=True).start()
+
+    def _pump(self, src, dst, budget, upstream: bool):
+        import socket
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if upstream and budget[0] is not None:
+                    if len(data) >= budget[0]:
+                        dst.sendall(data[:budget[0]])
+                        with self._lock:
+                            self.cuts += 1
+                            self.cut_after = None
+                        break
+                    budget[0] -= len(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def close(self):
+        self._stop = True
+        self.listener.close()
+
+
+def random_file(path, size: int, seed: int = 0):
+    import random
+    path.write_bytes(random.Random(seed).randbytes(size))
+    return path

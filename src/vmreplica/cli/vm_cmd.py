@@ -16,6 +16,8 @@ def register(sub) -> None:
                    help="add a disk of SIZE (e.g. 8G); repeatable")
     c.add_argument("--memory", type=int, default=256, metavar="MB")
     c.add_argument("--guest", choices=["demo"], help="boot the built-in demo guest")
+    c.add_argument("--format", default="qcow2", choices=["qcow2", "raw"],
+                   help="disk image format (replication tracks changes in qcow2)")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_create)
     ls = vsub.add_parser("list", help="list VMs")
@@ -39,7 +41,8 @@ def register(sub) -> None:
 
 def cmd_create(args) -> int:
     vm = client_of(args).call("POST", "/v1/vms", {"name": args.name, "disks": args.disk,
-                                                  "memory_mb": args.memory, "guest": args.guest})
+                                                  "memory_mb": args.memory, "guest": args.guest,
+                                                  "format": args.format})
     if args.json:
         emit_json(vm)
     else:

@@ -120,9 +120,8 @@ def spawn_detached(home: Home, timeout: float = 30.0) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            tail = _tail(home.root / "daemon.out")
-            raise OperationError(f"the daemon exited during start-up (code {proc.returncode})"
-                                 + (f": {tail}" if tail else ""))
+            message, hint = _startup_error(home.root / "daemon.out")
+            raise OperationError(f"the daemon exited during start-up: {message}", hint=hint)
         try:
             info = client.call("GET", "/v1/ping")
             if info.get("pid") == proc.pid:
@@ -135,9 +134,15 @@ def spawn_detached(home: Home, timeout: float = 30.0) -> int:
                          hint=f"see {home.log}")
 
 
-def _tail(path: Path) -> str:
+def _startup_error(path: Path) -> tuple[str, str | None]:
+    """The last `error:` line (and its hint) the failed daemon printed."""
     try:
-        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+        lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
     except OSError:
-        return ""
-    return lines[-1] if lines else ""
+        lines = []
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("error: "):
+            hint = lines[i + 1][len("hint: "):] if i + 1 < len(lines) and \
+                lines[i + 1].startswith("hint: ") else None
+            return lines[i][len("error: "):], hint
+    return (lines[-1] if lines else "no message"), f"see {path}"

@@ -65,9 +65,10 @@ class PeerClient:
         if self.expect_fingerprint and self.server_fingerprint != self.expect_fingerprint:
             conn.close()
             raise errors.NotTrusted(
-                f"{self.where} presented certificate {self.server_fingerprint}, expected "
-                f"{self.expect_fingerprint}",
-                hint="check you are pairing with the right host and token")
+                f"{self.where} presented certificate {self.server_fingerprint[:23]}…, which does "
+                f"not match the one expected ({self.expect_fingerprint[:23]}…)",
+                hint="check the address: a pairing token works only with the host that "
+                     "printed it")
         return conn
 
     def request(self, method: str, path: str, body: dict | Iterable[bytes] | None = None,

@@ -9,7 +9,7 @@ All integers big-endian. ``kind`` is DATA (payload = the bytes, maybe compressed
 ZERO (reads as zeros, no payload) or TRIM (unallocated at the source, no payload).
 ``codec`` is NONE or ZSTD. ``check`` of a DATA record is the BLAKE3 digest of the
 uncompressed bytes, computed from the frozen source; of ZERO/TRIM records it is zero.
-The stream digest is BLAKE3 over the header and every FRAME in order, so a dropped,
+The stream digest is BLAKE3 over the header, every FRAME in order and the trailer, so a dropped,
 repeated, reordered or altered record fails the cycle even if each record is intact.
 The trailer repeats the totals (records, bytes) and the cycle's identity.
 Documented in docs/wire-format.md; every violation raises ``IntegrityError``.
@@ -119,6 +119,7 @@ class CycleWriter:
         trailer = dict(info, records=self.records, raw_bytes=self.raw_bytes,
                        zero_bytes=self.zero_bytes)
         body = json.dumps(trailer, sort_keys=True).encode()
+        self._digest.update(body)
         frame = FRAME.pack(Kind.END, Codec.NONE, 0, 0, 0, len(body), self._digest.digest())
         return self._out(frame + body)
 
@@ -195,7 +196,10 @@ class CycleReader:
             kind, codec, disk, offset, length, plen, check = FRAME.unpack(frame)
             n = self.records_seen
             if kind == Kind.END:
-                body = self._exact(plen, "the trailer") if plen <= MAX_HEADER else b""
+                if codec or disk or offset or length or plen > MAX_HEADER:
+                    raise IntegrityError("malformed end of the cycle stream")
+                body = self._exact(plen, "the trailer")
+                self._digest.update(body)
                 if check != self._digest.digest():
                     raise IntegrityError("cycle stream digest mismatch: records were lost, "
                                          "reordered or altered in transit")

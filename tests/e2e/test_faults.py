@@ -1,0 +1,174 @@
+"""Faults in the middle of a cycle: a killed replica, a cut connection, a tampered stream,
+a replica that is down. Each must lose nothing: the replica never exposes a torn cycle,
+the primary keeps every change for the next cycle."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import CuttingProxy, assert_replica_equals, qemu_io, random_file
+from vmreplica import lab
+from vmreplica.errors import IntegrityError
+from vmreplica.transport import wire
+from vmreplica.transport.client import PeerClient
+
+pytestmark = pytest.mark.e2e
+
+
+def _replica_row(home: Path, vm: str) -> dict:
+    db = sqlite3.connect(f"file:{home / 'state.db'}?mode=ro", uri=True)
+    try:
+        row = db.execute("SELECT state, data FROM relationships WHERE vm=?", (vm,)).fetchone()
+        return {"state": row[0], **json.loads(row[1])}
+    finally:
+        db.close()
+
+
+def _seeded(a, b, vm, size="256M"):
+    a.run("vm", "create", vm, "--disk", size)
+    disk = a.vm(vm)["disks"][0]["path"]
+    a.run("enable", vm, "--replica", b.address)
+    a.run("initial", vm)
+    return disk
+
+
+def test_replica_sigkill_mid_apply_is_redone_at_restart(own_sites, vm_name, fresh_dir):
+    a, b = own_sites
+    disk = _seeded(a, b, vm_name, "512M")
+    head = b.vm(vm_name)["disks"][0]["path"]
+    blob = random_file(fresh_dir / "blob", 64 << 20, seed=1)
+    qemu_io(disk, *[f"write -s {blob} {i * 96}M 64M" for i in range(4)])  # 256 MiB, random
+    before = os.stat(head).st_blocks
+    sync = subprocess.Popen(lab.cli_path() + ["--home", str(a.home), "sync", vm_name],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Kill the replica daemon once the apply has written part (not all) of the cycle.
+    deadline = time.monotonic() + 120
+    while os.stat(head).st_blocks - before < (48 << 20) // 512:
+        assert time.monotonic() < deadline, "the apply never started"
+        assert sync.poll() is None, sync.communicate()
+        time.sleep(0.002)
+    os.kill(b.daemon_pid(), signal.SIGKILL)
+    _, err = sync.communicate(timeout=60)
+    assert sync.returncode != 0 and ("cut" in err or "reach" in err), err
+    row = _replica_row(b.home, vm_name)
+    assert row["last_applied_cycle"] == 0          # cycle 1 was not recorded as applied...
+    staged = list((b.home / "staging" / vm_name).glob("cycle-*.stage"))
+    assert len(staged) == 1                        # ...but it was staged durably
+    assert os.stat(head).st_blocks - before < (256 << 20) // 512  # and applied only in part
+
+    b.start()                                      # start-up redoes the apply
+    assert _replica_row(b.home, vm_name)["last_applied_cycle"] == 1
+    assert not list((b.home / "staging" / vm_name).glob("*"))
+    assert_replica_equals(a, b, vm_name)
+    # The primary did not see the ack: it ships the changes again, idempotently.
+    stats = a.json("sync", vm_name)
+    assert stats["raw_bytes"] >= 256 << 20
+    assert_replica_equals(a, b, vm_name)
+
+
+def test_connection_cut_mid_cycle_loses_nothing(fresh_dir, vm_name):
+    a = lab.LabHost(fresh_dir / "a", "site-a").init().start()
+    b = lab.LabHost(fresh_dir / "b", "site-b").init().start()
+    proxy = CuttingProxy(b.port)
+    try:
+        token = b.run("trust", "token").stdout.strip().splitlines()[-1]
+        a.run("trust", "pair", proxy.address, token)
+        b.run("replica-server", "enable", "--allow", "site-a")
+        a.run("vm", "create", vm_name, "--disk", "128M")
+        disk = a.vm(vm_name)["disks"][0]["path"]
+        a.run("enable", vm_name, "--replica", proxy.address)
+        a.run("initial", vm_name)
+        blob = random_file(fresh_dir / "blob", 16 << 20, seed=2)
+        qemu_io(disk, f"write -s {blob} 0 16M", f"write -s {blob} 64M 16M")
+        proxy.arm(cut_after=10 << 20)               # cut after 10 MiB of the ~32 MiB cycle
+        proc = a.run("sync", vm_name, check=False)
+        assert proc.returncode == 1 and proxy.cuts == 1
+        assert "cut" in proc.stderr or "reach" in proc.stderr, proc.stderr
+        assert "nothing was applied" in proc.stderr or "kept for the next cycle" in proc.stderr
+        # Nothing of the cut cycle reached the head, nothing is left in staging.
+        assert _replica_row(b.home, vm_name)["last_applied_cycle"] == 0
+        assert not list((b.home / "staging" / vm_name).glob("*"))
+        status = a.json("status", vm_name)[0]
+        assert status["health"] in ("warning", "critical") and "cut" in " ".join(status["reasons"])
+        # The next cycle carries everything the cut one had.
+        stats = a.json("sync", vm_name)
+        assert stats["raw_bytes"] == 32 << 20
+        assert_replica_equals(a, b, vm_name)
+        assert a.json("status", vm_name)[0]["health"] == "normal"
+    finally:
+        proxy.close()
+        lab.teardown(a, b)
+
+
+def _client_as(primary: lab.LabHost, replica: lab.LabHost) -> PeerClient:
+    """A real mutual-TLS client with the primary's own identity (a primary gone bad)."""
+    return PeerClient("127.0.0.1", replica.port, primary.home / "tls" / "host.crt",
+                      primary.home / "tls" / "host.key",
+                      (replica.home / "tls" / "host.crt").read_text(), None, timeout=30)
+
+
+def _primary_rel(home: Path, vm: str) -> dict:
+    db = sqlite3.connect(f"file:{home / 'state.db'}?mode=ro", uri=True)
+    try:
+        row = db.execute("SELECT id, epoch, data FROM relationships WHERE vm=?", (vm,)).fetchone()
+        return {"id": row[0], "epoch": row[1], **json.loads(row[2])}
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize("fault", ["payload", "checksum", "dropped-record", "truncated"])
+def test_tampered_stream_is_rejected(sites, vm_name, fault):
+    a, b = sites
+    disk = _seeded(a, b, vm_name, "32M")
+    qemu_io(disk, "write -P 0x5a 0 128k")
+    a.run("sync", vm_name)
+    rel = _primary_rel(a.home, vm_name)
+    w = wire.CycleWriter({"vm": vm_name, "relationship": rel["id"], "epoch": rel["epoch"],
+                          "cycle": rel["cycle"] + 1, "initial": False, "disks": ["disk0"]},
+                         compression="none")
+    parts = [w.begin()]
+    records = [w.data_frame(0, 0, b"\x01" * 65536), w.data_frame(0, 65536, b"\x02" * 65536)]
+    frame, payload = records[0]
+    if fault == "payload":
+        payload = b"\x03" + payload[1:]
+    elif fault == "checksum":
+        frame = frame[:-32] + bytes(32)
+    parts += [frame, payload]
+    if fault != "dropped-record":
+        parts += list(records[1])
+    end = w.end({"cycle": rel["cycle"] + 1})
+    parts.append(end if fault != "truncated" else end[:10])
+    with pytest.raises(Exception) as info:
+        _client_as(a, b).request("POST", f"/v1/replica/relationships/{vm_name}/cycles",
+                                 iter([b"".join(parts)]))
+    if fault != "truncated":
+        assert isinstance(info.value, IntegrityError), info.value
+    # Rejected whole: nothing applied, nothing staged, the head still equals the primary.
+    assert _replica_row(b.home, vm_name)["last_applied_cycle"] == rel["cycle"]
+    assert not list((b.home / "staging" / vm_name).glob("*"))
+    assert_replica_equals(a, b, vm_name)
+    a.run("remove", vm_name)
+
+
+def test_replica_down_keeps_changes_for_next_cycle(own_sites, vm_name):
+    a, b = own_sites
+    disk = _seeded(a, b, vm_name, "64M")
+    b.stop()
+    qemu_io(disk, "write -P 7 3M 192k")
+    proc = a.run("sync", vm_name, check=False)
+    assert proc.returncode == 1
+    assert "cannot reach site-b" in proc.stderr and "connection refused" in proc.stderr
+    status = a.json("status", vm_name)[0]
+    assert status["state"] == "replicating" and "cannot reach site-b" in " ".join(status["reasons"])
+    b.start()
+    stats = a.json("sync", vm_name)
+    assert stats["raw_bytes"] == 192 * 1024
+    assert_replica_equals(a, b, vm_name)

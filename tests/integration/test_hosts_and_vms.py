@@ -1,0 +1,86 @@
+"""Hosts (init, serve, shutdown) and VMs on the embedded qemu driver, with real daemons."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from vmreplica import lab
+
+pytestmark = pytest.mark.integration
+
+
+def _cli(*args, env=None):
+    return subprocess.run(lab.cli_path() + list(args), capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+def test_host_lifecycle_and_home_from_environment(fresh_dir):
+    home = fresh_dir / "h"
+    port = lab.free_port()
+    env = dict(os.environ, VMREPLICA_HOME=str(home))
+    p = _cli("init", "--name", "Site-X", "--listen", f"127.0.0.1:{port}", "--accel", "tcg", env=env)
+    assert p.returncode == 0, p.stderr
+    assert (home / "state.db").exists() and (home / "tls" / "host.key").stat().st_mode & 0o077 == 0
+    assert "sha256:" in p.stdout and "serve --detach" in p.stdout
+    p = _cli("serve", "--detach", env=env)
+    assert p.returncode == 0, p.stderr
+    info = lab.LabHost(home, "site-x", port).json("host")
+    assert info["name"] == "site-x" and info["listen"] == f"127.0.0.1:{port}"
+    # A second daemon for the same home is refused; the first keeps running.
+    p = _cli("serve", env=env)
+    assert p.returncode == 2 and "already runs" in p.stderr
+    p = _cli("shutdown", env=env)
+    assert p.returncode == 0 and "stopped" in p.stdout
+    assert not (home / "run" / "mgmt.sock").exists()
+    p = _cli("vm", "list", env=env)
+    assert p.returncode == 1 and "no vmreplica daemon is running" in p.stderr \
+        and "serve --detach" in p.stderr
+
+
+def test_host_bad_input(fresh_dir):
+    h = lab.LabHost(fresh_dir / "h", "site-y").init()
+    p = h.run("init", "--name", "site-y", "--listen", h.address, check=False)
+    assert p.returncode == 2 and "already a vmreplica home" in p.stderr
+    p = _cli("--home", str(fresh_dir / "z"), "init", "--name", "bad name", "--listen", "127.0.0.1:1")
+    assert p.returncode == 2 and "invalid host name" in p.stderr
+    p = _cli("--home", str(fresh_dir / "z"), "init", "--name", "ok", "--listen", "127.0.0.1:99999")
+    assert p.returncode == 2 and "invalid port" in p.stderr
+    p = _cli("--home", str(fresh_dir / "nothing"), "vm", "list")
+    assert p.returncode == 2 and "not a vmreplica host home" in p.stderr and "init" in p.stderr
+    p = _cli("vm", "list", env={k: v for k, v in os.environ.items() if k != "VMREPLICA_HOME"})
+    assert p.returncode == 2 and "VMREPLICA_HOME" in p.stderr
+    # The replication port is taken: serve fails with the reason, leaves no socket behind.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", h.port))
+        s.listen(1)
+        p = h.run("serve", "--detach", check=False)
+    assert p.returncode != 0 and "cannot listen on" in p.stderr
+    assert not (h.home / "run" / "mgmt.sock").exists()
+
+
+def test_vm_lifecycle(sites, vm_name):
+    a, _ = sites
+    vm = a.json("vm", "create", vm_name, "--disk", "64M", "--disk", "1G", "--memory", "128")
+    assert vm["state"] == "stopped" and vm["role"] == "none" and vm["memory_mb"] == 128
+    assert [(d["name"], d["format"], d["virtual_size"]) for d in vm["disks"]] == [
+        ("disk0", "qcow2", 64 << 20), ("disk1", "qcow2", 1 << 30)]
+    assert all(Path(d["path"]).exists() for d in vm["disks"])
+    assert vm_name in {v["name"] for v in a.json("vm", "list")}
+    assert "running" in a.run("vm", "start", vm_name).stdout
+    shown = a.vm(vm_name)
+    assert shown["state"] == "running" and shown["pid"]
+    p = a.run("vm", "delete", vm_name, check=False)
+    assert p.returncode == 2 and "running" in p.stderr
+    p = a.run("vm", "create", vm_name, "--disk", "1G", check=False)
+    assert p.returncode == 2 and "already exists" in p.stderr
+    a.run("vm", "stop", vm_name, "--force")
+    assert a.vm(vm_name)["state"] == "stopped"
+    a.run("vm", "delete", vm_name)
+    assert not (a.home / "vms" / vm_name).exists()
+    p = a.run("vm", "show", vm_name, check=False)
+    assert p.returncode == 2 and f"no VM named {vm_name}" in p.stderr

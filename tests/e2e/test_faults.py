@@ -172,3 +172,17 @@ def test_replica_down_keeps_changes_for_next_cycle(own_sites, vm_name):
     stats = a.json("sync", vm_name)
     assert stats["raw_bytes"] == 192 * 1024
     assert_replica_equals(a, b, vm_name)
+
+
+def test_verify_detects_a_replica_that_diverged(sites, vm_name):
+    a, b = sites
+    disk = _seeded(a, b, vm_name, "32M")
+    head = b.vm(vm_name)["disks"][0]["path"]
+    qemu_io(head, "write -P 0x66 20M 4k")          # damage behind vmreplica's back
+    qemu_io(disk, "write -P 0x01 0 64k")
+    proc = a.run("sync", vm_name, "--verify", check=False)
+    assert proc.returncode == 1 and "verification failed" in proc.stderr \
+        and "disk0@20MiB" in proc.stderr, proc.stderr
+    status = a.json("status", vm_name)[0]
+    assert status["state"] == "resync_required"
+    a.run("remove", vm_name)

@@ -41,8 +41,8 @@ def test_initial_then_delta_cycles_are_byte_exact(sites, vm_name):
         ["write -P 0x46 255M 1M", "write -P 0x47 0 512"],  # last MiB; a single sector
     ]):
         qemu_io(disks[0], *cmds)
-        stats = a.json("sync", vm_name)
-        assert stats["cycle"] == round_ + 1
+        stats = a.json("sync", vm_name, "--verify")
+        assert stats["cycle"] == round_ + 1 and stats["verified"]
         assert_replica_equals(a, b, vm_name)
     # A cycle with nothing changed is cheap and still acknowledged.
     stats = a.json("sync", vm_name)

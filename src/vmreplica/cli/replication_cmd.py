@@ -20,11 +20,16 @@ def register(sub) -> None:
 
     p = sub.add_parser("initial", help="run the initial copy (allocated data only)")
     p.add_argument("vm")
+    p.add_argument("--verify", action="store_true",
+                   help="then compare block digests of the replica with the source")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_initial)
 
     p = sub.add_parser("sync", help="run one cycle now; exit 0 once the replica acked it")
     p.add_argument("vm")
+    p.add_argument("--verify", action="store_true",
+                   help="then compare block digests of the replica's head with the frozen "
+                        "point (reads both disks whole)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_sync)
 
@@ -70,18 +75,21 @@ def _cycle_report(args, kind: str, stats: dict) -> int:
     raw, wire = stats.get("raw_bytes", 0), stats.get("wire_bytes", 0)
     print(f"{kind} of {args.vm}: cycle {stats['cycle']} acknowledged in "
           f"{duration(stats.get('seconds'))}; {format_size(raw)} changed, "
-          f"{format_size(wire)} sent")
+          f"{format_size(wire)} sent" + ("; replica verified identical" if stats.get("verified")
+                                         else ""))
     return 0
 
 
 def cmd_initial(args) -> int:
     return _cycle_report(args, "initial replication",
-                         client_of(args).call("POST", f"/v1/relationships/{args.vm}/initial"))
+                         client_of(args).call("POST", f"/v1/relationships/{args.vm}/initial"
+                                              + ("?verify=1" if args.verify else "")))
 
 
 def cmd_sync(args) -> int:
     return _cycle_report(args, "sync",
-                         client_of(args).call("POST", f"/v1/relationships/{args.vm}/sync"))
+                         client_of(args).call("POST", f"/v1/relationships/{args.vm}/sync"
+                                              + ("?verify=1" if args.verify else "")))
 
 
 def cmd_status(args) -> int:

@@ -16,7 +16,7 @@ import uuid
 from typing import Iterator
 
 from ..domain import extents as ex
-from ..errors import OperationError, Refused, TrackingError
+from ..errors import IntegrityError, OperationError, Refused, TrackingError
 from ..tracking.bitmap import bitmap_prefix
 from ..transport import wire
 
@@ -31,8 +31,12 @@ def bitmap_name(rel: dict, cycle: int) -> str:
     return f"{bitmap_prefix(rel['id'])}{cycle}"
 
 
-def run_cycle(host, vm: str, initial: bool = False) -> dict:
-    """Run one cycle (or the initial copy) of ``vm`` now; returns figures; raises on failure."""
+def run_cycle(host, vm: str, initial: bool = False, verify: bool = False) -> dict:
+    """Run one cycle (or the initial copy) of ``vm`` now; returns figures; raises on failure.
+
+    With ``verify`` the replica returns the block digests of its heads after the apply
+    and they are compared with the frozen point's before it is released.
+    """
     store = host.store
     with host.vm_lock(vm):
         rel = store.relationship(vm)
@@ -56,7 +60,8 @@ def run_cycle(host, vm: str, initial: bool = False) -> dict:
                 t_ship = time.monotonic()
                 try:
                     answer, writer = _ship(host, rel, vm, cycle, initial, disks, point,
-                                           freeze_time)
+                                           freeze_time, verify)
+                    differs = _verify(point, disks, answer) if verify else []
                 except BaseException:
                     point.close()
                     try:
@@ -72,9 +77,16 @@ def run_cycle(host, vm: str, initial: bool = False) -> dict:
                                           last_cycle_at=time.time(),
                                           consecutive_failures=0, last_error=None)
                 point.commit()
+            if differs:
+                store.update_relationship(vm, state="resync_required")
+                raise IntegrityError(
+                    f"verification failed: the replica differs from the frozen point in "
+                    f"{len(differs)} block(s) ({', '.join(differs[:5])})",
+                    hint="a resynchronization is required")
             stats.update(raw_bytes=writer.raw_bytes, zero_bytes=writer.zero_bytes,
                          wire_bytes=writer.wire_bytes, records=writer.records,
-                         replica=answer, ship_seconds=round(time.monotonic() - t_ship, 4))
+                         replica={k: v for k, v in answer.items() if k != "manifest"},
+                         verified=verify, ship_seconds=round(time.monotonic() - t_ship, 4))
         except Exception as e:
             _failed(host, vm, cycle, row, e)
             raise
@@ -85,11 +97,26 @@ def run_cycle(host, vm: str, initial: bool = False) -> dict:
         return stats
 
 
+def _verify(point, disks: list[str], answer: dict) -> list[str]:
+    """Blocks (``disk@MiB``) where the replica's head differs from the frozen point."""
+    from ..qemutools import nbdio
+    theirs = answer.get("manifest") or {}
+    differs = []
+    for disk in disks:
+        ours = [d.hex() for d in nbdio.manifest(point.handles[disk])]
+        other = theirs.get(disk) or []
+        if len(other) != len(ours):
+            differs.append(f"{disk}: no manifest")
+            continue
+        differs += [f"{disk}@{i}MiB" for i, (x, y) in enumerate(zip(ours, other)) if x != y]
+    return differs
+
+
 def _ship(host, rel: dict, vm: str, cycle: int, initial: bool, disks: list[str], point,
-          freeze_time: float):
+          freeze_time: float, verify: bool = False):
     writer = wire.CycleWriter(
         {"vm": vm, "relationship": rel["id"], "epoch": rel["epoch"], "cycle": cycle,
-         "initial": initial, "disks": disks, "primary": host.name,
+         "initial": initial, "disks": disks, "primary": host.name, "verify": verify,
          "id": uuid.uuid4().hex, "freeze_time": freeze_time},
         compression=rel.get("compression", "zstd"))
     client = host.client_for_peer(rel["peer"], timeout=600)

@@ -85,7 +85,7 @@ def _rel(host, vm: str, role: str = "primary") -> dict:
     return rel
 
 
-def initial(host, vm: str) -> dict:
+def initial(host, vm: str, verify: bool = False) -> dict:
     rel = _rel(host, vm)
     if rel["state"] not in (State.READY_FOR_INITIAL.value, State.INITIAL_IN_PROGRESS.value):
         raise Conflict(f"initial replication of {vm} is already done (state {rel['state']})",
@@ -93,7 +93,7 @@ def initial(host, vm: str) -> dict:
     host.store.update_relationship(vm, state=State.INITIAL_IN_PROGRESS.value)
     host.event("initial", "initial replication started", vm)
     try:
-        stats = run_cycle(host, vm, initial=True)
+        stats = run_cycle(host, vm, initial=True, verify=verify)
     except Exception:
         host.store.update_relationship(vm, state=State.READY_FOR_INITIAL.value)
         raise
@@ -102,7 +102,7 @@ def initial(host, vm: str) -> dict:
     return stats
 
 
-def sync(host, vm: str) -> dict:
+def sync(host, vm: str, verify: bool = False) -> dict:
     rel = _rel(host, vm)
     if rel["state"] not in (State.REPLICATING.value, State.ERROR.value):
         hint = {
@@ -111,7 +111,7 @@ def sync(host, vm: str) -> dict:
             State.RESYNC_REQUIRED.value: "change tracking was broken: a resynchronization is required",
         }.get(rel["state"])
         raise Conflict(f"{vm} cannot sync in state {rel['state']}", hint=hint)
-    stats = run_cycle(host, vm)
+    stats = run_cycle(host, vm, verify=verify)
     if rel["state"] == State.ERROR.value:
         host.store.update_relationship(vm, state=State.REPLICATING.value)
     return stats

@@ -20,8 +20,9 @@ log = logging.getLogger("vmreplica.replica")
 
 
 def apply_records(records: Iterable[wire.Record], heads: list[str], run_dir: Path,
-                  name: str) -> dict:
-    """Apply ``records`` (wire disk index = position in ``heads``); returns totals."""
+                  name: str, verify: bool = False) -> dict:
+    """Apply ``records`` (wire disk index = position in ``heads``); returns totals, and
+    with ``verify`` the block digests of every head after the apply (``manifest``)."""
     blockdevs, exports = [], []
     for i, head in enumerate(heads):
         blockdevs += qcow2_node(head, f"h{i}")
@@ -46,6 +47,14 @@ def apply_records(records: Iterable[wire.Record], heads: list[str], run_dir: Pat
                 stats["bytes"] += rec.length
             for w in writers:
                 w.flush()
+            if verify:
+                stats["manifest"] = []
+                for i in range(len(heads)):
+                    h = nbdio.connect(qsd.nbd_socket, f"h{i}", ["base:allocation"])
+                    try:
+                        stats["manifest"].append([d.hex() for d in nbdio.manifest(h)])
+                    finally:
+                        nbdio.close(h)
         finally:
             for w in writers:
                 nbdio.close(w.h)

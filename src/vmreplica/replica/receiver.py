@@ -138,12 +138,20 @@ def _receive_initial(host, vm: str, cycle: int, reader: wire.CycleReader) -> dic
     t0 = time.monotonic()
     heads = [rel["heads"][d] for d in rel["disks"]]
     rstore.reset_heads(heads)
-    stats = applier.apply_records(reader.records(), heads, host.home.run, f"ap-{_short(vm)}")
+    stats = applier.apply_records(reader.records(), heads, host.home.run, f"ap-{_short(vm)}",
+                                  verify=bool(reader.header.get("verify")))
     _applied(host, vm, cycle, reader.header, reader.trailer)
     host.event("initial", f"initial copy received: {stats['bytes']} bytes in "
                           f"{stats['records']} records", vm)
     return {"vm": vm, "cycle": cycle, "applied": True, "records": stats["records"],
-            "apply_seconds": round(time.monotonic() - t0, 4)}
+            "apply_seconds": round(time.monotonic() - t0, 4),
+            **_manifest(rel, stats)}
+
+
+def _manifest(rel: dict, stats: dict) -> dict:
+    if "manifest" not in stats:
+        return {}
+    return {"manifest": dict(zip(rel["disks"], stats["manifest"]))}
 
 
 def _receive_delta(host, vm: str, cycle: int, reader: wire.CycleReader, body) -> dict:
@@ -174,7 +182,7 @@ def _receive_delta(host, vm: str, cycle: int, reader: wire.CycleReader, body) ->
         raise
     host.store.add_staged(vm, cycle, str(final))
     t_staged = time.monotonic()
-    result = _apply(host, vm, cycle, final, kept, reader.trailer)
+    result = _apply(host, vm, cycle, final, kept, reader.trailer, reader.header)
     result.update(receive_seconds=round(t_recv - t_start, 4),
                   stage_seconds=round(t_staged - t_recv, 4),
                   apply_seconds=round(time.monotonic() - t_staged, 4))
@@ -209,7 +217,8 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
-def _apply(host, vm: str, cycle: int, path: Path, records=None, trailer=None) -> dict:
+def _apply(host, vm: str, cycle: int, path: Path, records=None, trailer=None,
+           header: dict | None = None) -> dict:
     """Apply staged cycle ``path`` (from ``records`` if they are still in memory)."""
     rel = host.store.relationship(vm)
     heads = [rel["heads"][d] for d in rel["disks"]]
@@ -218,15 +227,15 @@ def _apply(host, vm: str, cycle: int, path: Path, records=None, trailer=None) ->
             reader = wire.reader_for_file(f)
             header = reader.start()
             stats = applier.apply_records(reader.records(), heads, host.home.run,
-                                          f"ap-{_short(vm)}")
+                                          f"ap-{_short(vm)}", verify=bool(header.get("verify")))
             trailer = reader.trailer
     else:
-        header = None
-        stats = applier.apply_records(records, heads, host.home.run, f"ap-{_short(vm)}")
+        stats = applier.apply_records(records, heads, host.home.run, f"ap-{_short(vm)}",
+                                      verify=bool(header and header.get("verify")))
     _applied(host, vm, cycle, header, trailer)
     host.store.remove_staged(vm, cycle)
     path.unlink(missing_ok=True)
-    return {"records": stats["records"], "bytes": stats["bytes"]}
+    return {"records": stats["records"], "bytes": stats["bytes"], **_manifest(rel, stats)}
 
 
 def _applied(host, vm: str, cycle: int, header: dict | None, trailer: dict | None) -> None:

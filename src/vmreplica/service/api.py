@@ -151,11 +151,11 @@ def management_routes(host, daemon) -> Router:
 
     @r.route("POST", "/v1/relationships/{vm}/initial")
     def initial(req):
-        return prim.initial(host, req.params["vm"])
+        return prim.initial(host, req.params["vm"], verify=_flag(req, "verify"))
 
     @r.route("POST", "/v1/relationships/{vm}/sync")
     def sync(req):
-        return prim.sync(host, req.params["vm"])
+        return prim.sync(host, req.params["vm"], verify=_flag(req, "verify"))
 
     @r.route("POST", "/v1/relationships/{vm}/suspend")
     def suspend(req):

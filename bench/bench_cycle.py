@@ -17,6 +17,7 @@ Ends with `ratio_vs_rsync=X` for the issue's scenario (2 GiB allocated, qemu-io 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import shutil
@@ -36,9 +37,16 @@ def sh(*args: str) -> subprocess.CompletedProcess:
 
 
 def timed(*args: str) -> float:
+    return timed_out(*args)[0]
+
+
+def timed_out(*args: str) -> tuple[float, str]:
+    """Wall time of a whole command; dirty pages are written back first, so neither
+    side pays for the other's (or the set-up's) writeback."""
+    os.sync()
     t = time.perf_counter()
-    subprocess.run(args, check=True, capture_output=True)
-    return time.perf_counter() - t
+    proc = subprocess.run(args, check=True, capture_output=True, text=True)
+    return time.perf_counter() - t, proc.stdout
 
 
 def fill(disk: Path, alloc: int, random_file: Path) -> None:
@@ -82,12 +90,14 @@ def delta_rows(a, b, work: Path, allocs: list[int], rounds: int) -> list[dict]:
         sh("cp", "--sparse=always", str(disk), str(prev))
         head = b.vm(vm)["disks"][0]["path"]
         for kind in ("patterns", "random"):
-            syncs, rsyncs = [], []
+            syncs, rsyncs, parts = [], [], []
             for r in range(rounds):
                 seed = hash((alloc, kind, r)) & 0xFFFF
                 rand = make_random(work / "rand64k", 64 * KiB, seed) if kind == "random" else None
                 scatter(disk, seed, 8 * GiB, rand)
-                syncs.append(timed(*lab.cli_path(), "--home", str(a.home), "sync", vm))
+                took, out = timed_out(*lab.cli_path(), "--home", str(a.home), "sync", vm, "--json")
+                syncs.append(took)
+                parts.append(_parts(json.loads(out), took))
                 rsyncs.append(timed("rsync", "--inplace", "--no-whole-file", str(disk), str(prev)))
                 same = subprocess.run(["qemu-img", "compare", "-U", str(disk), head],
                                       capture_output=True, text=True)
@@ -97,14 +107,35 @@ def delta_rows(a, b, work: Path, allocs: list[int], rounds: int) -> list[dict]:
             row = {"alloc": alloc, "kind": kind, "sync": statistics.median(syncs),
                    "rsync": statistics.median(rsyncs), "syncs": syncs, "rsyncs": rsyncs}
             rows.append(row)
+            mid = parts[syncs.index(row["sync"])] if row["sync"] in syncs else parts[0]
             print(f"delta  alloc={alloc // GiB} GiB writes={kind:8}  sync {row['sync']:.3f} s  "
                   f"rsync {row['rsync']:.3f} s  ratio {row['rsync'] / row['sync']:.2f}  "
                   f"(rounds: sync {' '.join(f'{x:.3f}' for x in syncs)}; "
                   f"rsync {' '.join(f'{x:.3f}' for x in rsyncs)})", flush=True)
+            print("       where the median sync's time went: "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in mid.items()), flush=True)
         a.run("remove", vm)
         a.run("vm", "delete", vm)
         prev.unlink()
     return rows
+
+
+def _parts(stats: dict, wall: float) -> dict:
+    """The parts of one cycle, in seconds (the replica's overlap the primary's reads)."""
+    r = stats.get("replica", {})
+    return {
+        "cli+api": wall - stats["seconds"],
+        "freeze (QSD, bitmaps, export, block status)": stats["freeze_seconds"],
+        "primary read+checksum+compress": r.get("primary_read_seconds", 0.0),
+        "replica receive+verify (overlapping)": r.get("receive_seconds", 0.0),
+        "replica stage fsync": r.get("stage_seconds", 0.0),
+        "replica writes": r.get("write_seconds", 0.0),
+        "replica flush": r.get("flush_seconds", 0.0),
+        "replica bookkeeping": r.get("apply_seconds", 0.0) - r.get("write_seconds", 0.0)
+        - r.get("flush_seconds", 0.0),
+        "after the ack (record, release bitmap, close QSD)": stats["seconds"]
+        - stats["freeze_seconds"] - r.get("ack_seconds", 0.0),
+    }
 
 
 def initial_row(a, b, work: Path) -> dict:

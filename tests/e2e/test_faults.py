@@ -174,11 +174,13 @@ def test_replica_down_keeps_changes_for_next_cycle(own_sites, vm_name):
     assert_replica_equals(a, b, vm_name)
 
 
-def test_verify_detects_a_replica_that_diverged(sites, vm_name):
-    a, b = sites
+def test_verify_detects_a_replica_that_diverged(own_sites, vm_name):
+    a, b = own_sites
     disk = _seeded(a, b, vm_name, "32M")
     head = b.vm(vm_name)["disks"][0]["path"]
+    b.stop()                                       # (its head server holds the head open)
     qemu_io(head, "write -P 0x66 20M 4k")          # damage behind vmreplica's back
+    b.start()
     qemu_io(disk, "write -P 0x01 0 64k")
     proc = a.run("sync", vm_name, "--verify", check=False)
     assert proc.returncode == 1 and "verification failed" in proc.stderr \

@@ -120,9 +120,14 @@ def _ship(host, rel: dict, vm: str, cycle: int, initial: bool, disks: list[str],
          "id": uuid.uuid4().hex, "freeze_time": freeze_time},
         compression=rel.get("compression", "zstd"))
     client = host.client_for_peer(rel["peer"], timeout=600)
+    times = {"start": time.monotonic()}
     body = _produce(writer, point, disks, {"cycle": cycle, "epoch": rel["epoch"],
-                                           "freeze_time": freeze_time, "initial": initial})
+                                           "freeze_time": freeze_time, "initial": initial},
+                    times)
     answer = client.request("POST", f"/v1/replica/relationships/{vm}/cycles", body)
+    answer["ack_seconds"] = round(time.monotonic() - times["start"], 4)
+    if "read_done" in times:
+        answer["primary_read_seconds"] = round(times["read_done"] - times["start"], 4)
     if int(answer.get("cycle", -1)) != cycle:
         raise OperationError(f"the replica acknowledged cycle {answer.get('cycle')}, "
                              f"expected {cycle}")
@@ -150,7 +155,7 @@ def _encode(writer: wire.CycleWriter, point, disks: list[str], trailer: dict) ->
     yield b"".join(parts)
 
 
-def _produce(writer, point, disks, trailer) -> Iterator[bytes]:
+def _produce(writer, point, disks, trailer, times: dict) -> Iterator[bytes]:
     """Read, checksum and compress in a second thread while this one sends (TLS)."""
     q: queue.Queue = queue.Queue(maxsize=8)
     stop = threading.Event()
@@ -167,6 +172,7 @@ def _produce(writer, point, disks, trailer) -> Iterator[bytes]:
                         continue
                 if stop.is_set():
                     return
+            times["read_done"] = time.monotonic()
             q.put(DONE)
         except BaseException as e:  # noqa: BLE001 — handed to the sending thread
             q.put(e)
@@ -201,3 +207,4 @@ def _failed(host, vm: str, cycle: int, row: int, e: Exception) -> None:
         changes["state"] = "error"
     store.update_relationship(vm, **changes)
     host.event("cycle", f"cycle {cycle} failed: {msg}", vm)
+    log.warning("cycle %d of %s failed: %s", cycle, vm, msg)

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from ..errors import HypervisorError
+from . import spawn
 from .qmp import Monitor
 
 
@@ -59,8 +60,8 @@ class StorageDaemon:
                  "--monitor", "chardev=mon"]
         err = open(self.err_path, "w")
         try:
-            self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
-                                         close_fds=True)
+            self.proc = spawn.popen(args, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                                    close_fds=True)
         except FileNotFoundError:
             raise HypervisorError("qemu-storage-daemon is not installed",
                                   hint="run `make setup`") from None

@@ -1,4 +1,4 @@
-"""Write verified records into the heads of a VM's chains through qemu-storage-daemon.
+"""Write verified records into the heads of a VM's chains through its head server.
 
 Every record is an absolute write (data or zeroes at an offset), so applying the same
 cycle twice gives the same bytes: a crash mid-apply is repaired by applying it again.
@@ -7,55 +7,38 @@ Writes go over NBD with up to 16 requests in flight per head, then each head is 
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
+import time
 from typing import Iterable
 
 from ..errors import IntegrityError
-from ..qemutools import nbdio
-from ..qemutools.qsd import StorageDaemon, qcow2_node
 from ..transport import wire
+from .heads import HeadServer
 
-log = logging.getLogger("vmreplica.replica")
 
-
-def apply_records(records: Iterable[wire.Record], heads: list[str], run_dir: Path,
-                  name: str, verify: bool = False) -> dict:
-    """Apply ``records`` (wire disk index = position in ``heads``); returns totals, and
-    with ``verify`` the block digests of every head after the apply (``manifest``)."""
-    blockdevs, exports = [], []
-    for i, head in enumerate(heads):
-        blockdevs += qcow2_node(head, f"h{i}")
-        exports.append({"type": "nbd", "id": f"e{i}", "node-name": f"h{i}", "name": f"h{i}",
-                        "writable": True})
+def apply_records(records: Iterable[wire.Record], server: HeadServer,
+                  verify: bool = False) -> dict:
+    """Apply ``records`` (wire disk index = head index); returns totals, and with
+    ``verify`` the block digests of every head after the apply (``manifest``)."""
+    t0 = time.monotonic()
+    writers = server.writers
     stats = {"records": 0, "bytes": 0}
-    with StorageDaemon(run_dir, name, blockdevs, exports) as qsd:
-        writers = []
-        try:
-            for i in range(len(heads)):
-                writers.append(nbdio.Writer(nbdio.connect(qsd.nbd_socket, f"h{i}"), f"head {i}"))
-            for rec in records:
-                if rec.disk >= len(writers):
-                    raise IntegrityError(f"record for disk index {rec.disk}; the replica has "
-                                         f"{len(writers)} disk(s)")
-                w = writers[rec.disk]
-                if rec.kind == wire.Kind.DATA:
-                    w.write(rec.offset, rec.payload)
-                else:
-                    w.zero(rec.offset, rec.length, trim=rec.kind == wire.Kind.TRIM)
-                stats["records"] += 1
-                stats["bytes"] += rec.length
-            for w in writers:
-                w.flush()
-            if verify:
-                stats["manifest"] = []
-                for i in range(len(heads)):
-                    h = nbdio.connect(qsd.nbd_socket, f"h{i}", ["base:allocation"])
-                    try:
-                        stats["manifest"].append([d.hex() for d in nbdio.manifest(h)])
-                    finally:
-                        nbdio.close(h)
-        finally:
-            for w in writers:
-                nbdio.close(w.h)
+    for rec in records:
+        if rec.disk >= len(writers):
+            raise IntegrityError(f"record for disk index {rec.disk}; the replica has "
+                                 f"{len(writers)} disk(s)")
+        w = writers[rec.disk]
+        if rec.kind == wire.Kind.DATA:
+            w.write(rec.offset, rec.payload)
+        else:
+            w.zero(rec.offset, rec.length, trim=rec.kind == wire.Kind.TRIM)
+        stats["records"] += 1
+        stats["bytes"] += rec.length
+    t1 = time.monotonic()
+    for w in writers:
+        w.flush()
+    stats["write_seconds"] = round(t1 - t0, 4)
+    stats["flush_seconds"] = round(time.monotonic() - t1, 4)
+    if verify:
+        stats["manifest"] = [[d.hex() for d in server.manifest(i)]
+                             for i in range(len(writers))]
     return stats

@@ -137,9 +137,9 @@ def _receive_initial(host, vm: str, cycle: int, reader: wire.CycleReader) -> dic
         host.store.update_relationship(vm, state=State.WAITING_FOR_INITIAL.value)
     t0 = time.monotonic()
     heads = [rel["heads"][d] for d in rel["disks"]]
+    host.heads.close(vm)
     rstore.reset_heads(heads)
-    stats = applier.apply_records(reader.records(), heads, host.home.run, f"ap-{_short(vm)}",
-                                  verify=bool(reader.header.get("verify")))
+    stats = _apply_with(host, vm, heads, reader.records(), bool(reader.header.get("verify")))
     _applied(host, vm, cycle, reader.header, reader.trailer)
     host.event("initial", f"initial copy received: {stats['bytes']} bytes in "
                           f"{stats['records']} records", vm)
@@ -226,16 +226,16 @@ def _apply(host, vm: str, cycle: int, path: Path, records=None, trailer=None,
         with open(path, "rb") as f:
             reader = wire.reader_for_file(f)
             header = reader.start()
-            stats = applier.apply_records(reader.records(), heads, host.home.run,
-                                          f"ap-{_short(vm)}", verify=bool(header.get("verify")))
+            stats = _apply_with(host, vm, heads, reader.records(), bool(header.get("verify")))
             trailer = reader.trailer
     else:
-        stats = applier.apply_records(records, heads, host.home.run, f"ap-{_short(vm)}",
-                                      verify=bool(header and header.get("verify")))
+        stats = _apply_with(host, vm, heads, records, bool(header and header.get("verify")))
     _applied(host, vm, cycle, header, trailer)
     host.store.remove_staged(vm, cycle)
     path.unlink(missing_ok=True)
-    return {"records": stats["records"], "bytes": stats["bytes"], **_manifest(rel, stats)}
+    return {"records": stats["records"], "bytes": stats["bytes"],
+            "write_seconds": stats["write_seconds"], "flush_seconds": stats["flush_seconds"],
+            **_manifest(rel, stats)}
 
 
 def _applied(host, vm: str, cycle: int, header: dict | None, trailer: dict | None) -> None:
@@ -249,9 +249,13 @@ def _applied(host, vm: str, cycle: int, header: dict | None, trailer: dict | Non
     host.store.update_relationship(vm, **changes)
 
 
-def _short(vm: str) -> str:
-    import hashlib
-    return hashlib.sha1(vm.encode()).hexdigest()[:8]
+def _apply_with(host, vm: str, heads: list[str], records, verify: bool) -> dict:
+    server = host.heads.get(vm, heads)
+    try:
+        return applier.apply_records(records, server, verify=verify)
+    except BaseException:
+        host.heads.close(vm)  # writes in an unknown state: start afresh next time
+        raise
 
 
 def recover(host) -> list[tuple[str, int]]:
@@ -280,6 +284,7 @@ def remove_relationship(host, vm: str, keep_replica: bool) -> dict:
     if rel is None or rel["role"] != Role.REPLICA.value:
         raise NotFound(f"{host.name} holds no replica of VM {vm}")
     with host.vm_lock(vm):
+        host.heads.close(vm)
         removed_vm = False
         try:
             info = host.driver.inspect(vm)

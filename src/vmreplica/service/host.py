@@ -31,6 +31,8 @@ class Host:
         self._tls_ctx = None
         self._tls_peers_key: tuple | None = None
         self.stopping = threading.Event()
+        from ..replica.heads import HeadServers
+        self.heads = HeadServers(home.run)
 
     # -- parts chosen by name from configuration -------------------------------------
     @property
@@ -88,6 +90,7 @@ class Host:
         self.store.add_event(kind, message, vm)
 
     def close(self) -> None:
+        self.heads.close_all()
         self.store.close()
 
 

@@ -40,6 +40,7 @@ class Scheduler:
         while not self._stop.wait(self.tick):
             try:
                 self.run_due(time.time())
+                self.close_idle_heads()
             except Exception:  # noqa: BLE001 — the scheduler must keep going
                 log.exception("scheduler pass failed")
 
@@ -63,9 +64,20 @@ class Scheduler:
             started.append(vm)
         return started
 
+    def close_idle_heads(self) -> None:
+        """Replica side: close the head servers that no cycle used for a while."""
+        for vm in self.host.heads.idle_vms():
+            lock = self.host.vm_lock(vm)
+            if lock.acquire(blocking=False):
+                try:
+                    if vm in self.host.heads.idle_vms():
+                        self.host.heads.close(vm)
+                finally:
+                    lock.release()
+
     def _cycle(self, vm: str) -> None:
         from ..primary.cycle import run_cycle
         try:
             run_cycle(self.host, vm)
         except Exception as e:  # noqa: BLE001 — recorded in the store by run_cycle
-            log.warning("scheduled cycle of %s failed: %s", vm, e)
+            log.warning("scheduled cycle of %s failed: %s", vm, getattr(e, "message", e))

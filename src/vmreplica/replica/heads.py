@@ -1,0 +1,108 @@
+"""Head servers: one qemu-storage-daemon per replicated VM keeps the heads of its chains
+open as writable NBD exports between cycles, so a cycle pays for its writes only, not
+for starting and stopping a storage daemon (and, later, recovery points freeze the head
+and continuous mode mirrors into it through the same process).
+
+A server that is idle for ``IDLE_SECONDS`` is closed (a host may hold many replicas);
+the next cycle opens it again. Anything that needs the head files themselves (an
+initial copy that recreates them, removal, failover) closes the server first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from pathlib import Path
+
+from ..errors import OperationError
+from ..qemutools import nbdio
+from ..qemutools.qsd import StorageDaemon, qcow2_node
+
+log = logging.getLogger("vmreplica.replica")
+
+IDLE_SECONDS = 120.0
+
+
+def _short(vm: str) -> str:
+    return hashlib.sha1(vm.encode()).hexdigest()[:8]
+
+
+class HeadServer:
+    def __init__(self, run_dir: Path, vm: str, heads: list[str]):
+        self.vm, self.heads = vm, list(heads)
+        blockdevs, exports = [], []
+        for i, head in enumerate(self.heads):
+            blockdevs += qcow2_node(head, f"h{i}")
+            exports.append({"type": "nbd", "id": f"e{i}", "node-name": f"h{i}",
+                            "name": f"h{i}", "writable": True})
+        self.qsd = StorageDaemon(run_dir, f"hd-{_short(vm)}", blockdevs, exports).start()
+        self.writers: list[nbdio.Writer] = []
+        try:
+            for i in range(len(self.heads)):
+                h = nbdio.connect(self.qsd.nbd_socket, f"h{i}")
+                self.writers.append(nbdio.Writer(h, f"head {i} of {vm}"))
+        except BaseException:
+            self.close()
+            raise
+        self.last_used = time.monotonic()
+
+    def alive(self) -> bool:
+        return self.qsd.proc is not None and self.qsd.proc.poll() is None
+
+    def manifest(self, i: int) -> list[bytes]:
+        h = nbdio.connect(self.qsd.nbd_socket, f"h{i}", ["base:allocation"])
+        try:
+            return nbdio.manifest(h)
+        finally:
+            nbdio.close(h)
+
+    def close(self) -> None:
+        for w in self.writers:
+            nbdio.close(w.h)
+        self.writers = []
+        self.qsd.close()
+
+
+class HeadServers:
+    """The head servers of one host, by VM. Callers hold the VM's lock."""
+
+    def __init__(self, run_dir: Path, idle: float = IDLE_SECONDS):
+        self.run_dir = Path(run_dir)
+        self.idle = idle
+        self._servers: dict[str, HeadServer] = {}
+        self._guard = threading.Lock()
+
+    def get(self, vm: str, heads: list[str]) -> HeadServer:
+        with self._guard:
+            server = self._servers.get(vm)
+        if server is not None and (server.heads != list(heads) or not server.alive()):
+            self.close(vm)
+            server = None
+        if server is None:
+            server = HeadServer(self.run_dir, vm, heads)
+            with self._guard:
+                self._servers[vm] = server
+        server.last_used = time.monotonic()
+        return server
+
+    def close(self, vm: str) -> None:
+        with self._guard:
+            server = self._servers.pop(vm, None)
+        if server is not None:
+            try:
+                server.close()
+            except OperationError as e:
+                log.warning("closing the head server of %s: %s", vm, e)
+
+    def idle_vms(self, now: float | None = None) -> list[str]:
+        now = time.monotonic() if now is None else now
+        with self._guard:
+            return [vm for vm, s in self._servers.items() if now - s.last_used > self.idle]
+
+    def close_all(self) -> None:
+        with self._guard:
+            vms = list(self._servers)
+        for vm in vms:
+            self.close(vm)

@@ -184,7 +184,7 @@ def test_verify_detects_a_replica_that_diverged(own_sites, vm_name):
     qemu_io(disk, "write -P 0x01 0 64k")
     proc = a.run("sync", vm_name, "--verify", check=False)
     assert proc.returncode == 1 and "verification failed" in proc.stderr \
-        and "disk0@20MiB" in proc.stderr, proc.stderr
+        and "disk0@20480KiB" in proc.stderr, proc.stderr
     status = a.json("status", vm_name)[0]
     assert status["state"] == "resync_required"
     a.run("remove", vm_name)

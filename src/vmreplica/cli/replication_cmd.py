@@ -16,6 +16,12 @@ def register(sub) -> None:
     p.add_argument("--exclude-disk", action="append", default=[], metavar="NAME")
     p.add_argument("--security-tag", default="", metavar="TAG",
                    help="the tag the replica's authorization entry requires")
+    p.add_argument("--recovery-history", type=int, default=4, metavar="N",
+                   help="recovery points kept on the replica, 0-24 (default 4)")
+    p.add_argument("--point-interval", default="1h", metavar="DURATION",
+                   help="time between recovery points (default 1h; e.g. 15m, 30s)")
+    p.add_argument("--app-consistent-every", type=int, default=0, metavar="N",
+                   help="every Nth point is app-consistent (guest agent fsfreeze); 0: none")
     p.set_defaults(func=cmd_enable)
 
     p = sub.add_parser("initial", help="run the initial copy (allocated data only)")
@@ -62,7 +68,8 @@ def cmd_enable(args) -> int:
     info = client_of(args).call("POST", "/v1/relationships", {
         "vm": args.vm, "replica": args.replica, "frequency": args.frequency,
         "compression": args.compression, "exclude_disks": args.exclude_disk,
-        "security_tag": args.security_tag})
+        "security_tag": args.security_tag, "history": args.recovery_history,
+        "point_interval": args.point_interval, "app_every": args.app_consistent_every})
     print(f"replication of {info['vm']} to {info['replica']} enabled ({info['state']})")
     print(f"next: {info['next']}")
     return 0

@@ -103,6 +103,7 @@ class QemuDriver:
         desc = self._load(name)
         return {"name": desc["name"], "uuid": desc["uuid"], "memory_mb": desc["memory_mb"],
                 "guest": desc.get("guest"), "agent": bool(desc.get("agent")),
+                "network": desc.get("network") or "none",
                 "disks": [{"name": d["name"], "format": d["format"],
                            "virtual_size": int(d["virtual_size"])} for d in desc["disks"]]}
 
@@ -148,6 +149,7 @@ class QemuDriver:
         full = {"name": name, "uuid": desc.get("uuid") or str(uuidlib.uuid4()),
                 "memory_mb": int(desc.get("memory_mb") or 256), "guest": desc.get("guest"),
                 "agent": bool(desc.get("agent")), "created_at": time.time(),
+                "network": desc.get("network") or "none",
                 # Files and folders outside the VM folder that belong to this VM and go
                 # with it when it is deleted (a replica's storage, say).
                 "owns": [str(p) for p in desc.get("owns") or []],
@@ -193,8 +195,12 @@ class QemuDriver:
                 "-daemonize", "-pidfile", str(self._rt(desc, "pid")),
                 "-chardev", f"socket,id=qmp,path={self._rt(desc, 'qmp')},server=on,wait=off",
                 "-mon", "chardev=qmp,mode=control",
-                "-serial", f"file:{self._dir(desc['name']) / 'console.log'}",
-                "-nic", "none"]
+                "-serial", f"file:{self._dir(desc['name']) / 'console.log'}"]
+        if desc.get("network") == "isolated":
+            # User-mode networking with restrict=on: a NIC that reaches nothing outside.
+            args += ["-nic", "user,model=virtio-net-pci,restrict=on"]
+        else:
+            args += ["-nic", "none"]
         if accel == "kvm":
             args += ["-cpu", "host"]
         if desc.get("guest"):
@@ -284,6 +290,13 @@ class QemuDriver:
         if not self._pid(desc):
             raise Conflict(f"VM {name} is not running")
         return agent_call(self._rt(desc, "qga"), command, arguments, timeout, expect_reply)
+
+    def freeze_filesystems(self, name: str, timeout: float = 15.0) -> None:
+        """Quiesce the guest's file systems (qemu-guest-agent fsfreeze) for a consistent point."""
+        self.agent_command(name, "guest-fsfreeze-freeze", timeout=timeout)
+
+    def thaw_filesystems(self, name: str) -> None:
+        self.agent_command(name, "guest-fsfreeze-thaw", timeout=10)
 
     # -- block access for change tracking -------------------------------------------
     def block_session(self, name: str) -> "QemuBlockSession":

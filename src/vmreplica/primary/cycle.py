@@ -16,6 +16,7 @@ import uuid
 from typing import Iterator
 
 from ..domain import extents as ex
+from ..domain import points as dp
 from ..errors import IntegrityError, OperationError, Refused, TrackingError
 from ..tracking.bitmap import bitmap_prefix
 from ..transport import wire
@@ -31,7 +32,8 @@ def bitmap_name(rel: dict, cycle: int) -> str:
     return f"{bitmap_prefix(rel['id'])}{cycle}"
 
 
-def run_cycle(host, vm: str, initial: bool = False, verify: bool = False) -> dict:
+def run_cycle(host, vm: str, initial: bool = False, verify: bool = False,
+              final: bool = False) -> dict:
     """Run one cycle (or the initial copy) of ``vm`` now; returns figures; raises on failure.
 
     With ``verify`` the replica returns the block digests of its heads after the apply
@@ -54,13 +56,21 @@ def run_cycle(host, vm: str, initial: bool = False, verify: bool = False) -> dic
             with host.driver.block_session(vm) as session:
                 if since:
                     tracker.prepare(session, disks, since, bitmap_prefix(rel["id"]))
-                point = tracker.point(session, disks, since, new)
-                freeze_time = time.time()
+                kind = _recovery_point_kind(rel, time.time())
+                thaw = kind == dp.APP and _freeze_guest(host, vm, session.running)
+                if kind == dp.APP and not thaw:
+                    kind = dp.CRASH
+                try:
+                    point = tracker.point(session, disks, since, new)
+                    freeze_time = time.time()
+                finally:
+                    if thaw:
+                        _thaw_guest(host, vm)
                 stats["freeze_seconds"] = round(time.monotonic() - t0, 4)
                 t_ship = time.monotonic()
                 try:
                     answer, writer = _ship(host, rel, vm, cycle, initial, disks, point,
-                                           freeze_time, verify)
+                                           freeze_time, verify, kind, final)
                     differs = _verify(point, disks, answer) if verify else []
                 except BaseException:
                     point.close()
@@ -72,6 +82,9 @@ def run_cycle(host, vm: str, initial: bool = False, verify: bool = False) -> dic
                 point.close()
                 # Record the new point first, then release the old one: a crash in between
                 # leaves an extra bitmap (folded in by the next cycle), never a lost write.
+                if kind:
+                    store.update_relationship(vm, last_point_at=freeze_time,
+                                              points_made=int(rel.get("points_made", 0)) + 1)
                 store.update_relationship(vm, cycle=cycle, bitmap=new,
                                           last_success_at=freeze_time,
                                           last_cycle_at=time.time(),
@@ -98,22 +111,55 @@ def run_cycle(host, vm: str, initial: bool = False, verify: bool = False) -> dic
 
 
 def _verify(point, disks: list[str], answer: dict) -> list[str]:
-    """Blocks (``disk@MiB``) where the replica's head differs from the frozen point."""
-    from ..qemutools import nbdio
+    """Blocks (``disk@offset``) where the replica's head differs from the frozen point."""
+    from ..tracking import scan
     theirs = answer.get("manifest") or {}
     differs = []
     for disk in disks:
-        ours = [d.hex() for d in nbdio.manifest(point.handles[disk])]
-        other = theirs.get(disk) or []
+        h = point.handles[disk]
+        ours = scan.manifest(h, h.get_size())
+        other = scan.decode(theirs.get(disk, ""))
         if len(other) != len(ours):
             differs.append(f"{disk}: no manifest")
             continue
-        differs += [f"{disk}@{i}MiB" for i, (x, y) in enumerate(zip(ours, other)) if x != y]
+        n = scan.DIGEST
+        differs += [f"{disk}@{i * scan.BLOCK // 1024}KiB" for i in range(len(ours) // n)
+                    if ours[i * n:(i + 1) * n] != other[i * n:(i + 1) * n]]
     return differs
 
 
+def _recovery_point_kind(rel: dict, now: float) -> str | None:
+    """Whether this cycle makes a recovery point on the replica, and of which kind."""
+    if not dp.point_due(rel.get("last_point_at"), int(rel.get("point_interval", 3600)), now,
+                        int(rel.get("history", 4))):
+        return None
+    return dp.kind_for(int(rel.get("points_made", 0)), int(rel.get("app_every", 0)))
+
+
+def _freeze_guest(host, vm: str, running: bool) -> bool:
+    """Ask the guest agent to quiesce the file systems; False (and an event) if it can't."""
+    if not running:
+        host.event("point", "the VM is off: the recovery point is crash-consistent", vm)
+        return False
+    try:
+        host.driver.freeze_filesystems(vm)
+        return True
+    except OperationError as e:
+        host.event("point", f"the guest agent did not freeze the file systems ({e.message}): "
+                            "the recovery point is crash-consistent", vm)
+        return False
+
+
+def _thaw_guest(host, vm: str) -> None:
+    try:
+        host.driver.thaw_filesystems(vm)
+    except OperationError as e:  # the guest thaws by itself after its timeout
+        host.event("point", f"the guest agent did not thaw: {e.message}", vm)
+
+
 def _ship(host, rel: dict, vm: str, cycle: int, initial: bool, disks: list[str], point,
-          freeze_time: float, verify: bool = False):
+          freeze_time: float, verify: bool = False, recovery_point: str | None = None,
+          final: bool = False):
     writer = wire.CycleWriter(
         {"vm": vm, "relationship": rel["id"], "epoch": rel["epoch"], "cycle": cycle,
          "initial": initial, "disks": disks, "primary": host.name, "verify": verify,
@@ -122,7 +168,8 @@ def _ship(host, rel: dict, vm: str, cycle: int, initial: bool, disks: list[str],
     client = host.client_for_peer(rel["peer"], timeout=600)
     times = {"start": time.monotonic()}
     body = _produce(writer, point, disks, {"cycle": cycle, "epoch": rel["epoch"],
-                                           "freeze_time": freeze_time, "initial": initial},
+                                           "freeze_time": freeze_time, "initial": initial,
+                                           "point": recovery_point, "final": final},
                     times)
     answer = client.request("POST", f"/v1/replica/relationships/{vm}/cycles", body)
     answer["ack_seconds"] = round(time.monotonic() - times["start"], 4)

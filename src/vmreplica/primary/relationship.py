@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 
+from ..domain import points as dp
 from ..domain.health import assess
 from ..domain.schedule import format_frequency, parse_frequency
 from ..domain.states import Role, State, check_transition, suspend_allowed
@@ -15,7 +16,8 @@ COMPRESSIONS = ("zstd", "none")
 
 
 def enable(host, vm: str, replica: str, frequency: str = "5m", compression: str = "zstd",
-           exclude_disks: list[str] | None = None, security_tag: str = "") -> dict:
+           exclude_disks: list[str] | None = None, security_tag: str = "",
+           history: int = 4, point_interval: str = "1h", app_every: int = 0) -> dict:
     info = host.driver.inspect(vm)  # NotFound with a clear message
     existing = host.store.relationship(vm)
     if existing is not None:
@@ -23,6 +25,10 @@ def enable(host, vm: str, replica: str, frequency: str = "5m", compression: str 
         raise Conflict(f"VM {vm} is already replicated {where} (state {existing['state']})",
                        hint=f"use `vmreplica set {vm}` to change it, or `vmreplica remove {vm}` first")
     freq = parse_frequency(frequency)
+    history = dp.validate_history(history)
+    interval = dp.parse_interval(point_interval)
+    if int(app_every) < 0:
+        raise UsageError("--app-consistent-every must be 0 (never) or more")
     if compression not in COMPRESSIONS:
         raise UsageError(f"unknown compression {compression!r}", hint="choose zstd or none")
     names = [d.name for d in info.disks]
@@ -48,7 +54,7 @@ def enable(host, vm: str, replica: str, frequency: str = "5m", compression: str 
     rel_id = uuid.uuid4().hex
     answer = client.request("POST", "/v1/replica/relationships", {
         "vm": vm, "id": rel_id, "epoch": 1, "security_tag": security_tag,
-        "frequency": freq, "description": desc,
+        "frequency": freq, "description": desc, "history": history,
     })
     peer = host.store.peer_by_address(f"{client.host}:{client.port}")
     rel = {
@@ -56,7 +62,8 @@ def enable(host, vm: str, replica: str, frequency: str = "5m", compression: str 
         "peer_address": peer["address"], "state": State.READY_FOR_INITIAL.value, "epoch": 1,
         "frequency": freq, "compression": compression, "disks": [d.name for d in disks],
         "excluded": exclude, "security_tag": security_tag, "cycle": -1, "bitmap": None,
-        "tracker": "bitmap", "consecutive_failures": 0,
+        "tracker": "bitmap", "consecutive_failures": 0, "history": history,
+        "point_interval": interval, "app_every": int(app_every),
     }
     try:
         host.store.add_relationship(rel)

@@ -61,3 +61,15 @@ def compare(a: Path | str, b: Path | str) -> tuple[bool, str]:
     if proc.returncode not in (0, 1):
         raise HypervisorError(f"comparing {a} and {b} failed: {proc.stderr.strip()}")
     return proc.returncode == 0, (proc.stdout or proc.stderr).strip()
+
+
+def commit(top: Path | str, base: Path | str) -> None:
+    """Write ``top``'s clusters into ``base`` (an image below it); ``top`` is left as is."""
+    _run(["qemu-img", "commit", "-q", "-f", "qcow2", "-d", "-b", str(base), str(top)],
+         f"committing {top} into {base}")
+
+
+def rebase_unsafe(path: Path | str, backing: Path | str) -> None:
+    """Point ``path`` at another backing file whose contents are the same (no data moves)."""
+    _run(["qemu-img", "rebase", "-q", "-u", "-f", "qcow2", "-F", "qcow2", "-b", str(backing),
+          str(path)], f"rebasing {path} on {backing}")

@@ -172,36 +172,3 @@ def close(h) -> None:
     except Exception:  # noqa: BLE001 — closing a broken connection is best effort
         pass
 
-
-MANIFEST_BLOCK = 1 << 20
-
-
-def manifest(h, size: int | None = None, block: int = MANIFEST_BLOCK) -> list[bytes]:
-    """BLAKE3 digest of every ``block`` of the export's guest-visible contents, in order.
-
-    Blocks that block status reports as reading zero are not read (their digest is the
-    digest of zeros); the connection must have been opened with ``base:allocation``.
-    """
-    from blake3 import blake3
-
-    from ..domain import extents as ex
-    size = h.get_size() if size is None else size
-    zero_digest: dict[int, bytes] = {}
-    alloc = block_status(h, "base:allocation", size)
-    data_blocks = set()
-    for off, ln, flags in alloc:
-        if not flags & ex.ZERO:
-            data_blocks.update(range(off // block, (off + ln - 1) // block + 1))
-    reads = [(i * block, min(block, size - i * block)) for i in sorted(data_blocks)]
-    pending = read_extents(h, reads)  # streamed in order, 16 in flight, never all in memory
-    out = []
-    for i in range((size + block - 1) // block):
-        ln = min(block, size - i * block)
-        buf = next(pending)[2] if i in data_blocks else None
-        if buf is None or buf.is_zero():
-            if ln not in zero_digest:
-                zero_digest[ln] = blake3(bytes(ln)).digest()
-            out.append(zero_digest[ln])
-        else:
-            out.append(blake3(buf.to_buffer()).digest())
-    return out

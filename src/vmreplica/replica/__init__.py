@@ -1,4 +1,6 @@
-"""The replica side: accept relationships, receive and stage cycles, apply them into qcow2 chains.
+"""The replica side: accept relationships, receive/stage/apply cycles into qcow2 chains,
+recovery points, failover (test, planned, unplanned).
 
-May import only `qemutools`, `transport.wire`, `domain`, `errors`; gets the host as a context.
+May import `qemutools`, `transport.wire`, `tracking.scan` (block manifests), `domain`,
+`errors`; gets the host as a context.
 """

@@ -39,6 +39,6 @@ def apply_records(records: Iterable[wire.Record], server: HeadServer,
     stats["write_seconds"] = round(t1 - t0, 4)
     stats["flush_seconds"] = round(time.monotonic() - t1, 4)
     if verify:
-        stats["manifest"] = [[d.hex() for d in server.manifest(i)]
-                             for i in range(len(writers))]
+        from ..tracking.scan import encode
+        stats["manifest"] = [encode(server.manifest(i)) for i in range(len(writers))]
     return stats

@@ -51,10 +51,12 @@ class HeadServer:
     def alive(self) -> bool:
         return self.qsd.proc is not None and self.qsd.proc.poll() is None
 
-    def manifest(self, i: int) -> list[bytes]:
+    def manifest(self, i: int) -> bytes:
+        """Block digests of head ``i`` (see tracking.scan)."""
+        from ..tracking import scan
         h = nbdio.connect(self.qsd.nbd_socket, f"h{i}", ["base:allocation"])
         try:
-            return nbdio.manifest(h)
+            return scan.manifest(h, h.get_size())
         finally:
             nbdio.close(h)
 

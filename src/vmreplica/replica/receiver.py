@@ -18,6 +18,7 @@ from ..domain.states import Role, State
 from ..errors import Conflict, IntegrityError, NotFound, Refused, UsageError
 from ..transport import wire
 from . import apply as applier
+from . import points
 from . import store as rstore
 
 log = logging.getLogger("vmreplica.replica")
@@ -58,20 +59,21 @@ def create_relationship(host, peer: dict, body: dict) -> dict:
     except NotFound:
         pass
     storage = Path(entry["storage"] or settings.get("storage") or host.home.storage)
-    heads = rstore.create_chains(storage, vm, disks)
+    chains = rstore.create_chains(storage, vm, disks)
     try:
         replica_desc = dict(desc)
         replica_desc["name"] = vm
-        replica_desc["disks"] = [dict(d, path=heads[d["name"]], format="qcow2") for d in disks]
+        replica_desc["disks"] = [dict(d, path=chains[d["name"]][-1], format="qcow2")
+                                 for d in disks]
         replica_desc["owns"] = [str(rstore.vm_dir(storage, vm))]
         host.driver.define_vm(replica_desc)
         rel = {
             "vm": vm, "id": body["id"], "role": Role.REPLICA.value, "peer": peer["name"],
             "peer_address": peer.get("address"), "state": State.WAITING_FOR_INITIAL.value,
             "epoch": int(body.get("epoch", 1)), "storage": str(storage),
-            "disks": [d["name"] for d in disks], "heads": heads,
+            "disks": [d["name"] for d in disks], "chains": chains,
             "frequency": int(body.get("frequency", 300)), "last_applied_cycle": -1,
-            "security_tag": tag,
+            "security_tag": tag, "history": int(body.get("history", 4)),
         }
         host.store.add_relationship(rel)
     except Exception:
@@ -86,7 +88,8 @@ def create_relationship(host, peer: dict, body: dict) -> dict:
 
 
 def _describe(host, rel: dict) -> dict:
-    return {"vm": rel["vm"], "replica": host.name, "state": rel["state"], "heads": rel["heads"]}
+    return {"vm": rel["vm"], "replica": host.name, "state": rel["state"],
+            "heads": {d: c[-1] for d, c in rel["chains"].items()}}
 
 
 def _own_relationship(host, peer: dict, vm: str) -> dict:
@@ -136,7 +139,7 @@ def _receive_initial(host, vm: str, cycle: int, reader: wire.CycleReader) -> dic
     if rel["state"] != State.WAITING_FOR_INITIAL.value:
         host.store.update_relationship(vm, state=State.WAITING_FOR_INITIAL.value)
     t0 = time.monotonic()
-    heads = [rel["heads"][d] for d in rel["disks"]]
+    heads = rstore.heads(rel["chains"], rel["disks"])
     host.heads.close(vm)
     rstore.reset_heads(heads)
     stats = _apply_with(host, vm, heads, reader.records(), bool(reader.header.get("verify")))
@@ -221,7 +224,7 @@ def _apply(host, vm: str, cycle: int, path: Path, records=None, trailer=None,
            header: dict | None = None) -> dict:
     """Apply staged cycle ``path`` (from ``records`` if they are still in memory)."""
     rel = host.store.relationship(vm)
-    heads = [rel["heads"][d] for d in rel["disks"]]
+    heads = rstore.heads(rel["chains"], rel["disks"])
     if records is None:
         with open(path, "rb") as f:
             reader = wire.reader_for_file(f)
@@ -246,7 +249,23 @@ def _applied(host, vm: str, cycle: int, header: dict | None, trailer: dict | Non
                "epoch": max(int(rel["epoch"]), int(trailer.get("epoch", 0)))}
     if rel["state"] == State.WAITING_FOR_INITIAL.value:
         changes["state"] = State.REPLICATING.value
+    # Only the primary's final cycle (VM off, prepared) allows a planned failover; any
+    # later cycle means the primary runs again.
+    changes["primary_prepared"] = {"cycle": cycle, "at": time.time()} if trailer.get("final") \
+        else None
+    if trailer.get("point") and int(rel.get("last_applied_cycle", -1)) < cycle:
+        # Recorded with the cycle, made right after: a crash in between makes it at start-up.
+        changes["pending_point"] = {"kind": trailer["point"], "time": trailer.get("freeze_time")}
     host.store.update_relationship(vm, **changes)
+    make_pending_point(host, vm)
+
+
+def make_pending_point(host, vm: str) -> None:
+    rel = host.store.relationship(vm)
+    pending = rel.get("pending_point")
+    if pending:
+        points.create(host, vm, pending["kind"], pending["time"] or time.time())
+        host.store.update_relationship(vm, pending_point=None)
 
 
 def _apply_with(host, vm: str, heads: list[str], records, verify: bool) -> dict:
@@ -272,6 +291,10 @@ def recover(host) -> list[tuple[str, int]]:
         host.event("recovery", f"re-applied staged cycle {row['cycle']} after a restart",
                    row["vm"])
         redone.append((row["vm"], row["cycle"]))
+    points.finish_merges(host)
+    for rel in host.store.relationships():
+        if rel.get("pending_point"):
+            make_pending_point(host, rel["vm"])
     # Leftover partial uploads were never acknowledged: drop them.
     if host.home.staging.exists():
         for part in host.home.staging.glob("*/*.part"):

@@ -147,7 +147,10 @@ def management_routes(host, daemon) -> Router:
                            frequency=b.get("frequency") or "5m",
                            compression=b.get("compression") or "zstd",
                            exclude_disks=b.get("exclude_disks") or [],
-                           security_tag=b.get("security_tag") or "")
+                           security_tag=b.get("security_tag") or "",
+                           history=int(b.get("history", 4)),
+                           point_interval=b.get("point_interval") or "1h",
+                           app_every=int(b.get("app_every") or 0))
 
     @r.route("POST", "/v1/relationships/{vm}/initial")
     def initial(req):

@@ -40,6 +40,9 @@ CREATE TABLE IF NOT EXISTS cycles (
     raw_bytes INTEGER DEFAULT 0, wire_bytes INTEGER DEFAULT 0, extents INTEGER DEFAULT 0,
     error TEXT);
 CREATE INDEX IF NOT EXISTS cycles_vm ON cycles (vm, started_at);
+CREATE TABLE IF NOT EXISTS recovery_points (
+    vm TEXT NOT NULL, id INTEGER NOT NULL, point_time REAL NOT NULL, kind TEXT NOT NULL,
+    layer INTEGER NOT NULL, created_at REAL NOT NULL, PRIMARY KEY (vm, id));
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, vm TEXT, kind TEXT NOT NULL,
     message TEXT NOT NULL);
@@ -181,6 +184,7 @@ class Store:
             self._exec("DELETE FROM relationships WHERE vm=?", (vm,))
             self._exec("DELETE FROM staged_cycles WHERE vm=?", (vm,))
             self._exec("DELETE FROM cycles WHERE vm=?", (vm,))
+            self._exec("DELETE FROM recovery_points WHERE vm=?", (vm,))
 
     # -- staged cycles (replica) -----------------------------------------------------
     def add_staged(self, vm: str, cycle: int, path: str) -> None:
@@ -194,6 +198,24 @@ class Store:
 
     def remove_staged(self, vm: str, cycle: int) -> None:
         self._exec("DELETE FROM staged_cycles WHERE vm=? AND cycle=?", (vm, cycle))
+
+    # -- recovery points -------------------------------------------------------------
+    def add_point(self, vm: str, point_id: int, point_time: float, kind: str, layer: int) -> None:
+        self._exec("INSERT INTO recovery_points(vm, id, point_time, kind, layer, created_at) "
+                   "VALUES(?,?,?,?,?,?)", (vm, point_id, point_time, kind, layer, time.time()))
+
+    def points(self, vm: str) -> list[dict]:
+        return self._all("SELECT * FROM recovery_points WHERE vm=? ORDER BY id", (vm,))
+
+    def replace_points(self, vm: str, points: list[dict]) -> None:
+        """Write the whole list of a VM's points at once (after a merge or a failover)."""
+        with self.transaction():
+            self._exec("DELETE FROM recovery_points WHERE vm=?", (vm,))
+            for p in points:
+                self._exec("INSERT INTO recovery_points(vm, id, point_time, kind, layer, "
+                           "created_at) VALUES(?,?,?,?,?,?)",
+                           (vm, p["id"], p["point_time"], p["kind"], p["layer"],
+                            p.get("created_at", time.time())))
 
     # -- cycle history ---------------------------------------------------------------
     def start_cycle(self, vm: str, cycle: int, kind: str) -> int:

@@ -58,10 +58,20 @@ def start(host, name: str) -> dict:
     with host.vm_lock(name):
         info = host.driver.inspect(name)
         rel = host.store.relationship(name)
-        if rel and rel["role"] == "replica":
+        if rel and rel.get("fenced"):
+            raise Conflict(f"{name} is fenced on {host.name}: {rel['fenced']}",
+                           hint=f"{rel['peer']} runs this VM now; make this host its replica with "
+                                f"`vmreplica reverse {name}` on {rel['peer']}")
+        if rel and rel["role"] == "replica" and rel["state"] not in (
+                "failover_in_progress", "failed_over"):
             raise Conflict(f"{name} is a replica of {rel['peer']}'s VM and cannot be started "
                            "while it is receiving replication",
-                           hint="use failover on this host to bring it up")
+                           hint=f"use failover on this host to bring it up: "
+                                f"`vmreplica failover {name} --test` or `vmreplica failover {name}`")
+        if rel and rel["state"] == "prepared_for_failover":
+            raise Conflict(f"{name} is prepared for a planned failover to {rel['peer']}",
+                           hint=f"fail over on {rel['peer']} (`vmreplica failover {name}`), or "
+                                f"cancel here with `vmreplica failover {name} --cancel`")
         if info.state == "running":
             return vm_json(host, info)
         host.driver.start(name)

@@ -1,0 +1,218 @@
+"""Failover on the replica host: test failover, planned and unplanned failover, cancel,
+complete. Every VM is started from an overlay on a frozen layer (or on the head), so
+starting one takes the same time whatever the disk size, and cancelling one throws its
+writes away without touching a recovery point.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ..domain.states import State
+from ..errors import Conflict, NotFound, UsageError
+from . import points
+from . import store as rstore
+
+
+def _replica_rel(host, vm: str) -> dict:
+    rel = host.store.relationship(vm)
+    if rel is None:
+        raise NotFound(f"{host.name} holds no replica of {vm}",
+                       hint="`vmreplica status` lists the relationships of this host")
+    if rel["role"] != "replica":
+        raise UsageError(f"{host.name} is the primary of {vm}: run this on its replica "
+                         f"({rel['peer']})",
+                         hint=f"on this host, `vmreplica failover {vm} --prepare` starts a "
+                              "planned failover")
+    return rel
+
+
+def _layer_of(host, rel: dict, point) -> tuple[int, str]:
+    """(layer index, label) of a point id, or of the newest point when None."""
+    if point == "latest":
+        return len(next(iter(rel["chains"].values()))) - 1, "latest"
+    p = points.find(host, rel["vm"], point)
+    return p["layer"], str(p["id"])
+
+
+def _overlays(rel: dict, layer: int, name: str) -> dict[str, str]:
+    made = {}
+    try:
+        for disk, chain in rel["chains"].items():
+            path = rstore.vm_dir(Path(rel["storage"]), rel["vm"]) / disk
+            path.mkdir(parents=True, exist_ok=True)
+            made[disk] = rstore.overlay(path / f"{name}.qcow2", chain[layer])
+    except Exception:
+        rstore.drop_layers(list(made.values()))
+        raise
+    return made
+
+
+# -- test failover -------------------------------------------------------------------------
+
+def test_start(host, vm: str, point=None, network: str = "none") -> dict:
+    t0 = time.monotonic()
+    if network not in ("none", "isolated"):
+        raise UsageError(f"unknown network {network!r}", hint="choose none or isolated")
+    with host.vm_lock(vm):
+        rel = _replica_rel(host, vm)
+        if rel.get("test"):
+            raise Conflict(f"a test failover of {vm} is already running ({rel['test']['vm']})",
+                           hint=f"stop it first: `vmreplica failover {vm} --stop-test`")
+        if rel["state"] not in (State.REPLICATING.value, State.SUSPENDED.value):
+            raise Conflict(f"{vm} cannot be tested in state {rel['state']}")
+        if point in (None, "latest"):
+            # The newest state: freeze the head into a point (cycles go on into a new head).
+            made = points.create(host, vm, "crash", rel.get("last_freeze_at") or time.time())
+            rel = host.store.relationship(vm)
+            point = made["id"]
+        layer, label = _layer_of(host, rel, point)
+        test_vm = f"{vm}-test"
+        try:
+            host.driver.inspect(test_vm)
+            raise Conflict(f"a VM named {test_vm} already exists on {host.name}",
+                           hint="delete it, then start the test failover again")
+        except NotFound:
+            pass
+        overlays = _overlays(rel, layer, "test")
+        desc = host.driver.describe(vm)
+        desc.update(name=test_vm, uuid=None, network=network,
+                    disks=[dict(d, path=overlays[d["name"]], format="qcow2")
+                           for d in desc["disks"] if d["name"] in overlays])
+        host.store.update_relationship(vm, test={"vm": test_vm, "point": label,
+                                                 "overlays": overlays})
+        try:
+            host.driver.define_vm(desc)
+            host.driver.start(test_vm)
+        except Exception:
+            test_stop(host, vm)
+            raise
+    host.event("failover", f"test failover started: {test_vm} from point {label}", vm)
+    return {"vm": vm, "test_vm": test_vm, "point": label, "network": network,
+            "seconds": round(time.monotonic() - t0, 3),
+            "next": f"vmreplica failover {vm} --stop-test"}
+
+
+def test_stop(host, vm: str) -> dict:
+    with host.vm_lock(vm):
+        rel = _replica_rel(host, vm)
+        test = rel.get("test")
+        if not test:
+            raise Conflict(f"no test failover of {vm} is running")
+        try:
+            host.driver.stop(test["vm"], force=True)
+            host.driver.delete(test["vm"])
+        except NotFound:
+            pass
+        rstore.drop_layers(list(test["overlays"].values()))
+        host.store.update_relationship(vm, test=None)
+        points.retain(host, vm)   # merges that waited for the test
+    host.event("failover", f"test failover stopped: {test['vm']} and its files deleted", vm)
+    return {"vm": vm, "stopped": test["vm"]}
+
+
+# -- failover --------------------------------------------------------------------------------
+
+def start(host, vm: str, point=None) -> dict:
+    """Planned (the primary prepared: the latest state, zero loss, committed at once) or
+    unplanned (from the chosen point; cancel or complete it)."""
+    with host.vm_lock(vm):
+        rel = _replica_rel(host, vm)
+        if rel.get("test"):
+            raise Conflict(f"a test failover of {vm} is running",
+                           hint=f"stop it first: `vmreplica failover {vm} --stop-test`")
+        if rel["state"] == State.FAILOVER_IN_PROGRESS.value:
+            raise Conflict(f"a failover of {vm} is already in progress (point "
+                           f"{rel['failover']['point']})",
+                           hint=f"`vmreplica failover {vm} --complete` or `--cancel`")
+        if rel["state"] == State.FAILED_OVER.value:
+            raise Conflict(f"{vm} has already failed over to {host.name}",
+                           hint=f"next: `vmreplica reverse {vm}`")
+        if rel["state"] not in (State.REPLICATING.value, State.SUSPENDED.value, State.ERROR.value):
+            raise Conflict(f"{vm} cannot fail over in state {rel['state']}")
+        prepared = rel.get("primary_prepared")
+        planned = bool(prepared) and point in (None, "latest") and \
+            int(prepared["cycle"]) == int(rel.get("last_applied_cycle", -1))
+        host.heads.close(vm)      # no more cycles into the head from here on
+        layer, label = _layer_of(host, rel, "latest" if point is None else point)
+        overlays = _overlays(rel, layer, f"failover-{int(time.time())}")
+        failover = {"point": label, "layer": layer, "overlays": overlays, "planned": planned,
+                    "at": time.time()}
+        host.store.update_relationship(vm, state=State.FAILOVER_IN_PROGRESS.value,
+                                       failover=failover)
+        host.driver.set_disks(vm, overlays)
+        try:
+            host.driver.start(vm)
+        except Exception:
+            _undo(host, vm, failover)
+            raise
+        if planned:
+            _commit(host, vm)
+    kind = "planned" if planned else "unplanned"
+    host.event("failover", f"{kind} failover: {vm} started from point {label}", vm)
+    if planned:
+        return {"vm": vm, "planned": True, "point": label, "state": State.FAILED_OVER.value,
+                "next": f"vmreplica reverse {vm}"}
+    return {"vm": vm, "planned": False, "point": label,
+            "state": State.FAILOVER_IN_PROGRESS.value,
+            "next": f"check the VM, then `vmreplica failover {vm} --complete` (or `--cancel` "
+                    "to discard what it wrote and try another point)"}
+
+
+def _undo(host, vm: str, failover: dict) -> None:
+    try:
+        host.driver.stop(vm, force=True)
+    except NotFound:
+        pass
+    rel = host.store.relationship(vm)
+    host.driver.set_disks(vm, {d: c[-1] for d, c in rel["chains"].items()})
+    rstore.drop_layers(list(failover["overlays"].values()))
+    host.store.update_relationship(vm, state=State.REPLICATING.value, failover=None)
+
+
+def cancel(host, vm: str) -> dict:
+    with host.vm_lock(vm):
+        rel = _replica_rel(host, vm)
+        if rel["state"] != State.FAILOVER_IN_PROGRESS.value:
+            raise Conflict(f"no failover of {vm} is in progress (state {rel['state']})")
+        _undo(host, vm, rel["failover"])
+    host.event("failover", f"failover cancelled: what {vm} wrote was discarded", vm)
+    return {"vm": vm, "state": State.REPLICATING.value,
+            "next": f"vmreplica failover {vm} [--point ID]"}
+
+
+def complete(host, vm: str) -> dict:
+    with host.vm_lock(vm):
+        rel = _replica_rel(host, vm)
+        if rel["state"] != State.FAILOVER_IN_PROGRESS.value:
+            raise Conflict(f"no failover of {vm} is in progress (state {rel['state']})")
+        _commit(host, vm)
+        rel = host.store.relationship(vm)
+    host.event("failover", f"failover completed: epoch {rel['epoch']}; point "
+                           f"{rel['failover']['point']} is now the VM's disk", vm)
+    return {"vm": vm, "state": State.FAILED_OVER.value, "epoch": rel["epoch"],
+            "next": f"vmreplica reverse {vm}"}
+
+
+def _commit(host, vm: str) -> None:
+    """The failover's overlay becomes the top of the VM's chain; the epoch goes up, so
+    the old primary can never ship into this VM again."""
+    rel = host.store.relationship(vm)
+    fo = rel["failover"]
+    layer = int(fo["layer"])
+    chains, dropped = {}, []
+    for disk, chain in rel["chains"].items():
+        chains[disk] = chain[:layer + 1] + [fo["overlays"][disk]]
+        dropped += chain[layer + 1:]
+    pts = host.store.points(vm)
+    if fo["planned"]:
+        kept = pts  # made before a planned failover: they stay listed and usable
+    else:
+        kept = []   # the chosen point is now the VM's disk; the other points go
+    with host.store.transaction():
+        host.store.replace_points(vm, kept)
+        host.store.update_relationship(vm, chains=chains, state=State.FAILED_OVER.value,
+                                       epoch=int(rel["epoch"]) + 1, primary_prepared=None,
+                                       failed_over_at=time.time())
+    rstore.drop_layers(dropped)

@@ -69,6 +69,12 @@ class Refused(OperationError):
     code = "refused"
 
 
+class Superseded(Refused):
+    """Another host has become the primary of this VM (failover, higher epoch)."""
+
+    code = "superseded"
+
+
 class IntegrityError(OperationError):
     code = "integrity"
 
@@ -81,7 +87,7 @@ _BY_CODE = {
     cls.code: cls
     for cls in (
         VmreplicaError, UsageError, NotFound, Conflict, OperationError, HypervisorError,
-        TrackingError, TransportError, Unreachable, NotTrusted, Refused, IntegrityError,
+        TrackingError, TransportError, Unreachable, NotTrusted, Refused, Superseded, IntegrityError,
         DaemonNotRunning,
     )
 }

@@ -9,7 +9,8 @@ import sys
 from .. import errors
 
 # One module per command group; each has register(subparsers).
-GROUPS = ("host_cmd", "trust_cmd", "replica_server_cmd", "vm_cmd", "replication_cmd")
+GROUPS = ("host_cmd", "trust_cmd", "replica_server_cmd", "vm_cmd", "replication_cmd",
+          "failover_cmd")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -115,6 +115,8 @@ def cmd_status(args) -> int:
     for r in rels:
         for reason in r["reasons"]:
             print(f"  {r['vm']}: {r['health']}: {reason}")
+        if r.get("next"):
+            print(f"  {r['vm']}: next: {r['next']}")
     return 0
 
 

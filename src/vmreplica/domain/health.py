@@ -25,7 +25,9 @@ def assess(rel: dict, now: float) -> Health:
     h = Health()
     state = State(rel["state"])
     freq = int(rel.get("frequency") or 300)
-    if state in (State.ERROR,):
+    if rel.get("fenced"):
+        h.raise_to("critical", f"fenced: {rel['fenced']}")
+    elif state in (State.ERROR,):
         h.raise_to("critical", f"replication failing: {rel.get('last_error') or 'error'}")
     elif state == State.SUSPENDED:
         h.raise_to("critical", "replication is suspended")

@@ -61,3 +61,20 @@ def check_transition(current: State | str, new: State | str) -> State:
 
 def suspend_allowed(state: State | str) -> bool:
     return State(state) in {S.REPLICATING, S.READY_FOR_INITIAL, S.RESYNC_REQUIRED, S.ERROR}
+
+
+def next_step(rel: dict) -> str | None:
+    """What the operator should do next, as a command (shown by `status`)."""
+    vm, peer, state, role = rel["vm"], rel.get("peer"), rel["state"], rel.get("role")
+    if rel.get("fenced"):
+        return f"{peer} is the primary now: run `vmreplica reverse {vm}` on {peer}"
+    if rel.get("test"):
+        return f"test failover running ({rel['test']['vm']}): `vmreplica failover {vm} --stop-test`"
+    steps = {
+        ("primary", "ready_for_initial"): f"vmreplica initial {vm}",
+        ("primary", "suspended"): f"vmreplica resume {vm}",
+        ("primary", "prepared_for_failover"): f"on {peer}: vmreplica failover {vm}",
+        ("replica", "failover_in_progress"): f"vmreplica failover {vm} --complete (or --cancel)",
+        ("replica", "failed_over"): f"vmreplica reverse {vm}",
+    }
+    return steps.get((role, state))

@@ -167,6 +167,12 @@ class QemuDriver:
                 d["path"] = str(disks[d["name"]])
         self._save(desc)
 
+    def add_owned(self, name: str, paths: list[str]) -> None:
+        """Files or folders that belong to the VM from now on (deleted with it)."""
+        desc = self._load(name)
+        desc["owns"] = sorted(set(desc.get("owns") or []) | set(paths))
+        self._save(desc)
+
     def delete(self, name: str) -> None:
         desc = self._load(name)
         if self._pid(desc):

@@ -17,7 +17,7 @@ from typing import Iterator
 
 from ..domain import extents as ex
 from ..domain import points as dp
-from ..errors import IntegrityError, OperationError, Refused, TrackingError
+from ..errors import IntegrityError, OperationError, Superseded, TrackingError, Unreachable
 from ..tracking.bitmap import bitmap_prefix
 from ..transport import wire
 
@@ -32,9 +32,16 @@ def bitmap_name(rel: dict, cycle: int) -> str:
     return f"{bitmap_prefix(rel['id'])}{cycle}"
 
 
-def run_cycle(host, vm: str, initial: bool = False, verify: bool = False,
+MODES = ("initial", "delta", "resync")
+
+
+def run_cycle(host, vm: str, mode: str = "delta", verify: bool = False,
               final: bool = False) -> dict:
-    """Run one cycle (or the initial copy) of ``vm`` now; returns figures; raises on failure.
+    """Run one cycle of ``vm`` now; returns figures; raises on failure.
+
+    ``mode``: ``initial`` (allocated data onto empty heads), ``delta`` (the extents the
+    tracking bitmap marked), ``resync`` (the blocks whose digests differ from the
+    replica's, whatever the bitmaps say). Each starts a new tracking bitmap.
 
     With ``verify`` the replica returns the block digests of its heads after the apply
     and they are compared with the frozen point's before it is released.
@@ -42,17 +49,19 @@ def run_cycle(host, vm: str, initial: bool = False, verify: bool = False,
     store = host.store
     with host.vm_lock(vm):
         rel = store.relationship(vm)
+        initial = mode == "initial"
         cycle = int(rel.get("cycle", -1)) + 1
-        since = None if initial else rel.get("bitmap")
+        since = rel.get("bitmap") if mode == "delta" else None
         new = bitmap_name(rel, cycle)
         tracker = host.tracker(rel.get("tracker", "bitmap"))
         disks = list(rel["disks"])
-        row = store.start_cycle(vm, cycle, "initial" if initial else "delta")
+        row = store.start_cycle(vm, cycle, mode)
         t0 = time.monotonic()
-        stats: dict = {"vm": vm, "cycle": cycle, "initial": initial}
+        stats: dict = {"vm": vm, "cycle": cycle, "initial": initial, "mode": mode}
         try:
-            if not initial and not since:
+            if mode == "delta" and not since:
                 raise TrackingError(f"{vm} has no change-tracking point")
+            remote = _remote_manifest(host, rel, vm) if mode == "resync" else None
             with host.driver.block_session(vm) as session:
                 if since:
                     tracker.prepare(session, disks, since, bitmap_prefix(rel["id"]))
@@ -61,7 +70,11 @@ def run_cycle(host, vm: str, initial: bool = False, verify: bool = False,
                 if kind == dp.APP and not thaw:
                     kind = dp.CRASH
                 try:
-                    point = tracker.point(session, disks, since, new)
+                    if remote is not None:
+                        from ..tracking.scan import ScanPoint
+                        point = ScanPoint(session, disks, new, remote)
+                    else:
+                        point = tracker.point(session, disks, since, new)
                     freeze_time = time.time()
                 finally:
                     if thaw:
@@ -69,7 +82,7 @@ def run_cycle(host, vm: str, initial: bool = False, verify: bool = False,
                 stats["freeze_seconds"] = round(time.monotonic() - t0, 4)
                 t_ship = time.monotonic()
                 try:
-                    answer, writer = _ship(host, rel, vm, cycle, initial, disks, point,
+                    answer, writer = _ship(host, rel, vm, cycle, mode, disks, point,
                                            freeze_time, verify, kind, final)
                     differs = _verify(point, disks, answer) if verify else []
                 except BaseException:
@@ -99,7 +112,8 @@ def run_cycle(host, vm: str, initial: bool = False, verify: bool = False,
             stats.update(raw_bytes=writer.raw_bytes, zero_bytes=writer.zero_bytes,
                          wire_bytes=writer.wire_bytes, records=writer.records,
                          replica={k: v for k, v in answer.items() if k != "manifest"},
-                         verified=verify, ship_seconds=round(time.monotonic() - t_ship, 4))
+                         verified=verify, ship_seconds=round(time.monotonic() - t_ship, 4),
+                         compared_bytes=getattr(point, "compared", None))
         except Exception as e:
             _failed(host, vm, cycle, row, e)
             raise
@@ -157,18 +171,30 @@ def _thaw_guest(host, vm: str) -> None:
         host.event("point", f"the guest agent did not thaw: {e.message}", vm)
 
 
-def _ship(host, rel: dict, vm: str, cycle: int, initial: bool, disks: list[str], point,
+def _remote_manifest(host, rel: dict, vm: str) -> dict[str, bytes]:
+    from ..tracking import scan
+    answer = host.client_for_peer(rel["peer"], timeout=3600).request(
+        "GET", f"/v1/replica/relationships/{vm}/manifest")
+    if int(answer.get("block", 0)) != scan.BLOCK:
+        raise OperationError(f"{rel['peer']} hashes blocks of {answer.get('block')} bytes, "
+                             f"this host {scan.BLOCK}", hint="run the same vmreplica version")
+    return {d: scan.decode(v) for d, v in answer["disks"].items()}
+
+
+def _ship(host, rel: dict, vm: str, cycle: int, mode: str, disks: list[str], point,
           freeze_time: float, verify: bool = False, recovery_point: str | None = None,
           final: bool = False):
     writer = wire.CycleWriter(
         {"vm": vm, "relationship": rel["id"], "epoch": rel["epoch"], "cycle": cycle,
-         "initial": initial, "disks": disks, "primary": host.name, "verify": verify,
+         "initial": mode == "initial", "resync": mode == "resync", "disks": disks,
+         "primary": host.name, "verify": verify,
          "id": uuid.uuid4().hex, "freeze_time": freeze_time},
         compression=rel.get("compression", "zstd"))
     client = host.client_for_peer(rel["peer"], timeout=600)
     times = {"start": time.monotonic()}
     body = _produce(writer, point, disks, {"cycle": cycle, "epoch": rel["epoch"],
-                                           "freeze_time": freeze_time, "initial": initial,
+                                           "freeze_time": freeze_time,
+                                           "initial": mode == "initial",
                                            "point": recovery_point, "final": final},
                     times)
     answer = client.request("POST", f"/v1/replica/relationships/{vm}/cycles", body)
@@ -239,6 +265,19 @@ def _produce(writer, point, disks, trailer, times: dict) -> Iterator[bytes]:
         t.join(30)
 
 
+def _fence(host, vm: str) -> None:
+    """This host learnt it is a stale primary: its copy of the VM must not run (two
+    copies on one network). Power it off at once; `vm start` refuses it from now on."""
+    try:
+        if host.driver.inspect(vm).state == "running":
+            host.driver.stop(vm, force=True)
+    except Exception:  # noqa: BLE001 — keep the fence in the store regardless
+        log.exception("could not stop the fenced VM %s", vm)
+    host.event("fence", "this host is no longer the primary: the VM was powered off and "
+                        "fenced", vm)
+    log.warning("%s fenced: another host is its primary now", vm)
+
+
 def _failed(host, vm: str, cycle: int, row: int, e: Exception) -> None:
     store = host.store
     msg = getattr(e, "message", None) or str(e)
@@ -250,8 +289,17 @@ def _failed(host, vm: str, cycle: int, row: int, e: Exception) -> None:
     if isinstance(e, TrackingError):
         changes["state"] = "resync_required"
         host.event("tracking", f"change tracking broken: {msg}; resynchronization required", vm)
-    elif isinstance(e, Refused) and "epoch" in msg:
-        changes["state"] = "error"
+    elif isinstance(e, Superseded):
+        changes.update(state="error", fenced=f"{rel['peer']} has become the primary ({msg})")
+        _fence(host, vm)
     store.update_relationship(vm, **changes)
+    if not isinstance(e, (Superseded, Unreachable)):
+        # The cycle may have failed before it reached the replica (a broken bitmap after a
+        # crash, say): ask it whether this host is still the primary.
+        from .relationship import check_peer
+        try:
+            check_peer(host, vm, timeout=5)
+        except OperationError:
+            pass
     host.event("cycle", f"cycle {cycle} failed: {msg}", vm)
     log.warning("cycle %d of %s failed: %s", cycle, vm, msg)

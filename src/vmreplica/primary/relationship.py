@@ -8,7 +8,7 @@ import uuid
 from ..domain import points as dp
 from ..domain.health import assess
 from ..domain.schedule import format_frequency, parse_frequency
-from ..domain.states import Role, State, check_transition, suspend_allowed
+from ..domain.states import Role, State, check_transition, next_step, suspend_allowed
 from ..errors import Conflict, NotFound, Unreachable, UsageError
 from .cycle import run_cycle
 
@@ -76,6 +76,27 @@ def enable(host, vm: str, replica: str, frequency: str = "5m", compression: str 
             "replica_heads": answer.get("heads"), "next": f"vmreplica initial {vm}"}
 
 
+def check_peer(host, vm: str, timeout: float = 10.0) -> dict:
+    """Ask the replica whether this host is still the primary of ``vm``. A replica that
+    has taken over answers `superseded`: this host fences its copy (powers it off; `vm
+    start` refuses it) — the "two copies on one network" case after an unplanned failover.
+    Raises Superseded then; Unreachable if the replica cannot be asked."""
+    from ..errors import Superseded
+    from .cycle import _fence
+    rel = host.store.relationship(vm)
+    try:
+        return host.client_for_peer(rel["peer"], timeout=timeout).request(
+            "GET", f"/v1/replica/relationships/{vm}/state?epoch={rel['epoch']}")
+    except Superseded as e:
+        if not rel.get("fenced"):
+            with host.vm_lock(vm):
+                _fence(host, vm)
+                host.store.update_relationship(
+                    vm, state=State.ERROR.value, last_error=e.message,
+                    fenced=f"{rel['peer']} has become the primary ({e.message})")
+        raise
+
+
 def _rel(host, vm: str, role: str = "primary") -> dict:
     rel = host.store.relationship(vm)
     if rel is None:
@@ -100,7 +121,7 @@ def initial(host, vm: str, verify: bool = False) -> dict:
     host.store.update_relationship(vm, state=State.INITIAL_IN_PROGRESS.value)
     host.event("initial", "initial replication started", vm)
     try:
-        stats = run_cycle(host, vm, initial=True, verify=verify)
+        stats = run_cycle(host, vm, mode="initial", verify=verify)
     except Exception:
         host.store.update_relationship(vm, state=State.READY_FOR_INITIAL.value)
         raise
@@ -201,6 +222,7 @@ def status(host, vm: str | None = None) -> list[dict]:
             "last_cycle_at": last, "lag_seconds": (now - last) if last else None,
             "cycle": rel.get("cycle") if rel["role"] == "primary" else rel.get("last_applied_cycle"),
             "epoch": rel["epoch"], "last_error": rel.get("last_error"),
-            "disks": rel["disks"],
+            "disks": rel["disks"], "fenced": rel.get("fenced"), "next": next_step(rel),
+            "test_vm": (rel.get("test") or {}).get("vm"),
         })
     return out

@@ -87,7 +87,8 @@ def listing(host, vm: str) -> list[dict]:
         size = sum(rstore.layer_size(c[p["layer"]]) for c in chains.values())
         out.append({"id": p["id"], "time": p["point_time"], "kind": p["kind"], "size": size,
                     "host": host.name})
-    if rel["role"] == "replica" and rel.get("last_freeze_at"):
+    if rel["role"] == "replica" and rel.get("last_freeze_at") and rel["state"] not in (
+            "failover_in_progress", "failed_over"):
         size = sum(rstore.layer_size(c[-1]) for c in chains.values())
         out.append({"id": "latest", "time": rel["last_freeze_at"], "kind": dp.LATEST,
                     "size": size, "host": host.name})

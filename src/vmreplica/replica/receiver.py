@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..domain.patterns import find_authorization
 from ..domain.states import Role, State
-from ..errors import Conflict, IntegrityError, NotFound, Refused, UsageError
+from ..errors import Conflict, IntegrityError, NotFound, Refused, Superseded, UsageError
 from ..transport import wire
 from . import apply as applier
 from . import points
@@ -129,23 +129,30 @@ def receive_cycle(host, peer: dict, vm: str, body) -> dict:
     header = reader.start()
     cycle = _check_header(host, rel, header)
     with host.vm_lock(vm):
-        if header.get("initial"):
+        if header.get("initial") or header.get("resync"):
             return _receive_initial(host, vm, cycle, reader)
         return _receive_delta(host, vm, cycle, reader, body)
 
 
 def _receive_initial(host, vm: str, cycle: int, reader: wire.CycleReader) -> dict:
+    """An initial copy (into emptied heads) or a resynchronisation (only the blocks that
+    differ, onto what the heads hold): applied as it streams; the relationship stays in
+    waiting_for_initial / resynchronizing until all of it is verified and applied."""
     rel = host.store.relationship(vm)
-    if rel["state"] != State.WAITING_FOR_INITIAL.value:
-        host.store.update_relationship(vm, state=State.WAITING_FOR_INITIAL.value)
+    resync = bool(reader.header.get("resync"))
+    waiting = State.RESYNCHRONIZING.value if resync else State.WAITING_FOR_INITIAL.value
+    if rel["state"] != waiting:
+        host.store.update_relationship(vm, state=waiting)
     t0 = time.monotonic()
     heads = rstore.heads(rel["chains"], rel["disks"])
-    host.heads.close(vm)
-    rstore.reset_heads(heads)
+    if not resync:
+        host.heads.close(vm)
+        rstore.reset_heads(heads)
     stats = _apply_with(host, vm, heads, reader.records(), bool(reader.header.get("verify")))
     _applied(host, vm, cycle, reader.header, reader.trailer)
-    host.event("initial", f"initial copy received: {stats['bytes']} bytes in "
-                          f"{stats['records']} records", vm)
+    host.event("resync" if resync else "initial",
+               f"{'resynchronisation' if resync else 'initial copy'} received: {stats['bytes']} "
+               f"bytes in {stats['records']} records", vm)
     return {"vm": vm, "cycle": cycle, "applied": True, "records": stats["records"],
             "apply_seconds": round(time.monotonic() - t0, 4),
             **_manifest(rel, stats)}
@@ -192,19 +199,35 @@ def _receive_delta(host, vm: str, cycle: int, reader: wire.CycleReader, body) ->
     return {"vm": vm, "cycle": cycle, "applied": True, **result}
 
 
-def _check_header(host, rel: dict, header: dict) -> int:
-    epoch = int(header.get("epoch", 0))
+def state_for_primary(host, peer: dict, vm: str, epoch: int) -> dict:
+    rel = _own_relationship(host, peer, vm)
+    _check_primary(host, rel, epoch)
+    return {"vm": vm, "state": rel["state"], "epoch": rel["epoch"],
+            "last_applied_cycle": rel.get("last_applied_cycle")}
+
+
+def _check_primary(host, rel: dict, epoch: int) -> None:
+    """Superseded if the caller (at ``epoch``) is no longer the primary of this VM."""
+    if rel["state"] in (State.FAILOVER_IN_PROGRESS.value, State.FAILED_OVER.value):
+        raise Superseded(f"{host.name} has taken over VM {rel['vm']} (failover, state "
+                         f"{rel['state']}): it accepts no more cycles from {rel['peer']}",
+                         hint=f"{rel['peer']} is no longer the primary; make it the replica "
+                              f"with `vmreplica reverse {rel['vm']}` on {host.name}")
     if epoch < int(rel["epoch"]):
-        raise Refused(f"cycle refused: epoch {epoch} is older than the replica's {rel['epoch']} "
-                      "(another host has become the primary of this VM)",
-                      hint="this host is no longer the primary; see `vmreplica status`")
+        raise Superseded(f"cycle refused: epoch {epoch} is older than {host.name}'s "
+                         f"{rel['epoch']} (another host has become the primary of this VM)",
+                         hint="this host is no longer the primary; see `vmreplica status`")
+
+
+def _check_header(host, rel: dict, header: dict) -> int:
+    _check_primary(host, rel, int(header.get("epoch", 0)))
     if header.get("relationship") != rel["id"]:
         raise Refused(f"cycle refused: it belongs to another relationship of {rel['vm']}")
     cycle = int(header.get("cycle", -1))
     last = int(rel.get("last_applied_cycle", -1))
     if cycle < last:
         raise Refused(f"cycle {cycle} is older than the last applied cycle {last}")
-    if not header.get("initial") and last < 0:
+    if not (header.get("initial") or header.get("resync")) and last < 0:
         raise Refused(f"cycle {cycle} refused: the initial copy has not been received",
                       hint="run `vmreplica initial VM` on the primary")
     if list(header.get("disks", [])) != list(rel["disks"]):
@@ -247,7 +270,7 @@ def _applied(host, vm: str, cycle: int, header: dict | None, trailer: dict | Non
     changes = {"last_applied_cycle": cycle, "last_applied_at": time.time(),
                "last_freeze_at": trailer.get("freeze_time"),
                "epoch": max(int(rel["epoch"]), int(trailer.get("epoch", 0)))}
-    if rel["state"] == State.WAITING_FOR_INITIAL.value:
+    if rel["state"] in (State.WAITING_FOR_INITIAL.value, State.RESYNCHRONIZING.value):
         changes["state"] = State.REPLICATING.value
     # Only the primary's final cycle (VM off, prepared) allows a planned failover; any
     # later cycle means the primary runs again.

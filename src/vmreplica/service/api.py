@@ -15,7 +15,11 @@ import time
 from .. import __version__
 from ..domain.patterns import validate_pattern
 from ..errors import Refused, UsageError
+from ..primary import planned, reverse
 from ..primary import relationship as prim
+from ..replica import failover as rfailover
+from ..replica import points as rpoints
+from ..replica import reverse as rreverse
 from ..replica import receiver
 from ..transport.http import Request, Router
 from . import trust, vms
@@ -173,6 +177,18 @@ def management_routes(host, daemon) -> Router:
         return prim.remove(host, req.params["vm"], keep_replica=_flag(req, "keep_replica"),
                            force=_flag(req, "force"))
 
+    @r.route("GET", "/v1/relationships/{vm}/points")
+    def points_list(req):
+        return {"points": recovery_points(host, req.params["vm"])}
+
+    @r.route("POST", "/v1/relationships/{vm}/failover")
+    def failover_action(req):
+        return failover(host, req.params["vm"], req.json())
+
+    @r.route("POST", "/v1/relationships/{vm}/reverse")
+    def reverse_action(req):
+        return reverse.reverse(host, req.params["vm"])
+
     @r.route("GET", "/v1/status")
     def status(req):
         return {"host": host.name, "relationships": prim.status(host, req.query.get("vm"))}
@@ -212,6 +228,31 @@ def replication_routes(host) -> Router:
         peer = trust.require_peer(host, req.peer_fingerprint)
         return receiver.receive_cycle(host, peer, req.params["vm"], req.body())
 
+    @r.route("GET", "/v1/replica/relationships/{vm}/state")
+    def replica_state(req):
+        """The primary asks whether it still is one (see primary.relationship.check_peer)."""
+        peer = trust.require_peer(host, req.peer_fingerprint)
+        return receiver.state_for_primary(host, peer, req.params["vm"],
+                                          int(req.query.get("epoch", 0)))
+
+    @r.route("GET", "/v1/replica/relationships/{vm}/points")
+    def replica_points(req):
+        peer = trust.require_peer(host, req.peer_fingerprint)
+        rel = host.store.relationship(req.params["vm"])
+        if rel is None or rel["peer"] != peer["name"]:
+            raise Refused(f"{host.name} holds no replica of {req.params['vm']} for {peer['name']}")
+        return {"points": rpoints.listing(host, req.params["vm"])}
+
+    @r.route("GET", "/v1/replica/relationships/{vm}/manifest")
+    def replica_manifest(req):
+        peer = trust.require_peer(host, req.peer_fingerprint)
+        return rreverse.manifest(host, peer, req.params["vm"])
+
+    @r.route("POST", "/v1/replica/relationships/{vm}/reverse")
+    def replica_reverse(req):
+        peer = trust.require_peer(host, req.peer_fingerprint)
+        return rreverse.become_replica(host, peer, req.params["vm"], req.json())
+
     @r.route("DELETE", "/v1/replica/relationships/{vm}")
     def remove(req):
         peer = trust.require_peer(host, req.peer_fingerprint)
@@ -222,3 +263,44 @@ def replication_routes(host) -> Router:
 
     return r
 
+
+
+def recovery_points(host, vm: str) -> list[dict]:
+    """Points held here, and (for a primary) the ones its replica holds."""
+    rel = host.store.relationship(vm)
+    if rel is None:
+        prim._rel(host, vm, role="")  # the clear "unknown VM / not replicated" error
+    out = []
+    if rel.get("chains"):
+        out += rpoints.listing(host, vm)
+    if rel["role"] == "primary":
+        from ..errors import OperationError
+        try:
+            out += host.client_for_peer(rel["peer"], timeout=30).request(
+                "GET", f"/v1/replica/relationships/{vm}/points")["points"]
+        except OperationError as e:
+            out.append({"id": None, "host": rel["peer"], "error": e.message})
+    return out
+
+
+def failover(host, vm: str, body: dict) -> dict:
+    """`failover VM [--test|--stop-test|--prepare|--cancel|--complete] [--point ID]`."""
+    action = body.get("action") or "start"
+    rel = host.store.relationship(vm)
+    if rel is None:
+        prim._rel(host, vm, role="")
+    point = body.get("point")
+    if action == "prepare":
+        return planned.prepare(host, vm, shutdown=bool(body.get("shutdown")))
+    if action == "cancel" and rel["role"] == "primary":
+        return planned.cancel(host, vm)
+    actions = {
+        "test": lambda: rfailover.test_start(host, vm, point, body.get("network") or "none"),
+        "stop-test": lambda: rfailover.test_stop(host, vm),
+        "start": lambda: rfailover.start(host, vm, point),
+        "cancel": lambda: rfailover.cancel(host, vm),
+        "complete": lambda: rfailover.complete(host, vm),
+    }
+    if action not in actions:
+        raise UsageError(f"unknown failover action {action!r}")
+    return actions[action]()

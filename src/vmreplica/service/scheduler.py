@@ -14,6 +14,9 @@ import time
 from ..domain.schedule import next_due
 from ..domain.states import CYCLING, State
 
+# States of a primary relationship that runs no cycles but must still learn of a takeover.
+WATCHED = {State.RESYNC_REQUIRED, State.ERROR, State.READY_FOR_INITIAL}
+
 log = logging.getLogger("vmreplica.scheduler")
 
 
@@ -26,6 +29,11 @@ class Scheduler:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
+        # After a (re)start every replicating relationship runs a cycle at once: it catches
+        # up, and a primary that was replaced while it was down learns so (and is fenced).
+        for rel in self.host.store.relationships():
+            if rel["role"] == "primary" and State(rel["state"]) in CYCLING:
+                self.host.store.update_relationship(rel["vm"], last_attempt_at=None)
         self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
         self._thread.start()
 
@@ -47,7 +55,12 @@ class Scheduler:
     def run_due(self, now: float) -> list[str]:
         started = []
         for rel in self.host.store.relationships():
-            if rel["role"] != "primary" or State(rel["state"]) not in CYCLING:
+            if rel["role"] != "primary":
+                continue
+            if State(rel["state"]) in WATCHED and not rel.get("fenced"):
+                self._watch(rel, now)
+                continue
+            if State(rel["state"]) not in CYCLING:
                 continue
             vm = rel["vm"]
             t = self._running.get(vm)
@@ -63,6 +76,21 @@ class Scheduler:
             t.start()
             started.append(vm)
         return started
+
+    def _watch(self, rel: dict, now: float) -> None:
+        """A primary that runs no cycles still asks its replica, once per frequency,
+        whether it is the primary (it is fenced if not)."""
+        if now < next_due(rel.get("last_check_at"), int(rel.get("frequency", 300))):
+            return
+        self.host.store.update_relationship(rel["vm"], last_check_at=now)
+        from ..primary.relationship import check_peer
+
+        def check():
+            try:
+                check_peer(self.host, rel["vm"], timeout=10)
+            except Exception as e:  # noqa: BLE001 — recorded by check_peer when it matters
+                log.info("peer check of %s: %s", rel["vm"], getattr(e, "message", e))
+        threading.Thread(target=check, name=f"check-{rel['vm']}", daemon=True).start()
 
     def close_idle_heads(self) -> None:
         """Replica side: close the head servers that no cycle used for a while."""

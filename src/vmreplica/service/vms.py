@@ -74,9 +74,28 @@ def start(host, name: str) -> dict:
                                 f"cancel here with `vmreplica failover {name} --cancel`")
         if info.state == "running":
             return vm_json(host, info)
+        if rel and rel["role"] == "primary":
+            _still_primary(host, name)
         host.driver.start(name)
         host.event("vm", "VM started", name)
         return vm_json(host, host.driver.inspect(name))
+
+
+def _still_primary(host, name: str) -> None:
+    """Before a primary's VM starts, make sure its replica has not taken over meanwhile
+    (an unplanned failover while this host was down). An unreachable replica does not
+    stop it: the primary site must run when the other site is gone."""
+    from ..errors import OperationError, Superseded
+    from ..primary.relationship import check_peer
+    try:
+        check_peer(host, name, timeout=5)
+    except Superseded as e:
+        rel = host.store.relationship(name)
+        raise Conflict(f"{name} is fenced on {host.name}: {e.message}",
+                       hint=f"{rel['peer']} runs this VM now; make this host its replica with "
+                            f"`vmreplica reverse {name}` on {rel['peer']}") from None
+    except OperationError:
+        pass
 
 
 def stop(host, name: str, force: bool) -> dict:

@@ -82,6 +82,10 @@ class BitmapPoint:
                                        if p[0] == ex.DATA]
         except BaseException:
             self.close()
+            try:
+                self.abort()   # undo the freeze: nothing may be lost, nothing left behind
+            except Exception:  # noqa: BLE001 — the next cycle folds leftovers in
+                pass
             raise
 
     def dirty_bytes(self) -> int:

@@ -10,6 +10,7 @@ contents; blocks that read as zero are not read (their digest is known).
 from __future__ import annotations
 
 import base64
+import functools
 from typing import Iterator
 
 from blake3 import blake3
@@ -23,6 +24,7 @@ READ = 1 << 20
 DIGEST = 16
 
 
+@functools.lru_cache(maxsize=8)
 def zero_digest(n: int) -> bytes:
     return blake3(bytes(n)).digest(DIGEST)
 
@@ -102,6 +104,10 @@ class ScanPoint:
                 self.handles[disk] = nbdio.connect(e.socket, e.name, ["base:allocation"])
         except BaseException:
             self.close()
+            try:
+                self.abort()   # undo the freeze: nothing may be lost, nothing left behind
+            except Exception:  # noqa: BLE001 — the next cycle folds leftovers in
+                pass
             raise
 
     def chunks(self) -> Iterator[Chunk]:

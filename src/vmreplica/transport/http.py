@@ -22,6 +22,7 @@ log = logging.getLogger("vmreplica.http")
 
 _STATUS = {
     "usage": 400, "not_found": 404, "conflict": 409, "refused": 403, "not_trusted": 403,
+    "superseded": 409,
     "integrity": 422, "unreachable": 502, "transport": 502,
 }
 
@@ -176,6 +177,12 @@ class Handler(BaseHTTPRequestHandler):
             self._drain(req)
             return self._send_json(500, {"error": {"code": "error",
                                                    "message": f"internal error: {e}"}})
+        if req._reader is not None and not req._reader.done:
+            # Consume what is left of the body (a chunked stream's last, empty chunk):
+            # closing with unread bytes makes TCP reset the connection, and the client
+            # can lose the end of our answer.
+            self._drain(req)
+            self.close_connection = True
         if result is None:
             result = {}
         if isinstance(result, dict) or isinstance(result, list):

@@ -1,0 +1,56 @@
+"""Reverse replication, on the host that failed over: it becomes the primary and the old
+primary becomes its replica. Only the blocks that differ move: the old primary sends the
+block digests of what it holds, this host compares them with its own frozen view and
+ships the differences (never a blind full copy). Failback is the same command after a
+planned failover back.
+"""
+
+from __future__ import annotations
+
+import time
+
+from ..domain.states import Role, State
+from ..errors import Conflict, NotFound, UsageError
+from .cycle import run_cycle
+
+
+def reverse(host, vm: str) -> dict:
+    rel = host.store.relationship(vm)
+    if rel is None:
+        raise NotFound(f"{host.name} has no relationship of {vm}")
+    if rel["role"] != Role.REPLICA.value or rel["state"] != State.FAILED_OVER.value:
+        if rel["role"] == Role.PRIMARY.value:
+            raise UsageError(f"{host.name} is already the primary of {vm}")
+        raise Conflict(f"{vm} has not failed over to {host.name} (state {rel['state']})",
+                       hint=f"fail over first: `vmreplica failover {vm}` (then --complete for "
+                            "an unplanned failover)")
+    info = host.driver.inspect(vm)
+    desc = host.driver.describe(vm)
+    desc["disks"] = [d for d in desc["disks"] if d["name"] in rel["disks"]]
+    client = host.client_for_peer(rel["peer"], timeout=120)
+    client.request("POST", f"/v1/replica/relationships/{vm}/reverse", {
+        "id": rel["id"], "epoch": rel["epoch"], "description": desc,
+        "history": rel.get("history", 4), "frequency": rel.get("frequency", 300)})
+    host.store.update_relationship(
+        vm, role=Role.PRIMARY.value, state=State.RESYNCHRONIZING.value, cycle=-1, bitmap=None,
+        tracker="bitmap", consecutive_failures=0, last_error=None, last_point_at=None,
+        points_made=0, failover=None, test=None, compression=rel.get("compression", "zstd"),
+        point_interval=rel.get("point_interval", 3600), app_every=rel.get("app_every", 0),
+        reversed_at=time.time())
+    host.event("relationship", f"reverse replication: {host.name} is the primary of {vm}, "
+                               f"{rel['peer']} its replica (epoch {rel['epoch']})", vm)
+    stats = resync(host, vm)
+    size = sum(d.virtual_size for d in info.disks if d.name in rel["disks"])
+    return {"vm": vm, "primary": host.name, "replica": rel["peer"], "epoch": rel["epoch"],
+            "bytes_moved": stats["raw_bytes"] + stats["zero_bytes"], "disk_bytes": size,
+            "compared_bytes": stats.get("compared_bytes"), "seconds": stats["seconds"]}
+
+
+def resync(host, vm: str) -> dict:
+    """Ship only the blocks that differ from what the replica holds; then replicating."""
+    host.store.update_relationship(vm, state=State.RESYNCHRONIZING.value)
+    stats = run_cycle(host, vm, mode="resync")
+    host.store.update_relationship(vm, state=State.REPLICATING.value)
+    host.event("resync", f"resynchronised: {stats['raw_bytes'] + stats['zero_bytes']} bytes "
+                         "moved", vm)
+    return stats

@@ -1,0 +1,80 @@
+"""The old primary's side of reverse replication: it becomes the replica of the host
+that failed over, keeping its disks so that only the blocks that differ have to move.
+
+Called by the new primary (which holds the higher epoch) over the replication API.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..domain.patterns import find_authorization
+from ..domain.states import Role, State
+from ..errors import NotFound, Refused
+from ..tracking import scan
+from . import store as rstore
+
+log = logging.getLogger("vmreplica.replica")
+
+
+def become_replica(host, peer: dict, vm: str, body: dict) -> dict:
+    rel = host.store.relationship(vm)
+    if rel is None or rel["peer"] != peer["name"]:
+        raise NotFound(f"{host.name} has no relationship of {vm} with {peer['name']}",
+                       hint=f"enable replication from {peer['name']} instead")
+    epoch = int(body.get("epoch", 0))
+    if epoch <= int(rel["epoch"]) and rel["role"] == Role.PRIMARY.value:
+        raise Refused(f"reverse refused: {peer['name']}'s epoch {epoch} is not newer than "
+                      f"{host.name}'s {rel['epoch']}")
+    settings = host.store.get_setting("replica_server") or {}
+    entry = find_authorization(host.store.authorizations(), peer["name"])
+    if not settings.get("enabled") or entry is None:
+        raise Refused(f"{host.name} does not accept replication from {peer['name']}",
+                      hint=f"on {host.name}: `vmreplica replica-server enable --allow "
+                           f"{peer['name']}`")
+    with host.vm_lock(vm):
+        info = host.driver.inspect(vm)
+        if info.state == "running":    # two copies on one network: this one goes
+            host.driver.stop(vm, force=True)
+            host.event("fence", f"powered off: {peer['name']} runs this VM now", vm)
+        _drop_tracking(host, rel, info)
+        chains = rel.get("chains") or {d.name: [d.path] for d in info.disks
+                                       if d.name in rel["disks"]}
+        storage = Path(entry["storage"] or settings.get("storage") or host.home.storage)
+        host.driver.add_owned(vm, [str(rstore.vm_dir(storage, vm))])
+        host.store.update_relationship(
+            vm, id=str(body["id"]), role=Role.REPLICA.value, state=State.RESYNCHRONIZING.value,
+            epoch=epoch, chains=chains, storage=str(storage), last_applied_cycle=-1,
+            history=int(body.get("history", rel.get("history", 4))),
+            frequency=int(body.get("frequency", rel.get("frequency", 300))),
+            fenced=None, failover=None, test=None, bitmap=None, cycle=-1, last_error=None,
+            consecutive_failures=0, primary_prepared=None, pending_point=None)
+        host.driver.set_disks(vm, {d: c[-1] for d, c in chains.items()})
+    host.event("relationship", f"now the replica of {vm} (epoch {epoch}, primary "
+                               f"{peer['name']}); resynchronising the differences", vm)
+    return {"vm": vm, "replica": host.name, "epoch": epoch}
+
+
+def _drop_tracking(host, rel: dict, info) -> None:
+    """The bitmaps this host kept as a primary are meaningless now: remove them."""
+    from ..tracking.bitmap import bitmap_prefix
+    if not rel.get("id"):
+        return
+    prefix = bitmap_prefix(rel["id"])
+    with host.driver.block_session(rel["vm"]) as session:
+        names = {b.name for d in rel["disks"] for b in session.bitmaps(d)
+                 if b.name.startswith(prefix)}
+        if names:
+            session.release(rel["disks"], sorted(names))
+
+
+def manifest(host, peer: dict, vm: str) -> dict:
+    """Block digests of every head, for the primary's resynchronisation."""
+    rel = host.store.relationship(vm)
+    if rel is None or rel["role"] != Role.REPLICA.value or rel["peer"] != peer["name"]:
+        raise NotFound(f"{host.name} holds no replica of {vm} from {peer['name']}")
+    with host.vm_lock(vm):
+        server = host.heads.get(vm, rstore.heads(rel["chains"], rel["disks"]))
+        return {"block": scan.BLOCK,
+                "disks": {d: scan.encode(server.manifest(i)) for i, d in enumerate(rel["disks"])}}

@@ -86,12 +86,13 @@ def listing(host, vm: str) -> list[dict]:
     for p in host.store.points(vm):
         size = sum(rstore.layer_size(c[p["layer"]]) for c in chains.values())
         out.append({"id": p["id"], "time": p["point_time"], "kind": p["kind"], "size": size,
-                    "host": host.name})
+                    "host": host.name, "paths": layer_paths(rel, p["layer"])})
     if rel["role"] == "replica" and rel.get("last_freeze_at") and rel["state"] not in (
             "failover_in_progress", "failed_over"):
         size = sum(rstore.layer_size(c[-1]) for c in chains.values())
         out.append({"id": "latest", "time": rel["last_freeze_at"], "kind": dp.LATEST,
-                    "size": size, "host": host.name})
+                    "size": size, "host": host.name,
+                    "paths": {d: c[-1] for d, c in chains.items()}})
     return out
 
 

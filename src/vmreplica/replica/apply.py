@@ -13,10 +13,11 @@ from typing import Iterable
 from ..errors import IntegrityError
 from ..transport import wire
 from .heads import HeadServer
+from .index import IndexWriter
 
 
 def apply_records(records: Iterable[wire.Record], server: HeadServer,
-                  verify: bool = False) -> dict:
+                  verify: bool = False, index: IndexWriter | None = None) -> dict:
     """Apply ``records`` (wire disk index = head index); returns totals, and with
     ``verify`` the block digests of every head after the apply (``manifest``)."""
     t0 = time.monotonic()
@@ -31,11 +32,15 @@ def apply_records(records: Iterable[wire.Record], server: HeadServer,
             w.write(rec.offset, rec.payload)
         else:
             w.zero(rec.offset, rec.length, trim=rec.kind == wire.Kind.TRIM)
+        if index is not None:
+            index.record(rec)
         stats["records"] += 1
         stats["bytes"] += rec.length
     t1 = time.monotonic()
     for w in writers:
         w.flush()
+    if index is not None:
+        index.close()    # fsynced before the cycle is recorded as applied
     stats["write_seconds"] = round(t1 - t0, 4)
     stats["flush_seconds"] = round(time.monotonic() - t1, 4)
     if verify:

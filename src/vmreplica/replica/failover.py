@@ -140,7 +140,7 @@ def start(host, vm: str, point=None) -> dict:
         failover = {"point": label, "layer": layer, "overlays": overlays, "planned": planned,
                     "at": time.time()}
         host.store.update_relationship(vm, state=State.FAILOVER_IN_PROGRESS.value,
-                                       failover=failover)
+                                       failover=failover, index_valid=False)
         host.driver.set_disks(vm, overlays)
         try:
             host.driver.start(vm)

@@ -18,6 +18,8 @@ from ..domain.states import Role, State
 from ..errors import Conflict, IntegrityError, NotFound, Refused, Superseded, UsageError
 from ..transport import wire
 from . import apply as applier
+from ..qemutools import img
+from . import index as rindex
 from . import points
 from . import store as rstore
 
@@ -145,10 +147,14 @@ def _receive_initial(host, vm: str, cycle: int, reader: wire.CycleReader) -> dic
         host.store.update_relationship(vm, state=waiting)
     t0 = time.monotonic()
     heads = rstore.heads(rel["chains"], rel["disks"])
+    host.store.update_relationship(vm, index_valid=False)
     if not resync:
         host.heads.close(vm)
         rstore.reset_heads(heads)
+        for d, h in zip(rel["disks"], heads):
+            rindex.init(rindex.path(Path(rel["storage"]), vm, d), int(img.info(h)["virtual-size"]))
     stats = _apply_with(host, vm, heads, reader.records(), bool(reader.header.get("verify")))
+    host.store.update_relationship(vm, index_valid=True)
     _applied(host, vm, cycle, reader.header, reader.trailer)
     host.event("resync" if resync else "initial",
                f"{'resynchronisation' if resync else 'initial copy'} received: {stats['bytes']} "
@@ -292,9 +298,12 @@ def make_pending_point(host, vm: str) -> None:
 
 
 def _apply_with(host, vm: str, heads: list[str], records, verify: bool) -> dict:
+    rel = host.store.relationship(vm)
     server = host.heads.get(vm, heads)
     try:
-        return applier.apply_records(records, server, verify=verify)
+        idx = rindex.IndexWriter([rindex.path(Path(rel["storage"]), vm, d) for d in rel["disks"]],
+                                 [w.size for w in server.writers])
+        return applier.apply_records(records, server, verify=verify, index=idx)
     except BaseException:
         host.heads.close(vm)  # writes in an unknown state: start afresh next time
         raise

@@ -13,6 +13,7 @@ from ..domain.patterns import find_authorization
 from ..domain.states import Role, State
 from ..errors import NotFound, Refused
 from ..tracking import scan
+from . import index as rindex
 from . import store as rstore
 
 log = logging.getLogger("vmreplica.replica")
@@ -49,7 +50,8 @@ def become_replica(host, peer: dict, vm: str, body: dict) -> dict:
             history=int(body.get("history", rel.get("history", 4))),
             frequency=int(body.get("frequency", rel.get("frequency", 300))),
             fenced=None, failover=None, test=None, bitmap=None, cycle=-1, last_error=None,
-            consecutive_failures=0, primary_prepared=None, pending_point=None)
+            consecutive_failures=0, primary_prepared=None, pending_point=None,
+            index_valid=False)
         host.driver.set_disks(vm, {d: c[-1] for d, c in chains.items()})
     host.event("relationship", f"now the replica of {vm} (epoch {epoch}, primary "
                                f"{peer['name']}); resynchronising the differences", vm)
@@ -70,11 +72,28 @@ def _drop_tracking(host, rel: dict, info) -> None:
 
 
 def manifest(host, peer: dict, vm: str) -> dict:
-    """Block digests of every head, for the primary's resynchronisation."""
+    """Block digests of every head, for the primary's resynchronisation: from the hash
+    index when it can be trusted (only blocks it marks unknown are read), else by reading
+    the heads — which rebuilds the index."""
     rel = host.store.relationship(vm)
     if rel is None or rel["role"] != Role.REPLICA.value or rel["peer"] != peer["name"]:
         raise NotFound(f"{host.name} holds no replica of {vm} from {peer['name']}")
+    out, read_bytes = {}, 0
     with host.vm_lock(vm):
         server = host.heads.get(vm, rstore.heads(rel["chains"], rel["disks"]))
-        return {"block": scan.BLOCK,
-                "disks": {d: scan.encode(server.manifest(i)) for i, d in enumerate(rel["disks"])}}
+        for i, d in enumerate(rel["disks"]):
+            p = rindex.path(Path(rel["storage"]), vm, d)
+            size = server.writers[i].size
+            digests = rindex.read(p) if rel.get("index_valid") and p.exists() else b""
+            if len(digests) != (size + scan.BLOCK - 1) // scan.BLOCK * scan.DIGEST:
+                digests = server.manifest(i)
+                read_bytes += size
+            else:
+                unknown = rindex.unknown_blocks(digests)
+                if unknown:
+                    digests = server.fill_unknown(i, digests, unknown)
+                    read_bytes += len(unknown) * scan.BLOCK
+            rindex.write(p, digests)
+            out[d] = scan.encode(digests)
+        host.store.update_relationship(vm, index_valid=True)
+    return {"block": scan.BLOCK, "disks": out, "read_bytes": read_bytes}

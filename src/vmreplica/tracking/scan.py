@@ -73,6 +73,17 @@ def _zeros(n: int) -> bytes:
     return _ZEROS[:n] if n <= len(_ZEROS) else bytes(n)
 
 
+def fill(h, size: int, digests: bytes, blocks: list[int], block: int = BLOCK) -> bytes:
+    """Recompute the digests of ``blocks`` by reading them; returns the whole manifest."""
+    out = bytearray(digests)
+    reads = [(i * block, min(block, size - i * block)) for i in blocks]
+    for (off, n, buf), i in zip(nbdio.read_extents(h, reads), blocks):
+        data = buf.to_buffer()
+        out[i * DIGEST:(i + 1) * DIGEST] = zero_digest(n) if buf.is_zero() else \
+            blake3(data).digest(DIGEST)
+    return bytes(out)
+
+
 def encode(digests: bytes) -> str:
     return base64.b64encode(digests).decode()
 

@@ -48,9 +48,12 @@ def test_enabling_twice(sites, vm_name):
 
 def test_unsupported_disk(sites, vm_name):
     a, b = sites
-    a.run("vm", "create", vm_name, "--disk", "32M", "--format", "raw")
+    a.run("vm", "create", vm_name, "--disk", "32M")
+    path = a.vm(vm_name)["disks"][0]["path"]
+    import subprocess
+    subprocess.run(["qemu-img", "amend", "-f", "qcow2", "-o", "compat=0.10", path], check=True)
     _fails(a, "enable", vm_name, "--replica", b.address, code=2,
-           says=("disk0", "raw", "qcow2", "--exclude-disk"))
+           says=("disk0", "compat 0.10", "qemu-img amend -o compat=1.1", "--exclude-disk"))
     _nothing_replicated(a, b, vm_name)
 
 

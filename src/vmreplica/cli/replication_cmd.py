@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .. import errors
 from ..domain.units import format_size
 from .main import client_of
 from .render import ago, duration, emit_json, table
@@ -22,7 +23,21 @@ def register(sub) -> None:
                    help="time between recovery points (default 1h; e.g. 15m, 30s)")
     p.add_argument("--app-consistent-every", type=int, default=0, metavar="N",
                    help="every Nth point is app-consistent (guest agent fsfreeze); 0: none")
+    p.add_argument("--resync-window", metavar="HH:MM-HH:MM",
+                   help="automatic resynchronisations wait for this window (e.g. 18:30-06:00)")
     p.set_defaults(func=cmd_enable)
+
+    p = sub.add_parser("set", help="change replication settings of one or more VMs "
+                                   "(no re-seeding)")
+    p.add_argument("vms", nargs="+", metavar="VM")
+    p.add_argument("--frequency", choices=["30s", "5m", "15m"])
+    p.add_argument("--recovery-history", type=int, metavar="N", dest="history")
+    p.add_argument("--point-interval", metavar="DURATION")
+    p.add_argument("--app-consistent-every", type=int, metavar="N", dest="app_every")
+    p.add_argument("--compression", choices=["zstd", "none"])
+    p.add_argument("--resync-window", metavar="HH:MM-HH:MM|none")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_set)
 
     p = sub.add_parser("initial", help="run the initial copy (allocated data only)")
     p.add_argument("vm")
@@ -58,6 +73,13 @@ def register(sub) -> None:
                    help="remove here even if the replica host is unreachable")
     p.set_defaults(func=cmd_remove)
 
+    p = sub.add_parser("resync", help="ship only the blocks that differ from the replica "
+                                      "(compares block digests)")
+    p.add_argument("vm")
+    p.add_argument("--now", action="store_true", help="do not wait for the resync window")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_resync)
+
     p = sub.add_parser("test-connection", help="check that a paired replica answers")
     p.add_argument("address", metavar="HOST:PORT")
     p.add_argument("--json", action="store_true")
@@ -69,7 +91,8 @@ def cmd_enable(args) -> int:
         "vm": args.vm, "replica": args.replica, "frequency": args.frequency,
         "compression": args.compression, "exclude_disks": args.exclude_disk,
         "security_tag": args.security_tag, "history": args.recovery_history,
-        "point_interval": args.point_interval, "app_every": args.app_consistent_every})
+        "point_interval": args.point_interval, "app_every": args.app_consistent_every,
+        "resync_window": args.resync_window})
     print(f"replication of {info['vm']} to {info['replica']} enabled ({info['state']})")
     print(f"next: {info['next']}")
     return 0
@@ -148,3 +171,76 @@ def cmd_test_connection(args) -> int:
           f"replica server {'enabled' if info['replica_server'] else 'disabled'}; "
           f"this host {'is' if info['authorized'] else 'is NOT'} authorized there")
     return 0
+
+
+def cmd_resync(args) -> int:
+    import sys
+    import threading
+    import time
+
+    client = client_of(args)
+    box: dict = {}
+
+    def call():
+        try:
+            box["info"] = client.call("POST", f"/v1/relationships/{args.vm}/resync"
+                                      + ("?now=1" if args.now else ""))
+        except Exception as e:  # noqa: BLE001 — re-raised in the main thread
+            box["error"] = e
+
+    t = threading.Thread(target=call, daemon=True)
+    t.start()
+    shown = False
+    while t.is_alive():
+        t.join(1.0)
+        if t.is_alive() and not args.json:
+            try:
+                st = client_of(args).call("GET", f"/v1/status?vm={args.vm}")["relationships"][0]
+            except Exception:  # noqa: BLE001 — progress is best effort
+                continue
+            p = st.get("progress")
+            if p and p.get("total"):
+                sys.stderr.write(f"\rresync of {args.vm}: {100 * p['done'] / p['total']:5.1f} % "
+                                 f"({format_size(p['done'])} of {format_size(p['total'])} compared)")
+                sys.stderr.flush()
+                shown = True
+    if shown:
+        sys.stderr.write("\n")
+    if "error" in box:
+        raise box["error"]
+    info = box["info"]
+    if args.json:
+        emit_json(info)
+        return 0
+    if info.get("deferred"):
+        print(f"resync of {args.vm} will run in its window {info['window']} "
+              "(`--now` to run it at once)")
+        return 0
+    print(f"resync of {args.vm}: {format_size(info['bytes_moved'])} moved, "
+          f"{format_size(info.get('compared_bytes') or 0)} compared, in "
+          f"{duration(info.get('seconds'))}")
+    return 0
+
+
+def cmd_set(args) -> int:
+    body = {k: getattr(args, k) for k in ("frequency", "history", "point_interval", "app_every",
+                                          "compression", "resync_window")}
+    client = client_of(args)
+    results, failed = [], 0
+    for vm in args.vms:
+        try:
+            info = client.call("POST", f"/v1/relationships/{vm}/settings", body)
+            results.append({"vm": vm, "ok": True, **info})
+        except errors.VmreplicaError as e:
+            failed += 1
+            results.append({"vm": vm, "ok": False, "error": e.message})
+    if args.json:
+        emit_json(results)
+    else:
+        for r in results:
+            if r["ok"]:
+                changed = ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("vm", "ok"))
+                print(f"{r['vm']}: {changed}")
+            else:
+                print(f"{r['vm']}: FAILED: {r['error']}")
+    return 1 if failed else 0

@@ -36,3 +36,29 @@ def missed_cycles(last_success: float | None, now: float, frequency: int) -> int
     if last_success is None:
         return 0
     return max(0, int((now - last_success) // frequency) - 1)
+
+
+def parse_window(text: str | None) -> tuple[int, int] | None:
+    """``HH:MM-HH:MM`` (may wrap midnight, e.g. 18:30-06:00) → minutes of day; None/"" → none."""
+    if not text:
+        return None
+    import re
+    m = re.fullmatch(r"\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*", str(text))
+    if not m:
+        raise UsageError(f"invalid window {text!r}", hint="use HH:MM-HH:MM, e.g. 18:30-06:00")
+    h1, m1, h2, m2 = (int(x) for x in m.groups())
+    if h1 > 23 or h2 > 23 or m1 > 59 or m2 > 59:
+        raise UsageError(f"invalid window {text!r}: hours 0-23, minutes 0-59")
+    return h1 * 60 + m1, h2 * 60 + m2
+
+
+def in_window(window: tuple[int, int] | None, minute_of_day: int) -> bool:
+    """Whether a minute of the day (0-1439) falls in the window; no window: always."""
+    if window is None:
+        return True
+    start, end = window
+    if start == end:
+        return True
+    if start < end:
+        return start <= minute_of_day < end
+    return minute_of_day >= start or minute_of_day < end

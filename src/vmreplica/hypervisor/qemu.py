@@ -386,6 +386,7 @@ class QemuBlockSession:
         self.desc = desc
         self.short = desc["uuid"][:8]
         self.sizes = {d["name"]: int(d["virtual_size"]) for d in desc["disks"]}
+        self.formats = {d["name"]: d["format"] for d in desc["disks"]}
         self.qsd: StorageDaemon | None = None
         self._exports: list[str] = []
         self._fleece: list[str] = []
@@ -428,8 +429,11 @@ class QemuBlockSession:
         actions: list[dict] = []
         for disk in disks:
             if new:
+                # A raw image cannot store a bitmap: it tracks while this QEMU runs, and a
+                # restart (a missing bitmap) leads to a resynchronisation.
                 actions.append({"type": "block-dirty-bitmap-add",
-                                "data": {"node": disk, "name": new, "persistent": True}})
+                                "data": {"node": disk, "name": new,
+                                         "persistent": self.formats[disk] == "qcow2"}})
             if since:
                 actions.append({"type": "block-dirty-bitmap-disable",
                                 "data": {"node": disk, "name": since}})

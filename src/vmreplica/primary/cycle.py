@@ -61,7 +61,9 @@ def run_cycle(host, vm: str, mode: str = "delta", verify: bool = False,
         try:
             if mode == "delta" and not since:
                 raise TrackingError(f"{vm} has no change-tracking point")
-            remote = _remote_manifest(host, rel, vm) if mode == "resync" else None
+            remote = None
+            if mode == "resync":
+                remote, stats["replica_read_bytes"] = _remote_manifest(host, rel, vm)
             with host.driver.block_session(vm) as session:
                 if since:
                     tracker.prepare(session, disks, since, bitmap_prefix(rel["id"]))
@@ -82,8 +84,11 @@ def run_cycle(host, vm: str, mode: str = "delta", verify: bool = False,
                 stats["freeze_seconds"] = round(time.monotonic() - t0, 4)
                 t_ship = time.monotonic()
                 try:
-                    answer, writer = _ship(host, rel, vm, cycle, mode, disks, point,
-                                           freeze_time, verify, kind, final)
+                    if mode == "delta":
+                        _check_bound(point, rel)
+                    with _Progress(host, vm, point) if mode != "delta" else _nothing():
+                        answer, writer = _ship(host, rel, vm, cycle, mode, disks, point,
+                                               freeze_time, verify, kind, final)
                     differs = _verify(point, disks, answer) if verify else []
                 except BaseException:
                     point.close()
@@ -103,6 +108,11 @@ def run_cycle(host, vm: str, mode: str = "delta", verify: bool = False,
                                           last_cycle_at=time.time(),
                                           consecutive_failures=0, last_error=None)
                 point.commit()
+                if mode != "delta":
+                    # A fresh start: whatever tracking this relationship had is superseded.
+                    stale = tracker.owned(session, disks, bitmap_prefix(rel["id"])) - {new}
+                    if stale:
+                        session.release(disks, sorted(stale))
             if differs:
                 store.update_relationship(vm, state="resync_required")
                 raise IntegrityError(
@@ -142,6 +152,56 @@ def _verify(point, disks: list[str], answer: dict) -> list[str]:
     return differs
 
 
+PENDING_BOUND = 0.5   # of the replicated disks' size, like Hyper-V's log overflow
+
+
+def _check_bound(point, rel: dict) -> None:
+    """Pending changes over the bound: a resync (digest compare) ships less than the
+    extents of such a bitmap would, and is what Hyper-V does on a log overflow."""
+    total = sum(e.size for e in point.exports.values())
+    bound = float(rel.get("pending_bound", PENDING_BOUND)) * total
+    if point.dirty_bytes() > bound:
+        raise TrackingError(f"pending changes ({point.dirty_bytes()} bytes) are over the bound "
+                            f"({int(bound)} bytes, {rel.get('pending_bound', PENDING_BOUND):.0%} "
+                            "of the disks)")
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _Progress:
+    """Publishes a long cycle's progress (bytes compared or read) once a second."""
+
+    def __init__(self, host, vm: str, point):
+        self.host, self.vm, self.point = host, vm, point
+        self.total = sum(e.size for e in point.exports.values())
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"progress-{vm}", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            done = getattr(self.point, "compared", None)
+            if done is None:
+                done = getattr(self.point, "read_bytes", 0)
+            self.host.store.update_relationship(self.vm, progress={"done": done,
+                                                                   "total": self.total})
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(5)
+        self.host.store.update_relationship(self.vm, progress=None)
+        return False
+
+
 def _recovery_point_kind(rel: dict, now: float) -> str | None:
     """Whether this cycle makes a recovery point on the replica, and of which kind."""
     if not dp.point_due(rel.get("last_point_at"), int(rel.get("point_interval", 3600)), now,
@@ -171,14 +231,15 @@ def _thaw_guest(host, vm: str) -> None:
         host.event("point", f"the guest agent did not thaw: {e.message}", vm)
 
 
-def _remote_manifest(host, rel: dict, vm: str) -> dict[str, bytes]:
+def _remote_manifest(host, rel: dict, vm: str) -> tuple[dict[str, bytes], int]:
+    """The replica's block digests (from its hash index), and how much it had to read."""
     from ..tracking import scan
     answer = host.client_for_peer(rel["peer"], timeout=3600).request(
-        "GET", f"/v1/replica/relationships/{vm}/manifest")
+        "GET", f"/v1/replica/relationships/{vm}/manifest?epoch={rel['epoch']}")
     if int(answer.get("block", 0)) != scan.BLOCK:
         raise OperationError(f"{rel['peer']} hashes blocks of {answer.get('block')} bytes, "
                              f"this host {scan.BLOCK}", hint="run the same vmreplica version")
-    return {d: scan.decode(v) for d, v in answer["disks"].items()}
+    return {d: scan.decode(v) for d, v in answer["disks"].items()}, int(answer.get("read_bytes", 0))
 
 
 def _ship(host, rel: dict, vm: str, cycle: int, mode: str, disks: list[str], point,
@@ -288,6 +349,7 @@ def _failed(host, vm: str, cycle: int, row: int, e: Exception) -> None:
                "last_attempt_at": time.time()}
     if isinstance(e, TrackingError):
         changes["state"] = "resync_required"
+        changes["resync_reason"] = msg
         host.event("tracking", f"change tracking broken: {msg}; resynchronization required", vm)
     elif isinstance(e, Superseded):
         changes.update(state="error", fenced=f"{rel['peer']} has become the primary ({msg})")

@@ -7,7 +7,7 @@ import uuid
 
 from ..domain import points as dp
 from ..domain.health import assess
-from ..domain.schedule import format_frequency, parse_frequency
+from ..domain.schedule import format_frequency, parse_frequency, parse_window
 from ..domain.states import Role, State, check_transition, next_step, suspend_allowed
 from ..errors import Conflict, NotFound, Unreachable, UsageError
 from .cycle import run_cycle
@@ -17,7 +17,8 @@ COMPRESSIONS = ("zstd", "none")
 
 def enable(host, vm: str, replica: str, frequency: str = "5m", compression: str = "zstd",
            exclude_disks: list[str] | None = None, security_tag: str = "",
-           history: int = 4, point_interval: str = "1h", app_every: int = 0) -> dict:
+           history: int = 4, point_interval: str = "1h", app_every: int = 0,
+           resync_window: str | None = None) -> dict:
     info = host.driver.inspect(vm)  # NotFound with a clear message
     existing = host.store.relationship(vm)
     if existing is not None:
@@ -29,6 +30,7 @@ def enable(host, vm: str, replica: str, frequency: str = "5m", compression: str 
     interval = dp.parse_interval(point_interval)
     if int(app_every) < 0:
         raise UsageError("--app-consistent-every must be 0 (never) or more")
+    parse_window(resync_window)
     if compression not in COMPRESSIONS:
         raise UsageError(f"unknown compression {compression!r}", hint="choose zstd or none")
     names = [d.name for d in info.disks]
@@ -41,12 +43,7 @@ def enable(host, vm: str, replica: str, frequency: str = "5m", compression: str 
     if not disks:
         raise UsageError(f"every disk of {vm} is excluded: nothing to replicate")
     for d in disks:
-        if d.format != "qcow2":
-            raise UsageError(
-                f"disk {d.name} of {vm} is {d.format}: only qcow2 disks can be replicated "
-                "(persistent change tracking)",
-                hint=f"convert it (`qemu-img convert -O qcow2`) or exclude it with "
-                     f"`--exclude-disk {d.name}`")
+        _check_disk(vm, d)
     client = host.client_for_address(replica)  # NotTrusted if not paired
     desc = host.driver.describe(vm)
     desc["disks"] = [{"name": d.name, "format": d.format, "virtual_size": d.virtual_size}
@@ -64,6 +61,7 @@ def enable(host, vm: str, replica: str, frequency: str = "5m", compression: str 
         "excluded": exclude, "security_tag": security_tag, "cycle": -1, "bitmap": None,
         "tracker": "bitmap", "consecutive_failures": 0, "history": history,
         "point_interval": interval, "app_every": int(app_every),
+        "resync_window": resync_window or None,
     }
     try:
         host.store.add_relationship(rel)
@@ -95,6 +93,25 @@ def check_peer(host, vm: str, timeout: float = 10.0) -> dict:
                     vm, state=State.ERROR.value, last_error=e.message,
                     fenced=f"{rel['peer']} has become the primary ({e.message})")
         raise
+
+
+def _check_disk(vm: str, d) -> None:
+    """qcow2 (v3: persistent bitmaps) and raw (tracked while the VM runs, resynchronised
+    after a restart) disks can be replicated; nothing else."""
+    from ..qemutools import img
+    if d.format == "raw":
+        return
+    if d.format != "qcow2":
+        raise UsageError(f"disk {d.name} of {vm} is {d.format}: only qcow2 and raw disks can "
+                         "be replicated",
+                         hint=f"convert it (`qemu-img convert -O qcow2`) or exclude it with "
+                              f"`--exclude-disk {d.name}`")
+    compat = img.info(d.path).get("format-specific", {}).get("data", {}).get("compat")
+    if compat == "0.10":
+        raise UsageError(f"disk {d.name} of {vm} is qcow2 version 2 (compat 0.10), which cannot "
+                         "keep persistent dirty bitmaps",
+                         hint=f"upgrade it while the VM is off: `qemu-img amend -o compat=1.1 "
+                              f"{d.path}`, or exclude it with `--exclude-disk {d.name}`")
 
 
 def _rel(host, vm: str, role: str = "primary") -> dict:
@@ -224,5 +241,6 @@ def status(host, vm: str | None = None) -> list[dict]:
             "epoch": rel["epoch"], "last_error": rel.get("last_error"),
             "disks": rel["disks"], "fenced": rel.get("fenced"), "next": next_step(rel),
             "test_vm": (rel.get("test") or {}).get("vm"),
+            "progress": rel.get("progress"), "resync_window": rel.get("resync_window"),
         })
     return out

@@ -11,7 +11,7 @@ import time
 
 from ..domain.states import Role, State
 from ..errors import Conflict, NotFound, UsageError
-from .cycle import run_cycle
+from .resync import resync
 
 
 def reverse(host, vm: str) -> dict:
@@ -44,13 +44,3 @@ def reverse(host, vm: str) -> dict:
     return {"vm": vm, "primary": host.name, "replica": rel["peer"], "epoch": rel["epoch"],
             "bytes_moved": stats["raw_bytes"] + stats["zero_bytes"], "disk_bytes": size,
             "compared_bytes": stats.get("compared_bytes"), "seconds": stats["seconds"]}
-
-
-def resync(host, vm: str) -> dict:
-    """Ship only the blocks that differ from what the replica holds; then replicating."""
-    host.store.update_relationship(vm, state=State.RESYNCHRONIZING.value)
-    stats = run_cycle(host, vm, mode="resync")
-    host.store.update_relationship(vm, state=State.REPLICATING.value)
-    host.event("resync", f"resynchronised: {stats['raw_bytes'] + stats['zero_bytes']} bytes "
-                         "moved", vm)
-    return stats

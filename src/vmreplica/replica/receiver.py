@@ -205,6 +205,18 @@ def _receive_delta(host, vm: str, cycle: int, reader: wire.CycleReader, body) ->
     return {"vm": vm, "cycle": cycle, "applied": True, **result}
 
 
+def apply_settings(host, peer: dict, vm: str, body: dict) -> dict:
+    """The primary changed settings that the replica applies (retention history)."""
+    rel = _own_relationship(host, peer, vm)
+    from ..domain import points as dp
+    history = dp.validate_history(int(body.get("history", rel.get("history", 4))))
+    with host.vm_lock(vm):
+        host.store.update_relationship(vm, history=history)
+        if rel["state"] == State.REPLICATING.value:
+            points.retain(host, vm)
+    return {"vm": vm, "history": history}
+
+
 def state_for_primary(host, peer: dict, vm: str, epoch: int) -> dict:
     rel = _own_relationship(host, peer, vm)
     _check_primary(host, rel, epoch)

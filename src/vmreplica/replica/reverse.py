@@ -71,13 +71,15 @@ def _drop_tracking(host, rel: dict, info) -> None:
             session.release(rel["disks"], sorted(names))
 
 
-def manifest(host, peer: dict, vm: str) -> dict:
+def manifest(host, peer: dict, vm: str, epoch: int) -> dict:
     """Block digests of every head, for the primary's resynchronisation: from the hash
     index when it can be trusted (only blocks it marks unknown are read), else by reading
     the heads — which rebuilds the index."""
     rel = host.store.relationship(vm)
     if rel is None or rel["role"] != Role.REPLICA.value or rel["peer"] != peer["name"]:
         raise NotFound(f"{host.name} holds no replica of {vm} from {peer['name']}")
+    from .receiver import _check_primary
+    _check_primary(host, rel, epoch)
     out, read_bytes = {}, 0
     with host.vm_lock(vm):
         server = host.heads.get(vm, rstore.heads(rel["chains"], rel["disks"]))

@@ -15,7 +15,7 @@ import time
 from .. import __version__
 from ..domain.patterns import validate_pattern
 from ..errors import Refused, UsageError
-from ..primary import planned, reverse
+from ..primary import planned, resync, reverse
 from ..primary import relationship as prim
 from ..replica import failover as rfailover
 from ..replica import points as rpoints
@@ -154,7 +154,8 @@ def management_routes(host, daemon) -> Router:
                            security_tag=b.get("security_tag") or "",
                            history=int(b.get("history", 4)),
                            point_interval=b.get("point_interval") or "1h",
-                           app_every=int(b.get("app_every") or 0))
+                           app_every=int(b.get("app_every") or 0),
+                           resync_window=b.get("resync_window"))
 
     @r.route("POST", "/v1/relationships/{vm}/initial")
     def initial(req):
@@ -184,6 +185,15 @@ def management_routes(host, daemon) -> Router:
     @r.route("POST", "/v1/relationships/{vm}/failover")
     def failover_action(req):
         return failover(host, req.params["vm"], req.json())
+
+    @r.route("POST", "/v1/relationships/{vm}/settings")
+    def set_settings(req):
+        from ..primary import settings
+        return settings.apply(host, req.params["vm"], settings.validate(req.json()))
+
+    @r.route("POST", "/v1/relationships/{vm}/resync")
+    def resync_action(req):
+        return resync.request(host, req.params["vm"], now=_flag(req, "now"))
 
     @r.route("POST", "/v1/relationships/{vm}/reverse")
     def reverse_action(req):
@@ -228,6 +238,11 @@ def replication_routes(host) -> Router:
         peer = trust.require_peer(host, req.peer_fingerprint)
         return receiver.receive_cycle(host, peer, req.params["vm"], req.body())
 
+    @r.route("POST", "/v1/replica/relationships/{vm}/settings")
+    def replica_settings(req):
+        peer = trust.require_peer(host, req.peer_fingerprint)
+        return receiver.apply_settings(host, peer, req.params["vm"], req.json())
+
     @r.route("GET", "/v1/replica/relationships/{vm}/state")
     def replica_state(req):
         """The primary asks whether it still is one (see primary.relationship.check_peer)."""
@@ -246,7 +261,7 @@ def replication_routes(host) -> Router:
     @r.route("GET", "/v1/replica/relationships/{vm}/manifest")
     def replica_manifest(req):
         peer = trust.require_peer(host, req.peer_fingerprint)
-        return rreverse.manifest(host, peer, req.params["vm"])
+        return rreverse.manifest(host, peer, req.params["vm"], int(req.query.get("epoch", 0)))
 
     @r.route("POST", "/v1/replica/relationships/{vm}/reverse")
     def replica_reverse(req):

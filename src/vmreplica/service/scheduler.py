@@ -15,7 +15,7 @@ from ..domain.schedule import next_due
 from ..domain.states import CYCLING, State
 
 # States of a primary relationship that runs no cycles but must still learn of a takeover.
-WATCHED = {State.RESYNC_REQUIRED, State.ERROR, State.READY_FOR_INITIAL}
+WATCHED = {State.ERROR, State.READY_FOR_INITIAL}
 
 log = logging.getLogger("vmreplica.scheduler")
 
@@ -57,6 +57,9 @@ class Scheduler:
         for rel in self.host.store.relationships():
             if rel["role"] != "primary":
                 continue
+            if rel["state"] == State.RESYNC_REQUIRED.value and not rel.get("fenced"):
+                self._maybe_resync(rel, now)
+                continue
             if State(rel["state"]) in WATCHED and not rel.get("fenced"):
                 self._watch(rel, now)
                 continue
@@ -76,6 +79,29 @@ class Scheduler:
             t.start()
             started.append(vm)
         return started
+
+    def _maybe_resync(self, rel: dict, now: float) -> None:
+        """Resynchronise by itself when tracking broke — inside the resync window, and
+        retried at the relationship's frequency after a failure."""
+        from ..primary.resync import resync, window_open
+        vm = rel["vm"]
+        t = self._running.get(vm)
+        if t is not None and t.is_alive():
+            return
+        if not window_open(rel, now):
+            return
+        if now < next_due(rel.get("last_resync_attempt_at"), int(rel.get("frequency", 300))):
+            return
+        self.host.store.update_relationship(vm, last_resync_attempt_at=now)
+
+        def run():
+            try:
+                resync(self.host, vm)
+            except Exception as e:  # noqa: BLE001 — recorded by run_cycle
+                log.warning("automatic resync of %s failed: %s", vm, getattr(e, "message", e))
+        t = threading.Thread(target=run, name=f"resync-{vm}", daemon=True)
+        self._running[vm] = t
+        t.start()
 
     def _watch(self, rel: dict, now: float) -> None:
         """A primary that runs no cycles still asks its replica, once per frequency,

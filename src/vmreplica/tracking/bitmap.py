@@ -66,6 +66,7 @@ class BitmapPoint:
         self.session, self.disks, self.since, self.new = session, disks, since, new
         self.exports = session.freeze(disks, since, new)
         self.handles: dict[str, object] = {}
+        self.read_bytes = 0
         self.plan: dict[str, list[tuple[str, int, int]]] = {}
         try:
             for disk in disks:
@@ -108,6 +109,7 @@ class BitmapPoint:
                     continue
                 for _ in ex.split(off, ln, READ_SIZE):
                     o, n, buf = next(data)
+                    self.read_bytes += n
                     if buf.is_zero():
                         yield Chunk(disk, ex.ZEROED, o, n)
                     else:

@@ -1,0 +1,64 @@
+"""Resynchronisation: when change tracking cannot be trusted (a bitmap missing or
+inconsistent, a VM restarted without it, a raw disk after a restart, pending changes
+over the bound) or after a reverse, compare block digests of the frozen source with the
+replica's hash index and ship only the blocks that differ. Automatic resyncs wait for
+the relationship's resync window; `resync VM --now` does not.
+"""
+
+from __future__ import annotations
+
+import time
+
+from ..domain.schedule import in_window, parse_window
+from ..domain.states import State
+from ..errors import Conflict
+from .cycle import run_cycle
+
+RESYNCABLE = {State.RESYNC_REQUIRED.value, State.REPLICATING.value, State.ERROR.value,
+              State.RESYNCHRONIZING.value, State.SUSPENDED.value}
+
+
+def window_open(rel: dict, now: float | None = None) -> bool:
+    t = time.localtime(now if now is not None else time.time())
+    return in_window(parse_window(rel.get("resync_window")), t.tm_hour * 60 + t.tm_min)
+
+
+def request(host, vm: str, now: bool = False) -> dict:
+    """`resync VM [--now]`: run it, or (outside the window) leave it for the window."""
+    from .relationship import _rel
+    rel = _rel(host, vm)
+    if rel.get("fenced"):
+        raise Conflict(f"{vm} is fenced: {rel['fenced']}")
+    if rel["state"] not in RESYNCABLE:
+        raise Conflict(f"{vm} cannot be resynchronised in state {rel['state']}",
+                       hint="it needs its initial copy first" if "initial" in rel["state"]
+                       else None)
+    if not now and not window_open(rel):
+        host.store.update_relationship(vm, state=State.RESYNC_REQUIRED.value,
+                                       resync_reason="requested by the operator")
+        host.event("resync", f"resynchronization requested; it runs in the window "
+                             f"{rel['resync_window']}", vm)
+        return {"vm": vm, "state": State.RESYNC_REQUIRED.value, "deferred": True,
+                "window": rel["resync_window"]}
+    return resync(host, vm)
+
+
+def resync(host, vm: str) -> dict:
+    """Ship only the blocks that differ from what the replica holds; then replicating."""
+    rel = host.store.relationship(vm)
+    host.store.update_relationship(vm, state=State.RESYNCHRONIZING.value)
+    host.event("resync", "resynchronization started"
+               + (f" ({rel['resync_reason']})" if rel.get("resync_reason") else ""), vm)
+    try:
+        stats = run_cycle(host, vm, mode="resync")
+    except Exception:
+        if host.store.relationship(vm)["state"] == State.RESYNCHRONIZING.value:
+            host.store.update_relationship(vm, state=State.RESYNC_REQUIRED.value)
+        raise
+    host.store.update_relationship(vm, state=State.REPLICATING.value, resync_reason=None,
+                                   progress=None)
+    moved = stats["raw_bytes"] + stats["zero_bytes"]
+    host.event("resync", f"resynchronised: {moved} bytes moved, {stats.get('compared_bytes')} "
+                         "bytes compared", vm)
+    stats["bytes_moved"] = moved
+    return stats

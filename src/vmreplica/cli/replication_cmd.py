@@ -39,8 +39,16 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_set)
 
-    p = sub.add_parser("initial", help="run the initial copy (allocated data only)")
+    p = sub.add_parser("initial", help="seed the replica: the initial copy (allocated data "
+                                       "only), an export for removable media, or a copy the "
+                                       "replica already holds")
     p.add_argument("vm")
+    p.add_argument("--method", choices=["network", "export", "existing"], default="network")
+    p.add_argument("--path", metavar="DIR", help="export: folder to write the seed to (on "
+                   "this host); existing: folder of the VM copy on the replica host")
+    p.add_argument("--import", dest="import_dir", metavar="DIR",
+                   help="on the replica: import a seed exported by the primary")
+    p.add_argument("--at", metavar="TIME", help="run later: +30m, HH:MM or an ISO date-time")
     p.add_argument("--verify", action="store_true",
                    help="then compare block digests of the replica with the source")
     p.add_argument("--json", action="store_true")
@@ -111,9 +119,32 @@ def _cycle_report(args, kind: str, stats: dict) -> int:
 
 
 def cmd_initial(args) -> int:
-    return _cycle_report(args, "initial replication",
-                         client_of(args).call("POST", f"/v1/relationships/{args.vm}/initial"
-                                              + ("?verify=1" if args.verify else "")))
+    info = client_of(args).call("POST", f"/v1/relationships/{args.vm}/initial", {
+        "method": args.method, "path": args.path, "at": args.at, "import": args.import_dir,
+        "verify": args.verify})
+    if args.json:
+        emit_json(info)
+        return 0
+    if "scheduled_at" in info:
+        import time
+        print(f"initial replication of {args.vm} ({info['method']}) scheduled for "
+              f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(info['scheduled_at']))}")
+        return 0
+    if "imported" in info:
+        print(f"seed imported into the replica of {args.vm} from {info['imported']} "
+              f"(verified, {info['records']} records)")
+        return 0
+    if "exported" in info:
+        print(f"seed of {args.vm} exported to {info['exported']}: "
+              f"{format_size(info['raw_bytes'])} of data, checksummed")
+        print(f"next: {info['next']}")
+        return 0
+    if "bytes_moved" in info:
+        print(f"initial replication of {args.vm} from the copy on the replica: "
+              f"{format_size(info['bytes_moved'])} moved, "
+              f"{format_size(info.get('compared_bytes') or 0)} compared")
+        return 0
+    return _cycle_report(args, "initial replication", info)
 
 
 def cmd_sync(args) -> int:

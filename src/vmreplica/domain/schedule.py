@@ -62,3 +62,28 @@ def in_window(window: tuple[int, int] | None, minute_of_day: int) -> bool:
     if start < end:
         return start <= minute_of_day < end
     return minute_of_day >= start or minute_of_day < end
+
+
+def parse_when(text: str, now: float) -> float:
+    """When to run something: ``+90s``/``+5m``/``+2h`` from now, ``HH:MM`` (the next such
+    local time), or an ISO date-time ``2026-11-25T02:00``."""
+    import datetime
+    import re
+    import time as _time
+    text = str(text).strip()
+    m = re.fullmatch(r"\+(\d+)\s*([smhd]?)", text)
+    if m:
+        return now + parse_duration(m.group(1) + (m.group(2) or "s"))
+    m = re.fullmatch(r"(\d{1,2}):(\d{2})", text)
+    if m:
+        h, mi = int(m.group(1)), int(m.group(2))
+        if h > 23 or mi > 59:
+            raise UsageError(f"invalid time {text!r}")
+        t = _time.localtime(now)
+        today = _time.mktime((t.tm_year, t.tm_mon, t.tm_mday, h, mi, 0, 0, 0, -1))
+        return today if today > now else today + 86400
+    try:
+        return datetime.datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise UsageError(f"invalid time {text!r}",
+                         hint="use +30m, HH:MM or 2026-11-25T02:00") from None

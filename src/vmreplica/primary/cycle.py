@@ -36,12 +36,14 @@ MODES = ("initial", "delta", "resync")
 
 
 def run_cycle(host, vm: str, mode: str = "delta", verify: bool = False,
-              final: bool = False) -> dict:
+              final: bool = False, export_to=None) -> dict:
     """Run one cycle of ``vm`` now; returns figures; raises on failure.
 
     ``mode``: ``initial`` (allocated data onto empty heads), ``delta`` (the extents the
     tracking bitmap marked), ``resync`` (the blocks whose digests differ from the
-    replica's, whatever the bitmaps say). Each starts a new tracking bitmap.
+    replica's, whatever the bitmaps say). Each starts a new tracking bitmap. With
+    ``export_to`` (initial only) the stream goes to that file instead of the replica: a
+    seed for removable media, imported on the replica with `initial VM --import`.
 
     With ``verify`` the replica returns the block digests of its heads after the apply
     and they are compared with the frozen point's before it is released.
@@ -88,7 +90,7 @@ def run_cycle(host, vm: str, mode: str = "delta", verify: bool = False,
                         _check_bound(point, rel)
                     with _Progress(host, vm, point) if mode != "delta" else _nothing():
                         answer, writer = _ship(host, rel, vm, cycle, mode, disks, point,
-                                               freeze_time, verify, kind, final)
+                                               freeze_time, verify, kind, final, export_to)
                     differs = _verify(point, disks, answer) if verify else []
                 except BaseException:
                     point.close()
@@ -244,21 +246,24 @@ def _remote_manifest(host, rel: dict, vm: str) -> tuple[dict[str, bytes], int]:
 
 def _ship(host, rel: dict, vm: str, cycle: int, mode: str, disks: list[str], point,
           freeze_time: float, verify: bool = False, recovery_point: str | None = None,
-          final: bool = False):
+          final: bool = False, export_to=None):
     writer = wire.CycleWriter(
         {"vm": vm, "relationship": rel["id"], "epoch": rel["epoch"], "cycle": cycle,
          "initial": mode == "initial", "resync": mode == "resync", "disks": disks,
          "primary": host.name, "verify": verify,
          "id": uuid.uuid4().hex, "freeze_time": freeze_time},
         compression=rel.get("compression", "zstd"))
-    client = host.client_for_peer(rel["peer"], timeout=600)
+    client = host.client_for_peer(rel["peer"], timeout=600) if export_to is None else None
     times = {"start": time.monotonic()}
     body = _produce(writer, point, disks, {"cycle": cycle, "epoch": rel["epoch"],
                                            "freeze_time": freeze_time,
                                            "initial": mode == "initial",
                                            "point": recovery_point, "final": final},
                     times)
-    answer = client.request("POST", f"/v1/replica/relationships/{vm}/cycles", body)
+    if export_to is not None:
+        answer = _write_seed(export_to, body, cycle)
+    else:
+        answer = client.request("POST", f"/v1/replica/relationships/{vm}/cycles", body)
     answer["ack_seconds"] = round(time.monotonic() - times["start"], 4)
     if "read_done" in times:
         answer["primary_read_seconds"] = round(times["read_done"] - times["start"], 4)
@@ -266,6 +271,18 @@ def _ship(host, rel: dict, vm: str, cycle: int, mode: str, disks: list[str], poi
         raise OperationError(f"the replica acknowledged cycle {answer.get('cycle')}, "
                              f"expected {cycle}")
     return answer, writer
+
+
+def _write_seed(path, body, cycle: int) -> dict:
+    import os
+    tmp = f"{path}.part"
+    with open(tmp, "wb") as f:
+        for piece in body:
+            f.write(piece)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return {"cycle": cycle, "exported": str(path)}
 
 
 def _encode(writer: wire.CycleWriter, point, disks: list[str], trailer: dict) -> Iterator[bytes]:

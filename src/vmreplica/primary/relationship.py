@@ -130,25 +130,14 @@ def _rel(host, vm: str, role: str = "primary") -> dict:
     return rel
 
 
-def initial(host, vm: str, verify: bool = False) -> dict:
-    rel = _rel(host, vm)
-    if rel["state"] not in (State.READY_FOR_INITIAL.value, State.INITIAL_IN_PROGRESS.value):
-        raise Conflict(f"initial replication of {vm} is already done (state {rel['state']})",
-                       hint=f"`vmreplica sync {vm}` runs a cycle now")
-    host.store.update_relationship(vm, state=State.INITIAL_IN_PROGRESS.value)
-    host.event("initial", "initial replication started", vm)
-    try:
-        stats = run_cycle(host, vm, mode="initial", verify=verify)
-    except Exception:
-        host.store.update_relationship(vm, state=State.READY_FOR_INITIAL.value)
-        raise
-    host.store.update_relationship(vm, state=State.REPLICATING.value)
-    host.event("initial", f"initial replication done: {stats.get('raw_bytes', 0)} bytes", vm)
-    return stats
-
-
 def sync(host, vm: str, verify: bool = False) -> dict:
     rel = _rel(host, vm)
+    if rel["state"] == State.INITIAL_IN_PROGRESS.value and rel.get("seed"):
+        from .seeding import imported
+        if not imported(host, vm, check_peer(host, vm)):
+            raise Conflict(f"{vm} waits for its seed to be imported on {rel['peer']}",
+                           hint=f"on {rel['peer']}: vmreplica initial {vm} --import DIR")
+        rel = _rel(host, vm)
     if rel["state"] not in (State.REPLICATING.value, State.ERROR.value):
         hint = {
             State.READY_FOR_INITIAL.value: f"run `vmreplica initial {vm}` first",

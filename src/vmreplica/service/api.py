@@ -159,7 +159,14 @@ def management_routes(host, daemon) -> Router:
 
     @r.route("POST", "/v1/relationships/{vm}/initial")
     def initial(req):
-        return prim.initial(host, req.params["vm"], verify=_flag(req, "verify"))
+        b = req.json()
+        if b.get("import"):
+            from ..replica import seeding as rseeding
+            return rseeding.import_seed(host, req.params["vm"], b["import"])
+        from ..primary import seeding
+        return seeding.initial(host, req.params["vm"], method=b.get("method") or "network",
+                               path=b.get("path"), at=b.get("at"),
+                               verify=bool(b.get("verify")) or _flag(req, "verify"))
 
     @r.route("POST", "/v1/relationships/{vm}/sync")
     def sync(req):
@@ -237,6 +244,12 @@ def replication_routes(host) -> Router:
     def cycle(req):
         peer = trust.require_peer(host, req.peer_fingerprint)
         return receiver.receive_cycle(host, peer, req.params["vm"], req.body())
+
+    @r.route("POST", "/v1/replica/relationships/{vm}/adopt")
+    def replica_adopt(req):
+        from ..replica import seeding as rseeding
+        peer = trust.require_peer(host, req.peer_fingerprint)
+        return rseeding.adopt(host, peer, req.params["vm"], req.json())
 
     @r.route("POST", "/v1/replica/relationships/{vm}/settings")
     def replica_settings(req):

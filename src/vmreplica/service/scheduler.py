@@ -14,6 +14,8 @@ import time
 from ..domain.schedule import next_due
 from ..domain.states import CYCLING, State
 
+SEED_POLL = 5  # seconds between asks whether an exported seed was imported
+
 # States of a primary relationship that runs no cycles but must still learn of a takeover.
 WATCHED = {State.ERROR, State.READY_FOR_INITIAL}
 
@@ -57,6 +59,15 @@ class Scheduler:
         for rel in self.host.store.relationships():
             if rel["role"] != "primary":
                 continue
+            if rel["state"] == State.READY_FOR_INITIAL.value and rel.get("initial_at") \
+                    and now >= rel["initial_at"]:
+                self._background(rel["vm"], "initial", self._scheduled_initial, rel)
+                continue
+            if rel["state"] == State.INITIAL_IN_PROGRESS.value and rel.get("seed"):
+                if now >= next_due(rel.get("last_check_at"), SEED_POLL):
+                    self.host.store.update_relationship(rel["vm"], last_check_at=now)
+                    self._background(rel["vm"], "seed", self._seed_imported, rel)
+                continue
             if rel["state"] == State.RESYNC_REQUIRED.value and not rel.get("fenced"):
                 self._maybe_resync(rel, now)
                 continue
@@ -79,6 +90,31 @@ class Scheduler:
             t.start()
             started.append(vm)
         return started
+
+    def _background(self, vm: str, what: str, fn, rel: dict) -> None:
+        t = self._running.get(vm)
+        if t is not None and t.is_alive():
+            return
+
+        def run():
+            try:
+                fn(rel)
+            except Exception as e:  # noqa: BLE001 — recorded where it matters
+                log.warning("%s of %s: %s", what, vm, getattr(e, "message", e))
+        t = threading.Thread(target=run, name=f"{what}-{vm}", daemon=True)
+        self._running[vm] = t
+        t.start()
+
+    def _scheduled_initial(self, rel: dict) -> None:
+        from ..primary import seeding
+        plan = rel.get("initial_plan") or {}
+        seeding.initial(self.host, rel["vm"], method=plan.get("method") or "network",
+                        path=plan.get("path"))
+
+    def _seed_imported(self, rel: dict) -> None:
+        from ..primary.relationship import check_peer
+        from ..primary.seeding import imported
+        imported(self.host, rel["vm"], check_peer(self.host, rel["vm"]))
 
     def _maybe_resync(self, rel: dict, now: float) -> None:
         """Resynchronise by itself when tracking broke — inside the resync window, and

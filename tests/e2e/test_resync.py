@@ -112,3 +112,36 @@ def test_pending_changes_over_the_bound_resync(sites, vm_name):
     assert info["bytes_moved"] == 20 << 20
     assert_replica_equals(a, b, vm_name)
     a.run("remove", vm_name)
+
+
+def test_set_changes_settings_and_disks_without_reseeding(sites, vm_name):
+    a, b = sites
+    names = [f"{vm_name}-{i}" for i in range(3)]
+    for n in names:
+        a.run("vm", "create", n, "--disk", "32M", "--disk", "16M")
+        a.run("enable", n, "--replica", b.address, "--exclude-disk", "disk1")
+        a.run("initial", n)
+    out = a.run("set", *names, "nosuch", "--frequency", "30s", "--recovery-history", "2",
+                "--point-interval", "10m", check=False)
+    assert out.returncode == 1 and "nosuch: FAILED" in out.stdout      # per VM, non-zero
+    for n in names:
+        st = a.json("status", n)[0]
+        assert st["frequency"] == "30s"
+        assert f"{n}: " in out.stdout
+    # Start replicating disk1 of one VM: only its data moves (a resync), then drop disk0.
+    n = names[0]
+    d1 = a.vm(n)["disks"][1]["path"]
+    qemu_io(d1, "write -P 9 0 1M")
+    a.run("set", n, "--include-disk", "disk1", "--resync-window", "none")
+    _wait_state(a, n, "replicating")
+    assert [d["name"] for d in b.vm(n)["disks"]] == ["disk0", "disk1"]
+    assert_replica_equals(a, b, n)
+    events = [e["message"] for e in a.json("events", n)]
+    assert any("resynchronised: 1048576 bytes moved" in m for m in events), events
+    a.run("set", n, "--exclude-disk", "disk0")
+    assert [d["name"] for d in b.vm(n)["disks"]] == ["disk1"]
+    qemu_io(d1, "write -P 10 2M 64k")
+    assert a.json("sync", n)["raw_bytes"] == 65536
+    assert_replica_equals(a, b, n)
+    for n in names:
+        a.run("remove", n)

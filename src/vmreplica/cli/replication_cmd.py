@@ -36,6 +36,10 @@ def register(sub) -> None:
     p.add_argument("--app-consistent-every", type=int, metavar="N", dest="app_every")
     p.add_argument("--compression", choices=["zstd", "none"])
     p.add_argument("--resync-window", metavar="HH:MM-HH:MM|none")
+    p.add_argument("--exclude-disk", action="append", default=[], metavar="NAME",
+                   help="stop replicating this disk (repeatable)")
+    p.add_argument("--include-disk", action="append", default=[], metavar="NAME",
+                   help="start replicating this disk too (a resync seeds it)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_set)
 
@@ -256,6 +260,7 @@ def cmd_resync(args) -> int:
 def cmd_set(args) -> int:
     body = {k: getattr(args, k) for k in ("frequency", "history", "point_interval", "app_every",
                                           "compression", "resync_window")}
+    body.update(exclude_disks=args.exclude_disk, include_disks=args.include_disk)
     client = client_of(args)
     results, failed = [], 0
     for vm in args.vms:

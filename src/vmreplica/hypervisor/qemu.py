@@ -167,6 +167,17 @@ class QemuDriver:
                 d["path"] = str(disks[d["name"]])
         self._save(desc)
 
+    def replace_disks(self, name: str, disks: list[dict]) -> None:
+        """Give a stopped VM another list of disks ({name, path, format, virtual_size}),
+        in guest order (a replica whose set of replicated disks changed)."""
+        desc = self._load(name)
+        if self._pid(desc):
+            raise Conflict(f"VM {name} is running")
+        desc["disks"] = [{"name": d["name"], "path": str(d["path"]),
+                          "format": d.get("format", "qcow2"),
+                          "virtual_size": int(d["virtual_size"])} for d in disks]
+        self._save(desc)
+
     def add_owned(self, name: str, paths: list[str]) -> None:
         """Files or folders that belong to the VM from now on (deleted with it)."""
         desc = self._load(name)

@@ -42,6 +42,53 @@ def validate(changes: dict) -> dict:
     return out
 
 
+def change_disks(host, vm: str, exclude: list[str], include: list[str]) -> dict:
+    """Stop replicating some disks, or start replicating more (those get their data by a
+    resynchronisation: the disks already replicated match and move nothing)."""
+    from ..domain.states import State
+    from ..tracking.bitmap import bitmap_prefix
+    from .relationship import _check_disk
+    rel = _rel(host, vm)
+    info = host.driver.inspect(vm)
+    by_name = {d.name: d for d in info.disks}
+    disks = list(rel["disks"])
+    for name in exclude + include:
+        if name not in by_name:
+            raise UsageError(f"VM {vm} has no disk {name!r}", hint=f"its disks are "
+                             f"{', '.join(by_name)}")
+    for name in exclude:
+        if name not in disks:
+            raise UsageError(f"disk {name} of {vm} is not replicated")
+        disks.remove(name)
+    for name in include:
+        if name in disks:
+            raise UsageError(f"disk {name} of {vm} is already replicated")
+        _check_disk(vm, by_name[name])
+    order = [d.name for d in info.disks]
+    disks = sorted(disks + include, key=order.index)
+    if not disks:
+        raise UsageError(f"every disk of {vm} would be excluded: use `vmreplica remove {vm}`")
+    with host.vm_lock(vm):
+        desc = host.driver.describe(vm)
+        host.client_for_peer(rel["peer"], timeout=120).request(
+            "POST", f"/v1/replica/relationships/{vm}/disks",
+            {"disks": [d for d in desc["disks"] if d["name"] in disks]})
+        if exclude:
+            with host.driver.block_session(vm) as session:
+                names = {b.name for d in exclude for b in session.bitmaps(d)
+                         if b.name.startswith(bitmap_prefix(rel["id"]))}
+                if names:
+                    session.release(exclude, sorted(names))
+        changes = {"disks": disks,
+                   "excluded": [d for d in order if d not in disks]}
+        if include:
+            changes.update(state=State.RESYNC_REQUIRED.value,
+                           resync_reason=f"disk(s) {', '.join(include)} added")
+        host.store.update_relationship(vm, **changes)
+    host.event("relationship", "replicated disks now: " + ", ".join(disks), vm)
+    return {"vm": vm, "disks": ", ".join(disks)}
+
+
 def apply(host, vm: str, changes: dict) -> dict:
     rel = _rel(host, vm)
     if "history" in changes:

@@ -217,6 +217,35 @@ def apply_settings(host, peer: dict, vm: str, body: dict) -> dict:
     return {"vm": vm, "history": history}
 
 
+def change_disks(host, peer: dict, vm: str, body: dict) -> dict:
+    """The primary replicates another set of disks: drop the chains of the ones it no
+    longer sends; give new ones an empty chain as deep as the others (so every recovery
+    point is still the same layer on every disk; the new disk reads as zeros in older
+    points, which predate its replication)."""
+    rel = _own_relationship(host, peer, vm)
+    wanted = list(body.get("disks") or [])
+    names = [d["name"] for d in wanted]
+    with host.vm_lock(vm):
+        host.heads.close(vm)
+        chains = dict(rel["chains"])
+        depth = len(next(iter(chains.values())))
+        storage = Path(rel["storage"])
+        for d in wanted:
+            if d["name"] not in chains:
+                chains[d["name"]] = rstore.new_chain(storage, vm, d, depth)
+        dropped = [p for name, c in chains.items() if name not in names for p in c]
+        chains = {n: chains[n] for n in names}
+        host.driver.replace_disks(vm, [dict(d, path=chains[d["name"]][-1], format="qcow2")
+                                       for d in wanted])
+        host.store.update_relationship(vm, chains=chains, disks=names, index_valid=False)
+        rstore.drop_layers(dropped)
+        for name in rel["disks"]:
+            if name not in names:
+                rindex.path(storage, vm, name).unlink(missing_ok=True)
+    host.event("relationship", "replicated disks now: " + ", ".join(names), vm)
+    return {"vm": vm, "disks": names}
+
+
 def state_for_primary(host, peer: dict, vm: str, epoch: int) -> dict:
     rel = _own_relationship(host, peer, vm)
     _check_primary(host, rel, epoch)

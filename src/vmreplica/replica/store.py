@@ -51,6 +51,22 @@ def create_chains(storage: Path, vm: str, disks: list[dict]) -> dict[str, list[s
     return chains
 
 
+def new_chain(storage: Path, vm: str, disk: dict, depth: int) -> list[str]:
+    """An empty chain of ``depth`` layers for a disk that joins later."""
+    ddir = vm_dir(storage, vm) / disk["name"]
+    ddir.mkdir(parents=True, exist_ok=True)
+    chain: list[str] = []
+    for i in range(depth):
+        p = ddir / f"layer-{i:06d}.qcow2"
+        p.unlink(missing_ok=True)
+        if chain:
+            img.create(p, None, "qcow2", backing=chain[-1])
+        else:
+            img.create(p, int(disk["virtual_size"]), "qcow2")
+        chain.append(str(p))
+    return chain
+
+
 def delete_chains(storage: Path, vm: str) -> None:
     shutil.rmtree(vm_dir(storage, vm), ignore_errors=True)
 

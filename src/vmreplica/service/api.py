@@ -196,7 +196,14 @@ def management_routes(host, daemon) -> Router:
     @r.route("POST", "/v1/relationships/{vm}/settings")
     def set_settings(req):
         from ..primary import settings
-        return settings.apply(host, req.params["vm"], settings.validate(req.json()))
+        b = req.json()
+        exclude, include = b.pop("exclude_disks", None) or [], b.pop("include_disks", None) or []
+        out = {"vm": req.params["vm"]}
+        if exclude or include:
+            out.update(settings.change_disks(host, req.params["vm"], exclude, include))
+        if any(v is not None for v in b.values()) or not (exclude or include):
+            out.update(settings.apply(host, req.params["vm"], settings.validate(b)))
+        return out
 
     @r.route("POST", "/v1/relationships/{vm}/resync")
     def resync_action(req):
@@ -250,6 +257,11 @@ def replication_routes(host) -> Router:
         from ..replica import seeding as rseeding
         peer = trust.require_peer(host, req.peer_fingerprint)
         return rseeding.adopt(host, peer, req.params["vm"], req.json())
+
+    @r.route("POST", "/v1/replica/relationships/{vm}/disks")
+    def replica_disks(req):
+        peer = trust.require_peer(host, req.peer_fingerprint)
+        return receiver.change_disks(host, peer, req.params["vm"], req.json())
 
     @r.route("POST", "/v1/replica/relationships/{vm}/settings")
     def replica_settings(req):

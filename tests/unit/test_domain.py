@@ -63,13 +63,3 @@ def test_state_machine():
         states.check_transition(S.WAITING_FOR_INITIAL, S.SUSPENDED)
 
 
-def test_health_reasons():
-    rel = {"role": "primary", "state": "replicating", "frequency": 30, "last_success_at": 1000,
-           "consecutive_failures": 0}
-    assert health.assess(rel, 1010).level == "normal"
-    h = health.assess(rel, 1100)
-    assert h.level == "warning" and any("lag" in r for r in h.reasons)
-    rel.update(consecutive_failures=3, last_error="cannot reach replica")
-    h = health.assess(rel, 1010)
-    assert h.level == "critical" and "cannot reach replica" in " ".join(h.reasons)
-    assert health.assess({"role": "primary", "state": "suspended"}, 0).level == "critical"

@@ -55,6 +55,44 @@ class Client:
         return result
 
 
+    def stream(self, path: str):
+        """GET a streaming (chunked NDJSON) answer; yields one decoded object per line."""
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(str(self.home.socket))
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise errors.DaemonNotRunning(
+                f"no vmreplica daemon is running for {self.home.root}",
+                hint=f"start it with `vmreplica --home {self.home.root} serve --detach`") from None
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: vmreplica\r\nConnection: close\r\n\r\n".encode())
+        f = s.makefile("rb")
+        status = f.readline()
+        if b" 200 " not in status:
+            rest = f.read()
+            _, _, body = rest.partition(b"\r\n\r\n")
+            try:
+                err = json.loads(body).get("error") or {}
+            except ValueError:
+                err = {"message": status.decode(errors="replace").strip()}
+            raise errors.from_json(err)
+        while f.readline() not in (b"\r\n", b""):
+            pass
+        buf = b""
+        while True:
+            size_line = f.readline()
+            if not size_line:
+                return
+            size = int(size_line.split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                return
+            buf += f.read(size)
+            f.readline()
+            while b"\n" in buf:
+                line, _, buf = buf.partition(b"\n")
+                if line.strip():
+                    yield json.loads(line)
+
+
 def _dechunk(data: bytes) -> bytes:
     out, pos = [], 0
     while True:

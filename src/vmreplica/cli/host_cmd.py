@@ -18,6 +18,9 @@ def register(sub) -> None:
     p.add_argument("--driver", default="qemu", choices=["qemu", "libvirt"])
     p.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"],
                    help="qemu driver accelerator; auto uses KVM only where it boots a guest")
+    p.add_argument("--libvirt-uri", help="libvirt driver: the connection (qemu:///system)")
+    p.add_argument("--web", metavar="HOST:PORT|off",
+                   help="dashboard and /metrics address (default: the listen port + 1)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_init)
 
@@ -36,13 +39,16 @@ def register(sub) -> None:
 def cmd_init(args) -> int:
     from ..service.home import Home, init_home
     home = Home.resolve(args.home)
-    info = init_home(home, args.name, args.listen, args.driver, args.accel)
+    info = init_home(home, args.name, args.listen, args.driver, args.accel, web=args.web,
+                     libvirt_uri=args.libvirt_uri)
     if args.json:
         emit_json(info)
     else:
         print(f"host {info['name']} created in {info['home']}")
         print(f"  replication address  {info['listen']}")
         print(f"  certificate          {info['fingerprint']}")
+        if info.get("web"):
+            print(f"  dashboard, /metrics  https://{info['web']}/")
         print(f"next: vmreplica --home {info['home']} serve --detach")
     return 0
 

@@ -1,11 +1,23 @@
-"""Replication health (normal / warning / critical), always with the reasons behind it."""
+"""Replication health (normal / warning / critical), always with the reasons behind it,
+and the cycle statistics it is judged on (Measure-VMReplication). Pure: the caller
+passes the relationship, its recent cycles and the time."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .schedule import missed_cycles
+from .schedule import parse_window
 from .states import State
+
+WINDOW = 12 * 3600
+
+DEFAULT_THRESHOLDS = {
+    "missed_warning_pct": 20.0,   # cycles missed in the last 12 h
+    "lag_warning_factor": 2.0,    # lag over this many times the frequency
+    "failures_critical": 2,       # consecutive failed cycles
+}
+
+LEVELS = ("normal", "warning", "critical")
 
 
 @dataclass
@@ -14,38 +26,90 @@ class Health:
     reasons: list[str] = field(default_factory=list)
 
     def raise_to(self, level: str, reason: str) -> None:
-        order = ["normal", "warning", "critical"]
-        if order.index(level) > order.index(self.level):
+        if LEVELS.index(level) > LEVELS.index(self.level):
             self.level = level
         self.reasons.append(reason)
 
 
-def assess(rel: dict, now: float) -> Health:
-    """Health of one relationship seen from its primary side (or replica side)."""
+def measure(rel: dict, cycles: list[dict], now: float) -> dict:
+    """Statistics of the last 12 hours of cycles (rows of the cycles table)."""
+    recent = [c for c in cycles if c["started_at"] >= now - WINDOW]
+    ok = [c for c in recent if c.get("ok")]
+    failed = [c for c in recent if c.get("ok") == 0]
+    sizes = [int(c.get("raw_bytes") or 0) for c in ok]
+    durations = [c["finished_at"] - c["started_at"] for c in ok if c.get("finished_at")]
+    freq = int(rel.get("frequency") or 300)
+    since = max(now - WINDOW, float(rel.get("replicating_since") or rel.get("created_at") or now))
+    expected = int((now - since) // freq)
+    scheduled_ok = len([c for c in ok if c.get("kind") != "initial"])
+    missed = max(0, expected - scheduled_ok)
+    raw = sum(sizes)
+    wire = sum(int(c.get("wire_bytes") or 0) for c in ok)
+    busy = sum(durations)
+    last = rel.get("last_success_at") if rel.get("role") == "primary" else rel.get("last_freeze_at")
+    return {
+        "cycles": len(ok), "errors": len(failed), "expected_cycles": expected,
+        "missed_cycles": missed,
+        "missed_pct": round(100.0 * missed / expected, 1) if expected else 0.0,
+        "avg_cycle_bytes": int(raw / len(sizes)) if sizes else 0,
+        "max_cycle_bytes": max(sizes, default=0),
+        "avg_cycle_seconds": round(busy / len(durations), 3) if durations else None,
+        "max_cycle_seconds": round(max(durations), 3) if durations else None,
+        "last_cycle_seconds": round(durations[0], 3) if durations else None,
+        "bytes_raw": raw, "bytes_sent": wire,
+        "throughput_bps": int(raw / busy) if busy else None,
+        "last_cycle_at": last, "lag_seconds": (now - last) if last else None,
+        "last_error": failed[0].get("error") if failed else None,
+    }
+
+
+def assess(rel: dict, now: float, stats: dict | None = None,
+           thresholds: dict | None = None) -> Health:
+    """Health of one relationship, seen from this side, with the reasons."""
+    t = dict(DEFAULT_THRESHOLDS, **(thresholds or {}))
     h = Health()
     state = State(rel["state"])
     freq = int(rel.get("frequency") or 300)
+    failures = int(rel.get("consecutive_failures") or 0)
     if rel.get("fenced"):
         h.raise_to("critical", f"fenced: {rel['fenced']}")
-    elif state in (State.ERROR,):
+    elif state == State.ERROR:
         h.raise_to("critical", f"replication failing: {rel.get('last_error') or 'error'}")
     elif state == State.SUSPENDED:
-        h.raise_to("critical", "replication is suspended")
+        h.raise_to("critical", "replication is suspended (stopped by the operator)")
     elif state == State.RESYNC_REQUIRED:
-        h.raise_to("warning", f"resynchronization required: {rel.get('last_error') or ''}".rstrip(": "))
-    elif state in (State.READY_FOR_INITIAL, State.WAITING_FOR_INITIAL):
-        h.raise_to("warning", "initial replication has not run")
+        reason = rel.get("resync_reason") or rel.get("last_error") or "tracking was broken"
+        window = parse_window(rel.get("resync_window"))
+        if window is not None and rel.get("resync_window_missed"):
+            h.raise_to("critical", f"resynchronization required and its window "
+                                   f"{rel['resync_window']} passed without it: {reason}")
+        else:
+            h.raise_to("warning", f"resynchronization required: {reason}")
+    elif state == State.RESYNCHRONIZING:
+        h.raise_to("warning", "resynchronizing")
+    elif state in (State.READY_FOR_INITIAL, State.WAITING_FOR_INITIAL, State.INITIAL_IN_PROGRESS):
+        h.raise_to("warning", "initial replication has not completed")
     if rel.get("role") == "primary" and state == State.REPLICATING:
-        if rel.get("consecutive_failures", 0) > 0:
-            level = "critical" if rel["consecutive_failures"] >= 3 else "warning"
-            h.raise_to(level, f"last {rel['consecutive_failures']} cycle(s) failed: "
+        if failures:
+            level = "critical" if failures >= int(t["failures_critical"]) else "warning"
+            h.raise_to(level, f"last {failures} cycle(s) failed: "
                               f"{rel.get('last_error') or 'unknown error'}")
         last = rel.get("last_success_at")
-        if last is not None:
-            lag = now - last
-            if lag > 2 * freq:
-                h.raise_to("warning", f"lag {lag:.0f}s is over twice the frequency ({freq}s)")
-            missed = missed_cycles(last, now, freq)
-            if missed:
-                h.raise_to("warning", f"{missed} cycle(s) missed")
+        if last is not None and now - last > float(t["lag_warning_factor"]) * freq:
+            h.raise_to("warning", f"lag {now - last:.0f} s is over "
+                                  f"{t['lag_warning_factor']:g} times the frequency ({freq} s)")
+        if stats and stats.get("expected_cycles", 0) >= 5 and \
+                stats["missed_pct"] >= float(t["missed_warning_pct"]):
+            h.raise_to("warning", f"{stats['missed_cycles']} of {stats['expected_cycles']} "
+                                  f"cycles missed in the last 12 h ({stats['missed_pct']:g} %)")
+    if rel.get("role") == "replica" and state == State.REPLICATING:
+        history = int(rel.get("history", 0))
+        have = rel.get("points_count")
+        interval = int(rel.get("point_interval") or 3600)
+        since = rel.get("replicating_since")
+        if since is None:
+            since = rel.get("created_at")
+        if have is not None and history and have < history and since is not None and \
+                now - since > (history + 1) * interval:
+            h.raise_to("warning", f"{have} recovery point(s), {history} asked for")
     return h

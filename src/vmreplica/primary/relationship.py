@@ -6,7 +6,6 @@ import time
 import uuid
 
 from ..domain import points as dp
-from ..domain.health import assess
 from ..domain.schedule import format_frequency, parse_frequency, parse_window
 from ..domain.states import Role, State, check_transition, next_step, suspend_allowed
 from ..errors import Conflict, NotFound, Unreachable, UsageError
@@ -210,26 +209,3 @@ def _drop_bitmaps(host, rel: dict) -> None:
         names = tracker.owned(session, rel["disks"], bitmap_prefix(rel["id"]))
         if names:
             session.release(rel["disks"], sorted(names))
-
-
-def status(host, vm: str | None = None) -> list[dict]:
-    now = time.time()
-    rels = [host.store.relationship(vm)] if vm else host.store.relationships()
-    if vm and rels[0] is None:
-        _rel(host, vm, role="")
-    out = []
-    for rel in rels:
-        health = assess(rel, now)
-        last = rel.get("last_success_at") if rel["role"] == "primary" else rel.get("last_freeze_at")
-        out.append({
-            "vm": rel["vm"], "role": rel["role"], "peer": rel["peer"], "state": rel["state"],
-            "health": health.level, "reasons": health.reasons,
-            "frequency": format_frequency(int(rel.get("frequency", 300))),
-            "last_cycle_at": last, "lag_seconds": (now - last) if last else None,
-            "cycle": rel.get("cycle") if rel["role"] == "primary" else rel.get("last_applied_cycle"),
-            "epoch": rel["epoch"], "last_error": rel.get("last_error"),
-            "disks": rel["disks"], "fenced": rel.get("fenced"), "next": next_step(rel),
-            "test_vm": (rel.get("test") or {}).get("vm"),
-            "progress": rel.get("progress"), "resync_window": rel.get("resync_window"),
-        })
-    return out

@@ -56,7 +56,9 @@ def resync(host, vm: str) -> dict:
             host.store.update_relationship(vm, state=State.RESYNC_REQUIRED.value)
         raise
     host.store.update_relationship(vm, state=State.REPLICATING.value, resync_reason=None,
-                                   progress=None)
+                                   progress=None, resync_window_seen=False,
+                                   resync_window_missed=False,
+                                   replicating_since=rel.get("replicating_since") or time.time())
     moved = stats["raw_bytes"] + stats["zero_bytes"]
     host.event("resync", f"resynchronised: {moved} bytes moved, {stats.get('compared_bytes')} "
                          "bytes compared", vm)

@@ -57,7 +57,8 @@ def _network(host, vm: str, verify: bool) -> dict:
     except Exception:
         host.store.update_relationship(vm, state=State.READY_FOR_INITIAL.value)
         raise
-    host.store.update_relationship(vm, state=State.REPLICATING.value)
+    host.store.update_relationship(vm, state=State.REPLICATING.value,
+                                   replicating_since=time.time())
     host.event("initial", f"initial replication done: {stats.get('raw_bytes', 0)} bytes", vm)
     return stats
 
@@ -109,6 +110,7 @@ def imported(host, vm: str, answer: dict) -> bool:
     seed = rel.get("seed")
     if not seed or int(answer.get("last_applied_cycle", -1)) < int(seed["cycle"]):
         return False
-    host.store.update_relationship(vm, state=State.REPLICATING.value, seed=None)
+    host.store.update_relationship(vm, state=State.REPLICATING.value, seed=None,
+                                   replicating_since=time.time())
     host.event("initial", f"{rel['peer']} imported the seed: replicating", vm)
     return True

@@ -37,7 +37,8 @@ def create(host, vm: str, kind: str, point_time: float) -> dict:
     point_id = int(rel.get("next_point_id", 1))
     # The new layer is in the chain file-wise; record the point, then the chains.
     host.store.add_point(vm, point_id, point_time, kind, layer)
-    _set_chains(host, vm, chains, next_point_id=point_id + 1, last_point_at=point_time)
+    _set_chains(host, vm, chains, next_point_id=point_id + 1, last_point_at=point_time,
+                points_count=len(host.store.points(vm)))
     host.event("point", f"recovery point {point_id} ({kind}) made", vm)
     retain(host, vm)
     return {"id": point_id, "kind": kind, "point_time": point_time}
@@ -59,7 +60,8 @@ def retain(host, vm: str) -> int:
         chains = rstore.merge_oldest(rel["chains"])
         with host.store.transaction():
             host.store.replace_points(vm, dp.after_merge(pts))
-            rel = _set_chains(host, vm, chains, merging=False)
+            rel = _set_chains(host, vm, chains, merging=False,
+                              points_count=len(host.store.points(vm)))
         host.event("point", f"recovery point {pts[0]['id']} merged into the base (retention)", vm)
         merged += 1
 

@@ -319,6 +319,7 @@ def _applied(host, vm: str, cycle: int, header: dict | None, trailer: dict | Non
                "epoch": max(int(rel["epoch"]), int(trailer.get("epoch", 0)))}
     if rel["state"] in (State.WAITING_FOR_INITIAL.value, State.RESYNCHRONIZING.value):
         changes["state"] = State.REPLICATING.value
+        changes["replicating_since"] = rel.get("replicating_since") or time.time()
     # Only the primary's final cycle (VM off, prepared) allows a planned failover; any
     # later cycle means the primary runs again.
     changes["primary_prepared"] = {"cycle": cycle, "at": time.time()} if trailer.get("final") \

@@ -22,7 +22,7 @@ from ..replica import points as rpoints
 from ..replica import reverse as rreverse
 from ..replica import receiver
 from ..transport.http import Request, Router
-from . import trust, vms
+from . import monitor, trust, vms
 
 
 def _flag(req: Request, name: str) -> bool:
@@ -42,10 +42,20 @@ def management_routes(host, daemon) -> Router:
         threading.Thread(target=daemon.stop, name="shutdown", daemon=True).start()
         return {"stopping": True, "pid": os.getpid()}
 
+    @r.route("POST", "/v1/dashboard/token")
+    def dashboard_token(req):
+        web = host.store.get_setting("web_listen")
+        if not web:
+            raise UsageError(f"{host.name} has no dashboard (its web listener is off)",
+                             hint="init the host with --web HOST:PORT")
+        return {"url": f"https://{web}/login?token={daemon.sessions.new_token()}",
+                "address": web, "valid_seconds": 600}
+
     @r.route("GET", "/v1/host")
     def host_info(req):
         return {"name": host.name, "listen": host.listen, "fingerprint": host.fingerprint,
                 "driver": host.store.get_setting("driver"), "home": str(host.home.root),
+                "web": host.store.get_setting("web_listen"),
                 "version": __version__}
 
     # -- trust -------------------------------------------------------------------
@@ -215,12 +225,38 @@ def management_routes(host, daemon) -> Router:
 
     @r.route("GET", "/v1/status")
     def status(req):
-        return {"host": host.name, "relationships": prim.status(host, req.query.get("vm"))}
+        return {"host": host.name, "relationships": monitor.status(host, req.query.get("vm"))}
+
+    @r.route("GET", "/v1/relationships/{vm}/measure")
+    def measure(req):
+        return monitor.measure_vm(host, req.params["vm"])
+
+    @r.route("GET", "/v1/health-thresholds")
+    def get_thresholds(req):
+        return monitor.thresholds(host)
+
+    @r.route("POST", "/v1/health-thresholds")
+    def set_thresholds(req):
+        b = req.json()
+        current = dict(host.store.get_setting("health_thresholds") or {})
+        for key, kind in (("missed_warning_pct", float), ("lag_warning_factor", float),
+                          ("failures_critical", int)):
+            if key in b:
+                value = kind(b[key])
+                if value <= 0:
+                    raise UsageError(f"{key} must be above zero")
+                current[key] = value
+        host.store.set_setting("health_thresholds", current)
+        host.event("health", f"thresholds changed: {current}")
+        return monitor.thresholds(host)
 
     @r.route("GET", "/v1/events")
     def events(req):
-        return {"events": host.store.events(req.query.get("vm"),
-                                            float(req.query.get("since", 0) or 0))}
+        vm = req.query.get("vm")
+        found = host.store.events(vm, float(req.query.get("since", 0) or 0))
+        if not _flag(req, "follow"):
+            return {"events": found}
+        return _follow(host, daemon, vm, found)
 
     return r
 
@@ -303,6 +339,28 @@ def replication_routes(host) -> Router:
 
     return r
 
+
+
+def _follow(host, daemon, vm, first: list[dict]):
+    """NDJSON: the events so far, then each new one as it happens, until the client goes."""
+    import json
+
+    def gen():
+        last = 0
+        for e in first:
+            last = max(last, e["id"])
+            yield (json.dumps(e) + "\n").encode()
+        if not first:
+            last = (host.store.events(vm, 0, limit=1) or [{"id": 0}])[-1]["id"]
+        while not daemon.stopping():
+            new = host.store.events_after(last, vm)
+            for e in new:
+                last = e["id"]
+                yield (json.dumps(e) + "\n").encode()
+            if not new:
+                yield b""        # nothing yet; lets the server notice a gone client
+                time.sleep(0.3)
+    return gen()
 
 
 def recovery_points(host, vm: str) -> list[dict]:

@@ -26,10 +26,13 @@ class Daemon:
         self.home = home
         self.started_at = time.time()
         self._stopped = threading.Event()
+        self._stopping = threading.Event()
         self._lockfd: int | None = None
         self.host: Host | None = None
         self.servers = []
         self.scheduler: Scheduler | None = None
+        from ..web.auth import Sessions
+        self.sessions = Sessions()
 
     def _lock(self) -> None:
         self.home.run.mkdir(parents=True, exist_ok=True)
@@ -70,6 +73,19 @@ class Daemon:
         mgmt = UnixHTTPServer(sock, management_routes(host, self))
         os.chmod(sock, 0o600)
         self.servers = [repl, mgmt]
+        web_listen = host.store.get_setting("web_listen")
+        if web_listen:
+            from ..transport import tls
+            from ..web.app import routes as web_routes
+            wh, wp = parse_address(web_listen)
+            web_ctx = tls.server_context(self.home.cert, self.home.key, [])
+            try:
+                web = TLSHTTPServer((wh, wp), web_routes(host, self.sessions), lambda: web_ctx)
+            except OSError as e:
+                raise OperationError(f"cannot listen on {web_listen} (dashboard): {e.strerror}",
+                                     hint="choose another address with `init --web`, or off")
+            self.servers.append(web)
+            serve_in_thread(web, "web")
         serve_in_thread(repl, "replication-api")
         serve_in_thread(mgmt, "management-api")
         self.scheduler = Scheduler(host)
@@ -81,7 +97,11 @@ class Daemon:
         self._stopped.wait()
         log.info("stopped")
 
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
     def stop(self) -> None:
+        self._stopping.set()
         if self._stopped.is_set():
             return
         if self.scheduler:

@@ -82,7 +82,8 @@ def parse_address(text: str, default_port: int = 8443) -> tuple[str, int]:
     return host, port
 
 
-def init_home(home: Home, name: str, listen: str, driver: str, accel: str) -> dict:
+def init_home(home: Home, name: str, listen: str, driver: str, accel: str,
+              web: str | None = None, libvirt_uri: str | None = None) -> dict:
     from ..transport import tls
     from .store import Store
 
@@ -90,7 +91,12 @@ def init_home(home: Home, name: str, listen: str, driver: str, accel: str) -> di
         raise Conflict(f"{home.root} is already a vmreplica home",
                        hint="use another directory, or delete this one first")
     name = validate_host_name(name)
-    parse_address(listen)
+    lhost, lport = parse_address(listen)
+    if web is None:
+        web = f"{lhost}:{lport + 1}" if lport < 65535 else "off"
+    if web != "off":
+        wh, wp = parse_address(web)
+        web = f"{wh}:{wp}"
     if driver not in ("qemu", "libvirt"):
         raise UsageError(f"unknown driver {driver!r}", hint="choose qemu or libvirt")
     if accel not in ("auto", "kvm", "tcg"):
@@ -110,8 +116,11 @@ def init_home(home: Home, name: str, listen: str, driver: str, accel: str) -> di
         store.set_setting("listen", listen)
         store.set_setting("driver", driver)
         store.set_setting("accel", accel)
+        store.set_setting("web_listen", None if web == "off" else web)
+        if libvirt_uri:
+            store.set_setting("libvirt_uri", libvirt_uri)
         store.set_setting("replica_server", {"enabled": False, "storage": str(home.storage)})
     finally:
         store.close()
     return {"name": name, "listen": listen, "driver": driver, "fingerprint": fingerprint,
-            "home": str(home.root)}
+            "home": str(home.root), "web": None if web == "off" else web}

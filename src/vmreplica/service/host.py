@@ -40,7 +40,8 @@ class Host:
         if self._driver is None:
             from ..hypervisor.base import get_driver
             config = {"accel": self.store.get_setting("accel", "auto"),
-                      "libvirt_uri": self.store.get_setting("libvirt_uri")}
+                      "libvirt_uri": self.store.get_setting("libvirt_uri"),
+                      "host_name": self.name}
             self._driver = get_driver(self.store.get_setting("driver", "qemu"), self.home.root,
                                       config)
         return self._driver

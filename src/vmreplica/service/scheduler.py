@@ -14,6 +14,8 @@ import time
 from ..domain.schedule import next_due
 from ..domain.states import CYCLING, State
 
+HEALTH_EVERY = 1.0           # seconds between health evaluations (changes become events)
+EVENT_RETENTION = 30 * 86400  # events older than this are purged
 SEED_POLL = 5  # seconds between asks whether an exported seed was imported
 
 # States of a primary relationship that runs no cycles but must still learn of a takeover.
@@ -29,6 +31,8 @@ class Scheduler:
         self._running: dict[str, threading.Thread] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._last_health = 0.0
+        self._last_purge = 0.0
 
     def start(self) -> None:
         # After a (re)start every replicating relationship runs a cycle at once: it catches
@@ -49,8 +53,16 @@ class Scheduler:
     def _loop(self) -> None:
         while not self._stop.wait(self.tick):
             try:
-                self.run_due(time.time())
+                now = time.time()
+                self.run_due(now)
                 self.close_idle_heads()
+                if now - self._last_health >= HEALTH_EVERY:
+                    self._last_health = now
+                    from .monitor import record_health_changes
+                    record_health_changes(self.host)
+                if now - self._last_purge >= 3600:
+                    self._last_purge = now
+                    self.host.store.purge_events(now - EVENT_RETENTION)
             except Exception:  # noqa: BLE001 — the scheduler must keep going
                 log.exception("scheduler pass failed")
 
@@ -125,7 +137,12 @@ class Scheduler:
         if t is not None and t.is_alive():
             return
         if not window_open(rel, now):
+            if rel.get("resync_window_seen") and not rel.get("resync_window_missed"):
+                # The window came and went and the resync did not happen: critical.
+                self.host.store.update_relationship(vm, resync_window_missed=True)
             return
+        if rel.get("resync_window") and not rel.get("resync_window_seen"):
+            self.host.store.update_relationship(vm, resync_window_seen=True)
         if now < next_due(rel.get("last_resync_attempt_at"), int(rel.get("frequency", 300))):
             return
         self.host.store.update_relationship(vm, last_resync_attempt_at=now)

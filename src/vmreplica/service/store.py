@@ -237,6 +237,14 @@ class Store:
         self._exec("INSERT INTO events(ts, vm, kind, message) VALUES(?,?,?,?)",
                    (time.time(), vm, kind, message))
 
+    def purge_events(self, before: float) -> int:
+        return self._exec("DELETE FROM events WHERE ts < ?", (before,)).rowcount
+
+    def events_after(self, after_id: int, vm: str | None = None) -> list[dict]:
+        if vm:
+            return self._all("SELECT * FROM events WHERE id>? AND vm=? ORDER BY id", (after_id, vm))
+        return self._all("SELECT * FROM events WHERE id>? ORDER BY id", (after_id,))
+
     def events(self, vm: str | None = None, since: float = 0, limit: int = 1000) -> list[dict]:
         if vm:
             return self._all("SELECT * FROM events WHERE vm=? AND ts>=? ORDER BY id DESC LIMIT ?",

@@ -66,6 +66,22 @@ class Request:
         return data
 
 
+class Response:
+    """A route's answer that is not JSON: a page, metrics, a redirect with a cookie."""
+
+    def __init__(self, body: bytes | str = b"", status: int = 200,
+                 content_type: str = "text/html; charset=utf-8",
+                 headers: dict[str, str] | None = None):
+        self.body = body.encode() if isinstance(body, str) else body
+        self.status = status
+        self.content_type = content_type
+        self.headers = headers or {}
+
+    @classmethod
+    def redirect(cls, location: str, headers: dict[str, str] | None = None) -> "Response":
+        return cls(b"", 303, headers={"Location": location, **(headers or {})})
+
+
 class BodyReader:
     """``read(n)`` over a request body; a cut connection is a ``TransportError``."""
 
@@ -185,6 +201,8 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         if result is None:
             result = {}
+        if isinstance(result, Response):
+            return self._send_response(result)
         if isinstance(result, dict) or isinstance(result, list):
             return self._send_json(200, result)
         return self._send_stream(result)
@@ -214,6 +232,16 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def _send_response(self, r: Response) -> None:
+        self.send_response(r.status)
+        self.send_header("Content-Type", r.content_type)
+        self.send_header("Content-Length", str(len(r.body)))
+        for k, v in r.headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(r.body)
+
     def _send_stream(self, chunks: Iterator[bytes]) -> None:
         """Stream lines (NDJSON progress, event follow) with chunked encoding."""
         self.send_response(200)
@@ -221,15 +249,31 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         try:
+            idle = 0
             for piece in chunks:
                 if piece:
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
                     self.wfile.flush()
+                    idle = 0
+                else:
+                    idle += 1
+                    if idle % 10 == 0 and _peer_gone(self.connection):
+                        break
             self.wfile.write(b"0\r\n\r\n")
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
 
     do_GET = do_POST = do_PUT = do_DELETE = _dispatch
+
+
+def _peer_gone(sock) -> bool:
+    """A streaming answer's client closed its end (reads EOF without blocking)."""
+    import select
+    try:
+        r, _, _ = select.select([sock], [], [], 0)
+        return bool(r) and sock.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        return True
 
 
 class UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):

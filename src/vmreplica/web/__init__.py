@@ -1,4 +1,5 @@
-"""The web dashboard (a later issue): pages served by the daemon over the management API.
+"""The web listener: the dashboard (login by a one-time token from `vmreplica dashboard`),
+its JSON and actions, and Prometheus /metrics. HTTPS with the host's certificate.
 
-May import `service` read models only.
+May import `service` (read models and operations), `transport.http`, `domain`, `errors`.
 """

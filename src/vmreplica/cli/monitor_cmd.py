@@ -1,0 +1,83 @@
+"""Watching: measure, dashboard, health thresholds."""
+
+from __future__ import annotations
+
+from ..domain.units import format_size
+from .main import client_of
+from .render import ago, duration, emit_json
+
+
+def register(sub) -> None:
+    p = sub.add_parser("measure", help="sizes, lag, durations, missed cycles, errors, bytes")
+    p.add_argument("vm")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_measure)
+
+    p = sub.add_parser("dashboard", help="print the dashboard's address with a one-time login")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_dashboard)
+
+    p = sub.add_parser("health-thresholds", help="show or set when health turns warning or "
+                                                 "critical")
+    p.add_argument("--missed-pct", type=float, help="warning at this %% of cycles missed in 12 h")
+    p.add_argument("--lag-factor", type=float, help="warning when lag > factor x frequency")
+    p.add_argument("--failures", type=int, help="critical after this many failed cycles")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_thresholds)
+
+
+def cmd_measure(args) -> int:
+    m = client_of(args).call("GET", f"/v1/relationships/{args.vm}/measure")
+    if args.json:
+        emit_json(m)
+        return 0
+    rows = [
+        ("role / peer", f"{m['role']} / {m['peer']}"), ("state", m["state"]),
+        ("health", m["health"] + "".join(f"\n{'':22}{r}" for r in m["reasons"])),
+        ("frequency", m["frequency"]),
+        ("last cycle", ago(m["last_cycle_at"])), ("lag", duration(m["lag_seconds"])),
+        ("pending", "-" if m["pending_bytes"] is None else format_size(m["pending_bytes"])),
+        ("cycles (12 h)", f"{m['cycles']} of {m['expected_cycles']} expected, "
+                          f"{m['missed_cycles']} missed ({m['missed_pct']} %), "
+                          f"{m['errors']} failed"),
+        ("cycle size", f"avg {format_size(m['avg_cycle_bytes'])}, "
+                       f"max {format_size(m['max_cycle_bytes'])}"),
+        ("cycle duration", f"avg {duration(m['avg_cycle_seconds'])}, "
+                           f"max {duration(m['max_cycle_seconds'])}"),
+        ("bytes (12 h)", f"{format_size(m['bytes_raw'])} changed, "
+                         f"{format_size(m['bytes_sent'])} sent"),
+        ("throughput", "-" if not m["throughput_bps"] else
+         f"{format_size(m['throughput_bps'])}/s"),
+        ("last error", m["last_error"] or "-"),
+    ]
+    print(f"{m['vm']}")
+    for k, v in rows:
+        print(f"  {k:20}{v}")
+    return 0
+
+
+def cmd_dashboard(args) -> int:
+    info = client_of(args).call("POST", "/v1/dashboard/token")
+    if args.json:
+        emit_json(info)
+        return 0
+    print("Open this address (valid once, for 10 minutes; the certificate is this host's own, "
+          "pinned by its fingerprint: `vmreplica host`):")
+    print(info["url"])
+    return 0
+
+
+def cmd_thresholds(args) -> int:
+    body = {k: v for k, v in (("missed_warning_pct", args.missed_pct),
+                              ("lag_warning_factor", args.lag_factor),
+                              ("failures_critical", args.failures)) if v is not None}
+    client = client_of(args)
+    info = client.call("POST", "/v1/health-thresholds", body) if body else \
+        client.call("GET", "/v1/health-thresholds")
+    if args.json:
+        emit_json(info)
+        return 0
+    print(f"warning: {info['missed_warning_pct']:g} % of cycles missed in 12 h, or lag over "
+          f"{info['lag_warning_factor']:g} x the frequency; critical: "
+          f"{info['failures_critical']} failed cycles in a row")
+    return 0

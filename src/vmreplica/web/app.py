@@ -1,0 +1,34 @@
+"""Routes of the web listener. Pages are rendered on the server (no build step, no
+external assets); every page and action needs a session, /metrics does not (as usual
+for a Prometheus target)."""
+
+from __future__ import annotations
+
+from ..service import metrics
+from ..transport.http import Response, Router
+from . import auth, pages
+
+
+def routes(host, sessions: auth.Sessions) -> Router:
+    r = Router()
+
+    @r.route("GET", "/metrics")
+    def metrics_route(req):
+        return Response(metrics.render(host), content_type=metrics.CONTENT_TYPE)
+
+    @r.route("GET", "/login")
+    def login(req):
+        session = sessions.login(req.query.get("token", ""))
+        if session is None:
+            return Response(pages.message("This login link is not valid (it is single use and "
+                                          "lasts 10 minutes). Run `vmreplica dashboard` for a "
+                                          "new one."), status=403)
+        return Response.redirect("/", {"Set-Cookie": auth.set_cookie(session)})
+
+    @r.route("POST", "/logout")
+    def logout(req):
+        sessions.logout(req.headers.get("Cookie"))
+        return Response(pages.message("Logged out."))
+
+    pages.register(r, host, sessions)
+    return r

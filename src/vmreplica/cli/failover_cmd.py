@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 from ..domain.units import format_size
+from . import bulk
 from .main import client_of
 from .render import emit_json, size, table
 
@@ -20,8 +21,9 @@ def register(sub) -> None:
                        description="On the replica: `failover VM [--point ID]` starts the VM "
                        "here (planned if the primary ran --prepare, else unplanned: then "
                        "--complete or --cancel); --test / --stop-test run a throw-away copy. "
-                       "On the primary: --prepare [--shutdown] (and --cancel).")
-    p.add_argument("vm")
+                       "On the primary: --prepare [--shutdown] (and --cancel). Several VMs, "
+                       "--all or --tag: a whole site at once.")
+    bulk.add_targets(p)
     g = p.add_mutually_exclusive_group()
     for flag, text in (("--test", "start VM-test from a point, replication goes on"),
                        ("--stop-test", "stop and delete the test VM and its files"),
@@ -36,13 +38,13 @@ def register(sub) -> None:
     p.add_argument("--shutdown", action="store_true",
                    help="with --prepare: shut the running VM down cleanly first")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_failover, action="start")
+    p.set_defaults(func=bulk.each(cmd_failover), action="start")
 
     p = sub.add_parser("reverse", help="after a failover: this host becomes the primary, the "
                                        "old primary its replica (only differences move)")
-    p.add_argument("vm")
+    bulk.add_targets(p)
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_reverse)
+    p.set_defaults(func=bulk.each(cmd_reverse))
 
 
 def cmd_points(args) -> int:

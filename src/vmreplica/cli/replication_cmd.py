@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from .. import errors
 from ..domain.units import format_size
+from . import bulk
 from .main import client_of
-from .render import ago, duration, emit_json, table
+from .render import ago, duration, emit_json, table, with_progress
 
 
 def register(sub) -> None:
-    p = sub.add_parser("enable", help="replicate a VM to a replica host")
-    p.add_argument("vm")
+    p = sub.add_parser("enable", help="replicate VMs to a replica host")
+    bulk.add_targets(p, "unreplicated")
     p.add_argument("--replica", required=True, metavar="HOST:PORT")
     p.add_argument("--frequency", default="5m", choices=["30s", "5m", "15m"])
     p.add_argument("--compression", default="zstd", choices=["zstd", "none"])
@@ -25,11 +26,11 @@ def register(sub) -> None:
                    help="every Nth point is app-consistent (guest agent fsfreeze); 0: none")
     p.add_argument("--resync-window", metavar="HH:MM-HH:MM",
                    help="automatic resynchronisations wait for this window (e.g. 18:30-06:00)")
-    p.set_defaults(func=cmd_enable)
+    p.set_defaults(func=bulk.each(cmd_enable))
 
     p = sub.add_parser("set", help="change replication settings of one or more VMs "
                                    "(no re-seeding)")
-    p.add_argument("vms", nargs="+", metavar="VM")
+    bulk.add_targets(p)
     p.add_argument("--frequency", choices=["30s", "5m", "15m"])
     p.add_argument("--recovery-history", type=int, metavar="N", dest="history")
     p.add_argument("--point-interval", metavar="DURATION")
@@ -41,12 +42,12 @@ def register(sub) -> None:
     p.add_argument("--include-disk", action="append", default=[], metavar="NAME",
                    help="start replicating this disk too (a resync seeds it)")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_set)
+    p.set_defaults(func=bulk.each(cmd_set))
 
     p = sub.add_parser("initial", help="seed the replica: the initial copy (allocated data "
                                        "only), an export for removable media, or a copy the "
                                        "replica already holds")
-    p.add_argument("vm")
+    bulk.add_targets(p)
     p.add_argument("--method", choices=["network", "export", "existing"], default="network")
     p.add_argument("--path", metavar="DIR", help="export: folder to write the seed to (on "
                    "this host); existing: folder of the VM copy on the replica host")
@@ -56,15 +57,15 @@ def register(sub) -> None:
     p.add_argument("--verify", action="store_true",
                    help="then compare block digests of the replica with the source")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_initial)
+    p.set_defaults(func=bulk.each(cmd_initial))
 
     p = sub.add_parser("sync", help="run one cycle now; exit 0 once the replica acked it")
-    p.add_argument("vm")
+    bulk.add_targets(p)
     p.add_argument("--verify", action="store_true",
                    help="then compare block digests of the replica's head with the frozen "
                         "point (reads both disks whole)")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_sync)
+    p.set_defaults(func=bulk.each(cmd_sync))
 
     p = sub.add_parser("status", help="state, health, last cycle and lag of relationships")
     p.add_argument("vm", nargs="?")
@@ -74,23 +75,24 @@ def register(sub) -> None:
     for verb, text in (("suspend", "pause replication (changes stay tracked)"),
                        ("resume", "resume replication")):
         p = sub.add_parser(verb, help=text)
-        p.add_argument("vm")
-        p.set_defaults(func=cmd_simple, verb=verb)
+        bulk.add_targets(p)
+        p.set_defaults(func=bulk.each(cmd_simple), verb=verb)
 
     p = sub.add_parser("remove", help="remove replication on both hosts")
-    p.add_argument("vm")
+    bulk.add_targets(p)
     p.add_argument("--keep-replica", action="store_true",
                    help="keep the replica VM and its disks on the replica host")
     p.add_argument("--force", action="store_true",
                    help="remove here even if the replica host is unreachable")
-    p.set_defaults(func=cmd_remove)
+    p.set_defaults(func=bulk.each(cmd_remove))
 
     p = sub.add_parser("resync", help="ship only the blocks that differ from the replica "
-                                      "(compares block digests)")
-    p.add_argument("vm")
+                                      "(compares block digests); several VMs run one "
+                                      "after the other")
+    bulk.add_targets(p)
     p.add_argument("--now", action="store_true", help="do not wait for the resync window")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_resync)
+    p.set_defaults(func=bulk.each(cmd_resync))
 
     p = sub.add_parser("test-connection", help="check that a paired replica answers")
     p.add_argument("address", metavar="HOST:PORT")
@@ -123,9 +125,11 @@ def _cycle_report(args, kind: str, stats: dict) -> int:
 
 
 def cmd_initial(args) -> int:
-    info = client_of(args).call("POST", f"/v1/relationships/{args.vm}/initial", {
-        "method": args.method, "path": args.path, "at": args.at, "import": args.import_dir,
-        "verify": args.verify})
+    client = client_of(args)
+    info = with_progress(client, args.vm, f"initial copy of {args.vm}", lambda: client.call(
+        "POST", f"/v1/relationships/{args.vm}/initial", {
+            "method": args.method, "path": args.path, "at": args.at,
+            "import": args.import_dir, "verify": args.verify}))
     if args.json:
         emit_json(info)
         return 0
@@ -209,41 +213,10 @@ def cmd_test_connection(args) -> int:
 
 
 def cmd_resync(args) -> int:
-    import sys
-    import threading
-    import time
-
     client = client_of(args)
-    box: dict = {}
-
-    def call():
-        try:
-            box["info"] = client.call("POST", f"/v1/relationships/{args.vm}/resync"
-                                      + ("?now=1" if args.now else ""))
-        except Exception as e:  # noqa: BLE001 — re-raised in the main thread
-            box["error"] = e
-
-    t = threading.Thread(target=call, daemon=True)
-    t.start()
-    shown = False
-    while t.is_alive():
-        t.join(1.0)
-        if t.is_alive() and not args.json:
-            try:
-                st = client_of(args).call("GET", f"/v1/status?vm={args.vm}")["relationships"][0]
-            except Exception:  # noqa: BLE001 — progress is best effort
-                continue
-            p = st.get("progress")
-            if p and p.get("total"):
-                sys.stderr.write(f"\rresync of {args.vm}: {100 * p['done'] / p['total']:5.1f} % "
-                                 f"({format_size(p['done'])} of {format_size(p['total'])} compared)")
-                sys.stderr.flush()
-                shown = True
-    if shown:
-        sys.stderr.write("\n")
-    if "error" in box:
-        raise box["error"]
-    info = box["info"]
+    info = with_progress(client, args.vm, f"resync of {args.vm}",
+                         lambda: client.call("POST", f"/v1/relationships/{args.vm}/resync"
+                                             + ("?now=1" if args.now else "")))
     if args.json:
         emit_json(info)
         return 0
@@ -261,22 +234,10 @@ def cmd_set(args) -> int:
     body = {k: getattr(args, k) for k in ("frequency", "history", "point_interval", "app_every",
                                           "compression", "resync_window")}
     body.update(exclude_disks=args.exclude_disk, include_disks=args.include_disk)
-    client = client_of(args)
-    results, failed = [], 0
-    for vm in args.vms:
-        try:
-            info = client.call("POST", f"/v1/relationships/{vm}/settings", body)
-            results.append({"vm": vm, "ok": True, **info})
-        except errors.VmreplicaError as e:
-            failed += 1
-            results.append({"vm": vm, "ok": False, "error": e.message})
+    info = client_of(args).call("POST", f"/v1/relationships/{args.vm}/settings", body)
     if args.json:
-        emit_json(results)
+        emit_json(info)
     else:
-        for r in results:
-            if r["ok"]:
-                changed = ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("vm", "ok"))
-                print(f"{r['vm']}: {changed}")
-            else:
-                print(f"{r['vm']}: FAILED: {r['error']}")
-    return 1 if failed else 0
+        changed = ", ".join(f"{k}={v}" for k, v in info.items() if k != "vm")
+        print(f"{args.vm}: {changed}")
+    return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from . import bulk
 from .main import client_of
 from .render import emit_json, size, table
 
@@ -27,16 +28,21 @@ def register(sub) -> None:
     s.add_argument("name")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_show)
-    s = vsub.add_parser("start", help="start a VM")
-    s.add_argument("name")
-    s.set_defaults(func=cmd_start)
-    s = vsub.add_parser("stop", help="shut a VM down (--force: power off at once)")
-    s.add_argument("name")
+    s = vsub.add_parser("start", help="start VMs")
+    bulk.add_targets(s, "any")
+    s.set_defaults(func=bulk.each(cmd_start))
+    s = vsub.add_parser("stop", help="shut VMs down (--force: power off at once)")
+    bulk.add_targets(s, "any")
     s.add_argument("--force", action="store_true")
-    s.set_defaults(func=cmd_stop)
-    s = vsub.add_parser("delete", help="delete a stopped VM and its disks")
-    s.add_argument("name")
-    s.set_defaults(func=cmd_delete)
+    s.set_defaults(func=bulk.each(cmd_stop))
+    s = vsub.add_parser("delete", help="delete stopped VMs and their disks")
+    bulk.add_targets(s, "any")
+    s.set_defaults(func=bulk.each(cmd_delete))
+    s = vsub.add_parser("tag", help="add or remove tags (used by --tag in bulk commands)")
+    bulk.add_targets(s, "any")
+    s.add_argument("--add", action="append", default=[], metavar="TAG")
+    s.add_argument("--remove", action="append", default=[], metavar="TAG")
+    s.set_defaults(func=bulk.each(cmd_tag))
 
 
 def cmd_create(args) -> int:
@@ -57,8 +63,8 @@ def cmd_list(args) -> int:
         emit_json(vms)
         return 0
     table([[v["name"], v["state"], v["role"], len(v["disks"]),
-            size(sum(d["virtual_size"] for d in v["disks"]))] for v in vms],
-          ["VM", "STATE", "ROLE", "DISKS", "SIZE"])
+            size(sum(d["virtual_size"] for d in v["disks"])), ",".join(v.get("tags") or [])]
+           for v in vms], ["VM", "STATE", "ROLE", "DISKS", "SIZE", "TAGS"])
     return 0
 
 
@@ -74,20 +80,27 @@ def cmd_show(args) -> int:
     return 0
 
 
+def cmd_tag(args) -> int:
+    vm = client_of(args).call("POST", f"/v1/vms/{args.vm}/tags",
+                              {"add": args.add, "remove": args.remove})
+    print(f"{vm['name']}: tags {', '.join(vm['tags']) or '(none)'}")
+    return 0
+
+
 def cmd_start(args) -> int:
-    vm = client_of(args).call("POST", f"/v1/vms/{args.name}/start")
+    vm = client_of(args).call("POST", f"/v1/vms/{args.vm}/start")
     print(f"{vm['name']}: {vm['state']}")
     return 0
 
 
 def cmd_stop(args) -> int:
     q = "?force=1" if args.force else ""
-    vm = client_of(args).call("POST", f"/v1/vms/{args.name}/stop{q}")
+    vm = client_of(args).call("POST", f"/v1/vms/{args.vm}/stop{q}")
     print(f"{vm['name']}: {vm['state']}")
     return 0
 
 
 def cmd_delete(args) -> int:
-    client_of(args).call("DELETE", f"/v1/vms/{args.name}")
-    print(f"VM {args.name} deleted")
+    client_of(args).call("DELETE", f"/v1/vms/{args.vm}")
+    print(f"VM {args.vm} deleted")
     return 0

@@ -66,6 +66,10 @@ class Export:
 
 
 class Driver(Protocol):
+    """Optional: ``set_title(name, title, description=None)`` labels a VM in the
+    hypervisor's own tools (libvirt's <title>, e.g. "replica of web1 on site-a"); drivers
+    without labels do not have it, so callers use ``getattr(driver, "set_title", None)``."""
+
     name: str
 
     def list_vms(self) -> list[VMInfo]: ...

@@ -1288,11 +1288,11 @@ class LibvirtBlockSession:
                 self._delete_checkpoint(name, cps[name])
         nodes = self._nodes()
         actions = []
-        for x in set(disks) | set(self.disks):
-            if x in nodes and set(names) & set(self._disk_bitmaps(x, nodes)):
-                actions += [{"type": "block-dirty-bitmap-remove",
-                             "data": {"node": nodes[x]["node-name"], "name": n}}
-                            for n in names if n in self._disk_bitmaps(x, nodes)]
+        for x in sorted(nodes):
+            have = self._disk_bitmaps(x, nodes)
+            actions += [{"type": "block-dirty-bitmap-remove",
+                         "data": {"node": nodes[x]["node-name"], "name": n}}
+                        for n in names if n in have]
         self._transaction(actions)
 
     def _delete_checkpoint(self, name: str, targets: dict[str, str]) -> None:
@@ -1305,9 +1305,18 @@ class LibvirtBlockSession:
                 cp.delete(0)    # removes just this checkpoint's bitmaps
                 return
             except libvirt.libvirtError as e:
-                # e.g. its bitmap is gone from an image: drop the metadata, then the rest
-                log.info("deleting checkpoint %s of %s: %s; removing its metadata",
-                         name, self.vm.name, _lv_error(e))
+                # libvirt refuses when a bitmap is gone from an image ("not found in
+                # backing chain"): then only the metadata is left to drop. Anything else
+                # (a busy bitmap, say) is an error.
+                nodes = self._nodes()
+                by_target = {d.target: d.name for d in self.vm.disks}
+                missing = [t for t, b in targets.items() if by_target.get(t) in nodes
+                           and b not in self._disk_bitmaps(by_target[t], nodes)]
+                if not missing:
+                    raise HypervisorError(f"libvirt could not delete checkpoint {name} of "
+                                          f"{self.vm.name}: {_lv_error(e)}") from None
+                log.info("checkpoint %s of %s has no bitmap on %s: removing its metadata",
+                         name, self.vm.name, ", ".join(missing))
         # Off (libvirt 9.0 cannot delete a checkpoint of an inactive domain): metadata
         # first, then the bitmaps (release() removes them) — a crash in between leaves a
         # plain bitmap the tracker folds in, never a checkpoint without its bitmap.

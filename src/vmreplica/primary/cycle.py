@@ -181,7 +181,8 @@ class _Progress:
 
     def __init__(self, host, vm: str, point):
         self.host, self.vm, self.point = host, vm, point
-        self.total = sum(e.size for e in point.exports.values())
+        self.total = sum(e.size for e in point.exports.values()) \
+            if hasattr(point, "compared") else point.data_bytes()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"progress-{vm}", daemon=True)
 

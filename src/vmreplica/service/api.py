@@ -149,6 +149,12 @@ def management_routes(host, daemon) -> Router:
     def vm_stop(req):
         return vms.stop(host, req.params["name"], _flag(req, "force"))
 
+    @r.route("POST", "/v1/vms/{name}/tags")
+    def vm_tags(req):
+        b = req.json()
+        return vms.tag(host, req.params["name"], list(b.get("add") or []),
+                       list(b.get("remove") or []))
+
     @r.route("DELETE", "/v1/vms/{name}")
     def vm_delete(req):
         return vms.delete(host, req.params["name"])

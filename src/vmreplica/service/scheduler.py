@@ -145,6 +145,9 @@ class Scheduler:
             self.host.store.update_relationship(vm, resync_window_seen=True)
         if now < next_due(rel.get("last_resync_attempt_at"), int(rel.get("frequency", 300))):
             return
+        # Staggered: one automatic resync at a time per host (they read whole disks).
+        if any(t.is_alive() and t.name.startswith("resync-") for t in self._running.values()):
+            return
         self.host.store.update_relationship(vm, last_resync_attempt_at=now)
 
         def run():

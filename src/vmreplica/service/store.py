@@ -43,6 +43,8 @@ CREATE INDEX IF NOT EXISTS cycles_vm ON cycles (vm, started_at);
 CREATE TABLE IF NOT EXISTS recovery_points (
     vm TEXT NOT NULL, id INTEGER NOT NULL, point_time REAL NOT NULL, kind TEXT NOT NULL,
     layer INTEGER NOT NULL, created_at REAL NOT NULL, PRIMARY KEY (vm, id));
+CREATE TABLE IF NOT EXISTS vm_tags (
+    vm TEXT NOT NULL, tag TEXT NOT NULL, PRIMARY KEY (vm, tag));
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, vm TEXT, kind TEXT NOT NULL,
     message TEXT NOT NULL);
@@ -231,6 +233,24 @@ class Store:
 
     def cycles(self, vm: str, limit: int = 100) -> list[dict]:
         return self._all("SELECT * FROM cycles WHERE vm=? ORDER BY id DESC LIMIT ?", (vm, limit))
+
+    # -- tags --------------------------------------------------------------------------
+    def tags(self, vm: str) -> list[str]:
+        return [r["tag"] for r in self._all("SELECT tag FROM vm_tags WHERE vm=? ORDER BY tag",
+                                            (vm,))]
+
+    def all_tags(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for r in self._all("SELECT vm, tag FROM vm_tags ORDER BY vm, tag"):
+            out.setdefault(r["vm"], []).append(r["tag"])
+        return out
+
+    def set_tags(self, vm: str, add: list[str], remove: list[str]) -> None:
+        with self.transaction():
+            for t in add:
+                self._exec("INSERT OR IGNORE INTO vm_tags(vm, tag) VALUES(?,?)", (vm, t))
+            for t in remove:
+                self._exec("DELETE FROM vm_tags WHERE vm=? AND tag=?", (vm, t))
 
     # -- events ----------------------------------------------------------------------
     def add_event(self, kind: str, message: str, vm: str | None = None) -> None:

@@ -12,8 +12,9 @@ def role_of(host, vm: str) -> str:
     return rel["role"] if rel else "none"
 
 
-def vm_json(host, info) -> dict:
+def vm_json(host, info, tags: list[str] | None = None) -> dict:
     return {
+        "tags": host.store.tags(info.name) if tags is None else tags,
         "name": info.name, "state": info.state, "role": role_of(host, info.name),
         "memory_mb": info.memory_mb, "guest": info.guest, "pid": info.pid,
         "disks": [{"name": d.name, "path": d.path, "format": d.format,
@@ -51,7 +52,18 @@ def show(host, name: str) -> dict:
 
 
 def list_all(host) -> list[dict]:
-    return [vm_json(host, i) for i in host.driver.list_vms()]
+    tags = host.store.all_tags()
+    return [vm_json(host, i, tags.get(i.name, [])) for i in host.driver.list_vms()]
+
+
+def tag(host, name: str, add: list[str], remove: list[str]) -> dict:
+    import re
+    host.driver.inspect(name)
+    for t in add:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", t):
+            raise UsageError(f"invalid tag {t!r}", hint="letters, digits, '-', '_' and '.'")
+    host.store.set_tags(name, add, remove)
+    return vm_json(host, host.driver.inspect(name))
 
 
 def start(host, name: str) -> dict:
@@ -116,6 +128,7 @@ def delete(host, name: str) -> dict:
             raise Conflict(f"{name} is replicated ({rel['role']} side, peer {rel['peer']})",
                            hint=f"remove replication first: `vmreplica remove {name}`")
         host.driver.delete(name)
+        host.store.set_tags(name, [], host.store.tags(name))
     host.event("vm", "VM deleted", name)
     return {"name": name, "deleted": True}
 

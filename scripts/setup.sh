@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 PACKAGES=(qemu-system-x86 qemu-utils qemu-system-common python3-venv python3-libnbd
           python3-libvirt libvirt-daemon-system python3-cryptography rsync cpio busybox-static
-          iproute2 procps)
+          iproute2 procps chromium chromium-driver)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -30,16 +30,22 @@ fi
 rm -f /etc/libvirt/qemu/networks/autostart/default.xml
 
 mkdir -p /var/log/libvirt /var/log/libvirt/qemu /run/libvirt
-if ! pgrep -x virtlogd > /dev/null; then
-    virtlogd -d
-fi
-# A stale pid file of a dead libvirtd makes a new one refuse to start.
-if [ -f /run/libvirtd.pid ] && ! kill -0 "$(cat /run/libvirtd.pid 2>/dev/null)" 2>/dev/null; then
-    rm -f /run/libvirtd.pid
-fi
-if ! pgrep -x libvirtd > /dev/null; then
-    libvirtd -d
-fi
+
+# running DAEMON: its pid file names a live process that is not a zombie (a stale pid file
+# of a dead daemon makes a new one refuse to start: remove it)
+running() {
+    local pidfile=/run/$1.pid pid state
+    pid=$(cat "$pidfile" 2>/dev/null) || return 1
+    state=$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) || state=
+    if [ -n "$state" ] && [ "$state" != Z ] && grep -qa "$1" "/proc/$pid/cmdline" 2>/dev/null; then
+        return 0
+    fi
+    rm -f "$pidfile"
+    return 1
+}
+
+running virtlogd || virtlogd -d
+running libvirtd || libvirtd -d
 
 deadline=$((SECONDS + TIMEOUT))
 until answers; do

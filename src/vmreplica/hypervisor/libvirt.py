@@ -1278,8 +1278,9 @@ class LibvirtBlockSession:
 
     # -- checkpoints -------------------------------------------------------------------
     def release(self, disks: list[str], names: list[str]) -> None:
-        """Delete checkpoints ``names`` (and their bitmaps; libvirt checkpoints are VM-wide)
-        and any bitmap of those names on ``disks`` that no checkpoint records."""
+        """Delete checkpoints ``names`` with their bitmaps, and bitmaps of those names that
+        no checkpoint records. A libvirt checkpoint spans disks: it goes as a whole (the
+        tracker always passes the same disks to freeze and release)."""
         if not names:
             return
         cps = self._checkpoints()

@@ -51,6 +51,7 @@ def enable(host, vm: str, replica: str, frequency: str = "5m", compression: str 
     answer = client.request("POST", "/v1/replica/relationships", {
         "vm": vm, "id": rel_id, "epoch": 1, "security_tag": security_tag,
         "frequency": freq, "description": desc, "history": history,
+        "point_interval": interval,
     })
     peer = host.store.peer_by_address(f"{client.host}:{client.port}")
     rel = {

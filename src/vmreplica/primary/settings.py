@@ -91,9 +91,10 @@ def change_disks(host, vm: str, exclude: list[str], include: list[str]) -> dict:
 
 def apply(host, vm: str, changes: dict) -> dict:
     rel = _rel(host, vm)
-    if "history" in changes:
+    if "history" in changes or "point_interval" in changes:
         host.client_for_peer(rel["peer"], timeout=60).request(
-            "POST", f"/v1/replica/relationships/{vm}/settings", {"history": changes["history"]})
+            "POST", f"/v1/replica/relationships/{vm}/settings",
+            {k: changes[k] for k in ("history", "point_interval") if k in changes})
     host.store.update_relationship(vm, **changes)
     shown = dict(changes)
     if "frequency" in shown:

@@ -64,7 +64,8 @@ def test_start(host, vm: str, point=None, network: str = "none") -> dict:
             raise Conflict(f"{vm} cannot be tested in state {rel['state']}")
         if point in (None, "latest"):
             # The newest state: freeze the head into a point (cycles go on into a new head).
-            made = points.create(host, vm, "crash", rel.get("last_freeze_at") or time.time())
+            made = points.create(host, vm, "crash", rel.get("last_freeze_at") or time.time(),
+                                 apply_retention=False)  # retention waits for stop-test
             rel = host.store.relationship(vm)
             point = made["id"]
         layer, label = _layer_of(host, rel, point)

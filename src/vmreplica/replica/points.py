@@ -28,7 +28,7 @@ def _set_chains(host, vm: str, chains: dict[str, list[str]], **changes) -> dict:
     return rel
 
 
-def create(host, vm: str, kind: str, point_time: float) -> dict:
+def create(host, vm: str, kind: str, point_time: float, apply_retention: bool = True) -> dict:
     """Freeze the heads: the current contents become a recovery point."""
     rel = host.store.relationship(vm)
     host.heads.close(vm)
@@ -40,7 +40,8 @@ def create(host, vm: str, kind: str, point_time: float) -> dict:
     _set_chains(host, vm, chains, next_point_id=point_id + 1, last_point_at=point_time,
                 points_count=len(host.store.points(vm)))
     host.event("point", f"recovery point {point_id} ({kind}) made", vm)
-    retain(host, vm)
+    if apply_retention:
+        retain(host, vm)
     return {"id": point_id, "kind": kind, "point_time": point_time}
 
 

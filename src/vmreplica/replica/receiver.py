@@ -76,6 +76,7 @@ def create_relationship(host, peer: dict, body: dict) -> dict:
             "disks": [d["name"] for d in disks], "chains": chains,
             "frequency": int(body.get("frequency", 300)), "last_applied_cycle": -1,
             "security_tag": tag, "history": int(body.get("history", 4)),
+            "point_interval": int(body.get("point_interval", 3600)),
         }
         host.store.add_relationship(rel)
     except Exception:
@@ -130,10 +131,20 @@ def receive_cycle(host, peer: dict, vm: str, body) -> dict:
     reader = wire.CycleReader(body.read)
     header = reader.start()
     cycle = _check_header(host, rel, header)
+    kind = "initial" if header.get("initial") else "resync" if header.get("resync") else "delta"
     with host.vm_lock(vm):
-        if header.get("initial") or header.get("resync"):
-            return _receive_initial(host, vm, cycle, reader)
-        return _receive_delta(host, vm, cycle, reader, body)
+        row = host.store.start_cycle(vm, cycle, kind)   # the replica's cycle history
+        try:
+            if kind == "delta":
+                result = _receive_delta(host, vm, cycle, reader, body)
+            else:
+                result = _receive_initial(host, vm, cycle, reader)
+        except Exception as e:
+            host.store.finish_cycle(row, False, error=getattr(e, "message", None) or str(e))
+            raise
+        host.store.finish_cycle(row, True, reader.raw_bytes, reader.bytes_read,
+                                result.get("records", 0))
+        return result
 
 
 def _receive_initial(host, vm: str, cycle: int, reader: wire.CycleReader) -> dict:
@@ -210,8 +221,9 @@ def apply_settings(host, peer: dict, vm: str, body: dict) -> dict:
     rel = _own_relationship(host, peer, vm)
     from ..domain import points as dp
     history = dp.validate_history(int(body.get("history", rel.get("history", 4))))
+    interval = int(body.get("point_interval", rel.get("point_interval", 3600)))
     with host.vm_lock(vm):
-        host.store.update_relationship(vm, history=history)
+        host.store.update_relationship(vm, history=history, point_interval=interval)
         if rel["state"] == State.REPLICATING.value:
             points.retain(host, vm)
     return {"vm": vm, "history": history}

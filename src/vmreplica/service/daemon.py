@@ -31,8 +31,17 @@ class Daemon:
         self.host: Host | None = None
         self.servers = []
         self.scheduler: Scheduler | None = None
-        from ..web.auth import Sessions
-        self.sessions = Sessions()
+        from ..web.auth import COOKIE, Sessions
+        self.sessions = Sessions(cookie=f"{COOKIE}_{self._web_port()}")
+
+    def _web_port(self) -> str:
+        from .store import Store
+        store = Store(self.home.db)
+        try:
+            web = store.get_setting("web_listen") or ""
+        finally:
+            store.close()
+        return web.rsplit(":", 1)[-1] or "off"
 
     def _lock(self) -> None:
         self.home.run.mkdir(parents=True, exist_ok=True)

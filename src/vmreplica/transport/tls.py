@@ -112,3 +112,44 @@ def client_context(cert: Path | None, key: Path | None,
     if cert and key:
         ctx.load_cert_chain(str(cert), str(key))
     return ctx
+
+
+def issue_leaf(ca_key: Path, ca_cert: Path, name: str, key_out: Path, cert_out: Path,
+               days: int = 3650) -> None:
+    """A leaf certificate for this host signed by its own identity (for QEMU's NBD TLS,
+    which refuses a CA certificate as a server or client certificate). Peers verify it
+    against the identity certificate they pinned, used as the CA."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    issuer_key = serialization.load_pem_private_key(Path(ca_key).read_bytes(), None)
+    issuer = x509.load_pem_x509_certificate(Path(ca_cert).read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name),
+                                 x509.NameAttribute(NameOID.ORGANIZATION_NAME,
+                                                    "vmreplica NBD")]))
+        .issuer_name(issuer.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_encipherment=True,
+                                     content_commitment=False, data_encipherment=False,
+                                     key_agreement=True, key_cert_sign=False, crl_sign=False,
+                                     encipher_only=False, decipher_only=False), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                              ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(issuer_key, hashes.SHA256())
+    )
+    fd = os.open(key_out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    Path(cert_out).write_bytes(cert.public_bytes(serialization.Encoding.PEM))

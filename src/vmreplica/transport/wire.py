@@ -152,6 +152,7 @@ class CycleReader:
         self.head_bytes = b""   # preamble + header exactly as received
         self.trailer: dict | None = None
         self.records_seen = 0
+        self.bytes_read = 0     # bytes of the stream read so far (what came over the wire)
         self.raw_bytes = 0
         self.zero_bytes = 0
 
@@ -163,6 +164,7 @@ class CycleReader:
                 raise IntegrityError(f"the cycle stream ended in the middle of {what}")
             parts.append(piece)
             need -= len(piece)
+        self.bytes_read += n
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def start(self) -> dict:

@@ -23,10 +23,15 @@ def routes(host, sessions: auth.Sessions) -> Router:
             return Response(pages.message("This login link is not valid (it is single use and "
                                           "lasts 10 minutes). Run `vmreplica dashboard` for a "
                                           "new one."), status=403)
-        return Response.redirect("/", {"Set-Cookie": auth.set_cookie(session)})
+        return Response.redirect("/", {"Set-Cookie": sessions.set_cookie(session)})
 
     @r.route("POST", "/logout")
     def logout(req):
+        session = sessions.get(req.headers.get("Cookie"))
+        form = pages._read_form(req)
+        if session is not None and not sessions.csrf_ok(session, form.get("csrf")):
+            return Response(pages.message("Refused: this request did not come from the "
+                                          "dashboard (CSRF token missing)."), status=403)
         sessions.logout(req.headers.get("Cookie"))
         return Response(pages.message("Logged out."))
 

@@ -33,6 +33,9 @@ th, td { text-align:left; padding:5px 8px; border-bottom:1px solid #eaeef2; vert
 th { font-size:12px; font-weight:600; color:var(--muted); text-transform:uppercase;
   letter-spacing:.4px; background:#f6f8fa; border-bottom:1px solid var(--line); white-space:nowrap; }
 tr:last-child td { border-bottom:none; }
+table.vms td { white-space:nowrap; } table.vms td.why { white-space:normal; min-width:260px; }
+table.compact { width:auto; min-width:60%; } table.compact td, table.compact th { padding-right:24px; }
+th.num { text-align:right; }
 td.num { text-align:right; font-variant-numeric:tabular-nums; white-space:nowrap; }
 td.nowrap { white-space:nowrap; }
 table.vms tr.rel td:first-child { border-left:4px solid transparent; }
@@ -49,6 +52,7 @@ table.kv th { text-transform:none; letter-spacing:0; background:none; border-bot
 .pill.normal { background:#1f883d; }
 .pill.warning { background:#d4a72c; color:#3b2300; }
 .pill.critical { background:#d1242f; }
+.tag { font-size:11px; color:#0550ae; background:#ddf4ff; border-radius:4px; padding:0 5px; margin-left:2px; }
 .pill.role { background:#eaeef2; color:var(--fg); font-weight:500; }
 .pill.off { background:#eaeef2; color:var(--muted); font-weight:500; }
 .pill.running { background:#ddf4ff; color:#0550ae; font-weight:500; }

@@ -16,7 +16,10 @@ COOKIE = "vmr_session"
 
 
 class Sessions:
-    def __init__(self):
+    def __init__(self, cookie: str = COOKIE):
+        # Browsers do not tell cookies apart by port: two hosts on one machine (the lab,
+        # the demo) need a cookie name each, or logging into one logs out of the other.
+        self.cookie = cookie
         self._tokens: dict[str, float] = {}
         self._sessions: dict[str, dict] = {}
         self._guard = threading.Lock()
@@ -40,7 +43,7 @@ class Sessions:
             return session
 
     def get(self, cookie_header: str | None) -> dict | None:
-        sid = _cookie(cookie_header, COOKIE)
+        sid = _cookie(cookie_header, self.cookie)
         if not sid:
             return None
         with self._guard:
@@ -51,7 +54,7 @@ class Sessions:
             return s
 
     def logout(self, cookie_header: str | None) -> None:
-        sid = _cookie(cookie_header, COOKIE)
+        sid = _cookie(cookie_header, self.cookie)
         with self._guard:
             self._sessions.pop(sid or "", None)
 
@@ -68,6 +71,6 @@ def _cookie(header: str | None, name: str) -> str | None:
     return None
 
 
-def set_cookie(session: dict) -> str:
-    return (f"{COOKIE}={session['id']}; Path=/; Max-Age={SESSION_TTL}; HttpOnly; Secure; "
-            "SameSite=Strict")
+    def set_cookie(self, session: dict) -> str:
+        return (f"{self.cookie}={session['id']}; Path=/; Max-Age={SESSION_TTL}; HttpOnly; "
+                "Secure; SameSite=Strict")

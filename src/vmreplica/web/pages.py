@@ -148,6 +148,10 @@ def _power(state: str | None) -> str:
     return f'<span class="pill {cls}">{e(state)}</span>'
 
 
+def _tags(tags) -> str:
+    return "".join(f' <span class="tag">{e(t)}</span>' for t in tags or [])
+
+
 def _vm_link(name: str) -> str:
     return f'<a href="/vm/{quote(name, safe="")}">{e(name)}</a>'
 
@@ -193,7 +197,7 @@ def _index_live(host) -> str:
     else:
         out.append('<table class="vms" id="replicated"><thead><tr><th>Health</th><th>VM</th>'
                    '<th>Power</th><th>Role</th><th>Peer</th><th>State</th><th>Mode</th>'
-                   '<th>Frequency</th><th>Last sync</th><th>Lag</th><th>Reasons / next step</th>'
+                   '<th>Frequency</th><th>Last sync</th><th class="num">Lag</th><th>Reasons / next step</th>'
                    '</tr></thead><tbody>')
         for v in views:
             nxt = (f'<div class="small muted">next: <code>{e(v["next"])}</code></div>'
@@ -204,10 +208,10 @@ def _index_live(host) -> str:
                 f'<tr class="rel health-{e(v["health"])}" data-vm="{e(v["vm"])}" '
                 f'data-health="{e(v["health"])}">'
                 f'<td>{_health(v["health"], v["reasons"])}</td>'
-                f'<td><strong>{_vm_link(v["vm"])}</strong></td>'
+                f'<td><strong>{_vm_link(v["vm"])}</strong>{_tags(v.get("tags"))}</td>'
                 f'<td>{_power(power.get(v["vm"]))}</td>'
                 f'<td><span class="pill role">{e(v["role"])}</span></td>'
-                f'<td>{e(v["peer"])}</td><td class="nowrap state">{e(v["state"])}</td>'
+                f'<td>{e(v["peer"])}</td><td class="state">{e(v["state"])}</td>'
                 f'<td>{e(v["mode"])}</td><td>{e(v["frequency"])}</td>'
                 f'<td class="nowrap">{_when(v["last_cycle_at"])}</td>'
                 f'<td class="num">{e(format_duration(v["lag_seconds"]))}</td>'
@@ -223,8 +227,9 @@ def _index_live(host) -> str:
     if not others:
         out.append('<p class="empty">None.</p>')
     else:
-        out.append('<table class="vms" id="unreplicated"><thead><tr><th>VM</th><th>Power</th>'
-                   '<th>Memory</th><th>Disks</th><th>Guest</th><th>Note</th></tr></thead><tbody>')
+        out.append('<table class="vms compact" id="unreplicated"><thead><tr><th>VM</th>'
+                   '<th>Power</th><th class="num">Memory</th><th>Disks</th><th>Guest</th>'
+                   '<th>Note</th></tr></thead><tbody>')
         for v in others:
             disks = v.get("disks") or []
             total = sum(int(d.get("virtual_size") or 0) for d in disks)
@@ -232,7 +237,8 @@ def _index_live(host) -> str:
             if v["name"] in tests:
                 note = f'test failover of {_vm_link(tests[v["name"]])}'
             out.append(
-                f'<tr data-vm="{e(v["name"])}"><td><strong>{_vm_link(v["name"])}</strong></td>'
+                f'<tr data-vm="{e(v["name"])}"><td><strong>{_vm_link(v["name"])}</strong>'
+                f'{_tags(v.get("tags"))}</td>'
                 f'<td>{_power(v["state"])}</td>'
                 f'<td class="num">{e(v.get("memory_mb"))} MB</td>'
                 f'<td class="nowrap">{len(disks)} &middot; {e(format_size(total))}</td>'
@@ -258,7 +264,7 @@ def _chart(host, vm: str, rel: dict) -> str:
         where = (f"Cycle history is recorded on the primary ({e(rel['peer'])})."
                  if rel["role"] == "replica" else "No cycle yet.")
         return f'<p class="empty">{where}</p>'
-    W, H, left, top, bottom = 720, 170, 56, 10, 22
+    W, H, left, top, bottom = 1160, 170, 64, 10, 22
     plot_h = H - top - bottom
     deltas = [int(c["raw_bytes"] or 0) for c in rows if c.get("ok") and c["kind"] == "delta"]
     scale = max(deltas or [int(c["raw_bytes"] or 0) for c in rows if c.get("ok")] or [1]) or 1
@@ -500,19 +506,17 @@ def _replica_figures(host, rel: dict) -> list[tuple[str, str]]:
         ("newest state from", e(_clock(rel.get("last_freeze_at")))),
         ("recovery points", f'{e(len(host.store.points(rel["vm"])))} kept of '
                             f'{e(rel.get("history", "-"))} asked for'),
-        ("point interval", e(format_duration(interval) if interval else "-")
-         + (f' &middot; every {e(rel["app_every"])}th app-consistent'
-            if rel.get("app_every") else "")),
         ("staged, not applied", e(len(host.store.staged(rel["vm"])))),
         ("storage", f'<span class="small">{e(rel.get("storage") or "-")}</span>'),
-    ]
+    ] + ([("point interval", e(format_duration(interval)))] if interval else [])
 
 
 def _primary_figures(m: dict) -> list[tuple[str, str]]:
     pending = "-" if m.get("pending_bytes") is None else format_size(m["pending_bytes"])
     tput = f'{format_size(m["throughput_bps"])}/s' if m.get("throughput_bps") else "-"
     return [
-        ("cycles", f'{e(m["cycles"])} of {e(m["expected_cycles"])} expected'),
+        ("cycles", f'{e(m["cycles"])} done &middot; {e(m["expected_cycles"])} expected '
+                   'on schedule'),
         ("missed / failed", f'{e(m["missed_cycles"])} missed ({e(m["missed_pct"])} %) '
                             f'&middot; {e(m["errors"])} failed'),
         ("cycle size", f'avg {e(format_size(m["avg_cycle_bytes"]))} &middot; '

@@ -37,18 +37,39 @@ def fresh_dir(lab_root):
     return d
 
 
+DRIVERS = os.environ.get("VMREPLICA_TEST_DRIVERS", "qemu,libvirt").split(",")
+
+
 @pytest.fixture(scope="session")
-def sites(lab_root):
+def libvirtd():
+    """A running libvirtd (started by the project's script when none runs)."""
+    proc = subprocess.run(["bash", str(Path(__file__).parents[1] / "scripts" / "start-libvirtd.sh")],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.fail(f"libvirtd could not be started: {proc.stdout}{proc.stderr}")
+    return True
+
+
+@pytest.fixture(scope="session", params=DRIVERS)
+def driver(request):
+    """Every end-to-end scenario runs on both hypervisor drivers."""
+    if request.param == "libvirt":
+        request.getfixturevalue("libvirtd")
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def sites(lab_root, driver):
     """A primary (site-a) and a replica (site-b), paired both ways; shared by the session."""
-    a, b = lab.two_sites(lab_root / "shared")
+    a, b = lab.two_sites(lab_root / f"shared-{driver}", driver=driver)
     yield a, b
     lab.teardown(a, b)
 
 
 @pytest.fixture
-def own_sites(fresh_dir):
+def own_sites(fresh_dir, driver):
     """Two hosts of this test's own, for tests that kill or cut things."""
-    a, b = lab.two_sites(fresh_dir)
+    a, b = lab.two_sites(fresh_dir, driver=driver)
     yield a, b
     lab.teardown(a, b)
 

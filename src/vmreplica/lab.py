@@ -108,9 +108,37 @@ def teardown(*hosts: LabHost, remove: bool = False) -> None:
                 h.run("vm", "stop", v["name"], "--force", check=False, timeout=60)
         h.stop()
         _kill_leftovers(h.home)
+    for h in hosts:
+        if h.driver == "libvirt":
+            _undefine_domains(h.home)
     if remove:
         for h in hosts:
             shutil.rmtree(h.home, ignore_errors=True)
+
+
+def _undefine_domains(home: Path) -> None:
+    """libvirt keeps domains after their host's daemon is gone: remove this home's."""
+    try:
+        import libvirt
+    except ImportError:
+        return
+    try:
+        conn = libvirt.open("qemu:///system")
+    except libvirt.libvirtError:
+        return
+    try:
+        for dom in conn.listAllDomains():
+            try:
+                if str(home) not in dom.XMLDesc(0):
+                    continue
+                if dom.isActive():
+                    dom.destroy()
+                dom.undefineFlags(getattr(libvirt, "VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA", 0)
+                                  | getattr(libvirt, "VIR_DOMAIN_UNDEFINE_NVRAM", 0))
+            except libvirt.libvirtError:
+                continue
+    finally:
+        conn.close()
 
 
 def _kill_leftovers(home: Path) -> None:

@@ -24,8 +24,8 @@ DISK = 8 << 30
 
 
 @pytest.fixture(scope="module")
-def drill(lab_root):
-    a, b = lab.two_sites(lab_root / "drill")
+def drill(lab_root, driver):
+    a, b = lab.two_sites(lab_root / f"drill-{driver}", driver=driver)
     state: dict = {"a": a, "b": b}
     yield state
     lab.teardown(a, b)

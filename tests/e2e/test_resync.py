@@ -46,7 +46,7 @@ def test_deleted_bitmap_resync_moves_only_changes(sites, vm_name):
                                    text=True).stdout.split('"name": "')[1:]:
             subprocess.run(["qemu-img", "bitmap", "--remove", d, name.split('"')[0]], check=True)
     p = a.run("sync", vm_name, check=False)
-    assert p.returncode == 1 and "missing" in p.stderr
+    assert p.returncode == 1 and "bitmap" in p.stderr and "missing" in p.stderr
     st = a.json("status", vm_name)[0]
     assert st["state"] == "resync_required" and st["health"] == "warning"
     assert "resynchronization required" in " ".join(st["reasons"])
@@ -77,7 +77,10 @@ def test_deleted_bitmap_resync_moves_only_changes(sites, vm_name):
     a.run("remove", vm_name)
 
 
-def test_raw_disk_vm_restart_is_resynchronised(sites, vm_name):
+def test_raw_disk_vm_restart_is_resynchronised(sites, vm_name, driver):
+    if driver == "libvirt":
+        pytest.skip("libvirt checkpoints need qcow2: raw disks on libvirt hosts are "
+                    "resynchronised at every cycle (see docs/architecture.md)")
     a, b = sites
     a.run("vm", "create", vm_name, "--disk", "64M", "--format", "raw", "--guest", "demo")
     a.run("vm", "start", vm_name)
@@ -123,7 +126,7 @@ def test_set_changes_settings_and_disks_without_reseeding(sites, vm_name):
         a.run("initial", n)
     out = a.run("set", *names, "nosuch", "--frequency", "30s", "--recovery-history", "2",
                 "--point-interval", "10m", check=False)
-    assert out.returncode == 1 and "nosuch: FAILED" in out.stdout      # per VM, non-zero
+    assert out.returncode == 1 and "nosuch: FAILED" in out.stderr      # per VM, non-zero
     for n in names:
         st = a.json("status", n)[0]
         assert st["frequency"] == "30s"

@@ -48,6 +48,7 @@ class BlockSession(Protocol):
     """
 
     running: bool
+    per_disk_bitmaps: bool    # False: release() drops a bitmap on every disk it covers
 
     def bitmaps(self, disk: str) -> list[BitmapInfo]: ...
     def freeze(self, disks: list[str], since: str | None, new: str | None) -> dict[str, "Export"]: ...

@@ -555,7 +555,24 @@ class LibvirtDriver:
         return root
 
     def _define(self, vm: _VM) -> libvirt.virDomain:
-        return self._define_xml(ET.tostring(self._domain_xml(vm), encoding="unicode"), vm.name)
+        dom = self._define_xml(ET.tostring(self._domain_xml(vm), encoding="unicode"), vm.name)
+        self._describe_to_folder(vm)
+        return dom
+
+    def _describe_to_folder(self, vm: _VM) -> None:
+        """HOME/vms/NAME/vm.json, as the qemu driver keeps it: a copy of the VM's folder
+        (a backup restored elsewhere) carries the VM's identity and its disks' names, which
+        `initial --method existing` checks before it adopts a copy."""
+        d = self._dir(vm.name)
+        if not d.exists():
+            return
+        desc = {"name": vm.name, "uuid": vm.uuid, "memory_mb": vm.memory_mb, "guest": vm.guest,
+                "agent": vm.agent, "network": vm.network or "none", "driver": "libvirt",
+                "disks": [{"name": x.name, "path": x.path, "format": x.format,
+                           "virtual_size": x.virtual_size} for x in vm.disks]}
+        tmp = d / "vm.json.tmp"
+        tmp.write_text(json.dumps(desc, indent=2, sort_keys=True))
+        os.replace(tmp, d / "vm.json")
 
     def _define_xml(self, xml: str, name: str) -> libvirt.virDomain:
         try:
@@ -579,6 +596,17 @@ class LibvirtDriver:
             meta.remove(old)
         meta.append(_meta_element(vm))
         self._define_xml(ET.tostring(root, encoding="unicode"), vm.name)
+        self._describe_to_folder(vm)
+
+    def replace_disks(self, name: str, disks: list[dict]) -> None:
+        """Give a stopped VM another list of disks ({name, path, format, virtual_size}),
+        in guest order (a replica whose set of replicated disks changed)."""
+        dom, _, vm = self._load(name)
+        if self._active(dom):
+            raise Conflict(f"VM {name} is running")
+        vm.disks = [_Disk(d["name"], target_of(i), str(d["path"]), d.get("format", "qcow2"),
+                          int(d["virtual_size"])) for i, d in enumerate(disks)]
+        self._define(vm)
 
     def set_disks(self, name: str, disks: dict[str, str]) -> None:
         """Point disks of a defined VM at other images (e.g. a test-failover overlay)."""
@@ -901,6 +929,8 @@ def _image_bitmaps(path: Path) -> list[dict]:
 class LibvirtBlockSession:
     """Change-tracking access to a domain's disks: libvirt checkpoints and pull-mode
     backups while it runs, a qemu-storage-daemon on the same bitmaps while it is off."""
+
+    per_disk_bitmaps = False  # a checkpoint spans its disks: it goes as a whole
 
     def __init__(self, driver: LibvirtDriver, dom: libvirt.virDomain, vm: _VM):
         self.driver = driver

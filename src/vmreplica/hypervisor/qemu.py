@@ -392,6 +392,8 @@ class QemuBlockSession:
     """Change-tracking access to a VM's disks: QMP on the VM's QEMU while it runs (fleecing
     gives the frozen view), a qemu-storage-daemon over its disks while it is off."""
 
+    per_disk_bitmaps = True   # a bitmap can be released on some disks and kept on others
+
     def __init__(self, driver: QemuDriver, desc: dict):
         self.driver = driver
         self.desc = desc

@@ -206,7 +206,8 @@ def _drop_bitmaps(host, rel: dict) -> None:
     except NotFound:
         return
     tracker = host.tracker(rel.get("tracker", "bitmap"))
+    disks = [d.name for d in host.driver.inspect(rel["vm"]).disks]   # excluded ones too
     with host.driver.block_session(rel["vm"]) as session:
-        names = tracker.owned(session, rel["disks"], bitmap_prefix(rel["id"]))
+        names = tracker.owned(session, disks, bitmap_prefix(rel["id"]))
         if names:
-            session.release(rel["disks"], sorted(names))
+            session.release(disks, sorted(names))

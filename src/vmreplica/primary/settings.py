@@ -77,7 +77,9 @@ def change_disks(host, vm: str, exclude: list[str], include: list[str]) -> dict:
             with host.driver.block_session(vm) as session:
                 names = {b.name for d in exclude for b in session.bitmaps(d)
                          if b.name.startswith(bitmap_prefix(rel["id"]))}
-                if names:
+                # Where a bitmap spans disks (libvirt checkpoints) it goes with the next
+                # cycle's release instead.
+                if names and session.per_disk_bitmaps:
                     session.release(exclude, sorted(names))
         changes = {"disks": disks,
                    "excluded": [d for d in order if d not in disks]}

@@ -38,7 +38,8 @@ class BitmapTracker:
                 raise TrackingError(f"change-tracking bitmap {since} is missing on disk {disk}")
             if b.inconsistent:
                 raise TrackingError(f"change-tracking bitmap {since} on disk {disk} is "
-                                    "inconsistent (its QEMU stopped without saving it)")
+                                    "unusable (inconsistent or missing: its QEMU stopped "
+                                    "without saving it, or it was removed)")
             others = {n for n, m in maps.items() if n.startswith(prefix) and n != since}
             bad = [n for n in others if maps[n].inconsistent]
             if bad:

@@ -58,6 +58,10 @@ class Sessions:
         with self._guard:
             self._sessions.pop(sid or "", None)
 
+    def set_cookie(self, session: dict) -> str:
+        return (f"{self.cookie}={session['id']}; Path=/; Max-Age={SESSION_TTL}; HttpOnly; "
+                "Secure; SameSite=Strict")
+
     @staticmethod
     def csrf_ok(session: dict, value: str | None) -> bool:
         return bool(value) and hmac.compare_digest(session["csrf"], value)
@@ -69,8 +73,3 @@ def _cookie(header: str | None, name: str) -> str | None:
         if k == name:
             return v
     return None
-
-
-    def set_cookie(self, session: dict) -> str:
-        return (f"{self.cookie}={session['id']}; Path=/; Max-Age={SESSION_TTL}; HttpOnly; "
-                "Secure; SameSite=Strict")

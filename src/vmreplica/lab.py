@@ -152,7 +152,9 @@ def _kill_leftovers(home: Path) -> None:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
         except (OSError, ValueError):
             continue
-        if b"qemu" in cmd:
+        # Only a QEMU of this home (its pid file named on its command line): a stale pid
+        # file's pid may belong to another process by now.
+        if b"qemu" in cmd and str(pidfile).encode() in cmd:
             try:
                 os.kill(pid, 9)
             except ProcessLookupError:

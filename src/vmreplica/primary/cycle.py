@@ -371,8 +371,9 @@ def _failed(host, vm: str, cycle: int, row: int, e: Exception) -> None:
         host.event("tracking", f"change tracking broken: {msg}; resynchronization required", vm)
     elif isinstance(e, Superseded):
         changes.update(state="error", fenced=f"{rel['peer']} has become the primary ({msg})")
+    store.update_relationship(vm, **changes)    # the fence is recorded before the power-off
+    if isinstance(e, Superseded):
         _fence(host, vm)
-    store.update_relationship(vm, **changes)
     if not isinstance(e, (Superseded, Unreachable)):
         # The cycle may have failed before it reached the replica (a broken bitmap after a
         # crash, say): ask it whether this host is still the primary.

@@ -88,10 +88,10 @@ def check_peer(host, vm: str, timeout: float = 10.0) -> dict:
     except Superseded as e:
         if not rel.get("fenced"):
             with host.vm_lock(vm):
-                _fence(host, vm)
                 host.store.update_relationship(
                     vm, state=State.ERROR.value, last_error=e.message,
                     fenced=f"{rel['peer']} has become the primary ({e.message})")
+                _fence(host, vm)
         raise
 
 

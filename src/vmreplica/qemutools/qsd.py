@@ -28,11 +28,14 @@ def _explain(stderr: str) -> str:
 
 class StorageDaemon:
     def __init__(self, run_dir: Path, name: str, blockdevs: list[dict],
-                 exports: list[dict] | None = None, nbd: bool = True):
+                 exports: list[dict] | None = None, nbd: bool = True,
+                 objects: list[str] | None = None, nbd_server: str | None = None):
         self.run_dir = Path(run_dir)
         self.name = name
         self.blockdevs = blockdevs
         self.exports = list(exports or [])
+        self.objects = list(objects or [])
+        self.nbd_server = nbd_server     # e.g. TCP with TLS, instead of the unix socket
         self.qmp_socket = self.run_dir / f"{name}.qmp"
         self.nbd_socket = self.run_dir / f"{name}.nbd" if nbd else None
         self.err_path = self.run_dir / f"{name}.err"
@@ -49,9 +52,13 @@ class StorageDaemon:
         # cleanly (flushing, storing bitmaps) instead of holding the images locked.
         args = ["setpriv", "--pdeathsig", "SIGTERM", "--", "qemu-storage-daemon",
                 "--pidfile", str(self.pid_path)]
+        for obj in self.objects:
+            args += ["--object", obj]
         for bd in self.blockdevs:
             args += ["--blockdev", json.dumps(bd)]
-        if self.nbd_socket is not None:
+        if self.nbd_server:
+            args += ["--nbd-server", self.nbd_server]
+        elif self.nbd_socket is not None:
             args += ["--nbd-server", f"addr.type=unix,addr.path={self.nbd_socket}"]
         for ex in self.exports:
             args += ["--export", json.dumps(ex)]
@@ -152,7 +159,9 @@ def reap(run_dir: Path, timeout: float = 15.0) -> list[int]:
     for pid_path in Path(run_dir).glob("*.qsd.pid"):
         try:
             pid = int(pid_path.read_text().strip())
-            alive = b"qemu-storage-daemon" in Path(f"/proc/{pid}/cmdline").read_bytes()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            # The very process that wrote this pid file, not another one that reuses the pid.
+            alive = b"qemu-storage-daemon" in cmdline and str(pid_path).encode() in cmdline
         except (OSError, ValueError):
             alive = False
         if alive:

@@ -1,0 +1,143 @@
+"""Continuous mode, replica side: the mirror target. One qemu-storage-daemon exports the
+heads of a VM's chains over NBD on TCP with TLS (mutual, against the pinned primary),
+writing through (`writethrough`: the primary's active mirror never passes a guest flush
+on, so every write must be durable before it is acknowledged). The primary's QEMU
+writes every guest write here before the guest sees it acknowledged.
+
+While the target is open, recovery points are taken live (`blockdev-snapshot` of every
+head in one transaction: requests in flight complete first, later ones go to the new
+heads) and retention merges layers with `block-commit` jobs, so the mirror never stops.
+Each chain is opened with explicit node names (`d<disk>l<layer>`) for that.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from pathlib import Path
+
+from ..errors import HypervisorError, OperationError
+from ..qemutools.qsd import StorageDaemon
+from ..transport import tls
+
+log = logging.getLogger("vmreplica.replica")
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def leaf_paths(home) -> tuple[Path, Path]:
+    """This host's NBD leaf certificate (issued once by its own identity)."""
+    key, crt = home.root / "tls" / "nbd-leaf.key", home.root / "tls" / "nbd-leaf.crt"
+    return key, crt
+
+
+def ensure_leaf(host) -> tuple[Path, Path]:
+    key, crt = leaf_paths(host.home)
+    if not (key.exists() and crt.exists()):
+        tls.issue_leaf(host.home.key, host.home.cert, host.name, key, crt)
+    return key, crt
+
+
+def creds_dir(host, peer: dict, endpoint: str, name: str) -> Path:
+    """A QEMU/libnbd x509 credentials folder: ca-cert.pem (this host's identity and the
+    pinned peer's: each side verifies the other, and QEMU checks its own certificate),
+    and this host's leaf as `<endpoint>-cert.pem` / `<endpoint>-key.pem`."""
+    key, crt = ensure_leaf(host)
+    d = host.home.run / f"tls-{name}"
+    d.mkdir(parents=True, exist_ok=True)
+    d.chmod(0o700)
+    (d / "ca-cert.pem").write_text(host.cert_pem.strip() + "\n" + peer["cert_pem"].strip() + "\n")
+    (d / f"{endpoint}-cert.pem").write_bytes(crt.read_bytes())
+    k = d / f"{endpoint}-key.pem"
+    k.write_bytes(key.read_bytes())
+    k.chmod(0o600)
+    return d
+
+
+class MirrorTarget:
+    def __init__(self, host, rel: dict, peer: dict, port: int):
+        self.vm = rel["vm"]
+        self.disks = list(rel["disks"])
+        self.chains = {d: list(rel["chains"][d]) for d in self.disks}
+        self.nodes: dict[str, list[str]] = {}
+        self._serial = 0
+        self.bind = host.listen.rsplit(":", 1)[0]
+        self.port = port
+        name = f"mt-{rel['id'][:8]}"
+        creds = creds_dir(host, peer, "server", name)
+        blockdevs = []
+        for disk in self.disks:
+            self.nodes[disk] = []
+            for k, path in enumerate(self.chains[disk]):
+                node = self._new_node()
+                blockdevs += [{"driver": "file", "filename": path, "node-name": f"{node}f"},
+                              {"driver": "qcow2", "file": f"{node}f", "node-name": node,
+                               "read-only": k < len(self.chains[disk]) - 1,
+                               "backing": self.nodes[disk][-1] if k else None}]
+                self.nodes[disk].append(node)
+        exports = [{"type": "nbd", "id": f"e{i}", "node-name": self.nodes[disk][-1],
+                    "name": disk, "writable": True, "writethrough": True}
+                   for i, disk in enumerate(self.disks)]
+        self.qsd = StorageDaemon(
+            host.home.run, name, blockdevs, exports, nbd=False,
+            objects=[f"tls-creds-x509,id=tls0,dir={creds},endpoint=server,verify-peer=on"],
+            nbd_server=f"addr.type=inet,addr.host={self.bind},addr.port={port},tls-creds=tls0")
+        self.qsd.start()
+
+    def _new_node(self) -> str:
+        self._serial += 1
+        return f"n{self._serial}"
+
+    def alive(self) -> bool:
+        return self.qsd.proc is not None and self.qsd.proc.poll() is None
+
+    def snapshot(self, new_heads: dict[str, str]) -> None:
+        """Freeze every head live: the new (empty) files become the heads in one
+        transaction (requests in flight finish first); the exports follow them."""
+        q = self.qsd.qmp
+        added = {}
+        for disk in self.disks:
+            node = self._new_node()
+            q.execute("blockdev-add", {"driver": "qcow2", "node-name": node,
+                                       "file": {"driver": "file", "filename": new_heads[disk],
+                                                "node-name": f"{node}f"},
+                                       "backing": None})
+            added[disk] = node
+        q.execute("transaction", {"actions": [
+            {"type": "blockdev-snapshot", "data": {"node": self.nodes[d][-1], "overlay": added[d]}}
+            for d in self.disks]})
+        for disk in self.disks:
+            self.chains[disk].append(new_heads[disk])
+            self.nodes[disk].append(added[disk])
+
+    def merge_oldest(self, timeout: float = 600.0) -> None:
+        """Retention, live: commit layer 1 into layer 0 with a block-commit job per disk;
+        QEMU then puts layer 2 on layer 0 (and rewrites its backing file name)."""
+        q = self.qsd.qmp
+        jobs = []
+        for i, disk in enumerate(self.disks):
+            if len(self.chains[disk]) < 3:
+                raise OperationError("live retention needs a frozen layer above the base")
+            job = f"commit-{self._new_node()}"
+            q.execute("block-commit", {"job-id": job, "device": self.nodes[disk][-1],
+                                       "top-node": self.nodes[disk][1],
+                                       "base-node": self.nodes[disk][0], "auto-dismiss": True})
+            jobs.append(job)
+        deadline = time.monotonic() + timeout
+        while jobs:
+            ev = q.wait_event("BLOCK_JOB_COMPLETED", max(1.0, deadline - time.monotonic()),
+                              match=lambda e: e["data"]["device"] in jobs)
+            if ev["data"].get("error"):
+                raise HypervisorError(f"merging a recovery point failed: {ev['data']['error']}")
+            jobs.remove(ev["data"]["device"])
+        for disk in self.disks:
+            self.nodes[disk].pop(1)
+            Path(self.chains[disk].pop(1)).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        self.qsd.close()

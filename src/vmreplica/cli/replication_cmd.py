@@ -26,6 +26,10 @@ def register(sub) -> None:
                    help="every Nth point is app-consistent (guest agent fsfreeze); 0: none")
     p.add_argument("--resync-window", metavar="HH:MM-HH:MM",
                    help="automatic resynchronisations wait for this window (e.g. 18:30-06:00)")
+    p.add_argument("--mode", choices=["periodic", "continuous"], default="periodic",
+                   help="continuous: a write-blocking mirror, zero data loss (qemu driver)")
+    p.add_argument("--max-stall", type=float, default=5.0, metavar="SECONDS",
+                   help="continuous: longest a guest write may wait for the replica")
     p.set_defaults(func=bulk.each(cmd_enable))
 
     p = sub.add_parser("set", help="change replication settings of one or more VMs "
@@ -37,6 +41,8 @@ def register(sub) -> None:
     p.add_argument("--app-consistent-every", type=int, metavar="N", dest="app_every")
     p.add_argument("--compression", choices=["zstd", "none"])
     p.add_argument("--resync-window", metavar="HH:MM-HH:MM|none")
+    p.add_argument("--mode", choices=["periodic", "continuous"])
+    p.add_argument("--max-stall", type=float, metavar="SECONDS")
     p.add_argument("--exclude-disk", action="append", default=[], metavar="NAME",
                    help="stop replicating this disk (repeatable)")
     p.add_argument("--include-disk", action="append", default=[], metavar="NAME",
@@ -106,7 +112,7 @@ def cmd_enable(args) -> int:
         "compression": args.compression, "exclude_disks": args.exclude_disk,
         "security_tag": args.security_tag, "history": args.recovery_history,
         "point_interval": args.point_interval, "app_every": args.app_consistent_every,
-        "resync_window": args.resync_window})
+        "resync_window": args.resync_window, "mode": args.mode, "max_stall": args.max_stall})
     print(f"replication of {info['vm']} to {info['replica']} enabled ({info['state']})")
     print(f"next: {info['next']}")
     return 0
@@ -171,9 +177,10 @@ def cmd_status(args) -> int:
     if not rels:
         print(f"{info['host']}: no replicated VMs")
         return 0
-    table([[r["vm"], r["role"], r["peer"], r["state"], r["health"], r["frequency"],
+    table([[r["vm"], r["role"], r["peer"], r["state"], r["health"],
+            r["frequency"] if r["mode"] == "periodic" else f"cont:{r.get('sync_state') or '-'}",
             ago(r["last_cycle_at"]), duration(r["lag_seconds"])] for r in rels],
-          ["VM", "ROLE", "PEER", "STATE", "HEALTH", "FREQ", "LAST CYCLE", "LAG"])
+          ["VM", "ROLE", "PEER", "STATE", "HEALTH", "MODE", "LAST SYNC", "LAG"])
     for r in rels:
         for reason in r["reasons"]:
             print(f"  {r['vm']}: {r['health']}: {reason}")
@@ -232,7 +239,7 @@ def cmd_resync(args) -> int:
 
 def cmd_set(args) -> int:
     body = {k: getattr(args, k) for k in ("frequency", "history", "point_interval", "app_every",
-                                          "compression", "resync_window")}
+                                          "compression", "resync_window", "mode", "max_stall")}
     body.update(exclude_disks=args.exclude_disk, include_disks=args.include_disk)
     info = client_of(args).call("POST", f"/v1/relationships/{args.vm}/settings", body)
     if args.json:

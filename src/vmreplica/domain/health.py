@@ -89,6 +89,11 @@ def assess(rel: dict, now: float, stats: dict | None = None,
         h.raise_to("warning", "resynchronizing")
     elif state in (State.READY_FOR_INITIAL, State.WAITING_FOR_INITIAL, State.INITIAL_IN_PROGRESS):
         h.raise_to("warning", "initial replication has not completed")
+    if rel.get("role") == "primary" and state == State.REPLICATING and \
+            rel.get("mode") == "continuous" and rel.get("sync_state") in ("degraded",
+                                                                           "catching_up"):
+        h.raise_to("warning", f"continuous mode {rel['sync_state']}"
+                              + (f": {rel['sync_reason']}" if rel.get("sync_reason") else ""))
     if rel.get("role") == "primary" and state == State.REPLICATING:
         if failures:
             level = "critical" if failures >= int(t["failures_critical"]) else "warning"

@@ -188,7 +188,7 @@ class QemuDriver:
         desc = self._load(name)
         if self._pid(desc):
             raise Conflict(f"VM {name} is running", hint=f"stop it first: `vmreplica vm stop {name}`")
-        for ext in ("pid", "qmp", "qga", "nbd"):
+        for ext in ("pid", "qmp", "qmp2", "qga", "nbd"):
             self._rt(desc, ext).unlink(missing_ok=True)
         for owned in desc.get("owns") or []:
             p = Path(owned)
@@ -212,6 +212,9 @@ class QemuDriver:
                 "-daemonize", "-pidfile", str(self._rt(desc, "pid")),
                 "-chardev", f"socket,id=qmp,path={self._rt(desc, 'qmp')},server=on,wait=off",
                 "-mon", "chardev=qmp,mode=control",
+                # A second monitor for the continuous-mode watchdog (out-of-band capable).
+                "-chardev", f"socket,id=qmp2,path={self._rt(desc, 'qmp2')},server=on,wait=off",
+                "-mon", "chardev=qmp2,mode=control",
                 "-serial", f"file:{self._dir(desc['name']) / 'console.log'}"]
         if desc.get("network") == "isolated":
             # User-mode networking with restrict=on: a NIC that reaches nothing outside.
@@ -242,7 +245,7 @@ class QemuDriver:
         if self._pid(desc):
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        for ext in ("pid", "qmp", "qga"):
+        for ext in ("pid", "qmp", "qmp2", "qga"):
             self._rt(desc, ext).unlink(missing_ok=True)
         for d in desc["disks"]:
             if not Path(d["path"]).exists():
@@ -297,6 +300,104 @@ class QemuDriver:
         if not self._pid(desc):
             raise Conflict(f"VM {name} is not running")
         return Monitor(self._rt(desc, "qmp"), timeout=timeout)
+
+    # -- continuous mode: an active mirror into the replica's export ---------------------
+    def watch_monitor(self, name: str) -> Monitor:
+        """The second, out-of-band capable monitor: the watchdog's, kept open."""
+        desc = self._load(name)
+        if not self._pid(desc):
+            raise Conflict(f"VM {name} is not running")
+        return Monitor(self._rt(desc, "qmp2"), timeout=10, connect_timeout=5, oob=True)
+
+    def pause(self, name: str) -> None:
+        with self.monitor(name, timeout=30) as m:
+            m.execute("stop")
+
+    def resume(self, name: str) -> None:
+        with self.monitor(name, timeout=30) as m:
+            m.execute("cont")
+
+    def mirror_start(self, name: str, disks: list[str], target: dict) -> None:
+        """Start a write-blocking active mirror of ``disks`` into NBD exports (named after
+        the disks) at target['host']:target['port'] over TLS. Call it with the VM paused,
+        right after a cycle made the replica equal to the disks (sync: none)."""
+        with self.monitor(name, timeout=30) as m:
+            m.execute("object-add", {"qom-type": "tls-creds-x509", "id": "vmr-mtls",
+                                     "dir": str(target["tls_dir"]), "endpoint": "client",
+                                     "verify-peer": True})
+            try:
+                for disk in disks:
+                    m.execute("blockdev-add", {
+                        "driver": "nbd", "node-name": f"mt-{disk}", "export": disk,
+                        "server": {"type": "inet", "host": target["host"],
+                                   "port": str(target["port"])},
+                        "tls-creds": "vmr-mtls", "tls-hostname": target["tls_hostname"],
+                        "reconnect-delay": 0})
+                for disk in disks:
+                    m.execute("blockdev-mirror", {
+                        "job-id": f"mirror-{disk}", "device": disk, "target": f"mt-{disk}",
+                        "sync": "none", "copy-mode": "write-blocking",
+                        "on-target-error": "stop", "on-source-error": "stop",
+                        "auto-dismiss": True, "auto-finalize": True})
+            except BaseException:
+                self._mirror_teardown(m, disks)
+                raise
+
+    def mirror_status(self, name: str, mon: Monitor | None = None) -> dict[str, dict]:
+        """{disk: job} for the mirror jobs that exist (status, io-status, paused, ...)."""
+        if mon is not None:
+            jobs = mon.execute("query-block-jobs")
+        else:
+            with self.monitor(name, timeout=10) as m:
+                jobs = m.execute("query-block-jobs")
+        return {j["device"][len("mirror-"):]: j for j in jobs
+                if j.get("device", "").startswith("mirror-")}
+
+    def mirror_yank(self, mon: Monitor, disks: list[str]) -> None:
+        """Cut the NBD connections to a replica that stopped answering, out of band:
+        the guest's writes waiting on it complete, the jobs stop with an error."""
+        mon.execute_oob("yank", {"instances": [{"type": "block-node", "node-name": f"mt-{d}"}
+                                               for d in disks]})
+
+    def mirror_resume(self, name: str, disks: list[str]) -> None:
+        with self.monitor(name, timeout=10) as m:
+            for disk in disks:
+                try:
+                    m.execute("block-job-resume", {"device": f"mirror-{disk}"})
+                except HypervisorError:
+                    pass
+
+    def mirror_stop(self, name: str, disks: list[str]) -> None:
+        desc = self._load(name)
+        if not self._pid(desc):
+            return
+        with self.monitor(name, timeout=30) as m:
+            self._mirror_teardown(m, disks)
+
+    def _mirror_teardown(self, m: Monitor, disks: list[str]) -> None:
+        for disk in disks:
+            try:
+                m.execute("block-job-cancel", {"device": f"mirror-{disk}", "force": True})
+            except HypervisorError:
+                pass
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                jobs = m.execute("query-block-jobs")
+            except HypervisorError:
+                break
+            if not any(j.get("device", "").startswith("mirror-") for j in jobs):
+                break
+            time.sleep(0.05)
+        for disk in disks:
+            try:
+                m.execute("blockdev-del", {"node-name": f"mt-{disk}"})
+            except HypervisorError:
+                pass
+        try:
+            m.execute("object-del", {"id": "vmr-mtls"})
+        except HypervisorError:
+            pass
 
     # -- guest agent -----------------------------------------------------------------
     def agent_command(self, name: str, command: str, arguments: dict | None = None,
@@ -537,6 +638,12 @@ class QemuBlockSession:
                 log.warning("removing fleece node of %s: %s", disk, e)
             (self.driver.run_dir / f"{self.short}-fleece-{disk}.qcow2").unlink(missing_ok=True)
         self._fleece = []
+
+    def add_bitmap(self, disks: list[str], name: str) -> None:
+        """Start recording into a new bitmap (continuous mode rotates them)."""
+        self._transaction([{"type": "block-dirty-bitmap-add",
+                            "data": {"node": d, "name": name,
+                                     "persistent": self.formats[d] == "qcow2"}} for d in disks])
 
     def release(self, disks: list[str], names: list[str]) -> None:
         """Remove bitmaps ``names`` from ``disks`` (those that exist)."""

@@ -105,7 +105,7 @@ def run_cycle(host, vm: str, mode: str = "delta", verify: bool = False,
                 if kind:
                     store.update_relationship(vm, last_point_at=freeze_time,
                                               points_made=int(rel.get("points_made", 0)) + 1)
-                store.update_relationship(vm, cycle=cycle, bitmap=new,
+                store.update_relationship(vm, cycle=cycle, bitmap=new, bitmap_next=None,
                                           last_success_at=freeze_time,
                                           last_cycle_at=time.time(),
                                           consecutive_failures=0, last_error=None)

@@ -22,20 +22,66 @@ def prepare(host, vm: str, shutdown: bool = False) -> dict:
         raise Conflict(f"{vm} cannot be prepared for failover in state {rel['state']}",
                        hint="it must be replicating (initial copy done, not suspended)")
     info = host.driver.inspect(vm)
-    if info.state == "running":
-        if not shutdown:
-            raise Conflict(f"{vm} is running: a planned failover needs it off",
-                           hint=f"shut it down first, or add --shutdown "
-                                f"(`vmreplica failover {vm} --prepare --shutdown`)")
+    if info.state == "running" and not shutdown:
+        raise Conflict(f"{vm} is running: a planned failover needs it off",
+                       hint=f"shut it down first, or add --shutdown "
+                            f"(`vmreplica failover {vm} --prepare --shutdown`)")
+    if rel.get("mode") == "continuous":
+        marker = _continuous_shutdown(host, vm, rel, info.state == "running")
+        if marker:
+            host.client_for_peer(rel["peer"], timeout=60).request(
+                "POST", f"/v1/replica/relationships/{vm}/final", {"epoch": rel["epoch"]})
+            host.store.update_relationship(vm, state=State.PREPARED_FOR_FAILOVER.value,
+                                           preparing=False)
+            host.event("failover", "prepared for planned failover: the mirror was in sync to "
+                                   "the end, no final cycle needed", vm)
+            return {"vm": vm, "state": State.PREPARED_FOR_FAILOVER.value, "final_cycle": None,
+                    "raw_bytes": 0, "next": f"on {rel['peer']}: vmreplica failover {vm}"}
+    elif info.state == "running":
         host.event("failover", "shutting the VM down for a planned failover", vm)
         host.driver.stop(vm, force=False)
-    stats = run_cycle(host, vm, final=True)
+    try:
+        stats = run_cycle(host, vm, final=True)
+    finally:
+        host.store.update_relationship(vm, preparing=False)
     host.store.update_relationship(vm, state=State.PREPARED_FOR_FAILOVER.value)
     host.event("failover", f"prepared for planned failover: final cycle {stats['cycle']} "
                            f"acknowledged by {rel['peer']}", vm)
     return {"vm": vm, "state": State.PREPARED_FOR_FAILOVER.value, "final_cycle": stats["cycle"],
             "raw_bytes": stats["raw_bytes"],
             "next": f"on {rel['peer']}: vmreplica failover {vm}"}
+
+
+def _continuous_shutdown(host, vm: str, rel: dict, running: bool) -> bool:
+    """Shut a mirrored VM down while listening to its monitor: True if the mirror was in
+    sync and reported no error until QEMU exited (every write it acknowledged is on the
+    replica), False if a final cycle is needed."""
+    from ..errors import HypervisorError
+    host.store.update_relationship(vm, preparing=True)     # the watchdog stands down
+    in_sync = rel.get("sync_state") == "in_sync"
+    if not running:
+        host.continuous.stop(vm)
+        return False
+    mon = None
+    try:
+        mon = host.driver.watch_monitor(vm) if in_sync else None
+    except HypervisorError:
+        in_sync = False
+    host.event("failover", "shutting the VM down for a planned failover", vm)
+    host.driver.stop(vm, force=False)
+    clean = in_sync
+    if mon is not None:
+        try:
+            while True:                      # the events QEMU sent before it exited
+                mon.wait_event("BLOCK_JOB_ERROR", 2.0)
+                clean = False
+        except HypervisorError:
+            pass                             # monitor closed: QEMU is gone
+        finally:
+            mon.close()
+        clean = clean and not any(e["event"] == "BLOCK_JOB_ERROR" for e in mon.events)
+    host.continuous.stop(vm)
+    return clean
 
 
 def cancel(host, vm: str) -> dict:

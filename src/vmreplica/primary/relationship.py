@@ -17,7 +17,8 @@ COMPRESSIONS = ("zstd", "none")
 def enable(host, vm: str, replica: str, frequency: str = "5m", compression: str = "zstd",
            exclude_disks: list[str] | None = None, security_tag: str = "",
            history: int = 4, point_interval: str = "1h", app_every: int = 0,
-           resync_window: str | None = None) -> dict:
+           resync_window: str | None = None, mode: str = "periodic",
+           max_stall: float = 5.0) -> dict:
     info = host.driver.inspect(vm)  # NotFound with a clear message
     existing = host.store.relationship(vm)
     if existing is not None:
@@ -30,6 +31,7 @@ def enable(host, vm: str, replica: str, frequency: str = "5m", compression: str 
     if int(app_every) < 0:
         raise UsageError("--app-consistent-every must be 0 (never) or more")
     parse_window(resync_window)
+    _check_mode(host, mode, max_stall)
     if compression not in COMPRESSIONS:
         raise UsageError(f"unknown compression {compression!r}", hint="choose zstd or none")
     names = [d.name for d in info.disks]
@@ -61,7 +63,7 @@ def enable(host, vm: str, replica: str, frequency: str = "5m", compression: str 
         "excluded": exclude, "security_tag": security_tag, "cycle": -1, "bitmap": None,
         "tracker": "bitmap", "consecutive_failures": 0, "history": history,
         "point_interval": interval, "app_every": int(app_every),
-        "resync_window": resync_window or None,
+        "resync_window": resync_window or None, "mode": mode, "max_stall": float(max_stall),
     }
     try:
         host.store.add_relationship(rel)
@@ -93,6 +95,19 @@ def check_peer(host, vm: str, timeout: float = 10.0) -> dict:
                     fenced=f"{rel['peer']} has become the primary ({e.message})")
                 _fence(host, vm)
         raise
+
+
+MODES = ("periodic", "continuous")
+
+
+def _check_mode(host, mode: str, max_stall: float) -> None:
+    if mode not in MODES:
+        raise UsageError(f"unknown mode {mode!r}", hint="choose periodic or continuous")
+    if mode == "continuous" and not hasattr(host.driver, "mirror_start"):
+        raise UsageError(f"continuous mode needs the qemu driver; {host.driver.name} hosts "
+                         "replicate periodically", hint="use --mode periodic")
+    if not 0.5 <= float(max_stall) <= 120:
+        raise UsageError("--max-stall must be between 0.5 and 120 seconds")
 
 
 def _check_disk(vm: str, d) -> None:
@@ -178,6 +193,8 @@ def remove(host, vm: str, keep_replica: bool = False, force: bool = False) -> di
     if rel["role"] == Role.REPLICA.value:
         from ..replica.receiver import remove_relationship
         return remove_relationship(host, vm, keep_replica)
+    if rel.get("mode") == "continuous":
+        host.continuous.stop(vm)            # the mirror ends before the replica goes
     remote = "removed"
     try:
         q = "?keep=1" if keep_replica else ""

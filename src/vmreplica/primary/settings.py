@@ -10,7 +10,7 @@ from ..errors import UsageError
 from .relationship import COMPRESSIONS, _rel
 
 FIELDS = ("frequency", "history", "point_interval", "app_every", "compression",
-          "resync_window")
+          "resync_window", "mode", "max_stall")
 
 
 def validate(changes: dict) -> dict:
@@ -32,6 +32,14 @@ def validate(changes: dict) -> dict:
             if value not in COMPRESSIONS:
                 raise UsageError(f"unknown compression {value!r}", hint="choose zstd or none")
             out[key] = value
+        elif key == "mode":
+            if value not in ("periodic", "continuous"):
+                raise UsageError(f"unknown mode {value!r}", hint="choose periodic or continuous")
+            out[key] = value
+        elif key == "max_stall":
+            if not 0.5 <= float(value) <= 120:
+                raise UsageError("--max-stall must be between 0.5 and 120 seconds")
+            out[key] = float(value)
         elif key == "resync_window":
             out[key] = None if value in ("", "none", "always") else value
             parse_window(out[key])
@@ -93,6 +101,11 @@ def change_disks(host, vm: str, exclude: list[str], include: list[str]) -> dict:
 
 def apply(host, vm: str, changes: dict) -> dict:
     rel = _rel(host, vm)
+    if changes.get("mode") == "continuous" and rel.get("mode") != "continuous":
+        from .relationship import _check_mode
+        _check_mode(host, "continuous", changes.get("max_stall", rel.get("max_stall", 5.0)))
+    if changes.get("mode") == "periodic" and rel.get("mode") == "continuous":
+        host.continuous.stop(vm)        # the bitmap carries on: no re-seeding either way
     if "history" in changes or "point_interval" in changes:
         host.client_for_peer(rel["peer"], timeout=60).request(
             "POST", f"/v1/replica/relationships/{vm}/settings",

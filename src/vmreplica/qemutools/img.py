@@ -26,6 +26,8 @@ def create(path: Path | str, size: int | None, fmt: str = "qcow2", backing: Path
     opts = dict(options or {})
     if backing is not None:
         args += ["-b", str(backing), "-F", "qcow2"]
+        if size is not None:
+            args.append("-u")  # size given: do not open the backing (it may be in use)
     if opts:
         args += ["-o", ",".join(f"{k}={v}" for k, v in opts.items())]
     args.append(str(path))

@@ -22,7 +22,8 @@ class QMPError(HypervisorError):
 
 
 class Monitor:
-    def __init__(self, path: str | Path, timeout: float = 30.0, connect_timeout: float = 10.0):
+    def __init__(self, path: str | Path, timeout: float = 30.0, connect_timeout: float = 10.0,
+                 oob: bool = False):
         self.path = str(path)
         self.timeout = timeout
         self.events: list[dict] = []
@@ -32,7 +33,9 @@ class Monitor:
             greeting = self._read_message(connect_timeout)
             if "QMP" not in greeting:
                 raise HypervisorError(f"{self.path} is not a QMP monitor")
-            self.execute("qmp_capabilities")
+            # Out-of-band commands (yank) run even while QEMU's main loop is stuck, e.g. on
+            # I/O to a hung NBD server; the monitor must have been negotiated for them.
+            self.execute("qmp_capabilities", {"enable": ["oob"]} if oob else None)
         except BaseException:
             self.close()
             raise
@@ -85,6 +88,27 @@ class Monitor:
             if "event" in reply:
                 self.events.append(reply)
                 continue
+            if "error" in reply:
+                err = reply["error"]
+                raise QMPError(command, err.get("class", ""), err.get("desc", ""))
+            return reply.get("return")
+
+    def execute_oob(self, command: str, arguments: dict | None = None,
+                    timeout: float = 5.0):
+        msg = {"exec-oob": command, "id": f"oob-{time.monotonic_ns()}"}
+        if arguments:
+            msg["arguments"] = arguments
+        try:
+            self._sock.sendall(json.dumps(msg).encode() + b"\n")
+        except OSError as e:
+            raise HypervisorError(f"QEMU monitor {self.path} failed: {e}") from None
+        while True:
+            reply = self._read_message(timeout)
+            if "event" in reply:
+                self.events.append(reply)
+                continue
+            if reply.get("id") != msg["id"]:
+                continue        # a late answer to an in-band command; not ours
             if "error" in reply:
                 err = reply["error"]
                 raise QMPError(command, err.get("class", ""), err.get("desc", ""))

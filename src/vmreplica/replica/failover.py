@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..domain.states import State
 from ..errors import Conflict, NotFound, UsageError
-from . import points
+from . import mirror, points
 from . import store as rstore
 
 
@@ -135,7 +135,8 @@ def start(host, vm: str, point=None) -> dict:
         prepared = rel.get("primary_prepared")
         planned = bool(prepared) and point in (None, "latest") and \
             int(prepared["cycle"]) == int(rel.get("last_applied_cycle", -1))
-        host.heads.close(vm)      # no more cycles into the head from here on
+        mirror.close_target(host, vm)   # no more mirrored writes...
+        host.heads.close(vm)            # ...and no more cycles into the head from here on
         layer, label = _layer_of(host, rel, "latest" if point is None else point)
         overlays = _overlays(rel, layer, f"failover-{int(time.time())}")
         failover = {"point": label, "layer": layer, "overlays": overlays, "planned": planned,

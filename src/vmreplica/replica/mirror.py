@@ -37,9 +37,17 @@ def leaf_paths(home) -> tuple[Path, Path]:
 
 
 def ensure_leaf(host) -> tuple[Path, Path]:
+    """The leaf names the host and, when it listens on an IP address, that address too
+    (libnbd checks the address it connected to)."""
+    import ipaddress
     key, crt = leaf_paths(host.home)
     if not (key.exists() and crt.exists()):
-        tls.issue_leaf(host.home.key, host.home.cert, host.name, key, crt)
+        bind = host.listen.rsplit(":", 1)[0].strip("[]")
+        try:
+            ips = [str(ipaddress.ip_address(bind))]
+        except ValueError:
+            ips = []
+        tls.issue_leaf(host.home.key, host.home.cert, host.name, key, crt, ips=ips)
     return key, crt
 
 
@@ -141,3 +149,53 @@ class MirrorTarget:
 
     def close(self) -> None:
         self.qsd.close()
+
+
+def open_target(host, peer: dict, vm: str) -> dict:
+    """Export the heads for the primary's mirror (closing the head server first); the
+    port is kept in the relationship so a restarted replica comes back where the primary's
+    NBD client reconnects."""
+    from .receiver import _own_relationship
+    rel = _own_relationship(host, peer, vm)
+    if rel["state"] != "replicating":
+        raise OperationError(f"{vm} cannot receive a mirror in state {rel['state']}")
+    with host.vm_lock(vm):
+        target = host.mirror_targets.get(vm)
+        if target is None or not target.alive():
+            host.heads.close(vm)
+            port = int(rel.get("mirror_port") or free_port(host.listen.rsplit(":", 1)[0]))
+            target = MirrorTarget(host, rel, peer, port)
+            host.mirror_targets[vm] = target
+        host.store.update_relationship(vm, mirror_port=target.port, mirror_open=True,
+                                       index_valid=False)   # the mirror bypasses the index
+    host.event("continuous", f"mirror target open on {target.bind}:{target.port}", vm)
+    return {"vm": vm, "host": target.bind, "port": target.port, "tls_hostname": host.name,
+            "exports": target.disks}
+
+
+def close_target(host, vm: str, keep_open_flag: bool = False) -> bool:
+    """Stop exporting the heads (a cycle arrives, failover, removal). Returns whether one
+    was open."""
+    target = host.mirror_targets.pop(vm, None)
+    if target is None:
+        return False
+    try:
+        target.close()
+    except OperationError as e:
+        log.warning("closing the mirror target of %s: %s", vm, e)
+    if not keep_open_flag and host.store.relationship(vm) is not None:
+        host.store.update_relationship(vm, mirror_open=False)
+    return True
+
+
+def reopen_targets(host) -> None:
+    """Start-up: the mirror targets that were open when the daemon stopped or died."""
+    for rel in host.store.relationships():
+        if rel["role"] == "replica" and rel.get("mirror_open") and rel["state"] == "replicating":
+            peer = host.store.peer(rel["peer"])
+            if peer is None:
+                continue
+            try:
+                open_target(host, peer, rel["vm"])
+            except Exception as e:  # noqa: BLE001 — the primary falls back to cycles
+                log.warning("could not reopen the mirror target of %s: %s", rel["vm"], e)

@@ -31,8 +31,13 @@ def _set_chains(host, vm: str, chains: dict[str, list[str]], **changes) -> dict:
 def create(host, vm: str, kind: str, point_time: float, apply_retention: bool = True) -> dict:
     """Freeze the heads: the current contents become a recovery point."""
     rel = host.store.relationship(vm)
-    host.heads.close(vm)
+    target = host.mirror_targets.get(vm)
+    if target is None:
+        host.heads.close(vm)
     chains = rstore.freeze(_storage(rel), vm, rel["chains"])
+    if target is not None:
+        # Continuous mode: the mirror writes on; freeze live, in one transaction.
+        target.snapshot({d: c[-1] for d, c in chains.items()})
     layer = len(next(iter(rel["chains"].values()))) - 1   # the old head's index
     point_id = int(rel.get("next_point_id", 1))
     # The new layer is in the chain file-wise; record the point, then the chains.
@@ -55,10 +60,16 @@ def retain(host, vm: str) -> int:
         pts = host.store.points(vm)
         if dp.merges_needed(len(pts), int(rel.get("history", 4)), pinned) == 0:
             return merged
-        host.heads.close(vm)
+        target = host.mirror_targets.get(vm)
+        if target is None:
+            host.heads.close(vm)
         # Durable intent first: a crash mid-merge is finished at start-up (finish_merges).
         host.store.update_relationship(vm, merging=True)
-        chains = rstore.merge_oldest(rel["chains"])
+        if target is not None:
+            target.merge_oldest()     # live block-commit; the mirror writes on
+            chains = {d: list(c) for d, c in target.chains.items()}
+        else:
+            chains = rstore.merge_oldest(rel["chains"])
         with host.store.transaction():
             host.store.replace_points(vm, dp.after_merge(pts))
             rel = _set_chains(host, vm, chains, merging=False,

@@ -20,7 +20,7 @@ from ..transport import wire
 from . import apply as applier
 from ..qemutools import img
 from . import index as rindex
-from . import points
+from . import mirror, points
 from . import store as rstore
 
 log = logging.getLogger("vmreplica.replica")
@@ -133,6 +133,8 @@ def receive_cycle(host, peer: dict, vm: str, body) -> dict:
     cycle = _check_header(host, rel, header)
     kind = "initial" if header.get("initial") else "resync" if header.get("resync") else "delta"
     with host.vm_lock(vm):
+        # A cycle means the primary is catching up (continuous mode dropped to cycles).
+        mirror.close_target(host, vm)
         row = host.store.start_cycle(vm, cycle, kind)   # the replica's cycle history
         try:
             if kind == "delta":
@@ -256,6 +258,33 @@ def change_disks(host, peer: dict, vm: str, body: dict) -> dict:
                 rindex.path(storage, vm, name).unlink(missing_ok=True)
     host.event("relationship", "replicated disks now: " + ", ".join(names), vm)
     return {"vm": vm, "disks": names}
+
+
+def point_now(host, peer: dict, vm: str, body: dict) -> dict:
+    """Continuous mode: make a recovery point of what the mirror has written so far."""
+    rel = _own_relationship(host, peer, vm)
+    _check_primary(host, rel, int(body.get("epoch", 0)))
+    with host.vm_lock(vm):
+        made = points.create(host, vm, str(body.get("kind") or "crash"),
+                             float(body.get("time") or time.time()))
+        host.store.update_relationship(vm, last_freeze_at=float(body.get("time") or time.time()))
+    return made
+
+
+def final_marker(host, peer: dict, vm: str, body: dict) -> dict:
+    """Continuous mode, planned failover: the primary's VM is off and every write it
+    acknowledged reached this replica through the mirror — no final cycle needed."""
+    rel = _own_relationship(host, peer, vm)
+    _check_primary(host, rel, int(body.get("epoch", 0)))
+    with host.vm_lock(vm):
+        mirror.close_target(host, vm)
+        host.store.update_relationship(
+            vm, primary_prepared={"cycle": int(rel.get("last_applied_cycle", -1)),
+                                  "at": time.time(), "mirror": True},
+            last_freeze_at=time.time())
+    host.event("failover", "the primary is prepared (continuous mode: every acknowledged "
+                           "write is here)", vm)
+    return {"vm": vm, "prepared": True}
 
 
 def state_for_primary(host, peer: dict, vm: str, epoch: int) -> dict:
@@ -393,6 +422,7 @@ def remove_relationship(host, vm: str, keep_replica: bool) -> dict:
     if rel is None or rel["role"] != Role.REPLICA.value:
         raise NotFound(f"{host.name} holds no replica of VM {vm}")
     with host.vm_lock(vm):
+        mirror.close_target(host, vm)
         host.heads.close(vm)
         removed_vm = False
         try:

@@ -89,7 +89,8 @@ def freeze(storage: Path, vm: str, chains: dict[str, list[str]]) -> dict[str, li
     try:
         for disk, chain in chains.items():
             new = _next_layer(storage, vm, disk)
-            img.create(new, None, "qcow2", backing=chain[-1])
+            size = int(img.info(chain[-1])["virtual-size"])   # -U: works while it is open
+            img.create(new, size, "qcow2", backing=chain[-1])
             made.append(new)
             out[disk] = chain + [str(new)]
     except Exception:

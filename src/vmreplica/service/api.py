@@ -171,7 +171,9 @@ def management_routes(host, daemon) -> Router:
                            history=int(b.get("history", 4)),
                            point_interval=b.get("point_interval") or "1h",
                            app_every=int(b.get("app_every") or 0),
-                           resync_window=b.get("resync_window"))
+                           resync_window=b.get("resync_window"),
+                           mode=b.get("mode") or "periodic",
+                           max_stall=float(b.get("max_stall") or 5.0))
 
     @r.route("POST", "/v1/relationships/{vm}/initial")
     def initial(req):
@@ -309,6 +311,27 @@ def replication_routes(host) -> Router:
     def replica_settings(req):
         peer = trust.require_peer(host, req.peer_fingerprint)
         return receiver.apply_settings(host, peer, req.params["vm"], req.json())
+
+    @r.route("POST", "/v1/replica/relationships/{vm}/mirror")
+    def replica_mirror(req):
+        from ..replica import mirror
+        peer = trust.require_peer(host, req.peer_fingerprint)
+        b = req.json()
+        if b.get("action") == "close":
+            with host.vm_lock(req.params["vm"]):
+                receiver._own_relationship(host, peer, req.params["vm"])
+                return {"closed": mirror.close_target(host, req.params["vm"])}
+        return mirror.open_target(host, peer, req.params["vm"])
+
+    @r.route("POST", "/v1/replica/relationships/{vm}/point")
+    def replica_point(req):
+        peer = trust.require_peer(host, req.peer_fingerprint)
+        return receiver.point_now(host, peer, req.params["vm"], req.json())
+
+    @r.route("POST", "/v1/replica/relationships/{vm}/final")
+    def replica_final(req):
+        peer = trust.require_peer(host, req.peer_fingerprint)
+        return receiver.final_marker(host, peer, req.params["vm"], req.json())
 
     @r.route("GET", "/v1/replica/relationships/{vm}/state")
     def replica_state(req):

@@ -97,6 +97,8 @@ class Daemon:
             serve_in_thread(web, "web")
         serve_in_thread(repl, "replication-api")
         serve_in_thread(mgmt, "management-api")
+        from ..replica.mirror import reopen_targets
+        reopen_targets(host)
         self.scheduler = Scheduler(host)
         self.scheduler.start()
         host.event("daemon", f"daemon started (pid {os.getpid()}), listening on {host.listen}")

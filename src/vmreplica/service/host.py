@@ -33,6 +33,9 @@ class Host:
         self.stopping = threading.Event()
         from ..replica.heads import HeadServers
         self.heads = HeadServers(home.run)
+        self.mirror_targets: dict = {}     # vm → replica.mirror.MirrorTarget
+        from ..primary.continuous import Continuous
+        self.continuous = Continuous(self)
 
     # -- parts chosen by name from configuration -------------------------------------
     @property
@@ -91,6 +94,9 @@ class Host:
         self.store.add_event(kind, message, vm)
 
     def close(self) -> None:
+        from ..replica.mirror import close_target
+        for vm in list(self.mirror_targets):
+            close_target(self, vm, keep_open_flag=True)   # reopened at the next start
         self.heads.close_all()
         self.store.close()
 

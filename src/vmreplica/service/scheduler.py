@@ -55,6 +55,7 @@ class Scheduler:
             try:
                 now = time.time()
                 self.run_due(now)
+                self.host.continuous.tick(now)
                 self.close_idle_heads()
                 if now - self._last_health >= HEALTH_EVERY:
                     self._last_health = now
@@ -88,6 +89,8 @@ class Scheduler:
                 continue
             if State(rel["state"]) not in CYCLING:
                 continue
+            if rel.get("mode") == "continuous" and rel.get("sync_state") != "idle":
+                continue      # the mirror (primary.continuous) keeps this one current
             vm = rel["vm"]
             t = self._running.get(vm)
             if t is not None and t.is_alive():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import ipaddress
 import os
 import ssl
 from pathlib import Path
@@ -115,7 +116,7 @@ def client_context(cert: Path | None, key: Path | None,
 
 
 def issue_leaf(ca_key: Path, ca_cert: Path, name: str, key_out: Path, cert_out: Path,
-               days: int = 3650) -> None:
+               days: int = 3650, ips: list[str] | None = None) -> None:
     """A leaf certificate for this host signed by its own identity (for QEMU's NBD TLS,
     which refuses a CA certificate as a server or client certificate). Peers verify it
     against the identity certificate they pinned, used as the CA."""
@@ -138,7 +139,9 @@ def issue_leaf(ca_key: Path, ca_cert: Path, name: str, key_out: Path, cert_out: 
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=days))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.DNSName(name)] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips or []]),
+            critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.KeyUsage(digital_signature=True, key_encipherment=True,
                                      content_commitment=False, data_encipherment=False,

@@ -1,0 +1,350 @@
+"""Continuous mode, primary side: zero data loss with QEMU's own active mirror.
+
+The relationship first catches up with bitmap cycles; then, with the VM paused for the
+length of one small cycle, the last changes are shipped, the replica opens its heads as
+NBD exports (TLS, writing through) and the VM's QEMU starts a `write-blocking` mirror of
+every disk (`sync: none`: the replica already equals the disks) — from then on a guest
+write is acknowledged only once the replica has it (`in_sync`).
+
+A watchdog follows each mirror twice a second on the VM's second, out-of-band monitor:
+- a job that stopped (the replica went away) means `degraded`: the guest keeps running,
+  the job's own bitmap records what the replica misses, and the watchdog resumes the job
+  until it is back in sync — only the changes move;
+- a replica that stops answering without going away (a stopped process, a black hole)
+  would block guest writes: a probe request through our own NBD connection to the
+  replica's export must answer within a bound, else the mirror's NBD connections are
+  yanked (out of band), the writes complete, the mode is `degraded`. The guest never
+  waits longer than `--max-stall`;
+- a job that cannot come back (yanked, or QEMU lost it) is dropped; the relationship's
+  persistent bitmap, which recorded every write all along, drives catch-up cycles and
+  a new mirror.
+
+While in sync the tracking bitmap is rotated (two generations, only while the mirror is
+healthy), so a catch-up after an outage ships about what changed during the outage.
+Recovery points are taken on the replica, live, at each point interval.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from ..domain import points as dp
+from ..errors import OperationError, Superseded, VmreplicaError
+from ..tracking.bitmap import bitmap_prefix
+
+log = logging.getLogger("vmreplica.continuous")
+
+CATCH_UP_BYTES = 64 << 20     # a cycle below this: stop catching up, start the mirror
+ROTATE_EVERY = 10.0           # seconds between bitmap rotations while in sync
+RESUME_TRIES = 20             # degraded: resume attempts before starting afresh
+PROBE_EVERY = 0.5
+
+
+class _Mirror:
+    """What the watchdog knows of one VM's mirror (in memory; the sub-state is in the store)."""
+
+    def __init__(self, vm: str):
+        self.vm = vm
+        self.mon = None               # the VM's out-of-band monitor
+        self.probe = None             # libnbd handle on the replica's export
+        self.probe_cookie = None
+        self.probe_sent = 0.0
+        self.last_probe = 0.0
+        self.worker: threading.Thread | None = None
+        self.last_rotation = 0.0
+        self.healthy_since = 0.0
+        self.resume_tries = 0
+        self.yanked = False
+        self.next_attempt = 0.0
+
+    def busy(self) -> bool:
+        return self.worker is not None and self.worker.is_alive()
+
+    def close(self) -> None:
+        from ..qemutools import nbdio
+        if self.probe is not None:
+            nbdio.close(self.probe)
+            self.probe = None
+        self.probe_cookie = None
+        if self.mon is not None:
+            self.mon.close()
+            self.mon = None
+
+
+class Continuous:
+    def __init__(self, host):
+        self.host = host
+        self.mirrors: dict[str, _Mirror] = {}
+
+    # -- the scheduler calls this twice a second ---------------------------------------
+    def tick(self, now: float) -> None:
+        for rel in self.host.store.relationships():
+            if rel["role"] != "primary" or rel.get("mode") != "continuous":
+                continue
+            m = self.mirrors.setdefault(rel["vm"], _Mirror(rel["vm"]))
+            if rel["state"] != "replicating" or rel.get("fenced") or rel.get("preparing"):
+                self._stand_down(m, rel)
+                continue
+            if m.busy():
+                continue
+            try:
+                self._step(m, rel, now)
+            except Exception as e:  # noqa: BLE001 — one VM's trouble must not stop the others
+                log.warning("continuous mode of %s: %s", rel["vm"], getattr(e, "message", e))
+
+    def _set(self, vm: str, state: str, reason: str | None = None) -> None:
+        rel = self.host.store.relationship(vm)
+        if rel is None or rel.get("sync_state") == state:
+            return
+        self.host.store.update_relationship(vm, sync_state=state, sync_reason=reason)
+        self.host.event("continuous", f"{state}" + (f": {reason}" if reason else ""), vm)
+
+    def _spawn(self, m: _Mirror, fn, *args) -> None:
+        m.worker = threading.Thread(target=fn, args=args, name=f"mirror-{m.vm}", daemon=True)
+        m.worker.start()
+
+    def _step(self, m: _Mirror, rel: dict, now: float) -> None:
+        vm = rel["vm"]
+        running = self.host.driver.inspect(vm).state == "running"
+        state = rel.get("sync_state")
+        if not running:
+            # Nothing writes: periodic cycles (the scheduler) keep the replica current.
+            m.close()
+            self._set(vm, "idle", "the VM is not running")
+            return
+        if state in (None, "idle", "catching_up"):
+            if now >= m.next_attempt:
+                self._spawn(m, self._start, vm)
+            return
+        if state == "in_sync":
+            self._watch(m, rel, now)
+        elif state == "degraded" and now >= m.next_attempt:
+            self._spawn(m, self._recover, vm)
+
+    # -- starting a mirror ---------------------------------------------------------------
+    def _start(self, vm: str) -> None:
+        from .cycle import run_cycle
+        host = self.host
+        m = self.mirrors[vm]
+        m.close()
+        self._set(vm, "catching_up")
+        try:
+            rel = host.store.relationship(vm)
+            host.driver.mirror_stop(vm, rel["disks"])
+            _close_target(host, rel)
+            for _ in range(5):                        # catch up with bitmap cycles
+                stats = run_cycle(host, vm)
+                if stats["raw_bytes"] + stats["zero_bytes"] < CATCH_UP_BYTES:
+                    break
+            with host.vm_lock(vm):
+                host.driver.pause(vm)                 # the hand-over: one small cycle long
+                try:
+                    run_cycle(host, vm)
+                    rel = host.store.relationship(vm)
+                    target = host.client_for_peer(rel["peer"], timeout=60).request(
+                        "POST", f"/v1/replica/relationships/{vm}/mirror", {"action": "open"})
+                    from ..replica.mirror import creds_dir
+                    creds = creds_dir(host, host.store.peer(rel["peer"]), "client",
+                                      f"mc-{rel['id'][:8]}")
+                    host.driver.mirror_start(vm, rel["disks"], {
+                        "host": target["host"], "port": target["port"], "tls_dir": creds,
+                        "tls_hostname": target["tls_hostname"]})
+                finally:
+                    host.driver.resume(vm)
+            m.mon = host.driver.watch_monitor(vm)
+            m.probe = _probe_connect(creds, target["host"], target["port"], rel["disks"][0])
+            m.last_rotation = m.healthy_since = time.monotonic()
+            m.resume_tries, m.yanked = 0, False
+            host.store.update_relationship(vm, mirror_target=target, mirror_creds=str(creds))
+            self._set(vm, "in_sync")
+        except Superseded:
+            m.close()
+        except Exception as e:  # noqa: BLE001 — retried; the bitmap keeps every change
+            m.close()
+            m.next_attempt = time.time() + 5
+            self._set(vm, "degraded", f"could not start the mirror: "
+                                      f"{getattr(e, 'message', None) or e}")
+
+    # -- watching ------------------------------------------------------------------------
+    def _watch(self, m: _Mirror, rel: dict, now: float) -> None:
+        vm = rel["vm"]
+        stall = float(rel.get("max_stall", 5.0))
+        if m.mon is None:
+            m.mon = self.host.driver.watch_monitor(vm)
+        jobs = self.host.driver.mirror_status(vm, mon=m.mon)
+        bad = [d for d in rel["disks"] if d not in jobs or jobs[d].get("io-status") != "ok"
+               or jobs[d].get("paused") or jobs[d].get("status") not in ("ready", "running")]
+        if bad:
+            m.healthy_since = 0.0
+            self._set(vm, "degraded", f"the mirror of {', '.join(bad)} stopped "
+                                      f"(the replica {rel['peer']} does not take writes)")
+            m.next_attempt = now + 1
+            return
+        hung = self._probe(m, rel, stall)
+        if hung:
+            self.host.driver.mirror_yank(m.mon, rel["disks"])
+            m.yanked = True
+            m.healthy_since = 0.0
+            self._set(vm, "degraded", f"the replica {rel['peer']} stopped answering for "
+                                      f"{hung:.1f} s: mirror connection cut so the guest "
+                                      "does not wait")
+            m.next_attempt = now + 1
+            return
+        mono = time.monotonic()
+        if mono - m.last_rotation >= ROTATE_EVERY and m.healthy_since and \
+                mono - m.healthy_since >= ROTATE_EVERY:
+            self._spawn(m, self._rotate, vm)
+        elif dp.point_due(rel.get("last_point_at"), int(rel.get("point_interval", 3600)), now,
+                          int(rel.get("history", 4))):
+            self._spawn(m, self._point, vm)
+
+    def _probe(self, m: _Mirror, rel: dict, stall: float) -> float:
+        """Seconds the replica has left a probe unanswered once that is past the bound
+        (a fraction of --max-stall, so the yank comes in time), else 0."""
+        if m.probe is None:
+            return 0.0
+        now = time.monotonic()
+        try:
+            m.probe.poll(0)
+            if m.probe_cookie is not None and m.probe.aio_command_completed(m.probe_cookie):
+                m.probe_cookie = None
+                if not m.healthy_since:
+                    m.healthy_since = now
+        except Exception:  # noqa: BLE001 — a broken probe connection: the jobs will tell
+            m.probe_cookie = None
+            return 0.0
+        if m.probe_cookie is not None:
+            waited = now - m.probe_sent
+            return waited if waited > stall * 0.6 else 0.0
+        if now - m.last_probe >= PROBE_EVERY:
+            import nbd
+            m.probe_cookie = m.probe.aio_pread(nbd.Buffer(512), 0)
+            m.probe_sent = m.last_probe = now
+        return 0.0
+
+    # -- while in sync: rotate the tracking bitmap, make recovery points -------------------
+    def _rotate(self, vm: str) -> None:
+        host = self.host
+        m = self.mirrors[vm]
+        lock = host.vm_lock(vm)
+        if not lock.acquire(timeout=2):
+            return
+        try:
+            rel = host.store.relationship(vm)
+            cycle = int(rel.get("cycle", 0)) + 1
+            new = f"{bitmap_prefix(rel['id'])}{cycle}"
+            with host.driver.block_session(vm) as session:
+                session.add_bitmap(rel["disks"], new)
+                older = rel.get("bitmap")
+                keep = rel.get("bitmap_next") or older
+                # The oldest generation goes only after a whole healthy period: any write
+                # it recorded has reached the replica (or its failure was seen).
+                if older and keep != older:
+                    session.release(rel["disks"], [older])
+            host.store.update_relationship(vm, cycle=cycle, bitmap=keep, bitmap_next=new,
+                                           last_success_at=time.time())
+            m.last_rotation = time.monotonic()
+        except Exception as e:  # noqa: BLE001 — the next rotation tries again
+            log.warning("bitmap rotation of %s: %s", vm, getattr(e, "message", e))
+        finally:
+            lock.release()
+
+    def _point(self, vm: str) -> None:
+        from .cycle import _freeze_guest, _thaw_guest
+        host = self.host
+        rel = host.store.relationship(vm)
+        kind = dp.kind_for(int(rel.get("points_made", 0)), int(rel.get("app_every", 0)))
+        thaw = kind == dp.APP and _freeze_guest(host, vm, True)
+        if kind == dp.APP and not thaw:
+            kind = dp.CRASH
+        t = time.time()
+        try:
+            host.client_for_peer(rel["peer"], timeout=120).request(
+                "POST", f"/v1/replica/relationships/{vm}/point",
+                {"kind": kind, "time": t, "epoch": rel["epoch"]})
+            host.store.update_relationship(vm, last_point_at=t, last_success_at=t,
+                                           points_made=int(rel.get("points_made", 0)) + 1)
+        except OperationError as e:
+            log.warning("recovery point of %s: %s", vm, e.message)
+            host.store.update_relationship(vm, last_point_at=t)   # next interval
+        finally:
+            if thaw:
+                _thaw_guest(host, vm)
+
+    # -- degraded → in sync ----------------------------------------------------------------
+    def _recover(self, vm: str) -> None:
+        host = self.host
+        m = self.mirrors[vm]
+        rel = host.store.relationship(vm)
+        try:
+            jobs = host.driver.mirror_status(vm)
+        except Exception:  # noqa: BLE001
+            jobs = {}
+        if m.yanked or not all(d in jobs for d in rel["disks"]) or \
+                m.resume_tries >= RESUME_TRIES:
+            # The jobs cannot come back: start afresh from the tracking bitmap.
+            try:
+                host.driver.mirror_stop(vm, rel["disks"])
+            except Exception:  # noqa: BLE001
+                pass
+            m.close()
+            self._start(vm)
+            return
+        m.resume_tries += 1
+        host.driver.mirror_resume(vm, rel["disks"])
+        time.sleep(0.5)
+        jobs = host.driver.mirror_status(vm)
+        if all(jobs[d].get("io-status") == "ok" and not jobs[d].get("paused") and
+               jobs[d].get("offset") == jobs[d].get("len") for d in rel["disks"] if d in jobs):
+            m.resume_tries = 0
+            m.healthy_since = time.monotonic()
+            self._set(vm, "in_sync", "the replica is back; what changed meanwhile was copied")
+        else:
+            m.next_attempt = time.time() + 1
+
+    # -- stopping --------------------------------------------------------------------------
+    def _stand_down(self, m: _Mirror, rel: dict) -> None:
+        if m.mon is not None or m.probe is not None:
+            m.close()
+
+    def stop(self, vm: str) -> None:
+        """Back to periodic: end the mirror (the bitmap carries on), close the target."""
+        host = self.host
+        m = self.mirrors.pop(vm, None)
+        if m is not None:
+            if m.worker is not None:
+                m.worker.join(60)
+            m.close()
+        rel = host.store.relationship(vm)
+        try:
+            host.driver.mirror_stop(vm, rel["disks"])
+        except Exception as e:  # noqa: BLE001
+            log.warning("stopping the mirror of %s: %s", vm, e)
+        _close_target(host, rel)
+        host.store.update_relationship(vm, sync_state=None, sync_reason=None)
+
+    def status(self, vm: str) -> str | None:
+        rel = self.host.store.relationship(vm)
+        return rel.get("sync_state") if rel else None
+
+
+def _close_target(host, rel: dict) -> None:
+    """Best effort: a replica that is gone or no longer holds the VM has nothing open."""
+    try:
+        host.client_for_peer(rel["peer"], timeout=30).request(
+            "POST", f"/v1/replica/relationships/{rel['vm']}/mirror", {"action": "close"})
+    except VmreplicaError:
+        pass
+
+
+def _probe_connect(creds, host: str, port: int, export: str):
+    import nbd
+    h = nbd.NBD()
+    h.set_tls(nbd.TLS_REQUIRE)
+    h.set_tls_certificates(str(creds))
+    h.set_tls_verify_peer(True)
+    h.set_export_name(export)
+    h.connect_tcp(host, str(port))
+    return h

@@ -20,7 +20,8 @@ unit: setup
 	$(PY) -m pytest -q tests/unit
 
 bench: setup
-	$(PY) bench/bench_cycle.py
+	$(PY) bench/bench_cycle.py --work bench-run/cycle
+	$(PY) bench/bench_continuous.py --work bench-run/continuous
 
 clean:
 	rm -rf $(VENV) guest build demo-run bench-run

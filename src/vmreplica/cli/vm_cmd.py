@@ -19,6 +19,8 @@ def register(sub) -> None:
     c.add_argument("--guest", choices=["demo"], help="boot the built-in demo guest")
     c.add_argument("--format", default="qcow2", choices=["qcow2", "raw"],
                    help="disk image format (replication tracks changes in qcow2)")
+    c.add_argument("--share-rw", action="store_true",
+                   help="let `vm io` write to the disks of the running VM (benchmarks)")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_create)
     ls = vsub.add_parser("list", help="list VMs")
@@ -38,6 +40,12 @@ def register(sub) -> None:
     s = vsub.add_parser("delete", help="delete stopped VMs and their disks")
     bulk.add_targets(s, "any")
     s.set_defaults(func=bulk.each(cmd_delete))
+    s = vsub.add_parser("io", help="run a qemu-io command on a running VM's disk through its "
+                                   "device (needs vm create --share-rw; for benchmarks)")
+    s.add_argument("name")
+    s.add_argument("disk")
+    s.add_argument("command", help='e.g. "write -P 1 0 4k"')
+    s.set_defaults(func=cmd_io)
     s = vsub.add_parser("tag", help="add or remove tags (used by --tag in bulk commands)")
     bulk.add_targets(s, "any")
     s.add_argument("--add", action="append", default=[], metavar="TAG")
@@ -48,7 +56,8 @@ def register(sub) -> None:
 def cmd_create(args) -> int:
     vm = client_of(args).call("POST", "/v1/vms", {"name": args.name, "disks": args.disk,
                                                   "memory_mb": args.memory, "guest": args.guest,
-                                                  "format": args.format})
+                                                  "format": args.format,
+                                                  "share_rw": args.share_rw})
     if args.json:
         emit_json(vm)
     else:
@@ -77,6 +86,13 @@ def cmd_show(args) -> int:
           + (f", guest {vm['guest']}" if vm.get("guest") else ""))
     table([[d["name"], d["format"], size(d["virtual_size"]), d["path"]] for d in vm["disks"]],
           ["DISK", "FORMAT", "SIZE", "PATH"])
+    return 0
+
+
+def cmd_io(args) -> int:
+    out = client_of(args).call("POST", f"/v1/vms/{args.name}/io",
+                               {"disk": args.disk, "command": args.command})
+    print(out["output"].rstrip())
     return 0
 
 

@@ -112,7 +112,8 @@ class QemuDriver:
 
     # -- create / define / delete ----------------------------------------------------
     def create_vm(self, name: str, sizes: list[int], memory_mb: int = 256,
-                  guest: str | None = None, disk_format: str = "qcow2") -> VMInfo:
+                  guest: str | None = None, disk_format: str = "qcow2",
+                  share_rw: bool = False) -> VMInfo:
         if self.exists(name):
             raise Conflict(f"a VM named {name} already exists on this host")
         if disk_format not in ("qcow2", "raw"):
@@ -130,7 +131,7 @@ class QemuDriver:
                               "virtual_size": size})
             desc = {"name": name, "uuid": str(uuidlib.uuid4()), "memory_mb": memory_mb,
                     "guest": guest, "agent": guest is not None, "disks": disks,
-                    "created_at": time.time()}
+                    "created_at": time.time(), "share_rw": share_rw}
             self._save(desc)
         except BaseException:
             shutil.rmtree(d, ignore_errors=True)
@@ -237,7 +238,8 @@ class QemuDriver:
                                               "node-name": f"{node}-file", "discard": "unmap"}),
                      "-blockdev", json.dumps({"driver": d["format"], "file": f"{node}-file",
                                               "node-name": node, "discard": "unmap"}),
-                     "-device", f"virtio-blk-pci,drive={node},id=vd-{node},serial={node}"]
+                     "-device", f"virtio-blk-pci,drive={node},id=vd-{node},serial={node}"
+                     + (",share-rw=on" if desc.get("share_rw") else "")]
         return args
 
     def start(self, name: str) -> None:
@@ -302,6 +304,13 @@ class QemuDriver:
         return Monitor(self._rt(desc, "qmp"), timeout=timeout)
 
     # -- continuous mode: an active mirror into the replica's export ---------------------
+    def io(self, name: str, disk: str, command: str) -> str:
+        """Run a qemu-io command on a disk through the VM's own device (its guest-facing
+        path, mirror included): for benchmarks; the VM needs `share_rw`."""
+        with self.monitor(name, timeout=300) as m:
+            return m.execute("human-monitor-command", {
+                "command-line": f'qemu-io -d vd-{disk}/virtio-backend "{command}"'})
+
     def watch_monitor(self, name: str) -> Monitor:
         """The second, out-of-band capable monitor: the watchdog's, kept open."""
         desc = self._load(name)

@@ -58,6 +58,7 @@ class _Mirror:
         self.resume_tries = 0
         self.yanked = False
         self.next_attempt = 0.0
+        self.offsets: dict[str, int] = {}
 
     def busy(self) -> bool:
         return self.worker is not None and self.worker.is_alive()
@@ -182,7 +183,23 @@ class Continuous:
                                       f"(the replica {rel['peer']} does not take writes)")
             m.next_attempt = now + 1
             return
+        if m.probe is None and rel.get("mirror_target"):
+            try:
+                t = rel["mirror_target"]
+                m.probe = _probe_connect(rel["mirror_creds"], t["host"], t["port"],
+                                         rel["disks"][0])
+            except Exception:  # noqa: BLE001
+                m.healthy_since = 0.0
+                self._set(vm, "degraded", f"cannot reach the replica {rel['peer']}'s export")
+                m.next_attempt = now + 1
+                return
         hung = self._probe(m, rel, stall)
+        if hung < 0:
+            m.healthy_since = 0.0
+            self._set(vm, "degraded", f"lost the connection to the replica {rel['peer']}'s "
+                                      "export")
+            m.next_attempt = now + 1
+            return
         if hung:
             self.host.driver.mirror_yank(m.mon, rel["disks"])
             m.yanked = True
@@ -202,7 +219,8 @@ class Continuous:
 
     def _probe(self, m: _Mirror, rel: dict, stall: float) -> float:
         """Seconds the replica has left a probe unanswered once that is past the bound
-        (a fraction of --max-stall, so the yank comes in time), else 0."""
+        (a fraction of --max-stall, so the yank comes in time), 0 if all is well, -1 if
+        the connection to its export broke (the replica went away)."""
         if m.probe is None:
             return 0.0
         now = time.monotonic()
@@ -212,9 +230,11 @@ class Continuous:
                 m.probe_cookie = None
                 if not m.healthy_since:
                     m.healthy_since = now
-        except Exception:  # noqa: BLE001 — a broken probe connection: the jobs will tell
-            m.probe_cookie = None
-            return 0.0
+        except Exception:  # noqa: BLE001 — the export went away
+            from ..qemutools import nbdio
+            nbdio.close(m.probe)
+            m.probe, m.probe_cookie = None, None
+            return -1.0
         if m.probe_cookie is not None:
             waited = now - m.probe_sent
             return waited if waited > stall * 0.6 else 0.0
@@ -292,15 +312,20 @@ class Continuous:
             m.close()
             self._start(vm)
             return
+        if m.resume_tries == 0:
+            m.offsets = {d: int(jobs[d].get("offset", 0)) for d in rel["disks"]}
         m.resume_tries += 1
         host.driver.mirror_resume(vm, rel["disks"])
         time.sleep(0.5)
         jobs = host.driver.mirror_status(vm)
         if all(jobs[d].get("io-status") == "ok" and not jobs[d].get("paused") and
                jobs[d].get("offset") == jobs[d].get("len") for d in rel["disks"] if d in jobs):
+            moved = sum(int(jobs[d]["offset"]) - m.offsets.get(d, 0) for d in rel["disks"])
             m.resume_tries = 0
             m.healthy_since = time.monotonic()
-            self._set(vm, "in_sync", "the replica is back; what changed meanwhile was copied")
+            host.store.update_relationship(vm, last_catch_up_bytes=moved)
+            self._set(vm, "in_sync", f"the replica is back; {moved} bytes that changed "
+                                     "meanwhile were copied")
         else:
             m.next_attempt = time.time() + 1
 

@@ -149,6 +149,14 @@ def management_routes(host, daemon) -> Router:
     def vm_stop(req):
         return vms.stop(host, req.params["name"], _flag(req, "force"))
 
+    @r.route("POST", "/v1/vms/{name}/io")
+    def vm_io(req):
+        b = req.json()
+        if not hasattr(host.driver, "io"):
+            raise UsageError(f"`vm io` needs the qemu driver")
+        return {"output": host.driver.io(req.params["name"], str(b.get("disk", "")),
+                                         str(b.get("command", "")))}
+
     @r.route("POST", "/v1/vms/{name}/tags")
     def vm_tags(req):
         b = req.json()

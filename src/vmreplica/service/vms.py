@@ -41,8 +41,9 @@ def create(host, body: dict) -> dict:
     if host.store.relationship(name) is not None:
         raise Conflict(f"a replication relationship named {name} exists on {host.name}")
     with host.vm_lock(name):
+        extra = {"share_rw": True} if body.get("share_rw") else {}
         info = host.driver.create_vm(name, sizes, memory_mb=memory, guest=guest,
-                                     disk_format=body.get("format") or "qcow2")
+                                     disk_format=body.get("format") or "qcow2", **extra)
     host.event("vm", f"VM created with {len(sizes)} disk(s)", name)
     return vm_json(host, info)
 

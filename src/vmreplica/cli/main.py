@@ -10,7 +10,8 @@ from .. import errors
 
 # One module per command group; each has register(subparsers).
 GROUPS = ("host_cmd", "trust_cmd", "replica_server_cmd", "vm_cmd", "replication_cmd",
-          "failover_cmd", "events_cmd", "monitor_cmd", "console_cmd")
+          "failover_cmd", "events_cmd", "monitor_cmd", "console_cmd",
+          "cluster_cmd")
 
 
 def build_parser() -> argparse.ArgumentParser:

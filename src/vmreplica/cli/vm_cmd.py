@@ -36,7 +36,17 @@ def register(sub) -> None:
     s = vsub.add_parser("stop", help="shut VMs down (--force: power off at once)")
     bulk.add_targets(s, "any")
     s.add_argument("--force", action="store_true")
+    s.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="how long a clean shutdown may take before power-off (default 60)")
     s.set_defaults(func=bulk.each(cmd_stop))
+    s = vsub.add_parser("check", help="the VM checker: process, QMP run state, guest agent")
+    s.add_argument("name")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_check)
+    s = vsub.add_parser("save", help="save a running VM's state to disk and stop it; the next "
+                                     "start resumes it")
+    s.add_argument("name")
+    s.set_defaults(func=cmd_save)
     s = vsub.add_parser("delete", help="delete stopped VMs and their disks")
     bulk.add_targets(s, "any")
     s.set_defaults(func=bulk.each(cmd_delete))
@@ -89,6 +99,22 @@ def cmd_show(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    c = client_of(args).call("GET", f"/v1/vms/{args.name}/check")
+    if args.json:
+        emit_json(c)
+    else:
+        print(f"{args.name}: process {'up' if c['process'] else 'DOWN'}, QMP {c['qmp'] or '-'}, "
+              f"guest agent {c['agent'] or '-'}")
+    return 0
+
+
+def cmd_save(args) -> int:
+    info = client_of(args).call("POST", f"/v1/vms/{args.name}/save")
+    print(f"{args.name}: state saved to {info['saved']}; stopped")
+    return 0
+
+
 def cmd_io(args) -> int:
     out = client_of(args).call("POST", f"/v1/vms/{args.name}/io",
                                {"disk": args.disk, "command": args.command})
@@ -110,7 +136,7 @@ def cmd_start(args) -> int:
 
 
 def cmd_stop(args) -> int:
-    q = "?force=1" if args.force else ""
+    q = "?force=1" if args.force else f"?timeout={args.timeout}"
     vm = client_of(args).call("POST", f"/v1/vms/{args.vm}/stop{q}")
     print(f"{vm['name']}: {vm['state']}")
     return 0

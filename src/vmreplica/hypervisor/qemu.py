@@ -189,7 +189,7 @@ class QemuDriver:
         desc = self._load(name)
         if self._pid(desc):
             raise Conflict(f"VM {name} is running", hint=f"stop it first: `vmreplica vm stop {name}`")
-        for ext in ("pid", "qmp", "qmp2", "qga", "nbd"):
+        for ext in ("pid", "qmp", "qmp2", "qmpc", "qga", "nbd"):
             self._rt(desc, ext).unlink(missing_ok=True)
         for owned in desc.get("owns") or []:
             p = Path(owned)
@@ -216,6 +216,9 @@ class QemuDriver:
                 # A second monitor for the continuous-mode watchdog (out-of-band capable).
                 "-chardev", f"socket,id=qmp2,path={self._rt(desc, 'qmp2')},server=on,wait=off",
                 "-mon", "chardev=qmp2,mode=control",
+                # A third for the cluster's VM checker, so a check never waits for a cycle.
+                "-chardev", f"socket,id=qmpc,path={self._rt(desc, 'qmpc')},server=on,wait=off",
+                "-mon", "chardev=qmpc,mode=control",
                 "-serial", f"file:{self._dir(desc['name']) / 'console.log'}"]
         if desc.get("network") == "isolated":
             # User-mode networking with restrict=on: a NIC that reaches nothing outside.
@@ -247,7 +250,7 @@ class QemuDriver:
         if self._pid(desc):
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        for ext in ("pid", "qmp", "qmp2", "qga"):
+        for ext in ("pid", "qmp", "qmp2", "qmpc", "qga"):
             self._rt(desc, ext).unlink(missing_ok=True)
         for d in desc["disks"]:
             if not Path(d["path"]).exists():
@@ -255,7 +258,9 @@ class QemuDriver:
         console = self._dir(name) / "console.log"
         if console.exists() and console.stat().st_size > (8 << 20):
             console.unlink()
-        proc = subprocess.run(self._command(desc), capture_output=True, text=True)
+        saved = self.saved_state(name)
+        command = self._command(desc) + (["-incoming", "defer"] if saved else [])
+        proc = subprocess.run(command, capture_output=True, text=True)
         if proc.returncode != 0:
             lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
             reason = lines[-1] if lines else f"exit {proc.returncode}"
@@ -264,6 +269,69 @@ class QemuDriver:
             raise HypervisorError(f"QEMU could not start {name}: {reason}")
         if not self._pid(desc):
             raise HypervisorError(f"QEMU started {name} but exited at once; see {console}")
+        if saved:
+            self._restore(name, saved)
+
+    # -- save / restore (the cluster's `save` stop mode) -----------------------------
+    def saved_state(self, name: str) -> Path | None:
+        p = self._dir(name) / "saved.state"
+        return p if p.exists() else None
+
+    def save(self, name: str, timeout: float = 300.0) -> Path:
+        """Save the running VM's memory and device state to a file, then end QEMU (disks
+        flushed, bitmaps stored); the next start resumes from it."""
+        path = self._dir(name) / "saved.state"
+        tmp = path.with_suffix(".part")
+        with self.monitor(name, timeout=60) as m:
+            m.execute("stop")
+            m.execute("migrate", {"uri": f"exec:cat > {tmp}"})
+            deadline = time.monotonic() + timeout
+            while True:
+                st = m.execute("query-migrate").get("status")
+                if st == "completed":
+                    break
+                if st in ("failed", "cancelled") or time.monotonic() > deadline:
+                    m.execute("cont")
+                    tmp.unlink(missing_ok=True)
+                    raise HypervisorError(f"saving the state of {name} failed ({st})")
+                time.sleep(0.05)
+            os.replace(tmp, path)
+        self.stop(name, force=True)
+        return path
+
+    def _restore(self, name: str, path: Path, timeout: float = 300.0) -> None:
+        with self.monitor(name, timeout=60) as m:
+            m.execute("migrate-incoming", {"uri": f"exec:cat {path}"})
+            deadline = time.monotonic() + timeout
+            while m.execute("query-status").get("status") in ("inmigrate", "prelaunch"):
+                if time.monotonic() > deadline:
+                    raise HypervisorError(f"resuming {name} from its saved state timed out")
+                time.sleep(0.05)
+            m.execute("cont")
+        path.unlink(missing_ok=True)
+
+    def discard_saved(self, name: str) -> None:
+        p = self._dir(name) / "saved.state"
+        p.unlink(missing_ok=True)
+
+    def check(self, name: str) -> dict:
+        """The VM checker's view: process, QMP run state, guest agent (if it has one)."""
+        desc = self._load(name)
+        out = {"process": bool(self._pid(desc)), "qmp": None, "agent": None}
+        if not out["process"]:
+            return out
+        try:
+            with Monitor(self._rt(desc, "qmpc"), timeout=5, connect_timeout=3) as m:
+                out["qmp"] = m.execute("query-status").get("status")
+        except HypervisorError as e:
+            out["qmp"] = f"error: {e.message}"
+        if desc.get("agent"):
+            try:
+                agent_call(self._rt(desc, "qga"), "guest-ping", None, 5)
+                out["agent"] = "ok"
+            except HypervisorError as e:
+                out["agent"] = f"error: {e.message}"
+        return out
 
     def stop(self, name: str, force: bool = False, timeout: float = 60.0) -> None:
         """Shut down cleanly (guest agent, then ACPI), power off after ``timeout``; --force: at once."""

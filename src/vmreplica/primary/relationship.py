@@ -18,7 +18,7 @@ def enable(host, vm: str, replica: str, frequency: str = "5m", compression: str 
            exclude_disks: list[str] | None = None, security_tag: str = "",
            history: int = 4, point_interval: str = "1h", app_every: int = 0,
            resync_window: str | None = None, mode: str = "periodic",
-           max_stall: float = 5.0) -> dict:
+           max_stall: float = 5.0, cluster: bool = False) -> dict:
     info = host.driver.inspect(vm)  # NotFound with a clear message
     existing = host.store.relationship(vm)
     if existing is not None:
@@ -53,7 +53,8 @@ def enable(host, vm: str, replica: str, frequency: str = "5m", compression: str 
     answer = client.request("POST", "/v1/replica/relationships", {
         "vm": vm, "id": rel_id, "epoch": 1, "security_tag": security_tag,
         "frequency": freq, "description": desc, "history": history,
-        "point_interval": interval,
+        "point_interval": interval, "mode": mode, "max_stall": float(max_stall),
+        "cluster": cluster,
     })
     peer = host.store.peer_by_address(f"{client.host}:{client.port}")
     rel = {
@@ -64,6 +65,7 @@ def enable(host, vm: str, replica: str, frequency: str = "5m", compression: str 
         "tracker": "bitmap", "consecutive_failures": 0, "history": history,
         "point_interval": interval, "app_every": int(app_every),
         "resync_window": resync_window or None, "mode": mode, "max_stall": float(max_stall),
+        "cluster": cluster,
     }
     try:
         host.store.add_relationship(rel)

@@ -77,6 +77,9 @@ def create_relationship(host, peer: dict, body: dict) -> dict:
             "frequency": int(body.get("frequency", 300)), "last_applied_cycle": -1,
             "security_tag": tag, "history": int(body.get("history", 4)),
             "point_interval": int(body.get("point_interval", 3600)),
+            # Kept so that after a reverse this side replicates the same way.
+            "mode": body.get("mode") or "periodic", "max_stall": float(body.get("max_stall", 5)),
+            "cluster": bool(body.get("cluster")),
         }
         host.store.add_relationship(rel)
     except Exception:

@@ -147,7 +147,20 @@ def management_routes(host, daemon) -> Router:
 
     @r.route("POST", "/v1/vms/{name}/stop")
     def vm_stop(req):
-        return vms.stop(host, req.params["name"], _flag(req, "force"))
+        return vms.stop(host, req.params["name"], _flag(req, "force"),
+                        float(req.query.get("timeout") or 60))
+
+    @r.route("GET", "/v1/vms/{name}/check")
+    def vm_check(req):
+        return {"name": req.params["name"], **host.driver.check(req.params["name"])}
+
+    @r.route("POST", "/v1/vms/{name}/save")
+    def vm_save(req):
+        with host.vm_lock(req.params["name"]):
+            path = host.driver.save(req.params["name"])
+        host.event("vm", f"VM state saved to {path}; the next start resumes it",
+                   req.params["name"])
+        return {"name": req.params["name"], "saved": str(path)}
 
     @r.route("POST", "/v1/vms/{name}/io")
     def vm_io(req):
@@ -234,6 +247,26 @@ def management_routes(host, daemon) -> Router:
     @r.route("POST", "/v1/relationships/{vm}/resync")
     def resync_action(req):
         return resync.request(host, req.params["vm"], now=_flag(req, "now"))
+
+    @r.route("GET", "/v1/cluster/status")
+    def cluster_status(req):
+        from ..cluster.status import cluster_status
+        return cluster_status(host)
+
+    @r.route("POST", "/v1/cluster/protect")
+    def cluster_protect(req):
+        from ..cluster import protect
+        return protect.protect(host, req.json())
+
+    @r.route("POST", "/v1/cluster/vms/{vm}/{action}")
+    def cluster_action(req):
+        from ..cluster import protect
+        return protect.action(host, req.params["vm"], req.params["action"], req.json())
+
+    @r.route("POST", "/v1/relationships/{vm}/take-over")
+    def take_over(req):
+        from ..cluster import ops
+        return ops.take_over(host, req.params["vm"])
 
     @r.route("POST", "/v1/relationships/{vm}/reverse")
     def reverse_action(req):
@@ -340,6 +373,18 @@ def replication_routes(host) -> Router:
     def replica_final(req):
         peer = trust.require_peer(host, req.peer_fingerprint)
         return receiver.final_marker(host, peer, req.params["vm"], req.json())
+
+    @r.route("GET", "/v1/cluster/relationships/{vm}")
+    def cluster_view(req):
+        from ..cluster.status import local_view
+        trust.require_peer(host, req.peer_fingerprint)
+        return local_view(host, req.params["vm"])
+
+    @r.route("POST", "/v1/cluster/relationships/{vm}/handover")
+    def cluster_handover(req):
+        from ..cluster import ops
+        peer = trust.require_peer(host, req.peer_fingerprint)
+        return ops.handover(host, peer, req.params["vm"], req.json())
 
     @r.route("GET", "/v1/replica/relationships/{vm}/state")
     def replica_state(req):

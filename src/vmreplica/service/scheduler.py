@@ -32,6 +32,7 @@ class Scheduler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_health = 0.0
+        self._last_cluster = 0.0
         self._last_purge = 0.0
 
     def start(self) -> None:
@@ -56,6 +57,12 @@ class Scheduler:
                 now = time.time()
                 self.run_due(now)
                 self.host.continuous.tick(now)
+                if now - self._last_cluster >= 1.0:
+                    self._last_cluster = now
+                    from ..cluster.ops import tick as cluster_tick
+                    threading.Thread(target=cluster_tick, args=(self.host,),
+                                     name="cluster", daemon=True).start() \
+                        if not self._cluster_busy() else None
                 self.close_idle_heads()
                 if now - self._last_health >= HEALTH_EVERY:
                     self._last_health = now
@@ -176,6 +183,9 @@ class Scheduler:
             except Exception as e:  # noqa: BLE001 — recorded by check_peer when it matters
                 log.info("peer check of %s: %s", rel["vm"], getattr(e, "message", e))
         threading.Thread(target=check, name=f"check-{rel['vm']}", daemon=True).start()
+
+    def _cluster_busy(self) -> bool:
+        return any(t.name == "cluster" and t.is_alive() for t in threading.enumerate())
 
     def close_idle_heads(self) -> None:
         """Replica side: close the head servers that no cycle used for a while."""

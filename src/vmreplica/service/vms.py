@@ -111,12 +111,12 @@ def _still_primary(host, name: str) -> None:
         pass
 
 
-def stop(host, name: str, force: bool) -> dict:
+def stop(host, name: str, force: bool, timeout: float = 60.0) -> dict:
     with host.vm_lock(name):
         info = host.driver.inspect(name)
         if info.state != "running":
             return vm_json(host, info)
-        host.driver.stop(name, force=force)
+        host.driver.stop(name, force=force, timeout=timeout)
         host.event("vm", "VM stopped" + (" (forced)" if force else ""), name)
         return vm_json(host, host.driver.inspect(name))
 

@@ -45,9 +45,12 @@ def _wait(what, fn, timeout=90):
         time.sleep(0.25)
 
 
-def _ok_prefix(rec):
-    """Records 1..N with no gap; sector 0 at N or (a write in flight) one behind."""
-    return rec["gap_at"] is None and rec["contiguous"] - (rec["top"] or 0) in (0, 1)
+def _ok_prefix(rec, live=False):
+    """Records 1..N with no gap; sector 0 at N or (a write in flight) one behind. A disk
+    read while its guest writes is not one instant: sector 0 was read first, the records
+    later, so they may be a few ahead."""
+    ahead = rec["contiguous"] - (rec["top"] or 0)
+    return rec["gap_at"] is None and (0 <= ahead <= 30 if live else ahead in (0, 1))
 
 
 def test_a_points_and_test_failover(drill):
@@ -82,7 +85,7 @@ def test_a_points_and_test_failover(drill):
     assert b.json("status", VM)[0]["state"] == "replicating"
     _wait("the test VM's own records",
           lambda: _records(b, f"{VM}-test")["contiguous"] > point_rec["contiguous"] + 5)
-    assert _ok_prefix(_records(b, f"{VM}-test"))
+    assert _ok_prefix(_records(b, f"{VM}-test"), live=True)
     p = b.run("failover", VM, "--test", check=False)
     assert p.returncode == 2 and "already running" in p.stderr
     overlays = list((b.home / "storage" / VM).glob("*/test.qcow2"))
@@ -110,7 +113,7 @@ def test_b_planned_failover_zero_loss(drill):
     assert status["state"] == "failed_over" and status["next"] == f"vmreplica reverse {VM}"
     # Every record the guest wrote before shutdown is there; it continues with no gap.
     _wait("records after the failover", lambda: _records(b)["contiguous"] > last["top"] + 5)
-    assert _ok_prefix(_records(b))
+    assert _ok_prefix(_records(b), live=True)
     drill["planned_last"] = last["top"]
 
 
@@ -133,7 +136,7 @@ def test_d_reverse_and_failback_move_only_differences(drill):
     assert info["bytes_moved"] < 0.05 * DISK
     assert a.vm(VM)["role"] == "primary" and b.vm(VM)["role"] == "replica"
     _wait("records after failback", lambda: _records(a)["contiguous"] > last["top"] + 5)
-    assert _ok_prefix(_records(a))
+    assert _ok_prefix(_records(a), live=True)
     assert a.json("sync", VM, "--verify")["verified"]
     # Points made on site-b before its planned failover are still listed and usable.
     assert any(p["host"] == b.name and p["id"] != "latest" for p in b.json("points", VM))
@@ -157,7 +160,7 @@ def test_c_unplanned_failover_cancel_complete_and_stale_primary_fenced(drill):
     _wait("the failed-over guest's records",
           lambda: _records(b)["contiguous"] > shipped["contiguous"] + 3)
     rec = _records(b)
-    assert _ok_prefix(rec)
+    assert _ok_prefix(rec, live=True)
     # At most one cycle of records is lost: what the last cycle had shipped is all there.
     assert rec["contiguous"] >= shipped["contiguous"] and on_a["top"] >= shipped["top"]
     b.run("failover", VM, "--cancel")                    # discard, try an older point

@@ -5,13 +5,16 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench clean unit
+.PHONY: setup demo demo-ha test bench clean unit
 
 setup:
 	bash scripts/setup.sh
 
 demo: setup
 	$(PY) -m vmreplica.demo
+
+demo-ha: setup
+	$(PY) -m vmreplica.demo_ha
 
 test: setup
 	bash scripts/run-tests.sh $(PYTEST_ARGS)

@@ -8,6 +8,9 @@ cd "$(dirname "$0")/.."
 PACKAGES=(qemu-system-x86 qemu-utils qemu-system-common python3-venv python3-libnbd
           python3-libvirt libvirt-daemon-system python3-cryptography rsync cpio busybox-static
           iproute2 procps chromium chromium-driver)
+# The HA stack (issue 8): Corosync, Pacemaker, corosync-qnetd/qdevice and their tools.
+mapfile -t CLUSTER_PACKAGES < <(grep -v '^#' scripts/cluster-packages.txt | grep .)
+PACKAGES+=("${CLUSTER_PACKAGES[@]}")
 
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -37,5 +40,13 @@ if [ ! -f guest/demo/initramfs.img ] || [ scripts/build-guest.sh -nt guest/demo/
    || [ scripts/guest-init.sh -nt guest/demo/initramfs.img ]; then
     echo "setup: building the demo guest"
     bash scripts/build-guest.sh guest/demo
+fi
+# Pacemaker finds resource agents under /usr/lib/ocf/resource.d and fence agents in
+# /usr/sbin: install ours there (ocf:vmreplica:vm, ocf:vmreplica:daemon, fence_vmreplica).
+if [ "$(id -u)" -eq 0 ]; then
+    .venv/bin/python -c 'from vmreplica.cluster import agent, fence_vmreplica
+agent.install(); fence_vmreplica.install_fence_agent()'
+else
+    echo "setup: not root: the OCF and fence agents are not installed (run as root for HA)"
 fi
 echo "setup: ready (.venv/bin/vmreplica)"

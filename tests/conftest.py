@@ -23,7 +23,8 @@ def lab_root():
     root = Path(tempfile.mkdtemp(prefix="vmr-", dir="/tmp"))
     os.chmod(root, 0o755)
     yield root
-    shutil.rmtree(root, ignore_errors=True)
+    if os.environ.get("VMREPLICA_KEEP_LAB") != "1":      # keep it to look at a failure
+        shutil.rmtree(root, ignore_errors=True)
 
 
 _counter = iter(range(10_000))

@@ -59,6 +59,13 @@ this node; off: power off at once.</longdesc>
       <shortdesc lang="en">stop, save or off</shortdesc>
       <content type="string" default="stop"/>
     </parameter>
+    <parameter name="agent_grace">
+      <longdesc lang="en">Seconds after the VM's start during which a silent guest agent
+is not a failure (the guest is still booting). After it, a guest agent that does not
+answer guest-ping makes the monitor fail (restart in place, then move).</longdesc>
+      <shortdesc lang="en">guest agent boot grace</shortdesc>
+      <content type="integer" default="120"/>
+    </parameter>
     <parameter name="stop_timeout">
       <longdesc lang="en">Seconds a clean shutdown may take before the VM is powered off.</longdesc>
       <shortdesc lang="en">shutdown timeout</shortdesc>
@@ -170,20 +177,25 @@ def _vm_state(vm: str) -> dict | None:
     return json.loads(p.stdout) if p.returncode == 0 else None
 
 
-def vm_monitor(vm: str) -> int:
+def vm_monitor(vm: str, agent_checked: bool = True) -> int:
     if not daemon_running():
         # The daemon is managed by its own resource; without it, look at the process.
         return OCF_NOT_RUNNING
     p = cli("vm", "check", vm, "--json", timeout=25)
     if p.returncode != 0:
+        _log(f"{vm}: vm check failed: {p.stderr.strip()}")
         return OCF_NOT_RUNNING
     chk = json.loads(p.stdout)
     if not chk["process"]:
         return OCF_NOT_RUNNING
-    if chk["qmp"] not in ("running", "inmigrate", "prelaunch", "finish-migrate", "postmigrate"):
+    # "paused" is vmreplica's own brief freeze (a cycle's or a hand-over's); io-error,
+    # internal-error, guest-panicked, shutdown... are failures.
+    if chk["qmp"] not in ("running", "paused", "inmigrate", "prelaunch", "finish-migrate",
+                          "postmigrate", "restore-vm", "save-vm"):
         _log(f"{vm}: QEMU runs but the VM is {chk['qmp']}")
         return OCF_ERR_GENERIC
-    if chk["agent"] not in (None, "ok"):
+    if chk["agent"] not in (None, "ok") and agent_checked and \
+            (chk.get("uptime") or 0) > float(_param("agent_grace", "120")):
         _log(f"{vm}: the guest agent does not answer: {chk['agent']}")
         return OCF_ERR_GENERIC
     return OCF_SUCCESS
@@ -199,16 +211,18 @@ def vm_start(vm: str) -> int:
         _log(f"{vm}: taking over failed: {p.stderr.strip()}")
         return OCF_ERR_GENERIC
     st = _vm_state(vm)
-    if st and st["state"] != "running":
+    if st is None or st["state"] != "running":
         p = cli("vm", "start", vm, timeout=120)
         if p.returncode != 0:
             _log(f"{vm}: start failed: {p.stderr.strip()}")
             return OCF_ERR_GENERIC
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        if vm_monitor(vm) == OCF_SUCCESS:
+        if vm_monitor(vm, agent_checked=False) == OCF_SUCCESS:   # the guest may still boot
             return OCF_SUCCESS
         time.sleep(0.5)
+    p = cli("vm", "check", vm, "--json", timeout=25)
+    _log(f"{vm}: started but not running after 60 s: {p.stdout.strip()} {p.stderr.strip()}")
     return OCF_ERR_GENERIC
 
 

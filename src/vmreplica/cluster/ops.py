@@ -15,6 +15,7 @@ import logging
 import time
 
 from ..domain.states import State
+from ..domain.units import format_size
 from ..errors import Conflict, OperationError, Unreachable, VmreplicaError
 
 log = logging.getLogger("vmreplica.cluster")
@@ -84,7 +85,10 @@ def tick(host) -> None:
             continue
         host.store.update_relationship(rel["vm"], next_reverse_at=time.time() + 3)
         try:
-            prev.reverse(host, rel["vm"])
-            host.event("cluster", f"{rel['peer']} is back: it is the replica again", rel["vm"])
+            info = prev.reverse(host, rel["vm"])
+            host.event("cluster", f"{rel['peer']} is back: it is the replica again; "
+                                  f"resynchronised {info['bytes_moved']} bytes "
+                                  f"({format_size(info['bytes_moved'])}) of "
+                                  f"{format_size(info['disk_bytes'])}", rel["vm"])
         except OperationError:
             pass                               # still away; tried again in a moment

@@ -6,6 +6,7 @@ from __future__ import annotations
 from ..domain.cluster import vm_states
 from ..errors import VmreplicaError
 from . import pacemaker
+from .agent import node_name
 
 
 def local_view(host, vm: str) -> dict:
@@ -13,7 +14,8 @@ def local_view(host, vm: str) -> dict:
     if rel is None:
         return {"vm": vm, "role": "none"}
     return {"vm": vm, "role": rel["role"], "state": rel["state"],
-            "sync_state": rel.get("sync_state"), "peer": rel["peer"], "epoch": rel["epoch"]}
+            "sync_state": rel.get("sync_state"), "peer": rel["peer"], "epoch": rel["epoch"],
+            "fenced": rel.get("fenced")}
 
 
 def cluster_status(host) -> dict:
@@ -24,16 +26,20 @@ def cluster_status(host) -> dict:
             continue
         vm = rel["vm"]
         running_on = pm["resources"].get(pacemaker.rsc(vm), [])
-        mine = local_view(host, vm)
-        if mine["role"] == "primary":
-            active = mine
-        else:
+        # The replication as the node that runs the VM sees it: in sync only when that node
+        # is the primary and its mirror has every write (a node that failed over and has
+        # not reversed yet is the primary of nothing: its VM runs ALONE).
+        active: dict = {}
+        if len(running_on) == 1 and running_on[0] == node_name():
+            active = local_view(host, vm)
+        elif len(running_on) == 1:
             try:
                 active = host.client_for_peer(rel["peer"], timeout=5).request(
                     "GET", f"/v1/cluster/relationships/{vm}")
             except VmreplicaError:
                 active = {}
-        in_sync = active.get("role") == "primary" and active.get("sync_state") == "in_sync"
+        in_sync = active.get("role") == "primary" and active.get("sync_state") == "in_sync" \
+            and not active.get("fenced")
         out["vms"].append({
             "vm": vm, "resource": pacemaker.rsc(vm), "running_on": running_on,
             "in_sync": in_sync, "states": vm_states(pm["nodes"], running_on, in_sync),

@@ -317,9 +317,11 @@ class QemuDriver:
     def check(self, name: str) -> dict:
         """The VM checker's view: process, QMP run state, guest agent (if it has one)."""
         desc = self._load(name)
-        out = {"process": bool(self._pid(desc)), "qmp": None, "agent": None}
+        pid = self._pid(desc)
+        out = {"process": bool(pid), "qmp": None, "agent": None, "uptime": None}
         if not out["process"]:
             return out
+        out["uptime"] = _process_age(pid)
         try:
             with Monitor(self._rt(desc, "qmpc"), timeout=5, connect_timeout=3) as m:
                 out["qmp"] = m.execute("query-status").get("status")
@@ -547,6 +549,8 @@ def agent_call(path: Path, command: str, arguments: dict | None, timeout: float,
         reply = json.loads(_agent_line(f, deadline).lstrip(b"\xff"))
     except (socket.timeout, TimeoutError):
         raise HypervisorError(f"the guest agent did not answer {command} within {timeout:.0f} s") from None
+    except OSError as e:          # the VM (and its agent channel) went away mid-call
+        raise HypervisorError(f"guest agent {command}: {e}") from None
     finally:
         s.close()
     if "error" in reply:
@@ -850,3 +854,15 @@ def probe_kvm(work: Path, timeout: float = 20.0) -> tuple[str, str]:
         proc.wait()
         disk.unlink(missing_ok=True)
         log_path.unlink(missing_ok=True)
+
+
+def _process_age(pid: int) -> float | None:
+    """Seconds since process `pid` started (/proc), None when it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))

@@ -165,12 +165,42 @@ def _stamp() -> str:
     return f'<p class="stamp">as of {e(time.strftime("%H:%M:%S"))} &middot; refreshes every 5 s</p>'
 
 
-# -- cluster (placeholder) ------------------------------------------------------------------------
+# -- cluster ---------------------------------------------------------------------------------------
+
+_CLUSTER_COLOUR = {"PRIM": "normal", "SECOND": "normal", "ALONE": "warning", "WAIT": "warning",
+                   "STOP": "critical"}
+
 
 def cluster_section(host) -> str:
-    """CLUSTER SECTION — a later issue fills this with the Pacemaker state of the host's
-    cluster (nodes, resources, where each replicated VM runs). Until then: nothing."""
-    return ""
+    """The Pacemaker cluster this host belongs to, when it protects VMs: nodes (online or
+    not, quorum) and each VM's SafeKit-style state on each node. Empty otherwise."""
+    if not any(r.get("cluster") for r in host.store.relationships()):
+        return ""
+    from ..cluster.status import cluster_status
+    try:
+        st = cluster_status(host)
+    except VmreplicaError as err:
+        return (f'<div class="card stack"><h2>Cluster</h2>'
+                f'<div class="flash error">{e(err.message)}</div></div>')
+    nodes = list(st["nodes"])
+    head = " ".join(f'<span class="pill {"normal" if up else "critical"}">{e(n)} '
+                    f'{"online" if up else "offline"}</span>' for n, up in st["nodes"].items())
+    quorum = '<span class="pill normal">quorum</span>' if st["quorum"] else \
+        '<span class="pill critical">no quorum</span>'
+    rows = []
+    for v in st["vms"]:
+        cells = "".join(
+            f'<td data-node="{e(n)}"><span class="pill {_CLUSTER_COLOUR.get(v["states"].get(n), "")}">'
+            f'{e(v["states"].get(n, "-"))}</span></td>' for n in nodes)
+        fails = ", ".join(f"{e(n)}: {c}" for n, c in v["failcounts"].items() if c) or "-"
+        rows.append(f'<tr data-vm="{e(v["vm"])}"><td><strong>{_vm_link(v["vm"])}</strong></td>'
+                    f'<td>{e(", ".join(v["running_on"]) or "-")}</td>{cells}'
+                    f'<td>{"yes" if v["in_sync"] else "no"}</td><td>{fails}</td></tr>')
+    ths = "".join(f"<th>{e(n)}</th>" for n in nodes)
+    return (f'<div class="card stack"><h2>Cluster {head} {quorum}</h2>'
+            f'<table class="vms compact" id="cluster-vms"><thead><tr><th>VM</th><th>Runs on</th>'
+            f'{ths}<th>In sync</th><th>Failures</th></tr></thead><tbody>{"".join(rows)}'
+            f'</tbody></table></div>')
 
 
 # -- index -------------------------------------------------------------------------------------------
@@ -185,7 +215,7 @@ def _index_live(host) -> str:
     power = {v["name"]: v["state"] for v in all_vms}
     tests = {v["test_vm"]: v["vm"] for v in views if v.get("test_vm")}
 
-    out = [_stamp()]
+    out = [_stamp(), f'<div class="cluster" id="cluster">{cluster_section(host)}</div>']
     counts = {lvl: sum(1 for v in views if v["health"] == lvl)
               for lvl in ("normal", "warning", "critical")}
     summary = " ".join(f'<span class="pill {lvl}">{n} {lvl}</span>'
@@ -249,8 +279,7 @@ def _index_live(host) -> str:
 
 
 def _index(host, session) -> Response:
-    body = (f'<div class="cluster" id="cluster">{cluster_section(host)}</div>'
-            f'<div id="live" data-src="/live/index">{_index_live(host)}</div>')
+    body = f'<div id="live" data-src="/live/index">{_index_live(host)}</div>'
     return _page(f"vmreplica: {host.name}", body, host=host, session=session,
                  refresh_fallback=True)
 

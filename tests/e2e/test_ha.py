@@ -199,5 +199,6 @@ def test_planned_move_and_checker_maintenance(cluster):
     assert c.records(b)["gap_at"] is None
     _wait("PRIM/SECOND after the move", lambda: c.states(b) == {b: "PRIM", a: "SECOND"},
           timeout=180)
-    cpu = c.lab.stack_cpu_seconds()
-    print(f"cluster stack CPU: {cpu}")
+    page = c.dashboard(b)                                 # the dashboard shows the cluster
+    assert 'id="cluster-vms"' in page and f'data-vm="{VM}"' in page
+    assert ">PRIM<" in page and ">SECOND<" in page

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -91,6 +92,25 @@ class HASite:
                     continue
         return out
 
+    def dashboard(self, node: str) -> str:
+        """The dashboard's front page as `node` serves it: log in with a one-time token
+        from `vmreplica dashboard`, then GET / with the session cookie (inside the node:
+        its addresses exist only in its network namespace)."""
+        url = self.json(node, "dashboard")["url"]
+        script = (
+            "import http.cookiejar, ssl, sys, urllib.request\n"
+            "ctx = ssl.create_default_context(); ctx.check_hostname = False\n"
+            "ctx.verify_mode = ssl.CERT_NONE\n"
+            "op = urllib.request.build_opener(urllib.request.HTTPSHandler(context=ctx),\n"
+            "    urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))\n"
+            "op.open(sys.argv[1], timeout=30).read()\n"
+            "base = sys.argv[1].split('/', 3)[:3]\n"
+            "sys.stdout.write(op.open('/'.join(base) + '/', timeout=30).read().decode())\n")
+        p = self.lab.run(node, [sys.executable, "-c", script, url], timeout=60)
+        if p.returncode != 0:
+            raise RuntimeError(f"dashboard on {node}: {p.stderr.strip()[-500:]}")
+        return p.stdout
+
     def records(self, node: str) -> dict:
         return read_demo_records(self.json(node, "vm", "show", self.vm)["disks"][-1]["path"])
 
@@ -101,7 +121,7 @@ class HASite:
         first, second = self.lab.nodes
         for n in self.lab.nodes:
             self.vmr(n, "init", "--name", n, "--listen", self.addr(n), "--accel", "tcg",
-                     "--web", "off")
+                     "--web", f"{self.lab.address(n)}:{PORT + 1}")
             self.vmr(n, "serve", "--detach")
         token = self.vmr(second, "trust", "token").stdout.strip().splitlines()[-1]
         self.vmr(first, "trust", "pair", self.addr(second), token)

@@ -45,6 +45,11 @@ class HypervisorError(OperationError):
     code = "hypervisor"
 
 
+class StorageFull(OperationError):
+    """A write found no space left (ENOSPC)."""
+    code = "storage_full"
+
+
 class TrackingError(OperationError):
     """Change tracking cannot be trusted (bitmap missing, inconsistent, ...)."""
 

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from vmreplica.cluster import agent
-from vmreplica.cluster.hasite import HASite
+from vmreplica.cluster.hasite import HASite, poll
 from vmreplica.cluster.nslab import ClusterLab, namespaces_available
 from vmreplica.hypervisor.guest import read_demo_records
 
@@ -55,14 +55,10 @@ def _diagnosis() -> str:
 
 
 def _wait(what, fn, timeout=60, every=0.25):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = fn()
-        if v:
-            return v
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out waiting for {what}\n{_diagnosis()}")
-        time.sleep(every)
+    try:
+        return poll(what, fn, timeout, every)
+    except TimeoutError as e:
+        raise AssertionError(f"{e}\n{_diagnosis()}") from None
 
 
 @pytest.fixture(scope="module")

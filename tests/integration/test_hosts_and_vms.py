@@ -84,3 +84,41 @@ def test_vm_lifecycle(sites, vm_name):
     assert not (a.home / "vms" / vm_name).exists()
     p = a.run("vm", "show", vm_name, check=False)
     assert p.returncode == 2 and f"no VM named {vm_name}" in p.stderr
+
+
+def test_vm_save_resumes_without_a_reboot_and_check(sites, vm_name, driver):
+    """`vm save` (the cluster's `save` stop mode) ends QEMU with the memory state on disk;
+    the next `vm start` resumes it: the guest's records continue at once, where a cold
+    boot of the same guest (measured here first) takes seconds. `vm check` is the VM
+    checker's view."""
+    if driver != "qemu":
+        pytest.skip("save/resume is the qemu driver's (the cluster runs on it)")
+    import time
+    from vmreplica.hypervisor.guest import read_demo_records
+
+    a, _ = sites
+    a.run("vm", "create", vm_name, "--disk", "32M", "--guest", "demo")
+    disk = a.vm(vm_name)["disks"][-1]["path"]
+
+    def resumed_after(start_cmd):
+        before = read_demo_records(disk)["top"] or 0
+        t0 = time.monotonic()
+        a.run(*start_cmd)
+        while (read_demo_records(disk)["top"] or 0) <= before + 1:
+            assert time.monotonic() - t0 < 120, "the guest never wrote"
+            time.sleep(0.05)
+        return time.monotonic() - t0
+
+    cold = resumed_after(["vm", "start", vm_name])
+    chk = a.json("vm", "check", vm_name)
+    assert chk["process"] and chk["qmp"] == "running" and chk["uptime"] >= 0
+    a.run("vm", "save", vm_name)
+    assert a.vm(vm_name)["state"] == "stopped"
+    assert not a.json("vm", "check", vm_name)["process"]
+    warm = resumed_after(["vm", "start", vm_name])
+    print(f"cold boot to the next record {cold:.2f} s, resume from the saved state {warm:.2f} s")
+    assert warm < cold / 2
+    rec = read_demo_records(disk)
+    assert rec["gap_at"] is None
+    a.run("vm", "stop", vm_name, "--force")
+    a.run("vm", "delete", vm_name)

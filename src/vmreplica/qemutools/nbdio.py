@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Iterable, Iterator
 
-from ..errors import OperationError
+from ..errors import OperationError, StorageFull
 
 IN_FLIGHT = 16
 STATUS_CHUNK = 1 << 30
@@ -127,7 +127,7 @@ class Writer:
                 if not self.h.aio_command_completed(self._cookies[0][0]):
                     break
             except nbd.Error as e:
-                raise OperationError(f"writing {self.name} failed: {e}") from None
+                raise _write_error(self.name, e) from None
             self._cookies.popleft()
 
     def write(self, offset: int, data) -> None:
@@ -154,7 +154,7 @@ class Writer:
                     self._cookies.popleft()
                     continue
             except nbd.Error as e:
-                raise OperationError(f"writing {self.name} failed: {e}") from None
+                raise _write_error(self.name, e) from None
             self.h.poll(-1)
 
     def flush(self) -> None:
@@ -163,7 +163,14 @@ class Writer:
         try:
             self.h.flush()
         except nbd.Error as e:
-            raise OperationError(f"flushing {self.name} failed: {e}") from None
+            raise _write_error(self.name, e, "flushing") from None
+
+
+def _write_error(name: str, e, what: str = "writing") -> OperationError:
+    import errno
+    if getattr(e, "errnum", None) == errno.ENOSPC:   # nbd.Error: .errno is the name
+        return StorageFull(f"{what} {name}: no space left on the device")
+    return OperationError(f"{what} {name} failed: {e}")
 
 
 def close(h) -> None:

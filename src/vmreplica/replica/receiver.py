@@ -15,7 +15,8 @@ from pathlib import Path
 
 from ..domain.patterns import find_authorization
 from ..domain.states import Role, State
-from ..errors import Conflict, IntegrityError, NotFound, Refused, Superseded, UsageError
+from ..errors import (Conflict, IntegrityError, NotFound, Refused, StorageFull, Superseded,
+                      UsageError)
 from ..transport import wire
 from . import apply as applier
 from ..qemutools import img
@@ -390,6 +391,13 @@ def _apply_with(host, vm: str, heads: list[str], records, verify: bool) -> dict:
         idx = rindex.IndexWriter([rindex.path(Path(rel["storage"]), vm, d) for d in rel["disks"]],
                                  [w.size for w in server.writers])
         return applier.apply_records(records, server, verify=verify, index=idx)
+    except StorageFull as e:
+        host.heads.close(vm)
+        raise StorageFull(f"the replica storage {rel['storage']} on {host.name} is full "
+                          f"({e.message}); the cycle was not applied and the primary keeps "
+                          "its changes",
+                          hint=f"free space or grow {rel['storage']} on {host.name}: the next "
+                               "cycle sends the changes again") from None
     except BaseException:
         host.heads.close(vm)  # writes in an unknown state: start afresh next time
         raise

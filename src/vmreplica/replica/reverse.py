@@ -40,6 +40,11 @@ def become_replica(host, peer: dict, vm: str, body: dict) -> dict:
             host.driver.stop(vm, force=True)
             host.event("fence", f"powered off: {peer['name']} runs this VM now", vm)
         _drop_tracking(host, rel, info)
+        # A memory state saved here (the cluster's `save` stop mode) belongs to disks that
+        # are about to change: resuming it later would corrupt the guest.
+        discard = getattr(host.driver, "discard_saved", None)
+        if discard is not None:
+            discard(vm)
         chains = rel.get("chains") or {d.name: [d.path] for d in info.disks
                                        if d.name in rel["disks"]}
         storage = Path(entry["storage"] or settings.get("storage") or host.home.storage)

@@ -78,3 +78,23 @@ def test_agent_refuses_a_bad_configuration(monkeypatch):
     assert agent.main(["vm", "validate-all"]) == agent.OCF_SUCCESS
     monkeypatch.setenv("OCF_RESKEY_homes", "some-other-node=/srv/vmr")
     assert agent.main(["vm", "validate-all"]) == agent.OCF_ERR_CONFIGURED
+
+
+def test_setup_writes_a_corosync_conf_and_a_cib_pacemaker_accepts(tmp_path):
+    p = _cli("cluster", "setup", "n1=10.0.0.1", "n2=10.0.0.2", "--witness", "10.0.0.9",
+             "--fence-agent", "fence_ipmilan", "--fence-option", "ip=10.0.1.1",
+             "--write", str(tmp_path))
+    assert p.returncode == 0, p.stderr
+    conf = (tmp_path / "corosync.conf").read_text()
+    assert "wait_for_all: 1" in conf and "host: 10.0.0.9" in conf
+    cib = (tmp_path / "cib.xml").read_text()
+    root = ET.fromstring(cib)
+    assert {x.get("id") for x in root.iter("primitive")} == {"fence-n1", "fence-n2"}
+    assert root.find(".//nvpair[@name='stonith-enabled']").get("value") == "true"
+    # Pacemaker's own checker accepts it (the lab boots real clusters from the same code).
+    v = subprocess.run(["crm_verify", "--xml-file", str(tmp_path / "cib.xml")],
+                       capture_output=True, text=True)
+    assert v.returncode == 0, v.stdout + v.stderr
+    p = _cli("cluster", "setup", "n1=10.0.0.1", "n2=10.0.0.2", "--fence-agent", "fence_x",
+             "--fence-option", "nonsense")
+    assert p.returncode == 2 and "KEY=VALUE" in p.stderr

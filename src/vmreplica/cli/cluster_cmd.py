@@ -21,7 +21,9 @@ def register(sub) -> None:
     s.add_argument("--fence-option", action="append", default=[], metavar="KEY=VALUE")
     s.add_argument("--no-fencing", action="store_true",
                    help="run without fencing (split brain possible: two copies of a VM)")
-    s.add_argument("--write", metavar="FILE", help="write corosync.conf there (else print)")
+    s.add_argument("--write", metavar="DIR",
+                   help="write corosync.conf and the seed CIB (cib.xml) into DIR (else print "
+                        "corosync.conf and the pcs commands)")
     s.set_defaults(func=cmd_setup)
 
     s = c.add_parser("protect", help="continuous replication to the other node + a Pacemaker "
@@ -75,17 +77,37 @@ def cmd_setup(args) -> int:
             "writing to diverging disks (split brain)",
             hint="give --fence-agent (fence_ipmilan, fence_virsh, ...), or --no-fencing if you "
                  "accept that risk")
+    options = {}
+    for opt in args.fence_option:
+        k, _, v = opt.partition("=")
+        if not k or not _:
+            raise errors.UsageError(f"invalid --fence-option {opt!r}", hint="use KEY=VALUE")
+        options[k] = v
     conf = pacemaker.corosync_conf(args.name, nodes, args.witness)
-    cmds = pacemaker.pcs_commands(nodes, args.fence_agent, args.fence_option)
     if args.write:
         from pathlib import Path
-        Path(args.write).write_text(conf)
-        print(f"wrote {args.write}")
+        d = Path(args.write)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "corosync.conf").write_text(conf)
+        (d / "cib.xml").write_text(pacemaker.cib_bootstrap(
+            args.name, [n for n, _ in nodes], args.fence_agent, options,
+            two_node=not args.witness))
+        print(f"wrote {d / 'corosync.conf'}: copy it to /etc/corosync/corosync.conf on both "
+              "nodes (with the same /etc/corosync/authkey: corosync-keygen on one, copy it)")
+        print(f"wrote {d / 'cib.xml'}: before Pacemaker's first start, copy it to "
+              "/var/lib/pacemaker/cib/cib.xml on both nodes (owner hacluster:haclient, mode "
+              "0600); or load it into a running cluster: cibadmin --replace --xml-file "
+              f"{d / 'cib.xml'}")
+        if args.witness:
+            print(f"witness {args.witness}: run corosync-qnetd there and exchange the "
+                  "certificates (corosync-qnetd-certutil -i; corosync-qdevice-net-certutil "
+                  "-i/-r/-M on the first node, -m on the second), then start "
+                  "corosync-qdevice on both nodes")
     else:
         print(conf)
-    print("# Pacemaker (pcs):")
-    for c in cmds:
-        print(c)
+        print("# Pacemaker (pcs):")
+        for c in pacemaker.pcs_commands(nodes, args.fence_agent, args.fence_option):
+            print(c)
     if args.no_fencing:
         print("# WARNING: no fencing — a split brain can run a VM on both nodes", flush=True)
     return 0

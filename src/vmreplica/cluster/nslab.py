@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from . import fence_vmreplica
+from . import fence_vmreplica, pacemaker
 
 HEARTBEAT_NET = "10.77.0"
 WITNESS_NET = "10.78.0"
@@ -730,58 +730,19 @@ class ClusterLab:
     # ----------------------------------------------------------------- configuration
 
     def corosync_conf(self) -> str:
-        nodes = "".join(
-            f"    node {{\n        name: {n}\n        nodeid: {i}\n"
-            f"        ring0_addr: {self.address(n)}\n    }}\n"
-            for i, n in enumerate(self.nodes, 1))
-        if self.witness:
-            quorum = ("quorum {\n    provider: corosync_votequorum\n    wait_for_all: 1\n"
-                      "    device {\n        model: net\n        votes: 1\n"
-                      "        net {\n"
-                      f"            host: {self.witness_address()}\n"
-                      "            algorithm: ffsplit\n            tls: on\n"
-                      "        }\n    }\n}\n")
-        else:
-            quorum = "quorum {\n    provider: corosync_votequorum\n    two_node: 1\n}\n"
-        return (f"# written by vmreplica.cluster.nslab\n"
-                f"totem {{\n    version: 2\n    cluster_name: {self.cluster_name}\n"
-                f"    transport: knet\n    token: {self.token_ms}\n"
-                f"    crypto_cipher: aes256\n    crypto_hash: sha256\n}}\n"
-                f"nodelist {{\n{nodes}}}\n{quorum}"
-                "logging {\n    to_logfile: yes\n    logfile: /var/log/corosync/corosync.log\n"
-                "    to_stderr: no\n    to_syslog: no\n    timestamp: on\n}\n")
+        """What `vmreplica cluster setup` writes, for the lab's addresses and token."""
+        return pacemaker.corosync_conf(self.cluster_name,
+                                       [(n, self.address(n)) for n in self.nodes],
+                                       self.witness_address(), token=self.token_ms)
 
     def cib_xml(self) -> str:
-        """The seed CIB: fencing on with one fence_vmreplica device per node (never run on
-        the node it fences), dc-deadtime=2s for fast formation."""
-        props = {"stonith-enabled": "true", "stonith-action": self.fence_action,
-                 "stonith-timeout": "40s", "dc-deadtime": "2s", "no-quorum-policy": "stop",
-                 "cluster-name": self.cluster_name}
-        nv = "".join(f'        <nvpair id="opt-{k}" name="{k}" value="{v}"/>\n'
-                     for k, v in props.items())
-        prims, cons = "", ""
-        for i, n in enumerate(self.nodes):
-            attrs = {"pcmk_host_list": n, "pcmk_host_check": "static-list",
-                     "pdu_socket": str(self.pdu_socket)}
-            if not self.witness and i == 0:
-                attrs["pcmk_delay_base"] = "2s"   # two_node: the first node wins a fence race
-            ia = "".join(f'          <nvpair id="fence-{n}-{k}" name="{k}" value="{v}"/>\n'
-                         for k, v in attrs.items())
-            prims += (f'      <primitive id="fence-{n}" class="stonith" type="fence_vmreplica">\n'
-                      f'        <instance_attributes id="fence-{n}-ia">\n{ia}'
-                      f'        </instance_attributes>\n'
-                      f'        <operations>\n'
-                      f'          <op id="fence-{n}-monitor" name="monitor" interval="30s"/>\n'
-                      f'        </operations>\n      </primitive>\n')
-            cons += (f'      <rsc_location id="fence-{n}-not-on-self" rsc="fence-{n}" '
-                     f'node="{n}" score="-INFINITY"/>\n')
-        return ('<cib crm_feature_set="3.16.1" validate-with="pacemaker-3.9" epoch="1" '
-                'num_updates="0" admin_epoch="0">\n  <configuration>\n    <crm_config>\n'
-                f'      <cluster_property_set id="cib-bootstrap-options">\n{nv}'
-                '      </cluster_property_set>\n    </crm_config>\n    <nodes/>\n'
-                f'    <resources>\n{prims}    </resources>\n'
-                f'    <constraints>\n{cons}    </constraints>\n'
-                '  </configuration>\n  <status/>\n</cib>\n')
+        """The seed CIB `vmreplica cluster setup` writes, with one fence_vmreplica device
+        per node (the lab's PDU), dc-deadtime=2s for fast formation."""
+        return pacemaker.cib_bootstrap(
+            self.cluster_name, list(self.nodes), "fence_vmreplica",
+            {"pdu_socket": str(self.pdu_socket)},
+            {"stonith-action": self.fence_action, "stonith-timeout": "40s",
+             "dc-deadtime": "2s"}, two_node=not self.witness)
 
     def _write_tree(self) -> None:
         hacluster = _ids("hacluster", "haclient")

@@ -157,24 +157,66 @@ def cleanup(vm: str) -> None:
 
 def corosync_conf(name: str, nodes: list[tuple[str, str]], witness: str | None,
                   token: int = 3000) -> str:
-    """corosync.conf for two nodes on knet, with a corosync-qnetd witness (ffsplit) when
-    given, else two_node (which cannot break a split by itself: fencing races)."""
-    lines = ["totem {", "    version: 2", f"    cluster_name: {name}", "    transport: knet",
-             f"    token: {token}", "    crypto_cipher: aes256", "    crypto_hash: sha256",
-             "}", "", "nodelist {"]
+    """corosync.conf for two nodes on knet, with a corosync-qnetd witness (ffsplit,
+    wait_for_all: a node booting alone never takes quorum with the witness's vote and
+    fences its peer) when given, else two_node (which cannot break a split by itself:
+    fencing races)."""
+    lines = ["# written by vmreplica cluster setup", "totem {", "    version: 2",
+             f"    cluster_name: {name}", "    transport: knet", f"    token: {token}",
+             "    crypto_cipher: aes256", "    crypto_hash: sha256", "}", "", "nodelist {"]
     for i, (node, addr) in enumerate(nodes, 1):
-        lines += ["    node {", f"        ring0_addr: {addr}", f"        name: {node}",
-                  f"        nodeid: {i}", "    }"]
+        lines += ["    node {", f"        name: {node}", f"        nodeid: {i}",
+                  f"        ring0_addr: {addr}", "    }"]
     lines += ["}", "", "quorum {", "    provider: corosync_votequorum"]
     if witness:
-        lines += ["    device {", "        model: net", "        votes: 1", "        net {",
-                  f"            host: {witness}", "            algorithm: ffsplit",
-                  "            tls: on", "        }", "    }"]
+        lines += ["    wait_for_all: 1", "    device {", "        model: net",
+                  "        votes: 1", "        net {", f"            host: {witness}",
+                  "            algorithm: ffsplit", "            tls: on", "        }", "    }"]
     else:
         lines += ["    two_node: 1"]
     lines += ["}", "", "logging {", "    to_logfile: yes",
-              "    logfile: /var/log/corosync/corosync.log", "    to_syslog: no", "}", ""]
+              "    logfile: /var/log/corosync/corosync.log", "    to_stderr: no",
+              "    to_syslog: no", "    timestamp: on", "}", ""]
     return "\n".join(lines)
+
+
+def cib_bootstrap(name: str, nodes: list[str], fence_agent: str | None,
+                  fence_options: dict[str, str] | None = None,
+                  properties: dict[str, str] | None = None, two_node: bool = False) -> str:
+    """The seed CIB of a new cluster (`/var/lib/pacemaker/cib/cib.xml`, owned by
+    hacluster, before Pacemaker's first start): fencing on with one device per node that
+    never runs on the node it fences (or off, when no agent is given), quorum loss stops
+    resources, resources stick where they run. Without a witness (`two_node`) the first
+    node's device waits 2 s, so that a fencing race has one winner."""
+    props = {"stonith-enabled": "true" if fence_agent else "false",
+             "no-quorum-policy": "stop", "cluster-name": name, **(properties or {})}
+    nv = "".join(f'        <nvpair id="opt-{k}" name="{k}" value={quoteattr(v)}/>\n'
+                 for k, v in props.items())
+    prims, cons = "", ""
+    for i, n in enumerate(nodes if fence_agent else []):
+        attrs = {"pcmk_host_list": n, "pcmk_host_check": "static-list", **(fence_options or {})}
+        if i == 0 and two_node:
+            attrs.setdefault("pcmk_delay_base", "2s")
+        ia = "".join(f'          <nvpair id="fence-{n}-{k}" name="{k}" value={quoteattr(v)}/>\n'
+                     for k, v in attrs.items())
+        prims += (f'      <primitive id="fence-{n}" class="stonith" type={quoteattr(fence_agent)}>\n'
+                  f'        <instance_attributes id="fence-{n}-ia">\n{ia}'
+                  f'        </instance_attributes>\n'
+                  f'        <operations>\n'
+                  f'          <op id="fence-{n}-monitor" name="monitor" interval="30s"/>\n'
+                  f'        </operations>\n      </primitive>\n')
+        cons += (f'      <rsc_location id="fence-{n}-not-on-self" rsc="fence-{n}" '
+                 f'node="{n}" score="-INFINITY"/>\n')
+    return ('<cib crm_feature_set="3.16.1" validate-with="pacemaker-3.9" epoch="1" '
+            'num_updates="0" admin_epoch="0">\n  <configuration>\n    <crm_config>\n'
+            f'      <cluster_property_set id="cib-bootstrap-options">\n{nv}'
+            '      </cluster_property_set>\n    </crm_config>\n    <nodes/>\n'
+            f'    <resources>\n{prims}    </resources>\n'
+            f'    <constraints>\n{cons}    </constraints>\n'
+            '    <rsc_defaults>\n      <meta_attributes id="rsc-defaults">\n'
+            '        <nvpair id="rsc-defaults-stickiness" name="resource-stickiness" value="100"/>\n'
+            '      </meta_attributes>\n    </rsc_defaults>\n'
+            '  </configuration>\n  <status/>\n</cib>\n')
 
 
 def pcs_commands(nodes: list[tuple[str, str]], fence_agent: str | None,

@@ -84,28 +84,38 @@ class HeadServers:
         self.idle = idle
         self._servers: dict[str, HeadServer] = {}
         self._guard = threading.Lock()
+        self._vm_locks: dict[str, threading.RLock] = {}
+
+    def _lock(self, vm: str) -> threading.RLock:
+        # One storage daemon per VM, ever: two threads opening the same VM's server at
+        # once would start two daemons on the same socket paths (one's monitor greeting
+        # read by the other's client, which then waits forever).
+        with self._guard:
+            return self._vm_locks.setdefault(vm, threading.RLock())
 
     def get(self, vm: str, heads: list[str]) -> HeadServer:
-        with self._guard:
-            server = self._servers.get(vm)
-        if server is not None and (server.heads != list(heads) or not server.alive()):
-            self.close(vm)
-            server = None
-        if server is None:
-            server = HeadServer(self.run_dir, vm, heads)
+        with self._lock(vm):
             with self._guard:
-                self._servers[vm] = server
-        server.last_used = time.monotonic()
-        return server
+                server = self._servers.get(vm)
+            if server is not None and (server.heads != list(heads) or not server.alive()):
+                self.close(vm)
+                server = None
+            if server is None:
+                server = HeadServer(self.run_dir, vm, heads)
+                with self._guard:
+                    self._servers[vm] = server
+            server.last_used = time.monotonic()
+            return server
 
     def close(self, vm: str) -> None:
-        with self._guard:
-            server = self._servers.pop(vm, None)
-        if server is not None:
-            try:
-                server.close()
-            except OperationError as e:
-                log.warning("closing the head server of %s: %s", vm, e)
+        with self._lock(vm):
+            with self._guard:
+                server = self._servers.pop(vm, None)
+            if server is not None:
+                try:
+                    server.close()
+                except OperationError as e:
+                    log.warning("closing the head server of %s: %s", vm, e)
 
     def idle_vms(self, now: float | None = None) -> list[str]:
         now = time.monotonic() if now is None else now

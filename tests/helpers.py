@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 
 from vmreplica import lab
 
@@ -106,3 +107,14 @@ def random_file(path, size: int, seed: int = 0):
     import random
     path.write_bytes(random.Random(seed).randbytes(size))
     return path
+
+
+def wait_until(what: str, fn, timeout: float = 60, every: float = 0.25):
+    """Poll ``fn`` until it returns something true (returned); fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = fn()
+        if v:
+            return v
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(every)

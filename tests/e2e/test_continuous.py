@@ -7,6 +7,7 @@ a planned failover needs no final cycle; recovery points and test failover keep 
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import time
 
 import pytest
 
-from helpers import images_identical
+from helpers import images_identical, wait_until
 from vmreplica import lab
 from vmreplica.hypervisor.guest import parse_record, read_demo_records
 
@@ -36,14 +37,7 @@ def _records(host, vm):
     return read_demo_records(host.vm(vm)["disks"][-1]["path"])
 
 
-def _wait(what, fn, timeout=60, every=0.25):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = fn()
-        if v:
-            return v
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(every)
+_wait = functools.partial(wait_until, timeout=60)
 
 
 def _sync_state(host, vm):

@@ -6,6 +6,7 @@ one pair of hosts (each step starts from where the previous one left the VM)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import sqlite3
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import wait_until
 from vmreplica import lab
 from vmreplica.hypervisor.guest import read_demo_records
 
@@ -35,14 +37,7 @@ def _records(host, vm=VM):
     return read_demo_records(host.vm(vm)["disks"][-1]["path"])
 
 
-def _wait(what, fn, timeout=90):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = fn()
-        if v:
-            return v
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.25)
+_wait = functools.partial(wait_until, timeout=90)
 
 
 def _ok_prefix(rec, live=False):

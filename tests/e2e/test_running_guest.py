@@ -5,11 +5,12 @@ last cycle the replica is identical."""
 
 from __future__ import annotations
 
+import functools
 import time
 
 import pytest
 
-from helpers import assert_replica_equals
+from helpers import assert_replica_equals, wait_until
 from vmreplica.hypervisor.guest import read_demo_records
 
 pytestmark = pytest.mark.e2e
@@ -19,14 +20,7 @@ def _records(host, vm):
     return read_demo_records(host.vm(vm)["disks"][-1]["path"])
 
 
-def _wait(what, fn, timeout=120):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = fn()
-        if v:
-            return v
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.25)
+_wait = functools.partial(wait_until, timeout=120)
 
 
 def test_running_demo_guest_is_replicated(sites, vm_name):

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from vmreplica import lab
 def lab_root():
     root = Path(tempfile.mkdtemp(prefix="vmr-", dir="/tmp"))
     os.chmod(root, 0o755)
+    _LAB_ROOTS.append(root)
     yield root
     if os.environ.get("VMREPLICA_KEEP_LAB") != "1":      # keep it to look at a failure
         shutil.rmtree(root, ignore_errors=True)
@@ -82,3 +84,39 @@ _vm_counter = iter(range(10_000))
 def vm_name(request):
     base = request.node.name.split("[")[0].replace("test_", "")[:20].replace("_", "-")
     return f"{base}-{next(_vm_counter)}"
+
+
+# -- what the daemons said, on a failure -------------------------------------------------
+_LAB_ROOTS: list[Path] = []
+
+
+def pytest_runtest_setup(item):
+    item.stash[_STARTED] = time.time()
+
+
+_STARTED = pytest.StashKey[float]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test carries the tails of the daemon logs and storage-daemon stderr files
+    that changed while it ran, so an intermittent failure in CI can be read afterwards."""
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.when != "call" or not rep.failed or not _LAB_ROOTS:
+        return
+    since = item.stash.get(_STARTED, 0) - 1
+    found = []
+    for root in _LAB_ROOTS:
+        for p in list(root.rglob("*.log")) + list(root.rglob("*.err")):
+            try:
+                if p.is_file() and p.stat().st_mtime >= since and p.stat().st_size:
+                    found.append(p)
+            except OSError:
+                continue
+    for p in sorted(found, key=lambda p: p.stat().st_mtime)[-10:]:
+        try:
+            tail = p.read_text(errors="replace").splitlines()[-25:]
+        except OSError:
+            continue
+        rep.sections.append((f"tail of {p}", "\n".join(tail)))

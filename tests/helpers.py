@@ -109,12 +109,26 @@ def random_file(path, size: int, seed: int = 0):
     return path
 
 
-def wait_until(what: str, fn, timeout: float = 60, every: float = 0.25):
-    """Poll ``fn`` until it returns something true (returned); fail naming ``what``."""
+def wait_until(what: str, fn, timeout: float = 60, every: float = 0.25, explain=None):
+    """Poll ``fn`` until it returns something true (returned); fail naming ``what`` and,
+    when given, what ``explain()`` says of the state things were left in."""
     deadline = time.monotonic() + timeout
     while True:
         v = fn()
         if v:
             return v
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        if time.monotonic() >= deadline:
+            detail = ""
+            if explain is not None:
+                try:
+                    detail = f"\n{explain()}"
+                except Exception as e:  # noqa: BLE001 — the failure itself is what matters
+                    detail = f"\n(could not explain: {e})"
+            raise AssertionError(f"timed out waiting for {what}{detail}")
         time.sleep(every)
+
+
+def recent_events(host, vm: str, n: int = 12) -> str:
+    """The VM's last events on ``host``, one per line (for failure messages)."""
+    return "\n".join(f"  {host.name}: {e['kind']}: {e['message']}"
+                      for e in host.json("events", vm)[-n:])

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from helpers import images_identical, wait_until
+from helpers import images_identical, recent_events, wait_until
 from vmreplica import lab
 from vmreplica.hypervisor.guest import parse_record, read_demo_records
 
@@ -50,7 +50,8 @@ def _mirrored_vm(a, b, vm, *extra):
     _wait("records", lambda: (_records(a, vm)["top"] or 0) >= 3)
     a.run("enable", vm, "--replica", b.address, "--mode", "continuous", *extra)
     a.run("initial", vm)
-    _wait("in_sync", lambda: _sync_state(a, vm) == "in_sync")
+    _wait("in_sync", lambda: _sync_state(a, vm) == "in_sync",
+          explain=lambda: recent_events(a, vm) + "\n" + recent_events(b, vm))
 
 
 class StallMeter:
@@ -124,7 +125,8 @@ def test_hung_then_dead_replica_never_stall_the_guest(pair, driver):
         print(f"worst guest write stall while the replica was down: {outage_stall:.2f} s")
         assert outage_stall < 5.0
         b.start()
-        _wait("in_sync by itself", lambda: _sync_state(a, vm) == "in_sync", timeout=90)
+        _wait("in_sync by itself", lambda: _sync_state(a, vm) == "in_sync", timeout=90,
+              explain=lambda: recent_events(a, vm))
     finally:
         meter.stop()
     a.run("vm", "stop", vm)

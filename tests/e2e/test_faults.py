@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import CuttingProxy, assert_replica_equals, qemu_io, random_file
+from helpers import CuttingProxy, assert_replica_equals, qemu_io, random_file, wait_until
 from vmreplica import lab
 from vmreplica.errors import IntegrityError
 from vmreplica.transport import wire
@@ -185,8 +185,12 @@ def test_verify_detects_a_replica_that_diverged(own_sites, vm_name):
     proc = a.run("sync", vm_name, "--verify", check=False)
     assert proc.returncode == 1 and "verification failed" in proc.stderr \
         and "disk0@20480KiB" in proc.stderr, proc.stderr
-    status = a.json("status", vm_name)[0]
-    assert status["state"] in ("resync_required", "resynchronizing")  # (repairs itself)
+    # It repairs itself: resync_required, then the scheduler's resynchronization (a 32 MiB
+    # disk can be done before the next status call, so the events are what is checked).
+    wait_until("the resynchronization", lambda: any(
+        e["message"].startswith("resynchronised") for e in a.json("events", vm_name)), 90)
+    assert a.json("status", vm_name)[0]["state"] == "replicating"
+    assert_replica_equals(a, b, vm_name)
     a.run("remove", vm_name)
 
 

@@ -30,31 +30,49 @@ MiB = 1 << 20
 
 class VMIO:
     """qemu-io through the VM's device, timed from here over a monitor connection kept
-    open; the round trip of a no-op HMP command is measured and subtracted."""
+    open (qemu driver) or through libvirt's monitor pass-through (libvirt driver); the
+    round trip of a no-op HMP command is measured and subtracted."""
 
     def __init__(self, a, vm: str):
-        uuid = a.vm(vm)["uuid"] if "uuid" in a.vm(vm) else None
-        sock = next(p for p in (a.home / "run").glob("*.qmp")
-                    if uuid is None or p.name.startswith(uuid[:8]))
-        self.mon = Monitor(sock, timeout=600)
-        self.cmd = f'qemu-io -d vd-disk0/virtio-backend "{{}}"'
+        self.mon = self.dom = None
+        if a.driver == "libvirt":
+            import libvirt
+            self.conn = libvirt.open("qemu:///system")
+            self.dom = self.conn.lookupByName(f"vmr-{a.name}-{vm}")
+            self.cmd = 'qemu-io -d virtio-disk0/virtio-backend "{}"'
+        else:
+            uuid = a.vm(vm)["uuid"] if "uuid" in a.vm(vm) else None
+            sock = next(p for p in (a.home / "run").glob("*.qmp")
+                        if uuid is None or p.name.startswith(uuid[:8]))
+            self.mon = Monitor(sock, timeout=600)
+            self.cmd = 'qemu-io -d vd-disk0/virtio-backend "{}"'
         base = []
         for _ in range(200):
             t = time.perf_counter()
-            self.mon.execute("human-monitor-command", {"command-line": "info version"})
+            self._hmp("info version")
             base.append(time.perf_counter() - t)
         self.overhead = statistics.median(base)
 
+    def _hmp(self, line: str) -> str:
+        if self.dom is not None:
+            import libvirt_qemu
+            return libvirt_qemu.qemuMonitorCommand(
+                self.dom, line, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+        return self.mon.execute("human-monitor-command", {"command-line": line})
+
     def run(self, command: str) -> float:
         t = time.perf_counter()
-        out = self.mon.execute("human-monitor-command", {"command-line": self.cmd.format(command)})
+        out = self._hmp(self.cmd.format(command))
         dt = time.perf_counter() - t
         if "rror" in out:
             raise SystemExit(f"qemu-io: {out}")
         return max(dt - self.overhead, 0.0)
 
     def close(self):
-        self.mon.close()
+        if self.mon is not None:
+            self.mon.close()
+        else:
+            self.conn.close()
 
 
 def latency(a, vm: str, n: int, seed: int) -> dict:
@@ -93,16 +111,22 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--ops", type=int, default=1000)
     p.add_argument("--work", default="bench-run/continuous")
+    p.add_argument("--driver", choices=("qemu", "libvirt"), default="qemu",
+                   help="libvirt: the mirror goes through the relay (needs libvirtd)")
     args = p.parse_args()
     work = Path(args.work).absolute()
+    if args.driver == "libvirt":
+        work = work.with_name(work.name + "-libvirt")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     os.chmod(work, 0o755)
-    a, b = lab.two_sites(work)
+    a, b = lab.two_sites(work, driver=args.driver)
     vm = "lat"
     rows = {}
+    print(f"driver: {args.driver}", flush=True)
     try:
-        a.run("vm", "create", vm, "--disk", "1G", "--share-rw")
+        a.run("vm", "create", vm, "--disk", "1G",
+              *(["--share-rw"] if args.driver == "qemu" else []))
         a.run("vm", "start", vm)
         io = VMIO(a, vm)                    # allocate every cluster: all rows overwrite
         for i in range(1024):
@@ -133,11 +157,14 @@ def main() -> int:
             io.run(f"write -P {i % 250 + 1} {off} 64k")
         io.close()
         time.sleep(max(0.0, 30 - (time.monotonic() - t_out)))
+        sent = a.json("measure", vm)["bytes_raw"]
         b.start()
         back = wait_state(a, vm, "in_sync", 300)
         events = [e["message"] for e in a.json("events", vm) if e["kind"] == "continuous"]
+        cycles = a.json("measure", vm)["bytes_raw"] - sent
         print(f"outage 30 s, 100 MiB changed: back in_sync {back:.1f} s after the replica "
-              f"returned; last event: {events[-1] if events else '-'}", flush=True)
+              f"returned; catch-up cycles moved {cycles} bytes; last event: "
+              f"{events[-1] if events else '-'}", flush=True)
     finally:
         lab.teardown(a, b)
     return 0

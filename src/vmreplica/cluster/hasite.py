@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
 from ..hypervisor.guest import read_demo_records
 from ..lab import cli_path
-from .nslab import ClusterLab
+from .nslab import ClusterLab, LabError, wait_for
 
 PORT = 7700
 
@@ -146,15 +145,9 @@ class HASite:
 
 
 def poll(what: str, fn: Callable, timeout: float = 60, every: float = 0.25):
-    """Poll fn until it returns something truthy (returned); TimeoutError naming `what`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            v = fn()
-        except Exception:  # noqa: BLE001 - a node may not answer while it converges
-            v = None
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(every)
+    """Poll fn until it returns something truthy (returned); TimeoutError naming `what`
+    (the lab's wait_for: exceptions while the cluster converges count as "not yet")."""
+    try:
+        return wait_for(fn, timeout, every, what=what)
+    except LabError as e:
+        raise TimeoutError(str(e)) from None

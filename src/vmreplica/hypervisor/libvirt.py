@@ -261,6 +261,8 @@ class LibvirtDriver:
         self._host_name = config.get("host_name")
         self._conn: libvirt.virConnect | None = None
         self._conn_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._relays: dict[str, StorageDaemon] = {}    # continuous mode: vm → its relay
 
     # -- connection and identity -----------------------------------------------------
     @property
@@ -843,6 +845,146 @@ class LibvirtDriver:
         dom, _, vm = self._load(name)
         return LibvirtBlockSession(self, dom, vm)
 
+    # -- continuous mode -------------------------------------------------------------
+    # The domain's QEMU runs a write-blocking active mirror (`blockdev-mirror`, `sync:
+    # none`, through qemuMonitorCommand) of every disk into a relay: a qemu-storage-daemon
+    # of this host that holds the TLS connection to the replica's export with this host's
+    # pinned credentials and serves it to QEMU on a unix socket. Why not libvirt's block
+    # copy (virDomainBlockCopy with SYNCHRONOUS_WRITES): it always begins with a full copy
+    # of the disk (there is no `sync: none`), so every start, and every return from
+    # `degraded`, would read and send whole disks; and libvirt 9.0's NBD TLS is one
+    # global certificate folder (qemu.conf nbd_tls_x509_cert_dir), which cannot hold one
+    # pinned identity per replica host. The relay passes each write on and answers only
+    # when the replica has answered (no cache), so a guest write is still acknowledged
+    # only once it is on the replica. A replica that hangs is cut by killing the relay:
+    # QEMU's connection to it ends at once, the waiting writes complete, the jobs stop.
+    mirror_resumable = False      # a job that stopped is started afresh (relay and all)
+    mirror_events = False         # libvirt does not pass QEMU's block-job events on
+
+    def pause(self, name: str) -> None:
+        dom, _, _ = self._load(name)
+        try:
+            dom.suspend()
+        except libvirt.libvirtError as e:
+            raise HypervisorError(f"libvirt could not pause {name}: {_lv_error(e)}") from None
+
+    def resume(self, name: str) -> None:
+        dom, _, _ = self._load(name)
+        try:
+            dom.resume()
+        except libvirt.libvirtError as e:
+            raise HypervisorError(f"libvirt could not resume {name}: {_lv_error(e)}") from None
+
+    def watch_monitor(self, name: str) -> _DomainMonitor:
+        dom, _, _ = self._load(name)
+        if not self._active(dom):
+            raise Conflict(f"VM {name} is not running")
+        return _DomainMonitor(dom, name)
+
+    def _relay_dir(self, vm: _VM) -> Path:
+        return self.run_dir / f"lv-{domain_uuid(vm.host, vm.uuid)[:8]}-mr"
+
+    def mirror_start(self, name: str, disks: list[str], target: dict) -> None:
+        """As the qemu driver's (call it paused, right after a cycle): the relay first,
+        then the mirror of each disk into it."""
+        dom, _, vm = self._load(name)
+        relay_dir = self._relay_dir(vm)
+        self._stop_relay(name, relay_dir)
+        relay_dir.mkdir(parents=True, exist_ok=True)
+        ids = _qemu_ids(dom.XMLDesc(0))
+        blockdevs = [{"driver": "nbd", "node-name": f"r-{d}", "export": d,
+                      "server": {"type": "inet", "host": target["host"],
+                                 "port": str(target["port"])},
+                      "tls-creds": "vmr-mtls", "tls-hostname": target["tls_hostname"],
+                      "reconnect-delay": 0} for d in disks]
+        exports = [{"type": "nbd", "id": f"e-{d}", "node-name": f"r-{d}", "name": d,
+                    "writable": True} for d in disks]
+        relay = StorageDaemon(relay_dir, "relay", blockdevs, exports, objects=[
+            f"tls-creds-x509,id=vmr-mtls,dir={target['tls_dir']},endpoint=client,"
+            "verify-peer=on"]).start()
+        with self._lock:
+            self._relays[name] = relay
+        try:
+            if ids is not None:
+                os.chown(relay_dir, *ids)
+                os.chown(relay.nbd_socket, *ids)
+            os.chmod(relay_dir, 0o750)
+            os.chmod(relay.nbd_socket, 0o660)
+            with self.block_session(name) as session:
+                nodes = {d: session._node(d) for d in disks}
+            for d in disks:
+                _passthrough(dom, "blockdev-add", {
+                    "driver": "nbd", "node-name": f"vmr-mt-{d}", "export": d,
+                    "server": {"type": "unix", "path": str(relay.nbd_socket)},
+                    "reconnect-delay": 0})
+            for d in disks:
+                _passthrough(dom, "blockdev-mirror", {
+                    "job-id": f"mirror-{d}", "device": nodes[d], "target": f"vmr-mt-{d}",
+                    "sync": "none", "copy-mode": "write-blocking",
+                    "on-target-error": "stop", "on-source-error": "stop",
+                    "auto-dismiss": True, "auto-finalize": True})
+        except BaseException:
+            self.mirror_stop(name, disks)
+            raise
+
+    def mirror_status(self, name: str, mon=None) -> dict[str, dict]:
+        dom = mon.dom if mon is not None else self._load(name)[0]
+        jobs = _passthrough(dom, "query-block-jobs")
+        relay = self._relays.get(name)
+        if relay is None or relay.proc is None or relay.proc.poll() is not None:
+            return {}           # no relay, no mirror (the jobs, if any, are going)
+        return {j["device"][len("mirror-"):]: j for j in jobs
+                if j.get("device", "").startswith("mirror-")}
+
+    def mirror_yank(self, mon, disks: list[str]) -> None:
+        """Cut a replica that stopped answering: kill the relay (QEMU's connection to it
+        ends, the guest's waiting writes complete, the jobs stop with an error)."""
+        relay = self._relays.get(mon.vm)
+        if relay is not None:
+            relay.kill()
+
+    def mirror_resume(self, name: str, disks: list[str]) -> None:
+        raise HypervisorError("a stopped mirror of a libvirt domain is started afresh")
+
+    def mirror_stop(self, name: str, disks: list[str]) -> None:
+        dom, _, vm = self._load(name)
+        if self._active(dom):
+            for d in disks:
+                try:
+                    _passthrough(dom, "block-job-cancel", {"device": f"mirror-{d}",
+                                                           "force": True})
+                except HypervisorError:
+                    pass
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                try:
+                    jobs = _passthrough(dom, "query-block-jobs")
+                except HypervisorError:
+                    break
+                if not any(j.get("device", "").startswith("mirror-") for j in jobs):
+                    break
+                if time.monotonic() > deadline - 10:
+                    self._stop_relay(name, self._relay_dir(vm))   # a job stuck on it
+                time.sleep(0.05)
+            for d in disks:
+                try:
+                    _passthrough(dom, "blockdev-del", {"node-name": f"vmr-mt-{d}"})
+                except HypervisorError:
+                    pass
+        self._stop_relay(name, self._relay_dir(vm))
+
+    def _stop_relay(self, name: str, relay_dir: Path) -> None:
+        with self._lock:
+            relay = self._relays.pop(name, None)
+        if relay is not None:
+            try:
+                relay.close(timeout=10)
+            except HypervisorError as e:
+                log.info("the mirror relay of %s: %s", name, e.message)
+        if relay_dir.exists():
+            from ..qemutools.qsd import reap
+            reap(relay_dir)       # one an earlier daemon left (it dies with its daemon)
+
     def checkpoints(self, name: str) -> list[str]:
         """libvirt's checkpoints of a VM, oldest first (for operators and tests)."""
         dom, _, _ = self._load(name)
@@ -851,6 +993,40 @@ class LibvirtDriver:
         except libvirt.libvirtError as e:
             raise HypervisorError(f"libvirt: {_lv_error(e)}") from None
         return [c.getName() for c in sorted(cps, key=_creation_time)]
+
+
+def _passthrough(dom: libvirt.virDomain, command: str, arguments: dict | None = None):
+    """One QMP command to the domain's QEMU through libvirt (qemuMonitorCommand)."""
+    msg = {"execute": command}
+    if arguments:
+        msg["arguments"] = arguments
+    try:
+        raw = libvirt_qemu.qemuMonitorCommand(dom, json.dumps(msg), 0)
+    except libvirt.libvirtError as e:
+        raise HypervisorError(f"libvirt could not pass {command} to QEMU: {_lv_error(e)}") from None
+    reply = json.loads(raw)
+    if "error" in reply:
+        raise QMPError(command, reply["error"].get("class", ""), reply["error"].get("desc", ""))
+    return reply.get("return")
+
+
+class _DomainMonitor:
+    """What the continuous-mode watchdog holds for a libvirt domain: QMP through libvirt
+    (in band; a replica that hangs is cut at the relay, not with QEMU's out-of-band yank)
+    and no event stream (libvirt keeps QEMU's events to itself)."""
+
+    def __init__(self, dom: libvirt.virDomain, vm: str):
+        self.dom, self.vm = dom, vm
+        self.events: list[dict] = []
+
+    def execute(self, command: str, arguments: dict | None = None, timeout: float | None = None):
+        return _passthrough(self.dom, command, arguments)
+
+    def wait_event(self, name: str, timeout: float, match=None) -> dict:
+        raise HypervisorError("libvirt does not pass QEMU's events on")
+
+    def close(self) -> None:
+        pass
 
 
 def _creation_time(cp) -> tuple[int, str]:
@@ -970,17 +1146,7 @@ class LibvirtBlockSession:
     def _qmp(self, command: str, arguments: dict | None = None):
         if self.qsd is not None:
             return self.qsd.qmp.execute(command, arguments)
-        msg = {"execute": command}
-        if arguments:
-            msg["arguments"] = arguments
-        try:
-            raw = libvirt_qemu.qemuMonitorCommand(self.dom, json.dumps(msg), 0)
-        except libvirt.libvirtError as e:
-            raise HypervisorError(f"libvirt could not pass {command} to QEMU: {_lv_error(e)}") from None
-        reply = json.loads(raw)
-        if "error" in reply:
-            raise QMPError(command, reply["error"].get("class", ""), reply["error"].get("desc", ""))
-        return reply.get("return")
+        return _passthrough(self.dom, command, arguments)
 
     def _transaction(self, actions: list[dict]) -> None:
         if actions:
@@ -1307,6 +1473,20 @@ class LibvirtBlockSession:
                 p.unlink(missing_ok=True)
 
     # -- checkpoints -------------------------------------------------------------------
+    def add_bitmap(self, disks: list[str], name: str) -> None:
+        """Start recording into a new checkpoint (continuous mode rotates them while the
+        domain runs)."""
+        if self.qsd is not None:
+            raise HypervisorError(f"VM {self.vm.name} is not running")
+        targets = {self.disks[x].target for x in disks if self.disks[x].format == "qcow2"}
+        if not targets:
+            return
+        try:
+            self.dom.checkpointCreateXML(self._checkpoint_xml(name, targets), 0)
+        except libvirt.libvirtError as e:
+            raise HypervisorError(f"libvirt could not create checkpoint {name} of "
+                                  f"{self.vm.name}: {_lv_error(e)}") from None
+
     def release(self, disks: list[str], names: list[str]) -> None:
         """Delete checkpoints ``names`` with their bitmaps, and bitmaps of those names that
         no checkpoint records. A libvirt checkpoint spans disks: it goes as a whole (the

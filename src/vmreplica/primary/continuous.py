@@ -78,6 +78,7 @@ class Continuous:
     def __init__(self, host):
         self.host = host
         self.mirrors: dict[str, _Mirror] = {}
+        self._stopping: set[str] = set()   # VMs whose mirror is being ended on purpose
 
     # -- the scheduler calls this twice a second ---------------------------------------
     def tick(self, now: float) -> None:
@@ -97,8 +98,9 @@ class Continuous:
 
     def _set(self, vm: str, state: str, reason: str | None = None) -> None:
         rel = self.host.store.relationship(vm)
-        if rel is None or rel.get("sync_state") == state:
-            return
+        if rel is None or rel.get("sync_state") == state or vm in self._stopping \
+                or rel.get("mode") != "continuous":
+            return      # (a watchdog step that saw the mirror end on purpose says nothing)
         self.host.store.update_relationship(vm, sync_state=state, sync_reason=reason)
         self.host.event("continuous", f"{state}" + (f": {reason}" if reason else ""), vm)
 
@@ -113,6 +115,11 @@ class Continuous:
         if not running:
             # Nothing writes: periodic cycles (the scheduler) keep the replica current.
             m.close()
+            if state != "idle":
+                try:        # what the mirror left (the libvirt driver's relay)
+                    self.host.driver.mirror_stop(vm, rel["disks"])
+                except Exception as e:  # noqa: BLE001
+                    log.warning("ending the mirror of %s: %s", vm, getattr(e, "message", e))
             self._set(vm, "idle", "the VM is not running")
             return
         if state in (None, "idle", "catching_up"):
@@ -303,7 +310,8 @@ class Continuous:
         except Exception:  # noqa: BLE001
             jobs = {}
         if m.yanked or not all(d in jobs for d in rel["disks"]) or \
-                m.resume_tries >= RESUME_TRIES:
+                m.resume_tries >= RESUME_TRIES or \
+                not getattr(host.driver, "mirror_resumable", True):
             # The jobs cannot come back: start afresh from the tracking bitmap.
             try:
                 host.driver.mirror_stop(vm, rel["disks"])
@@ -337,18 +345,22 @@ class Continuous:
     def stop(self, vm: str) -> None:
         """Back to periodic: end the mirror (the bitmap carries on), close the target."""
         host = self.host
-        m = self.mirrors.pop(vm, None)
-        if m is not None:
-            if m.worker is not None:
-                m.worker.join(60)
-            m.close()
-        rel = host.store.relationship(vm)
+        self._stopping.add(vm)
         try:
-            host.driver.mirror_stop(vm, rel["disks"])
-        except Exception as e:  # noqa: BLE001
-            log.warning("stopping the mirror of %s: %s", vm, e)
-        _close_target(host, rel)
-        host.store.update_relationship(vm, sync_state=None, sync_reason=None)
+            m = self.mirrors.pop(vm, None)
+            if m is not None:
+                if m.worker is not None:
+                    m.worker.join(60)
+                m.close()
+            rel = host.store.relationship(vm)
+            try:
+                host.driver.mirror_stop(vm, rel["disks"])
+            except Exception as e:  # noqa: BLE001
+                log.warning("stopping the mirror of %s: %s", vm, e)
+            _close_target(host, rel)
+            host.store.update_relationship(vm, sync_state=None, sync_reason=None)
+        finally:
+            self._stopping.discard(vm)
 
     def status(self, vm: str) -> str | None:
         rel = self.host.store.relationship(vm)

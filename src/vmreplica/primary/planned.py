@@ -59,6 +59,11 @@ def _continuous_shutdown(host, vm: str, rel: dict, running: bool) -> bool:
     from ..errors import HypervisorError
     host.store.update_relationship(vm, preparing=True)     # the watchdog stands down
     in_sync = rel.get("sync_state") == "in_sync"
+    if not getattr(host.driver, "mirror_events", True):
+        # Without QEMU's block-job events (libvirt keeps them) nothing proves that the
+        # mirror took every write until QEMU exited: a final cycle does (a short one:
+        # the writes since the last bitmap rotation, at most ~10 s old).
+        in_sync = False
     if not running:
         host.continuous.stop(vm)
         return False

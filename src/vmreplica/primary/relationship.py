@@ -106,8 +106,8 @@ def _check_mode(host, mode: str, max_stall: float) -> None:
     if mode not in MODES:
         raise UsageError(f"unknown mode {mode!r}", hint="choose periodic or continuous")
     if mode == "continuous" and not hasattr(host.driver, "mirror_start"):
-        raise UsageError(f"continuous mode needs the qemu driver; {host.driver.name} hosts "
-                         "replicate periodically", hint="use --mode periodic")
+        raise UsageError(f"continuous mode is not available on {host.driver.name} hosts",
+                         hint="use --mode periodic")
     if not 0.5 <= float(max_stall) <= 120:
         raise UsageError("--max-stall must be between 0.5 and 120 seconds")
 

@@ -105,7 +105,10 @@ def apply(host, vm: str, changes: dict) -> dict:
         from .relationship import _check_mode
         _check_mode(host, "continuous", changes.get("max_stall", rel.get("max_stall", 5.0)))
     if changes.get("mode") == "periodic" and rel.get("mode") == "continuous":
-        host.continuous.stop(vm)        # the bitmap carries on: no re-seeding either way
+        # The watchdog leaves it first (it follows continuous relationships only), then
+        # the mirror ends; the bitmap carries on: no re-seeding either way.
+        host.store.update_relationship(vm, mode="periodic")
+        host.continuous.stop(vm)
     if "history" in changes or "point_interval" in changes:
         host.client_for_peer(rel["peer"], timeout=60).request(
             "POST", f"/v1/replica/relationships/{vm}/settings",

@@ -45,5 +45,7 @@ def apply_records(records: Iterable[wire.Record], server: HeadServer,
     stats["flush_seconds"] = round(time.monotonic() - t1, 4)
     if verify:
         from ..tracking.scan import encode
-        stats["manifest"] = [encode(server.manifest(i)) for i in range(len(writers))]
+        digests = [server.manifest(i) for i in range(len(writers))]
+        stats["manifest"] = [encode(d) for d in digests]
+        stats["digests"] = digests      # what the heads hold, read: see receiver._apply_with
     return stats

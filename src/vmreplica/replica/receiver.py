@@ -388,9 +388,15 @@ def _apply_with(host, vm: str, heads: list[str], records, verify: bool) -> dict:
     rel = host.store.relationship(vm)
     server = host.heads.get(vm, heads)
     try:
-        idx = rindex.IndexWriter([rindex.path(Path(rel["storage"]), vm, d) for d in rel["disks"]],
-                                 [w.size for w in server.writers])
-        return applier.apply_records(records, server, verify=verify, index=idx)
+        paths = [rindex.path(Path(rel["storage"]), vm, d) for d in rel["disks"]]
+        idx = rindex.IndexWriter(paths, [w.size for w in server.writers])
+        stats = applier.apply_records(records, server, verify=verify, index=idx)
+        # A verification read every head: the index takes what was read, so a head
+        # changed behind vmreplica's back (what a failed verification finds) is repaired
+        # by the resync that follows instead of being hidden by a stale index.
+        for p, digests in zip(paths, stats.pop("digests", [])):
+            rindex.write(p, digests)
+        return stats
     except StorageFull as e:
         host.heads.close(vm)
         raise StorageFull(f"the replica storage {rel['storage']} on {host.name} is full "

@@ -9,6 +9,17 @@ from typing import Protocol
 from ..errors import UsageError
 
 
+def active_mirror(disk: str, device: str, target: str) -> dict:
+    """`blockdev-mirror` arguments of continuous mode: job ``mirror-<disk>`` from node
+    ``device`` into ``target``; nothing copied at start (the replica already equals the
+    disk), every later guest write acknowledged only once the target has it, and a
+    target that fails stops the job instead of the guest."""
+    return {"job-id": f"mirror-{disk}", "device": device, "target": target,
+            "sync": "none", "copy-mode": "write-blocking",
+            "on-target-error": "stop", "on-source-error": "stop",
+            "auto-dismiss": True, "auto-finalize": True}
+
+
 @dataclass
 class DiskInfo:
     name: str            # stable name inside the VM: disk0, disk1, ...

@@ -97,7 +97,7 @@ from ..errors import Conflict, HypervisorError, NotFound, TrackingError, UsageEr
 from ..qemutools import img
 from ..qemutools.qmp import QMPError
 from ..qemutools.qsd import StorageDaemon, qcow2_node
-from .base import BitmapInfo, DiskInfo, Export, VMInfo
+from .base import BitmapInfo, DiskInfo, Export, VMInfo, active_mirror
 from .guest import guest_files
 
 log = logging.getLogger("vmreplica.libvirt")
@@ -263,6 +263,7 @@ class LibvirtDriver:
         self._conn_lock = threading.Lock()
         self._lock = threading.Lock()
         self._relays: dict[str, StorageDaemon] = {}    # continuous mode: vm → its relay
+        self._targets: dict[str, tuple[list[str], dict]] = {}   # vm → (disks, target)
 
     # -- connection and identity -----------------------------------------------------
     @property
@@ -857,23 +858,24 @@ class LibvirtDriver:
     # pinned identity per replica host. The relay passes each write on and answers only
     # when the replica has answered (no cache), so a guest write is still acknowledged
     # only once it is on the replica. A replica that hangs is cut by killing the relay:
-    # QEMU's connection to it ends at once, the waiting writes complete, the jobs stop.
-    mirror_resumable = False      # a job that stopped is started afresh (relay and all)
+    # QEMU's connection to it ends at once, the waiting writes complete, the jobs stop
+    # (paused, their own bitmaps keeping what the replica misses). Once the replica is
+    # back a new relay takes the same socket, QEMU's NBD client reconnects to it at the
+    # job's next request, and `block-job-resume` copies only what changed meanwhile.
     mirror_events = False         # libvirt does not pass QEMU's block-job events on
 
     def pause(self, name: str) -> None:
-        dom, _, _ = self._load(name)
-        try:
-            dom.suspend()
-        except libvirt.libvirtError as e:
-            raise HypervisorError(f"libvirt could not pause {name}: {_lv_error(e)}") from None
+        self._run_state(name, "pause", lambda dom: dom.suspend())
 
     def resume(self, name: str) -> None:
+        self._run_state(name, "resume", lambda dom: dom.resume())
+
+    def _run_state(self, name: str, verb: str, fn) -> None:
         dom, _, _ = self._load(name)
         try:
-            dom.resume()
+            fn(dom)
         except libvirt.libvirtError as e:
-            raise HypervisorError(f"libvirt could not resume {name}: {_lv_error(e)}") from None
+            raise HypervisorError(f"libvirt could not {verb} {name}: {_lv_error(e)}") from None
 
     def watch_monitor(self, name: str) -> _DomainMonitor:
         dom, _, _ = self._load(name)
@@ -884,14 +886,11 @@ class LibvirtDriver:
     def _relay_dir(self, vm: _VM) -> Path:
         return self.run_dir / f"lv-{domain_uuid(vm.host, vm.uuid)[:8]}-mr"
 
-    def mirror_start(self, name: str, disks: list[str], target: dict) -> None:
-        """As the qemu driver's (call it paused, right after a cycle): the relay first,
-        then the mirror of each disk into it."""
-        dom, _, vm = self._load(name)
+    def _start_relay(self, name: str, dom: libvirt.virDomain, vm: _VM, disks: list[str],
+                     target: dict) -> StorageDaemon:
         relay_dir = self._relay_dir(vm)
         self._stop_relay(name, relay_dir)
         relay_dir.mkdir(parents=True, exist_ok=True)
-        ids = _qemu_ids(dom.XMLDesc(0))
         blockdevs = [{"driver": "nbd", "node-name": f"r-{d}", "export": d,
                       "server": {"type": "inet", "host": target["host"],
                                  "port": str(target["port"])},
@@ -902,14 +901,31 @@ class LibvirtDriver:
         relay = StorageDaemon(relay_dir, "relay", blockdevs, exports, objects=[
             f"tls-creds-x509,id=vmr-mtls,dir={target['tls_dir']},endpoint=client,"
             "verify-peer=on"]).start()
-        with self._lock:
-            self._relays[name] = relay
         try:
+            ids = _qemu_ids(dom.XMLDesc(0))
             if ids is not None:
                 os.chown(relay_dir, *ids)
                 os.chown(relay.nbd_socket, *ids)
             os.chmod(relay_dir, 0o750)
             os.chmod(relay.nbd_socket, 0o660)
+        except BaseException:
+            relay.kill()
+            raise
+        with self._lock:
+            self._relays[name] = relay
+            self._targets[name] = (list(disks), dict(target))
+        return relay
+
+    def _relay_alive(self, name: str) -> bool:
+        relay = self._relays.get(name)
+        return relay is not None and relay.proc is not None and relay.proc.poll() is None
+
+    def mirror_start(self, name: str, disks: list[str], target: dict) -> None:
+        """As the qemu driver's (call it paused, right after a cycle): the relay first,
+        then the mirror of each disk into it."""
+        dom, _, vm = self._load(name)
+        relay = self._start_relay(name, dom, vm, disks, target)
+        try:
             with self.block_session(name) as session:
                 nodes = {d: session._node(d) for d in disks}
             for d in disks:
@@ -918,33 +934,49 @@ class LibvirtDriver:
                     "server": {"type": "unix", "path": str(relay.nbd_socket)},
                     "reconnect-delay": 0})
             for d in disks:
-                _passthrough(dom, "blockdev-mirror", {
-                    "job-id": f"mirror-{d}", "device": nodes[d], "target": f"vmr-mt-{d}",
-                    "sync": "none", "copy-mode": "write-blocking",
-                    "on-target-error": "stop", "on-source-error": "stop",
-                    "auto-dismiss": True, "auto-finalize": True})
+                _passthrough(dom, "blockdev-mirror", active_mirror(d, nodes[d], f"vmr-mt-{d}"))
         except BaseException:
             self.mirror_stop(name, disks)
             raise
 
     def mirror_status(self, name: str, mon=None) -> dict[str, dict]:
+        """{disk: job}; while the relay is gone a job is reported failed even before a
+        write finds out (the watchdog's probe goes to the replica, not through it)."""
         dom = mon.dom if mon is not None else self._load(name)[0]
-        jobs = _passthrough(dom, "query-block-jobs")
-        relay = self._relays.get(name)
-        if relay is None or relay.proc is None or relay.proc.poll() is not None:
-            return {}           # no relay, no mirror (the jobs, if any, are going)
-        return {j["device"][len("mirror-"):]: j for j in jobs
+        jobs = {j["device"][len("mirror-"):]: j for j in _passthrough(dom, "query-block-jobs")
                 if j.get("device", "").startswith("mirror-")}
+        if not self._relay_alive(name):
+            for j in jobs.values():
+                j["io-status"] = "failed"
+        return jobs
 
-    def mirror_yank(self, mon, disks: list[str]) -> None:
+    def mirror_yank(self, mon, disks: list[str]) -> bool:
         """Cut a replica that stopped answering: kill the relay (QEMU's connection to it
-        ends, the guest's waiting writes complete, the jobs stop with an error)."""
+        ends, the guest's waiting writes complete, the jobs stop with an error). True:
+        the jobs can be resumed through a new relay."""
         relay = self._relays.get(mon.vm)
         if relay is not None:
             relay.kill()
+        return True
 
     def mirror_resume(self, name: str, disks: list[str]) -> None:
-        raise HypervisorError("a stopped mirror of a libvirt domain is started afresh")
+        """A new relay if the old one is gone (nothing happens while the replica is still
+        unreachable: the next attempt tries again), then resume the jobs."""
+        dom, _, vm = self._load(name)
+        if not self._relay_alive(name):
+            known = self._targets.get(name)
+            if known is None:
+                raise HypervisorError(f"the mirror of {name} has no relay to resume through")
+            try:
+                self._start_relay(name, dom, vm, *known)
+            except HypervisorError as e:
+                log.info("the mirror relay of %s cannot start yet: %s", name, e.message)
+                return
+        for d in disks:
+            try:
+                _passthrough(dom, "block-job-resume", {"device": f"mirror-{d}"})
+            except HypervisorError:
+                pass
 
     def mirror_stop(self, name: str, disks: list[str]) -> None:
         dom, _, vm = self._load(name)
@@ -972,6 +1004,8 @@ class LibvirtDriver:
                 except HypervisorError:
                     pass
         self._stop_relay(name, self._relay_dir(vm))
+        with self._lock:
+            self._targets.pop(name, None)
 
     def _stop_relay(self, name: str, relay_dir: Path) -> None:
         with self._lock:

@@ -28,7 +28,7 @@ from ..errors import Conflict, HypervisorError, NotFound, UsageError
 from ..qemutools import img
 from ..qemutools.qmp import Monitor
 from ..qemutools.qsd import StorageDaemon, qcow2_node
-from .base import BitmapInfo, DiskInfo, Export, VMInfo
+from .base import BitmapInfo, DiskInfo, Export, VMInfo, active_mirror
 from .guest import guest_files
 
 log = logging.getLogger("vmreplica.qemu")
@@ -413,11 +413,7 @@ class QemuDriver:
                         "tls-creds": "vmr-mtls", "tls-hostname": target["tls_hostname"],
                         "reconnect-delay": 0})
                 for disk in disks:
-                    m.execute("blockdev-mirror", {
-                        "job-id": f"mirror-{disk}", "device": disk, "target": f"mt-{disk}",
-                        "sync": "none", "copy-mode": "write-blocking",
-                        "on-target-error": "stop", "on-source-error": "stop",
-                        "auto-dismiss": True, "auto-finalize": True})
+                    m.execute("blockdev-mirror", active_mirror(disk, disk, f"mt-{disk}"))
             except BaseException:
                 self._mirror_teardown(m, disks)
                 raise
@@ -432,11 +428,13 @@ class QemuDriver:
         return {j["device"][len("mirror-"):]: j for j in jobs
                 if j.get("device", "").startswith("mirror-")}
 
-    def mirror_yank(self, mon: Monitor, disks: list[str]) -> None:
+    def mirror_yank(self, mon: Monitor, disks: list[str]) -> bool:
         """Cut the NBD connections to a replica that stopped answering, out of band:
-        the guest's writes waiting on it complete, the jobs stop with an error."""
+        the guest's writes waiting on it complete, the jobs stop with an error. False:
+        a yanked job cannot be resumed (a new mirror is started)."""
         mon.execute_oob("yank", {"instances": [{"type": "block-node", "node-name": f"mt-{d}"}
                                                for d in disks]})
+        return False
 
     def mirror_resume(self, name: str, disks: list[str]) -> None:
         with self.monitor(name, timeout=10) as m:

@@ -208,8 +208,8 @@ class Continuous:
             m.next_attempt = now + 1
             return
         if hung:
-            self.host.driver.mirror_yank(m.mon, rel["disks"])
-            m.yanked = True
+            # (qemu: a yanked job cannot be resumed; libvirt: it can, through a new relay)
+            m.yanked = not self.host.driver.mirror_yank(m.mon, rel["disks"])
             m.healthy_since = 0.0
             self._set(vm, "degraded", f"the replica {rel['peer']} stopped answering for "
                                       f"{hung:.1f} s: mirror connection cut so the guest "
@@ -310,8 +310,7 @@ class Continuous:
         except Exception:  # noqa: BLE001
             jobs = {}
         if m.yanked or not all(d in jobs for d in rel["disks"]) or \
-                m.resume_tries >= RESUME_TRIES or \
-                not getattr(host.driver, "mirror_resumable", True):
+                m.resume_tries >= RESUME_TRIES:
             # The jobs cannot come back: start afresh from the tracking bitmap.
             try:
                 host.driver.mirror_stop(vm, rel["disks"])

@@ -916,6 +916,11 @@ class LibvirtDriver:
             self._targets[name] = (list(disks), dict(target))
         return relay
 
+    def mirror_relay_socket(self, name: str) -> str | None:
+        """Where the watchdog's probe goes: through the relay, like the mirror's writes."""
+        relay = self._relays.get(name)
+        return str(relay.nbd_socket) if relay is not None and self._relay_alive(name) else None
+
     def _relay_alive(self, name: str) -> bool:
         relay = self._relays.get(name)
         return relay is not None and relay.proc is not None and relay.proc.poll() is None

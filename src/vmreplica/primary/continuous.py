@@ -40,6 +40,7 @@ CATCH_UP_BYTES = 64 << 20     # a cycle below this: stop catching up, start the 
 ROTATE_EVERY = 10.0           # seconds between bitmap rotations while in sync
 RESUME_TRIES = 20             # degraded: resume attempts before starting afresh
 PROBE_EVERY = 0.5
+_PROBE_LOCK = threading.Lock()   # a probe connection handed from its thread to the watchdog
 
 
 class _Mirror:
@@ -50,6 +51,7 @@ class _Mirror:
         self.mon = None               # the VM's out-of-band monitor
         self.probe = None             # libnbd handle on the replica's export
         self.probe_cookie = None
+        self.probe_pending: dict | None = None   # a connection being made (see _probe_connect)
         self.probe_sent = 0.0
         self.last_probe = 0.0
         self.worker: threading.Thread | None = None
@@ -69,6 +71,7 @@ class _Mirror:
             nbdio.close(self.probe)
             self.probe = None
         self.probe_cookie = None
+        self.probe_pending = None
         if self.mon is not None:
             self.mon.close()
             self.mon = None
@@ -90,6 +93,11 @@ class Continuous:
                 self._stand_down(m, rel)
                 continue
             if m.busy():
+                # A worker (bitmap rotation, recovery point) may wait on QEMU, which waits
+                # on a replica that hangs (a bitmap change drains the disk's I/O): the
+                # guard against the hang must not wait for the worker.
+                if rel.get("sync_state") == "in_sync":
+                    self._guard(m, rel, now)
                 continue
             try:
                 self._step(m, rel, now)
@@ -162,7 +170,7 @@ class Continuous:
                 finally:
                     host.driver.resume(vm)
             m.mon = host.driver.watch_monitor(vm)
-            m.probe = _probe_connect(creds, target["host"], target["port"], rel["disks"][0])
+            _probe_connect(m, host, vm, str(creds), target, rel["disks"][0])
             m.last_rotation = m.healthy_since = time.monotonic()
             m.resume_tries, m.yanked = 0, False
             host.store.update_relationship(vm, mirror_target=target, mirror_creds=str(creds))
@@ -178,7 +186,19 @@ class Continuous:
     # -- watching ------------------------------------------------------------------------
     def _watch(self, m: _Mirror, rel: dict, now: float) -> None:
         vm = rel["vm"]
-        stall = float(rel.get("max_stall", 5.0))
+        # The probe first: it never waits, while asking QEMU for its jobs waits for a
+        # main loop that a hung replica may hold (a drain).
+        if m.probe is None and m.probe_pending is None and rel.get("mirror_target"):
+            try:
+                _probe_connect(m, self.host, vm, rel["mirror_creds"], rel["mirror_target"],
+                               rel["disks"][0])
+            except Exception:  # noqa: BLE001
+                m.healthy_since = 0.0
+                self._set(vm, "degraded", f"cannot reach the replica {rel['peer']}'s export")
+                m.next_attempt = now + 1
+                return
+        if self._guard(m, rel, now):
+            return
         if m.mon is None:
             m.mon = self.host.driver.watch_monitor(vm)
         jobs = self.host.driver.mirror_status(vm, mon=m.mon)
@@ -190,32 +210,6 @@ class Continuous:
                                       f"(the replica {rel['peer']} does not take writes)")
             m.next_attempt = now + 1
             return
-        if m.probe is None and rel.get("mirror_target"):
-            try:
-                t = rel["mirror_target"]
-                m.probe = _probe_connect(rel["mirror_creds"], t["host"], t["port"],
-                                         rel["disks"][0])
-            except Exception:  # noqa: BLE001
-                m.healthy_since = 0.0
-                self._set(vm, "degraded", f"cannot reach the replica {rel['peer']}'s export")
-                m.next_attempt = now + 1
-                return
-        hung = self._probe(m, rel, stall)
-        if hung < 0:
-            m.healthy_since = 0.0
-            self._set(vm, "degraded", f"lost the connection to the replica {rel['peer']}'s "
-                                      "export")
-            m.next_attempt = now + 1
-            return
-        if hung:
-            # (qemu: a yanked job cannot be resumed; libvirt: it can, through a new relay)
-            m.yanked = not self.host.driver.mirror_yank(m.mon, rel["disks"])
-            m.healthy_since = 0.0
-            self._set(vm, "degraded", f"the replica {rel['peer']} stopped answering for "
-                                      f"{hung:.1f} s: mirror connection cut so the guest "
-                                      "does not wait")
-            m.next_attempt = now + 1
-            return
         mono = time.monotonic()
         if mono - m.last_rotation >= ROTATE_EVERY and m.healthy_since and \
                 mono - m.healthy_since >= ROTATE_EVERY:
@@ -224,13 +218,50 @@ class Continuous:
                           int(rel.get("history", 4))):
             self._spawn(m, self._point, vm)
 
+    def _guard(self, m: _Mirror, rel: dict, now: float) -> bool:
+        """The probe's verdict: a replica that stopped answering is cut (True), one whose
+        export went away makes the mode degraded (True); False if all is well."""
+        vm = rel["vm"]
+        hung = self._probe(m, rel, float(rel.get("max_stall", 5.0)))
+        if hung < 0:
+            m.healthy_since = 0.0
+            self._set(vm, "degraded", f"lost the connection to the replica {rel['peer']}'s "
+                                      "export")
+            m.next_attempt = now + 1
+            return True
+        if hung:
+            # (qemu: a yanked job cannot be resumed; libvirt: it can, through a new relay)
+            m.yanked = not self.host.driver.mirror_yank(m.mon, rel["disks"])
+            m.healthy_since = 0.0
+            self._set(vm, "degraded", f"the replica {rel['peer']} stopped answering for "
+                                      f"{hung:.1f} s: mirror connection cut so the guest "
+                                      "does not wait")
+            m.next_attempt = now + 1
+            return True
+        return False
+
     def _probe(self, m: _Mirror, rel: dict, stall: float) -> float:
         """Seconds the replica has left a probe unanswered once that is past the bound
         (a fraction of --max-stall, so the yank comes in time), 0 if all is well, -1 if
         the connection to its export broke (the replica went away)."""
-        if m.probe is None:
-            return 0.0
         now = time.monotonic()
+        if m.probe is None:
+            pending = m.probe_pending
+            if pending is None:
+                return 0.0
+            # The connection itself is the first probe: a replica (or relay) that hangs
+            # may accept it and never finish the handshake.
+            with _PROBE_LOCK:
+                h = pending.get("h")
+                if h is not None:
+                    m.probe, m.probe_cookie, m.probe_pending = h, None, None
+                    m.last_probe = 0.0
+            if h is None:
+                if "e" in pending:
+                    m.probe_pending = None
+                    return -1.0
+                waited = now - pending["since"]
+                return waited if waited > stall * 0.6 else 0.0
         try:
             m.probe.poll(0)
             if m.probe_cookie is not None and m.probe.aio_command_completed(m.probe_cookie):
@@ -329,6 +360,10 @@ class Continuous:
                jobs[d].get("offset") == jobs[d].get("len") for d in rel["disks"] if d in jobs):
             moved = sum(int(jobs[d]["offset"]) - m.offsets.get(d, 0) for d in rel["disks"])
             m.resume_tries = 0
+            if m.probe is not None:       # a fresh probe (libvirt: through the new relay)
+                from ..qemutools import nbdio
+                nbdio.close(m.probe)
+            m.probe, m.probe_cookie, m.probe_pending = None, None, None
             m.healthy_since = time.monotonic()
             host.store.update_relationship(vm, last_catch_up_bytes=moved)
             self._set(vm, "in_sync", f"the replica is back; {moved} bytes that changed "
@@ -375,12 +410,36 @@ def _close_target(host, rel: dict) -> None:
         pass
 
 
-def _probe_connect(creds, host: str, port: int, export: str):
-    import nbd
-    h = nbd.NBD()
-    h.set_tls(nbd.TLS_REQUIRE)
-    h.set_tls_certificates(str(creds))
-    h.set_tls_verify_peer(True)
-    h.set_export_name(export)
-    h.connect_tcp(host, str(port))
-    return h
+def _probe_connect(m: _Mirror, host, vm: str, creds: str, target: dict, export: str) -> None:
+    """Open our own NBD connection along the mirror's path on a short-lived thread (a
+    replica that hangs may accept a connection and never finish the handshake; the
+    watchdog must not wait for it: ``_probe`` times the attempt like a probe read):
+    through the driver's relay when it has one (libvirt: so a relay that hangs is caught
+    too), else straight to the replica's export over TLS."""
+    relay = getattr(host.driver, "mirror_relay_socket", lambda _vm: None)(vm)
+    pending = {"since": time.monotonic()}
+
+    def connect():
+        import nbd
+        from ..qemutools import nbdio
+        try:
+            h = nbd.NBD()
+            h.set_export_name(export)
+            if relay:
+                h.connect_unix(relay)
+            else:
+                h.set_tls(nbd.TLS_REQUIRE)
+                h.set_tls_certificates(str(creds))
+                h.set_tls_verify_peer(True)
+                h.connect_tcp(target["host"], str(target["port"]))
+        except Exception as e:  # noqa: BLE001 — reported by _probe
+            pending["e"] = e
+            return
+        with _PROBE_LOCK:
+            if m.probe_pending is pending:
+                pending["h"] = h
+                return
+        nbdio.close(h)                          # given up on meanwhile
+
+    m.probe, m.probe_cookie, m.probe_pending = None, None, pending
+    threading.Thread(target=connect, name=f"probe-{vm}", daemon=True).start()

@@ -137,6 +137,11 @@ def setup_logging(home: Home, foreground: bool) -> None:
         handlers.append(logging.StreamHandler(sys.stderr))
     logging.basicConfig(level=logging.INFO, handlers=handlers,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # `kill -USR1 <daemon pid>` appends every thread's stack to the log (what is it
+    # waiting for?) and the daemon goes on.
+    import faulthandler
+    import signal
+    faulthandler.register(signal.SIGUSR1, file=handlers[0].stream, all_threads=True)
 
 
 def spawn_detached(home: Home, timeout: float = 30.0) -> int:

@@ -153,6 +153,43 @@ def test_hung_then_dead_replica_never_stall_the_guest(pair, driver):
     a.run("remove", vm)
 
 
+def test_primary_daemon_killed_the_mirror_carries_on(pair, driver):
+    """The primary's daemon dies (not its VM): on the qemu driver the mirror job lives in
+    the VM's QEMU and goes on; on libvirt the relay dies with the daemon, the jobs pause,
+    and the restarted daemon resumes them through a new relay (only the changes move).
+    Either way in_sync again, and the replica equals the disks."""
+    a, b = pair
+    vm = "cont-restart"
+    _mirrored_vm(a, b, vm)
+    disk = a.vm(vm)["disks"][-1]["path"]
+    meter = StallMeter(disk)
+    try:
+        os.kill(a.daemon_pid(), signal.SIGKILL)
+        t_kill, t0 = time.time(), time.monotonic()
+        time.sleep(3)                                   # no daemon: the guest goes on
+        stall = meter.worst(t0)
+    finally:
+        meter.stop()
+    print(f"worst guest write stall while the primary's daemon was dead: {stall:.2f} s")
+    assert stall < 2.0
+    a.start()
+
+    def back():
+        if _sync_state(a, vm) != "in_sync":
+            return False
+        if driver == "qemu":
+            return True                                 # (it never left)
+        return any(e["ts"] > t_kill and e["message"].startswith("in_sync: the replica is back")
+                   for e in a.json("events", vm))
+    _wait("in_sync after the restart", back, explain=lambda: recent_events(a, vm))
+    top = _records(a, vm)["top"]
+    _wait("more records", lambda: (_records(a, vm)["top"] or 0) > top + 3)
+    a.run("vm", "stop", vm)
+    same, msg = images_identical(a.vm(vm)["disks"][-1]["path"], b.vm(vm)["disks"][-1]["path"])
+    assert same, msg
+    a.run("remove", vm)
+
+
 def test_primary_killed_unplanned_failover_loses_nothing(pair, driver):
     a, b = pair
     vm = "cont-kill"

@@ -898,9 +898,13 @@ class LibvirtDriver:
                       "reconnect-delay": 0} for d in disks]
         exports = [{"type": "nbd", "id": f"e-{d}", "node-name": f"r-{d}", "name": d,
                     "writable": True} for d in disks]
+        # SIGKILL when this daemon dies: the relay holds nothing to flush, and a clean
+        # exit would wait for QEMU's connection to drain while the guest's writes wait
+        # on it; killed, the connection ends, the guest goes on, the jobs pause until
+        # the restarted daemon resumes them through a new relay.
         relay = StorageDaemon(relay_dir, "relay", blockdevs, exports, objects=[
             f"tls-creds-x509,id=vmr-mtls,dir={target['tls_dir']},endpoint=client,"
-            "verify-peer=on"]).start()
+            "verify-peer=on"], death_signal="SIGKILL").start()
         try:
             ids = _qemu_ids(dom.XMLDesc(0))
             if ids is not None:
@@ -964,12 +968,15 @@ class LibvirtDriver:
             relay.kill()
         return True
 
-    def mirror_resume(self, name: str, disks: list[str]) -> None:
+    def mirror_resume(self, name: str, disks: list[str], target: dict | None = None) -> None:
         """A new relay if the old one is gone (nothing happens while the replica is still
-        unreachable: the next attempt tries again), then resume the jobs."""
+        unreachable: the next attempt tries again), then resume the jobs. ``target``: as
+        given to mirror_start (a restarted daemon has only what its store recorded)."""
         dom, _, vm = self._load(name)
         if not self._relay_alive(name):
             known = self._targets.get(name)
+            if known is None and target and target.get("tls_dir") and target.get("port"):
+                known = (list(disks), target)
             if known is None:
                 raise HypervisorError(f"the mirror of {name} has no relay to resume through")
             try:

@@ -436,7 +436,7 @@ class QemuDriver:
                                                for d in disks]})
         return False
 
-    def mirror_resume(self, name: str, disks: list[str]) -> None:
+    def mirror_resume(self, name: str, disks: list[str], target: dict | None = None) -> None:
         with self.monitor(name, timeout=10) as m:
             for disk in disks:
                 try:

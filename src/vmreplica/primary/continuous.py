@@ -333,8 +333,16 @@ class Continuous:
 
     # -- degraded → in sync ----------------------------------------------------------------
     def _recover(self, vm: str) -> None:
-        host = self.host
         m = self.mirrors[vm]
+        try:
+            self._try_recover(m, vm)
+        except Exception as e:  # noqa: BLE001 — the next attempt starts afresh
+            log.warning("bringing the mirror of %s back: %s", vm, getattr(e, "message", e))
+            m.yanked = True
+            m.next_attempt = time.time() + 2
+
+    def _try_recover(self, m: _Mirror, vm: str) -> None:
+        host = self.host
         rel = host.store.relationship(vm)
         try:
             jobs = host.driver.mirror_status(vm)
@@ -353,7 +361,9 @@ class Continuous:
         if m.resume_tries == 0:
             m.offsets = {d: int(jobs[d].get("offset", 0)) for d in rel["disks"]}
         m.resume_tries += 1
-        host.driver.mirror_resume(vm, rel["disks"])
+        # (the target as recorded: a daemon that restarted knows it from the store)
+        host.driver.mirror_resume(vm, rel["disks"], dict(rel.get("mirror_target") or {},
+                                                         tls_dir=rel.get("mirror_creds")))
         time.sleep(0.5)
         jobs = host.driver.mirror_status(vm)
         if all(jobs[d].get("io-status") == "ok" and not jobs[d].get("paused") and

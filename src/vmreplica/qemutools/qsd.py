@@ -29,13 +29,15 @@ def _explain(stderr: str) -> str:
 class StorageDaemon:
     def __init__(self, run_dir: Path, name: str, blockdevs: list[dict],
                  exports: list[dict] | None = None, nbd: bool = True,
-                 objects: list[str] | None = None, nbd_server: str | None = None):
+                 objects: list[str] | None = None, nbd_server: str | None = None,
+                 death_signal: str = "SIGTERM"):
         self.run_dir = Path(run_dir)
         self.name = name
         self.blockdevs = blockdevs
         self.exports = list(exports or [])
         self.objects = list(objects or [])
         self.nbd_server = nbd_server     # e.g. TCP with TLS, instead of the unix socket
+        self.death_signal = death_signal  # what it gets when the daemon that started it dies
         self.qmp_socket = self.run_dir / f"{name}.qmp"
         self.nbd_socket = self.run_dir / f"{name}.nbd" if nbd else None
         self.err_path = self.run_dir / f"{name}.err"
@@ -50,7 +52,7 @@ class StorageDaemon:
                 p.unlink(missing_ok=True)
         # If the daemon that started it dies, the storage daemon gets SIGTERM and exits
         # cleanly (flushing, storing bitmaps) instead of holding the images locked.
-        args = ["setpriv", "--pdeathsig", "SIGTERM", "--", "qemu-storage-daemon",
+        args = ["setpriv", "--pdeathsig", self.death_signal, "--", "qemu-storage-daemon",
                 "--pidfile", str(self.pid_path)]
         for obj in self.objects:
             args += ["--object", obj]

@@ -862,7 +862,8 @@ class LibvirtDriver:
     # (paused, their own bitmaps keeping what the replica misses). Once the replica is
     # back a new relay takes the same socket, QEMU's NBD client reconnects to it at the
     # job's next request, and `block-job-resume` copies only what changed meanwhile.
-    mirror_events = False         # libvirt does not pass QEMU's block-job events on
+    # QEMU's BLOCK_JOB_ERROR events reach a planned failover through libvirt-qemu's
+    # monitor-event API (see _DomainMonitor), as they do on the qemu driver's monitor.
 
     def pause(self, name: str) -> None:
         self._run_state(name, "pause", lambda dom: dom.suspend())
@@ -881,7 +882,7 @@ class LibvirtDriver:
         dom, _, _ = self._load(name)
         if not self._active(dom):
             raise Conflict(f"VM {name} is not running")
-        return _DomainMonitor(dom, name)
+        return _DomainMonitor(dom, name, self.uri)
 
     def _relay_dir(self, vm: _VM) -> Path:
         return self.run_dir / f"lv-{domain_uuid(vm.host, vm.uuid)[:8]}-mr"
@@ -1056,23 +1057,97 @@ def _passthrough(dom: libvirt.virDomain, command: str, arguments: dict | None = 
     return reply.get("return")
 
 
-class _DomainMonitor:
-    """What the continuous-mode watchdog holds for a libvirt domain: QMP through libvirt
-    (in band; a replica that hangs is cut at the relay, not with QEMU's out-of-band yank)
-    and no event stream (libvirt keeps QEMU's events to itself)."""
+_event_loop: threading.Thread | None = None
+_event_guard = threading.Lock()
 
-    def __init__(self, dom: libvirt.virDomain, vm: str):
+
+def _ensure_event_loop() -> None:
+    """libvirt delivers events only to connections opened after an event loop was
+    registered; one thread runs it for the process."""
+    global _event_loop
+    with _event_guard:
+        if _event_loop is not None:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+
+        def run():
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        _event_loop = threading.Thread(target=run, name="libvirt-events", daemon=True)
+        _event_loop.start()
+
+
+class _DomainMonitor:
+    """What the continuous-mode watchdog and a planned failover hold for a libvirt
+    domain: QMP through libvirt (in band; a replica that hangs is cut at the relay, not
+    with QEMU's out-of-band yank), and QEMU's block-job error events with the domain's
+    end, through a connection of its own (libvirt-qemu's monitor-event API)."""
+
+    EVENTS = ("BLOCK_JOB_ERROR",)
+
+    def __init__(self, dom: libvirt.virDomain, vm: str, uri: str):
         self.dom, self.vm = dom, vm
         self.events: list[dict] = []
+        self._stopped = threading.Event()
+        self._lock = threading.Lock()
+        _ensure_event_loop()
+        try:
+            self._conn = libvirt.open(uri)
+            d = self._conn.lookupByUUIDString(dom.UUIDString())
+            self._ids = [libvirt_qemu.qemuMonitorEventRegister(self._conn, d, name,
+                                                               self._on_event, None, 0)
+                         for name in self.EVENTS]
+            self._lifecycle = self._conn.domainEventRegisterAny(
+                d, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None)
+        except libvirt.libvirtError as e:
+            raise HypervisorError(f"libvirt cannot pass the events of {vm} on: "
+                                  f"{_lv_error(e)}") from None
+        if not _active(d):
+            self._stopped.set()
+
+    def _on_event(self, _conn, _dom, event, seconds, micros, details, _opaque):
+        with self._lock:
+            self.events.append({"event": event, "data": json.loads(details) if details else {},
+                                "timestamp": {"seconds": seconds, "microseconds": micros}})
+
+    def _on_lifecycle(self, _conn, _dom, event, _detail, _opaque):
+        if event == libvirt.VIR_DOMAIN_EVENT_STOPPED:
+            self._stopped.set()
 
     def execute(self, command: str, arguments: dict | None = None, timeout: float | None = None):
         return _passthrough(self.dom, command, arguments)
 
     def wait_event(self, name: str, timeout: float, match=None) -> dict:
-        raise HypervisorError("libvirt does not pass QEMU's events on")
+        """Return (and consume) the first event ``name``; HypervisorError once QEMU is
+        gone and none is left (as a QMP monitor that closes), or after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                for i, ev in enumerate(self.events):
+                    if ev["event"] == name and (match is None or match(ev)):
+                        return self.events.pop(i)
+            if self._stopped.is_set():
+                raise HypervisorError(f"QEMU of {self.vm} is gone")
+            if time.monotonic() >= deadline:
+                raise HypervisorError(f"QEMU did not report {name} within {timeout:.0f} s")
+            time.sleep(0.05)
 
     def close(self) -> None:
-        pass
+        try:
+            for cb in self._ids:
+                libvirt_qemu.qemuMonitorEventDeregister(self._conn, cb)
+            self._conn.domainEventDeregisterAny(self._lifecycle)
+            self._conn.close()
+        except libvirt.libvirtError:
+            pass
+
+
+def _active(dom: libvirt.virDomain) -> bool:
+    try:
+        return bool(dom.isActive())
+    except libvirt.libvirtError:
+        return False
 
 
 def _creation_time(cp) -> tuple[int, str]:

@@ -59,17 +59,17 @@ def _continuous_shutdown(host, vm: str, rel: dict, running: bool) -> bool:
     from ..errors import HypervisorError
     host.store.update_relationship(vm, preparing=True)     # the watchdog stands down
     in_sync = rel.get("sync_state") == "in_sync"
-    if not getattr(host.driver, "mirror_events", True):
-        # Without QEMU's block-job events (libvirt keeps them) nothing proves that the
-        # mirror took every write until QEMU exited: a final cycle does (a short one:
-        # the writes since the last bitmap rotation, at most ~10 s old).
-        in_sync = False
     if not running:
         host.continuous.stop(vm)
         return False
     mon = None
     try:
         mon = host.driver.watch_monitor(vm) if in_sync else None
+        if mon is not None:
+            # Healthy now, with the events listened to from here on until QEMU exits.
+            jobs = host.driver.mirror_status(vm, mon=mon)
+            in_sync = all(d in jobs and jobs[d].get("io-status") == "ok"
+                          and not jobs[d].get("paused") for d in rel["disks"])
     except HypervisorError:
         in_sync = False
     host.event("failover", "shutting the VM down for a planned failover", vm)

@@ -97,7 +97,11 @@ class Continuous:
                 # on a replica that hangs (a bitmap change drains the disk's I/O): the
                 # guard against the hang must not wait for the worker.
                 if rel.get("sync_state") == "in_sync":
-                    self._guard(m, rel, now)
+                    try:
+                        self._guard(m, rel, now)
+                    except Exception as e:  # noqa: BLE001 — as below
+                        log.warning("continuous mode of %s: %s", rel["vm"],
+                                    getattr(e, "message", e))
                 continue
             try:
                 self._step(m, rel, now)

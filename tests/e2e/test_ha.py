@@ -63,7 +63,7 @@ def _wait(what, fn, timeout=60, every=0.25):
 
 @pytest.fixture(scope="module")
 def cluster(lab_root):
-    # The qemu driver only: continuous mode (which the cluster uses) is wired on it.
+    # The nodes use the qemu driver (the cluster's save stop mode is the qemu driver's).
     ok, why = namespaces_available()
     if not ok:
         pytest.skip(f"network/PID namespaces are not available here: {why}")

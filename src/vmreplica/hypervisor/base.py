@@ -80,7 +80,16 @@ class Export:
 class Driver(Protocol):
     """Optional: ``set_title(name, title, description=None)`` labels a VM in the
     hypervisor's own tools (libvirt's <title>, e.g. "replica of web1 on site-a"); drivers
-    without labels do not have it, so callers use ``getattr(driver, "set_title", None)``."""
+    without labels do not have it, so callers use ``getattr(driver, "set_title", None)``.
+
+    Continuous mode (both drivers; primary/continuous.py checks for ``mirror_start``):
+    ``pause``/``resume`` the VM; ``watch_monitor(name)`` → a monitor with ``execute``,
+    ``wait_event`` (QEMU's events until it exits) and ``close``; ``mirror_start(name,
+    disks, target)`` (a write-blocking mirror, see ``active_mirror``), ``mirror_status(name,
+    mon=None)`` → {disk: job}, ``mirror_yank(mon, disks)`` → True if the jobs can be
+    resumed afterwards, ``mirror_resume(name, disks, target=None)``, ``mirror_stop(name,
+    disks)``; optionally ``mirror_relay_socket(name)``, where the watchdog's probe goes
+    instead of straight to the replica (libvirt's relay)."""
 
     name: str
 

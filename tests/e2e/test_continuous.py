@@ -89,6 +89,29 @@ class StallMeter:
         self._stop.set()
 
 
+def _hang(a, vm, meter, pattern, what):
+    """SIGSTOP the processes matching ``pattern`` until the mode is degraded (and 2 s
+    more), let them go on (those the cut killed are gone), wait for in_sync again; the
+    worst guest write stall meanwhile."""
+    procs = subprocess.run(["pgrep", "-f", pattern], capture_output=True,
+                           text=True).stdout.split()
+    assert procs, f"no {what} process"
+    t0 = time.monotonic()
+    for p in procs:
+        os.kill(int(p), signal.SIGSTOP)
+    _wait("degraded", lambda: _sync_state(a, vm) == "degraded", timeout=10)
+    time.sleep(2)
+    stall = meter.worst(t0)
+    for p in procs:
+        try:
+            os.kill(int(p), signal.SIGCONT)
+        except ProcessLookupError:
+            pass                                        # (cut: killed)
+    _wait(f"in_sync after the hung {what}", lambda: _sync_state(a, vm) == "in_sync",
+          timeout=60, explain=lambda: recent_events(a, vm))
+    return stall
+
+
 def test_hung_then_dead_replica_never_stall_the_guest(pair, driver):
     a, b = pair
     vm = "cont-stall"
@@ -96,41 +119,15 @@ def test_hung_then_dead_replica_never_stall_the_guest(pair, driver):
     meter = StallMeter(a.vm(vm)["disks"][-1]["path"])
     try:
         # A replica that stops answering (its export process stopped): cut within the bound.
-        targets = subprocess.run(["pgrep", "-f", f"{b.home}/run/mt-"], capture_output=True,
-                                 text=True).stdout.split()
-        assert targets, "no mirror target process"
-        t0 = time.monotonic()
-        for p in targets:
-            os.kill(int(p), signal.SIGSTOP)
-        _wait("degraded", lambda: _sync_state(a, vm) == "degraded", timeout=10)
-        time.sleep(2)
-        hang_stall = meter.worst(t0)
-        for p in targets:
-            os.kill(int(p), signal.SIGCONT)
+        hang_stall = _hang(a, vm, meter, f"{b.home}/run/mt-", "replica")
         print(f"worst guest write stall with a hung replica: {hang_stall:.2f} s")
         assert hang_stall < 5.0
-        _wait("in_sync again", lambda: _sync_state(a, vm) == "in_sync", timeout=60)
         if driver == "libvirt":
             # The primary's relay (between libvirt's QEMU and the replica) hangs: the
             # watchdog's probe goes through it, so it is cut within the bound as well.
-            relays = subprocess.run(["pgrep", "-f", f"{a.home}/run/lv-.*-mr/relay"],
-                                    capture_output=True, text=True).stdout.split()
-            assert relays, "no relay process"
-            t2 = time.monotonic()
-            for p in relays:
-                os.kill(int(p), signal.SIGSTOP)
-            _wait("degraded", lambda: _sync_state(a, vm) == "degraded", timeout=10)
-            time.sleep(2)
-            relay_stall = meter.worst(t2)
-            for p in relays:
-                try:
-                    os.kill(int(p), signal.SIGCONT)
-                except ProcessLookupError:
-                    pass            # (cut: killed)
+            relay_stall = _hang(a, vm, meter, f"{a.home}/run/lv-.*-mr/relay", "relay")
             print(f"worst guest write stall with a hung relay: {relay_stall:.2f} s")
             assert relay_stall < 5.0
-            _wait("in_sync after the relay", lambda: _sync_state(a, vm) == "in_sync",
-                  timeout=60, explain=lambda: recent_events(a, vm))
         # The replica daemon and its export die for 30 s while the guest writes.
         t1 = time.monotonic()
         os.kill(b.daemon_pid(), signal.SIGKILL)

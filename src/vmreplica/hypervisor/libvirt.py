@@ -1092,6 +1092,7 @@ class _DomainMonitor:
         self._stopped = threading.Event()
         self._lock = threading.Lock()
         _ensure_event_loop()
+        self._conn = None
         try:
             self._conn = libvirt.open(uri)
             d = self._conn.lookupByUUIDString(dom.UUIDString())
@@ -1101,6 +1102,8 @@ class _DomainMonitor:
             self._lifecycle = self._conn.domainEventRegisterAny(
                 d, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None)
         except libvirt.libvirtError as e:
+            if self._conn is not None:
+                self._conn.close()
             raise HypervisorError(f"libvirt cannot pass the events of {vm} on: "
                                   f"{_lv_error(e)}") from None
         if not _active(d):

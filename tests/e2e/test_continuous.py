@@ -181,6 +181,11 @@ def test_primary_daemon_killed_the_mirror_carries_on(pair, driver):
     _wait("in_sync after the restart", back, explain=lambda: recent_events(a, vm))
     top = _records(a, vm)["top"]
     _wait("more records", lambda: (_records(a, vm)["top"] or 0) > top + 3)
+    # In sync, the tracking bitmap rotates every 10 s (the second rotation also drops the
+    # oldest generation, beside the mirror job's own unnamed bitmap): two of them.
+    cycle = a.json("status", vm)[0]["cycle"]
+    _wait("two bitmap rotations", lambda: a.json("status", vm)[0]["cycle"] >= cycle + 2,
+          timeout=40, explain=lambda: a.home.joinpath("daemon.log").read_text()[-3000:])
     a.run("vm", "stop", vm)
     same, msg = images_identical(a.vm(vm)["disks"][-1]["path"], b.vm(vm)["disks"][-1]["path"])
     assert same, msg

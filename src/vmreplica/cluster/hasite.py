@@ -70,6 +70,13 @@ class HASite:
                     return st.running_on(self.rsc)
         return []
 
+    def started_on(self, node: str) -> bool:
+        """Pacemaker (as `node` sees it) runs the VM's resource on `node` alone and its
+        start has finished: role Started, not Starting."""
+        st = self.lab.status(node) if self.lab.is_on(node) else None
+        return st is not None and st.running_on(self.rsc) == [node] and \
+            st.roles.get(self.rsc) == "Started"
+
     def states(self, node: str) -> dict:
         """The VM's SafeKit-style state per node, from `cluster status` on `node`."""
         st = self.json(node, "cluster", "status")

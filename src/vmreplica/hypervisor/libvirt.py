@@ -1599,11 +1599,12 @@ class LibvirtBlockSession:
     # -- checkpoints -------------------------------------------------------------------
     def add_bitmap(self, disks: list[str], name: str) -> None:
         """Start recording into a new checkpoint (continuous mode rotates them while the
-        domain runs)."""
+        domain runs). Idempotent: a checkpoint of that name (an earlier rotation stopped
+        half-way) is kept."""
         if self.qsd is not None:
             raise HypervisorError(f"VM {self.vm.name} is not running")
         targets = {self.disks[x].target for x in disks if self.disks[x].format == "qcow2"}
-        if not targets:
+        if not targets or name in self._checkpoints():
             return
         try:
             self.dom.checkpointCreateXML(self._checkpoint_xml(name, targets), 0)

@@ -607,10 +607,11 @@ class QemuBlockSession:
         nodes = self.mon.execute("query-named-block-nodes", {"flat": True})
         for n in nodes:
             if n.get("node-name") == disk:
+                # A block job's own bitmap (an active mirror's) has no name: not ours.
                 return [BitmapInfo(b["name"], bool(b.get("recording")), bool(b.get("persistent")),
                                    bool(b.get("inconsistent")), int(b.get("count", 0)),
                                    int(b.get("granularity", 65536)))
-                        for b in n.get("dirty-bitmaps", [])]
+                        for b in n.get("dirty-bitmaps", []) if b.get("name")]
         raise HypervisorError(f"VM {self.desc['name']} has no disk node {disk}")
 
     def _transaction(self, actions: list[dict]) -> None:
@@ -719,10 +720,12 @@ class QemuBlockSession:
         self._fleece = []
 
     def add_bitmap(self, disks: list[str], name: str) -> None:
-        """Start recording into a new bitmap (continuous mode rotates them)."""
+        """Start recording into a new bitmap (continuous mode rotates them). Idempotent: a
+        disk that has it already (an earlier rotation stopped half-way) keeps it."""
         self._transaction([{"type": "block-dirty-bitmap-add",
                             "data": {"node": d, "name": name,
-                                     "persistent": self.formats[d] == "qcow2"}} for d in disks])
+                                     "persistent": self.formats[d] == "qcow2"}}
+                           for d in disks if name not in {b.name for b in self.bitmaps(d)}])
 
     def release(self, disks: list[str], names: list[str]) -> None:
         """Remove bitmaps ``names`` from ``disks`` (those that exist)."""

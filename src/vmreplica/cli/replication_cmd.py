@@ -30,7 +30,26 @@ def register(sub) -> None:
                    help="continuous: a write-blocking mirror, zero data loss (qemu driver)")
     p.add_argument("--max-stall", type=float, default=5.0, metavar="SECONDS",
                    help="continuous: longest a guest write may wait for the replica")
+    p.add_argument("--dr", action="store_true",
+                   help="a disaster-recovery link (NAME@dr) to a third host, beside the "
+                        "VM's main relationship; it follows the VM to that relationship's "
+                        "other host")
     p.set_defaults(func=bulk.each(cmd_enable))
+
+    p = sub.add_parser("dr", help="disaster-recovery links that follow the VM")
+    dsub = p.add_subparsers(dest="dr_command", metavar="ACTION")
+    dsub.required = True
+    d = dsub.add_parser("adopt", help="on the host that runs the VM now: take its DR link "
+                                      "over (the DR host refuses the old one from then on) "
+                                      "and resynchronise only the differences")
+    d.add_argument("vm", metavar="VM")
+    d.add_argument("--replica", metavar="HOST:PORT",
+                   help="the DR host, when this host has never held the link and its "
+                        "partner did not name it")
+    d.add_argument("--no-resync", action="store_true",
+                   help="leave the resynchronisation to the scheduler")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=cmd_dr_adopt)
 
     p = sub.add_parser("set", help="change replication settings of one or more VMs "
                                    "(no re-seeding)")
@@ -112,9 +131,27 @@ def cmd_enable(args) -> int:
         "compression": args.compression, "exclude_disks": args.exclude_disk,
         "security_tag": args.security_tag, "history": args.recovery_history,
         "point_interval": args.point_interval, "app_every": args.app_consistent_every,
-        "resync_window": args.resync_window, "mode": args.mode, "max_stall": args.max_stall})
-    print(f"replication of {info['vm']} to {info['replica']} enabled ({info['state']})")
+        "resync_window": args.resync_window, "mode": args.mode, "max_stall": args.max_stall,
+        "dr": args.dr})
+    what = "DR link" if args.dr else "replication"
+    print(f"{what} of {info['vm']} to {info['replica']} enabled ({info['state']})"
+          + (f"; it follows the VM to {', '.join(info['holders'][1:])}"
+             if len(info.get("holders") or []) > 1 else ""))
     print(f"next: {info['next']}")
+    return 0
+
+
+def cmd_dr_adopt(args) -> int:
+    info = client_of(args).call("POST", f"/v1/relationships/{args.vm}/dr-adopt",
+                                {"replica": args.replica, "no_resync": args.no_resync})
+    if args.json:
+        emit_json(info)
+        return 0
+    print(f"{info['vm']}: this host replicates to {info['replica']} now (epoch {info['epoch']}, "
+          f"{info['state']})")
+    if "bytes_moved" in info:
+        print(f"resynchronised: {format_size(info['bytes_moved'])} moved, "
+              f"{format_size(info.get('compared_bytes') or 0)} compared")
     return 0
 
 

@@ -22,6 +22,7 @@ log = logging.getLogger("vmreplica.cluster")
 
 
 def take_over(host, vm: str) -> dict:
+    from ..primary.dr import adopt_quietly      # a DR link follows the VM (primary.dr)
     rel = host.store.relationship(vm)
     if rel is None:
         raise Conflict(f"{vm} is not replicated on {host.name}: protect it first "
@@ -29,13 +30,16 @@ def take_over(host, vm: str) -> dict:
     if rel["role"] == "primary":
         if rel.get("fenced"):
             raise Conflict(f"{vm} is fenced on {host.name}: {rel['fenced']}")
+        adopt_quietly(host, vm)
         return {"vm": vm, "how": "already primary"}
     from ..primary import reverse as prev
     from ..replica import failover as rfo
     if rel["state"] in (State.FAILOVER_IN_PROGRESS.value,):
         rfo.complete(host, vm)
+        adopt_quietly(host, vm)
         return {"vm": vm, "how": "completed a failover in progress"}
     if rel["state"] == State.FAILED_OVER.value:
+        adopt_quietly(host, vm)
         return {"vm": vm, "how": "already failed over here"}
     how = "unplanned"
     try:
@@ -56,6 +60,7 @@ def take_over(host, vm: str) -> dict:
             prev.reverse(host, vm)
         except VmreplicaError as e:
             log.warning("reverse after the hand-over of %s: %s (retried)", vm, e.message)
+    adopt_quietly(host, vm)
     return {"vm": vm, "how": how}
 
 

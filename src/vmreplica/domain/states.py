@@ -24,6 +24,7 @@ class State(str, enum.Enum):
     FAILOVER_IN_PROGRESS = "failover_in_progress"
     FAILED_OVER = "failed_over"
     ERROR = "error"
+    STANDBY = "standby"      # a DR link whose VM runs on the partner host (domain.links)
 
 
 class Role(str, enum.Enum):
@@ -46,6 +47,7 @@ _TRANSITIONS: dict[State, set[State]] = {
     S.FAILOVER_IN_PROGRESS: {S.REPLICATING, S.FAILED_OVER, S.ERROR},
     S.FAILED_OVER: set(),
     S.ERROR: {S.REPLICATING, S.RESYNC_REQUIRED, S.SUSPENDED, S.READY_FOR_INITIAL},
+    S.STANDBY: {S.RESYNC_REQUIRED, S.ERROR},
 }
 
 # States in which the primary runs scheduled cycles.
@@ -76,5 +78,7 @@ def next_step(rel: dict) -> str | None:
         ("primary", "prepared_for_failover"): f"on {peer}: vmreplica failover {vm}",
         ("replica", "failover_in_progress"): f"vmreplica failover {vm} --complete (or --cancel)",
         ("replica", "failed_over"): f"vmreplica reverse {vm}",
+        ("primary", "standby"): f"the VM runs on another host, which takes this DR link "
+                                f"over (`vmreplica dr adopt {vm.partition('@')[0]}` there)",
     }
     return steps.get((role, state))

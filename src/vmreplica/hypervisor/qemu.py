@@ -584,6 +584,9 @@ class QemuBlockSession:
         self._exports: list[str] = []
         self._fleece: list[str] = []
         self._nbd_started = False
+        self._paused_at: float | None = None
+        self.live = False                  # the view is live and converges (settle())
+        self.paused_seconds = 0.0          # how long settle() paused the guest
         self.running = driver._pid(desc) is not None
         if self.running:
             self.mon = Monitor(driver._rt(desc, "qmp"), timeout=60)
@@ -631,7 +634,13 @@ class QemuBlockSession:
             if since:
                 actions.append({"type": "block-dirty-bitmap-disable",
                                 "data": {"node": disk, "name": since}})
-        if self.running:
+        if self.running and self._mirrored(disks):
+            # QEMU refuses a fleecing backup job on a disk an active mirror holds
+            # (continuous mode): the view is live instead, and converges — what the guest
+            # writes while it is read is recorded by ``new`` and read again, the guest
+            # paused, by settle() (only those blocks: the pause is short).
+            self.live = True
+        elif self.running:
             for disk in disks:
                 target = self._fleece_target(disk)
                 actions.append({"type": "blockdev-backup",
@@ -650,16 +659,49 @@ class QemuBlockSession:
                                                            "data": {"path": self.nbd_socket}}})
             self._nbd_started = True
         for disk in disks:
-            node = f"fleece-{disk}" if self.running else disk
-            args = {"type": "nbd", "id": f"exp-{disk}", "node-name": node, "name": disk,
-                    "writable": False}
-            if since:
-                args["bitmaps"] = [since]
-            self.mon.execute("block-export-add", args)
-            self._exports.append(disk)
-            exports[disk] = Export(self.nbd_socket, disk, self.sizes[disk],
-                                   f"qemu:dirty-bitmap:{since}" if since else None)
+            node = f"fleece-{disk}" if disk in self._fleece else disk
+            exports[disk] = self._export(disk, node, disk, since)
         return exports
+
+    def _export(self, disk: str, node: str, name: str, bitmap: str | None) -> Export:
+        args = {"type": "nbd", "id": f"exp-{name}", "node-name": node, "name": name,
+                "writable": False}
+        if bitmap:
+            args["bitmaps"] = [bitmap]
+        self.mon.execute("block-export-add", args)
+        self._exports.append(f"exp-{name}")
+        return Export(self.nbd_socket, name, self.sizes[disk],
+                      f"qemu:dirty-bitmap:{bitmap}" if bitmap else None)
+
+    def end_pause(self) -> None:
+        """Resume a guest settle() paused (unexport() does too, whatever happened)."""
+        if self._paused_at is not None:
+            try:
+                self.mon.execute("cont")
+            finally:
+                self.paused_seconds += time.monotonic() - self._paused_at
+                self._paused_at = None
+
+    def settle(self, disks: list[str], new: str, tail: str) -> dict[str, Export]:
+        """End a live view (see freeze): pause the guest, start ``tail``, stop ``new``,
+        and export each disk with ``new``'s dirty map — the blocks written while the live
+        view was read, to be read again now; end_pause() (or unexport()) resumes it."""
+        if self.mon.execute("query-status").get("status") == "running":
+            self.mon.execute("stop")
+            self._paused_at = time.monotonic()
+        self._transaction(
+            [{"type": "block-dirty-bitmap-add",
+              "data": {"node": d, "name": tail, "persistent": self.formats[d] == "qcow2"}}
+             for d in disks] +
+            [{"type": "block-dirty-bitmap-disable", "data": {"node": d, "name": new}}
+             for d in disks])
+        return {d: self._export(d, d, f"{d}-tail", new) for d in disks}
+
+    def _mirrored(self, disks: list[str]) -> bool:
+        """An active mirror (continuous mode) holds one of these disks."""
+        jobs = {j.get("device") for j in self.mon.execute("query-block-jobs") or []
+                if j.get("type") == "mirror"}
+        return any(f"mirror-{d}" in jobs for d in disks)
 
     def _fleece_target(self, disk: str) -> str:
         path = self.driver.run_dir / f"{self.short}-fleece-{disk}.qcow2"
@@ -671,15 +713,16 @@ class QemuBlockSession:
         return f"fleece-{disk}"
 
     def unexport(self) -> None:
-        for disk in self._exports:
+        for export in self._exports:
             try:
-                self.mon.execute("block-export-del", {"id": f"exp-{disk}"})
+                self.mon.execute("block-export-del", {"id": export})
             except HypervisorError as e:
-                log.warning("removing export of %s: %s", disk, e)
+                log.warning("removing export %s: %s", export, e)
         if self._exports:
             self._wait_exports_gone()
         self._exports = []
         self._drop_fleece()
+        self.end_pause()
         if self._nbd_started:
             try:
                 self.mon.execute("nbd-server-stop")

@@ -16,6 +16,7 @@ import uuid
 from typing import Iterator
 
 from ..domain import extents as ex
+from ..domain.links import is_dr, vm_name
 from ..domain import points as dp
 from ..errors import IntegrityError, OperationError, Superseded, TrackingError, Unreachable
 from ..tracking.bitmap import bitmap_prefix
@@ -49,6 +50,7 @@ def run_cycle(host, vm: str, mode: str = "delta", verify: bool = False,
     and they are compared with the frozen point's before it is released.
     """
     store = host.store
+    name = vm_name(vm)        # ``vm`` is the relationship's key: NAME, or NAME@dr
     with host.vm_lock(vm):
         rel = store.relationship(vm)
         initial = mode == "initial"
@@ -65,12 +67,12 @@ def run_cycle(host, vm: str, mode: str = "delta", verify: bool = False,
                 raise TrackingError(f"{vm} has no change-tracking point")
             remote = None
             if mode == "resync":
-                remote, stats["replica_read_bytes"] = _remote_manifest(host, rel, vm)
-            with host.driver.block_session(vm) as session:
+                remote, stats["replica_read_bytes"] = _remote_manifest(host, rel, name)
+            with host.driver.block_session(name) as session:
                 if since:
                     tracker.prepare(session, disks, since, bitmap_prefix(rel["id"]))
                 kind = _recovery_point_kind(rel, time.time())
-                thaw = kind == dp.APP and _freeze_guest(host, vm, session.running)
+                thaw = kind == dp.APP and _freeze_guest(host, name, session.running)
                 if kind == dp.APP and not thaw:
                     kind = dp.CRASH
                 try:
@@ -79,19 +81,22 @@ def run_cycle(host, vm: str, mode: str = "delta", verify: bool = False,
                         point = ScanPoint(session, disks, new, remote)
                     else:
                         point = tracker.point(session, disks, since, new)
+                    point.hold_pause = verify    # a live view is verified paused
                     freeze_time = time.time()
                 finally:
                     if thaw:
-                        _thaw_guest(host, vm)
+                        _thaw_guest(host, name)
                 stats["freeze_seconds"] = round(time.monotonic() - t0, 4)
                 t_ship = time.monotonic()
                 try:
                     if mode == "delta":
                         _check_bound(point, rel)
                     with _Progress(host, vm, point) if mode != "delta" else _nothing():
-                        answer, writer = _ship(host, rel, vm, cycle, mode, disks, point,
+                        answer, writer = _ship(host, rel, name, cycle, mode, disks, point,
                                                freeze_time, verify, kind, final, export_to)
                     differs = _verify(point, disks, answer) if verify else []
+                    if hasattr(session, "end_pause"):
+                        session.end_pause()
                 except BaseException:
                     point.close()
                     try:
@@ -100,19 +105,28 @@ def run_cycle(host, vm: str, mode: str = "delta", verify: bool = False,
                         log.exception("could not fold the tracking point back for %s", vm)
                     raise
                 point.close()
+                paused = getattr(session, "paused_seconds", 0.0)
+                if paused:
+                    # (continuous mode holds the disks: the frozen view was the paused guest)
+                    stats["guest_paused_seconds"] = round(paused, 4)
+                    host.event("cycle", f"cycle {cycle} read the disks live (the continuous "
+                                        "mirror rules out fleecing) and paused the guest "
+                                        f"{paused:.3f} s for the blocks written meanwhile", vm)
                 # Record the new point first, then release the old one: a crash in between
                 # leaves an extra bitmap (folded in by the next cycle), never a lost write.
                 if kind:
                     store.update_relationship(vm, last_point_at=freeze_time,
                                               points_made=int(rel.get("points_made", 0)) + 1)
-                store.update_relationship(vm, cycle=cycle, bitmap=new, bitmap_next=None,
+                store.update_relationship(vm, cycle=cycle, bitmap=point.tracking,
+                                          bitmap_next=None,
                                           last_success_at=freeze_time,
                                           last_cycle_at=time.time(),
                                           consecutive_failures=0, last_error=None)
                 point.commit()
                 if mode != "delta":
                     # A fresh start: whatever tracking this relationship had is superseded.
-                    stale = tracker.owned(session, disks, bitmap_prefix(rel["id"])) - {new}
+                    stale = tracker.owned(session, disks, bitmap_prefix(rel["id"])) - \
+                        {point.tracking}
                     if stale:
                         session.release(disks, sorted(stale))
             if differs:
@@ -369,10 +383,15 @@ def _failed(host, vm: str, cycle: int, row: int, e: Exception) -> None:
         changes["state"] = "resync_required"
         changes["resync_reason"] = msg
         host.event("tracking", f"change tracking broken: {msg}; resynchronization required", vm)
+    elif isinstance(e, Superseded) and is_dr(vm):
+        # Another host took the DR link over (the VM moved there): stand by, nothing fenced
+        # (where the VM runs is its main relationship's business, or the cluster's).
+        changes.update(state="standby")
+        host.event("dr", f"the DR link was taken over by another host: standing by ({msg})", vm)
     elif isinstance(e, Superseded):
         changes.update(state="error", fenced=f"{rel['peer']} has become the primary ({msg})")
     store.update_relationship(vm, **changes)    # the fence is recorded before the power-off
-    if isinstance(e, Superseded):
+    if isinstance(e, Superseded) and not is_dr(vm):
         _fence(host, vm)
     if not isinstance(e, (Superseded, Unreachable)):
         # The cycle may have failed before it reached the replica (a broken bitmap after a

@@ -6,9 +6,10 @@ import time
 import uuid
 
 from ..domain import points as dp
+from ..domain.links import dr_key, is_dr, vm_name
 from ..domain.schedule import format_frequency, parse_frequency, parse_window
 from ..domain.states import Role, State, check_transition, next_step, suspend_allowed
-from ..errors import Conflict, NotFound, Unreachable, UsageError
+from ..errors import Conflict, NotFound, OperationError, Superseded, Unreachable, UsageError
 from .cycle import run_cycle
 
 COMPRESSIONS = ("zstd", "none")
@@ -18,13 +19,29 @@ def enable(host, vm: str, replica: str, frequency: str = "5m", compression: str 
            exclude_disks: list[str] | None = None, security_tag: str = "",
            history: int = 4, point_interval: str = "1h", app_every: int = 0,
            resync_window: str | None = None, mode: str = "periodic",
-           max_stall: float = 5.0, cluster: bool = False) -> dict:
+           max_stall: float = 5.0, cluster: bool = False, dr: bool = False) -> dict:
+    """Replicate ``vm`` to ``replica`` (its main relationship), or with ``dr`` as its
+    disaster-recovery link (key NAME@dr, periodic; see domain.links): then the partner of
+    the main relationship, if any, may take the link over when the VM moves there."""
     info = host.driver.inspect(vm)  # NotFound with a clear message
-    existing = host.store.relationship(vm)
+    key = dr_key(vm) if dr else vm
+    existing = host.store.relationship(key)
     if existing is not None:
         where = "to " + existing["peer"] if existing["role"] == "primary" else "from " + existing["peer"]
-        raise Conflict(f"VM {vm} is already replicated {where} (state {existing['state']})",
-                       hint=f"use `vmreplica set {vm}` to change it, or `vmreplica remove {vm}` first")
+        raise Conflict(f"VM {vm} is already replicated {where} (state {existing['state']})"
+                       + (" by its DR link" if dr else ""),
+                       hint=f"use `vmreplica set {key}` to change it, or `vmreplica remove "
+                            f"{key}` first")
+    holders = [host.name]
+    if dr:
+        main = host.store.relationship(vm)
+        if main is not None and main["role"] != "primary":
+            raise Conflict(f"{vm} is a replica on {host.name}: enable its DR link where it "
+                           f"runs ({main['peer']})")
+        if mode != "periodic":
+            raise UsageError("a DR link replicates periodically (--mode periodic)")
+        if main is not None:
+            holders.append(main["peer"])
     freq = parse_frequency(frequency)
     history = dp.validate_history(history)
     interval = dp.parse_interval(point_interval)
@@ -46,6 +63,13 @@ def enable(host, vm: str, replica: str, frequency: str = "5m", compression: str 
     for d in disks:
         _check_disk(vm, d)
     client = host.client_for_address(replica)  # NotTrusted if not paired
+    if dr and host.store.relationship(vm) is not None:
+        main = host.store.relationship(vm)
+        if f"{client.host}:{client.port}" == main.get("peer_address"):
+            raise Conflict(f"{replica} already holds {vm}'s main replica: a DR link goes to a "
+                           "third host")
+        from .dr import tell_partner
+        tell_partner(host, vm, host.store.peer_by_address(f"{client.host}:{client.port}"))
     desc = host.driver.describe(vm)
     desc["disks"] = [{"name": d.name, "format": d.format, "virtual_size": d.virtual_size}
                      for d in disks]
@@ -54,28 +78,30 @@ def enable(host, vm: str, replica: str, frequency: str = "5m", compression: str 
         "vm": vm, "id": rel_id, "epoch": 1, "security_tag": security_tag,
         "frequency": freq, "description": desc, "history": history,
         "point_interval": interval, "mode": mode, "max_stall": float(max_stall),
-        "cluster": cluster,
+        "cluster": cluster, "holders": holders,
     })
     peer = host.store.peer_by_address(f"{client.host}:{client.port}")
     rel = {
-        "vm": vm, "id": rel_id, "role": Role.PRIMARY.value, "peer": peer["name"],
+        "vm": key, "id": rel_id, "role": Role.PRIMARY.value, "peer": peer["name"],
         "peer_address": peer["address"], "state": State.READY_FOR_INITIAL.value, "epoch": 1,
         "frequency": freq, "compression": compression, "disks": [d.name for d in disks],
         "excluded": exclude, "security_tag": security_tag, "cycle": -1, "bitmap": None,
         "tracker": "bitmap", "consecutive_failures": 0, "history": history,
         "point_interval": interval, "app_every": int(app_every),
         "resync_window": resync_window or None, "mode": mode, "max_stall": float(max_stall),
-        "cluster": cluster,
+        "cluster": cluster, "holders": holders,
     }
     try:
         host.store.add_relationship(rel)
     except Exception:
         client.request("DELETE", f"/v1/replica/relationships/{vm}")
         raise
-    host.event("relationship", f"replication enabled to {peer['name']} every "
-                               f"{format_frequency(freq)}", vm)
-    return {"vm": vm, "replica": peer["name"], "state": rel["state"],
-            "replica_heads": answer.get("heads"), "next": f"vmreplica initial {vm}"}
+    host.event("relationship", f"{'DR link' if dr else 'replication'} enabled to "
+                               f"{peer['name']} every {format_frequency(freq)}"
+               + (f" (it follows the VM to {', '.join(holders[1:])})" if holders[1:] else ""),
+               key)
+    return {"vm": key, "replica": peer["name"], "state": rel["state"], "holders": holders,
+            "replica_heads": answer.get("heads"), "next": f"vmreplica initial {key}"}
 
 
 def check_peer(host, vm: str, timeout: float = 10.0) -> dict:
@@ -88,9 +114,14 @@ def check_peer(host, vm: str, timeout: float = 10.0) -> dict:
     rel = host.store.relationship(vm)
     try:
         return host.client_for_peer(rel["peer"], timeout=timeout).request(
-            "GET", f"/v1/replica/relationships/{vm}/state?epoch={rel['epoch']}")
+            "GET", f"/v1/replica/relationships/{vm_name(vm)}/state?epoch={rel['epoch']}")
     except Superseded as e:
-        if not rel.get("fenced"):
+        if is_dr(vm):
+            if rel["state"] != State.STANDBY.value:
+                host.store.update_relationship(vm, state=State.STANDBY.value, last_error=e.message)
+                host.event("dr", f"the DR link was taken over by another host: standing by "
+                                 f"({e.message})", vm)
+        elif not rel.get("fenced"):
             with host.vm_lock(vm):
                 host.store.update_relationship(
                     vm, state=State.ERROR.value, last_error=e.message,
@@ -199,11 +230,15 @@ def remove(host, vm: str, keep_replica: bool = False, force: bool = False) -> di
         host.continuous.stop(vm)            # the mirror ends before the replica goes
     remote = "removed"
     try:
+        if rel["state"] == State.STANDBY.value:
+            raise Superseded("another host holds this DR link now")
         q = "?keep=1" if keep_replica else ""
         host.client_for_peer(rel["peer"], timeout=120).request(
-            "DELETE", f"/v1/replica/relationships/{vm}{q}")
+            "DELETE", f"/v1/replica/relationships/{vm_name(vm)}{q}")
     except NotFound:
         remote = "already gone"
+    except Superseded:
+        remote = "held by another host: kept"      # a DR link the VM took elsewhere
     except Unreachable as e:
         if not force:
             raise Unreachable(e.message, hint=f"nothing was removed; retry when {rel['peer']} is "
@@ -211,7 +246,15 @@ def remove(host, vm: str, keep_replica: bool = False, force: bool = False) -> di
                               f"remove {vm}` on {rel['peer']})") from None
         remote = "unreachable: not removed there"
     with host.vm_lock(vm):
-        _drop_bitmaps(host, rel)
+        if rel["state"] == State.STANDBY.value:
+            # The VM is a replica here now: its disks belong to the replication into them.
+            try:
+                _drop_bitmaps(host, rel)
+            except OperationError as e:
+                host.event("relationship", f"the DR link's tracking bitmaps stay on the disks "
+                                           f"(they are in use: {e.message})", vm)
+        else:
+            _drop_bitmaps(host, rel)
         host.store.remove_relationship(vm)
     host.event("relationship", f"replication removed (replica: {remote})", vm)
     return {"vm": vm, "replica": rel["peer"], "replica_side": remote}
@@ -220,13 +263,14 @@ def remove(host, vm: str, keep_replica: bool = False, force: bool = False) -> di
 def _drop_bitmaps(host, rel: dict) -> None:
     """Remove every bitmap this relationship made on the VM's disks (invariant 6)."""
     from ..tracking.bitmap import bitmap_prefix
+    name = vm_name(rel["vm"])
     try:
-        host.driver.inspect(rel["vm"])
+        host.driver.inspect(name)
     except NotFound:
         return
     tracker = host.tracker(rel.get("tracker", "bitmap"))
-    disks = [d.name for d in host.driver.inspect(rel["vm"]).disks]   # excluded ones too
-    with host.driver.block_session(rel["vm"]) as session:
+    disks = [d.name for d in host.driver.inspect(name).disks]   # excluded ones too
+    with host.driver.block_session(name) as session:
         names = tracker.owned(session, disks, bitmap_prefix(rel["id"]))
         if names:
             session.release(disks, sorted(names))

@@ -32,6 +32,8 @@ def initial(host, vm: str, method: str = "network", path: str | None = None,
     if rel["state"] not in (State.READY_FOR_INITIAL.value, State.INITIAL_IN_PROGRESS.value):
         raise Conflict(f"initial replication of {vm} is already done (state {rel['state']})",
                        hint=f"`vmreplica sync {vm}` runs a cycle now")
+    if method != "network" and "@" in vm:
+        raise UsageError(f"a DR link is seeded over the network (`vmreplica initial {vm}`)")
     if method in ("export", "existing") and not path:
         raise UsageError(f"--method {method} needs --path DIR")
     if at:

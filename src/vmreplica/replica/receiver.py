@@ -81,6 +81,9 @@ def create_relationship(host, peer: dict, body: dict) -> dict:
             # Kept so that after a reverse this side replicates the same way.
             "mode": body.get("mode") or "periodic", "max_stall": float(body.get("max_stall", 5)),
             "cluster": bool(body.get("cluster")),
+            # The hosts that may take this replication over when the VM moves to them (a
+            # DR link: the primary and the partner of its main relationship).
+            "holders": [str(h) for h in body.get("holders") or [peer["name"]]],
         }
         host.store.add_relationship(rel)
     except Exception:
@@ -105,8 +108,55 @@ def _own_relationship(host, peer: dict, vm: str) -> dict:
         raise NotFound(f"{host.name} holds no replica of VM {vm}",
                        hint="enable replication again from the primary")
     if rel["peer"] != peer["name"]:
+        if peer["name"] in (rel.get("holders") or []):
+            raise Superseded(f"{host.name} replicates {vm} from {rel['peer']} now (epoch "
+                             f"{rel['epoch']}): the DR link moved with the VM",
+                             hint=f"{peer['name']} stands by; it takes the link back when the "
+                                  f"VM returns (`vmreplica dr adopt {vm}`)")
         raise Refused(f"{host.name} replicates {vm} from {rel['peer']}, not from {peer['name']}")
     return rel
+
+
+def transfer(host, peer: dict, vm: str, body: dict) -> dict:
+    """A DR link follows its VM: ``peer``, one of the relationship's holders, runs the VM
+    now and takes the replication over. The epoch goes up, so the host it leaves is
+    refused from now on (Superseded: it stands by); the new holder settles whatever is in
+    doubt with a hash resync against this side's index. A replica that has failed over
+    (the DR site runs the VM) refuses: nothing it holds is overwritten."""
+    rel = host.store.relationship(vm)
+    if rel is None or rel["role"] != Role.REPLICA.value:
+        raise NotFound(f"{host.name} holds no replica of VM {vm}",
+                       hint="enable the DR link again (`vmreplica dr enable`) from the host "
+                            "that runs the VM")
+    if body.get("id") and body["id"] != rel["id"]:
+        raise Refused(f"{host.name}'s replica of {vm} belongs to another relationship")
+    holders = rel.get("holders") or [rel["peer"]]
+    if peer["name"] not in holders:
+        raise Refused(f"{peer['name']} may not take over the replication of {vm}: {host.name} "
+                      f"accepts it only from {', '.join(holders)}")
+    if find_authorization(host.store.authorizations(), peer["name"]) is None:
+        raise Refused(f"primary {peer['name']} is not authorized to replicate to {host.name}",
+                      hint=f"on {host.name} run `vmreplica replica-server enable --allow "
+                           f"{peer['name']}`")
+    if rel["state"] in (State.FAILOVER_IN_PROGRESS.value, State.FAILED_OVER.value) or \
+            rel.get("failover"):
+        raise Conflict(f"{host.name} has failed VM {vm} over (state {rel['state']}): it runs "
+                       f"there, and {peer['name']} may not replicate over it",
+                       hint=f"decide which copy lives: cancel the failover on {host.name} "
+                            f"(`vmreplica failover {vm} --cancel`), or make {peer['name']}'s "
+                            "copy the replica")
+    if rel["peer"] != peer["name"]:
+        old = rel["peer"]
+        host.store.update_relationship(vm, peer=peer["name"], peer_address=peer.get("address"),
+                                       epoch=int(rel["epoch"]) + 1)
+        rel = host.store.relationship(vm)
+        host.event("dr", f"the replication of {vm} moved from {old} to {peer['name']} with "
+                         f"the VM (epoch {rel['epoch']}): {old} is refused from now on", vm)
+    return {"vm": vm, "id": rel["id"], "epoch": rel["epoch"], "state": rel["state"],
+            "disks": rel["disks"], "frequency": rel.get("frequency", 300),
+            "history": rel.get("history", 4), "point_interval": rel.get("point_interval", 3600),
+            "security_tag": rel.get("security_tag", ""), "holders": holders,
+            "last_applied_cycle": rel.get("last_applied_cycle", -1)}
 
 
 class _Tee:

@@ -194,7 +194,15 @@ def management_routes(host, daemon) -> Router:
                            app_every=int(b.get("app_every") or 0),
                            resync_window=b.get("resync_window"),
                            mode=b.get("mode") or "periodic",
-                           max_stall=float(b.get("max_stall") or 5.0))
+                           max_stall=float(b.get("max_stall") or 5.0),
+                           dr=bool(b.get("dr")))
+
+    @r.route("POST", "/v1/relationships/{vm}/dr-adopt")
+    def dr_adopt(req):
+        from ..primary import dr
+        b = req.json()
+        return dr.adopt(host, req.params["vm"], replica=b.get("replica"),
+                        resync=not b.get("no_resync"))
 
     @r.route("POST", "/v1/relationships/{vm}/initial")
     def initial(req):
@@ -379,6 +387,18 @@ def replication_routes(host) -> Router:
         from ..cluster.status import local_view
         trust.require_peer(host, req.peer_fingerprint)
         return local_view(host, req.params["vm"])
+
+    @r.route("POST", "/v1/peer/relationships/{vm}/dr")
+    def peer_dr(req):
+        from ..primary import dr
+        peer = trust.require_peer(host, req.peer_fingerprint)
+        return dr.remember(host, peer, req.params["vm"], req.json())
+
+    @r.route("POST", "/v1/replica/relationships/{vm}/transfer")
+    def replica_transfer(req):
+        peer = trust.require_peer(host, req.peer_fingerprint)
+        with host.vm_lock(req.params["vm"]):
+            return receiver.transfer(host, peer, req.params["vm"], req.json())
 
     @r.route("POST", "/v1/cluster/relationships/{vm}/handover")
     def cluster_handover(req):

@@ -54,6 +54,10 @@ class Host:
         return get_tracker(name)
 
     def vm_lock(self, vm: str) -> threading.RLock:
+        """The lock of a VM, shared by all its relationships (keys NAME and NAME@dr): one
+        operation at a time on its QEMU and its bitmaps."""
+        from ..domain.links import vm_name
+        vm = vm_name(vm)
         with self._locks_guard:
             return self._locks.setdefault(vm, threading.RLock())
 

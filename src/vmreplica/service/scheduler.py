@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 
+from ..domain.links import is_dr
 from ..domain.schedule import next_due
 from ..domain.states import CYCLING, State
 
@@ -79,6 +80,10 @@ class Scheduler:
         for rel in self.host.store.relationships():
             if rel["role"] != "primary":
                 continue
+            if is_dr(rel["vm"]):
+                from ..primary.dr import stand_by_if_moved
+                if stand_by_if_moved(self.host, rel):
+                    continue
             if rel["state"] == State.READY_FOR_INITIAL.value and rel.get("initial_at") \
                     and now >= rel["initial_at"]:
                 self._background(rel["vm"], "initial", self._scheduled_initial, rel)

@@ -96,25 +96,17 @@ class BitmapPoint:
     def data_bytes(self) -> int:
         return sum(n for plan in self.plan.values() for k, _, n in plan if k == ex.DATA)
 
+    tail: str | None = None
+
+    @property
+    def tracking(self) -> str:
+        """The bitmap that records the guest's writes from this point on."""
+        return self.tail or self.new
+
     def chunks(self) -> Iterator[Chunk]:
         for disk in self.disks:
-            h = self.handles[disk]
-            plan = self.plan[disk]
-            reads = [(o, n) for k, off, ln in plan if k == ex.DATA
-                     for o, n in ex.split(off, ln, READ_SIZE)]
-            data = nbdio.read_extents(h, reads)
-            for kind, off, ln in plan:
-                if kind != ex.DATA:
-                    for o, n in ex.split(off, ln, ZERO_SIZE):
-                        yield Chunk(disk, kind, o, n)
-                    continue
-                for _ in ex.split(off, ln, READ_SIZE):
-                    o, n, buf = next(data)
-                    self.read_bytes += n
-                    if buf.is_zero():
-                        yield Chunk(disk, ex.ZEROED, o, n)
-                    else:
-                        yield Chunk(disk, ex.DATA, o, n, buf.to_buffer())
+            yield from plan_chunks(self, disk, self.handles[disk], self.plan[disk])
+        yield from tail_chunks(self)
 
     def close(self) -> None:
         """Disconnect and drop the exports (and fleecing) — before commit or abort."""
@@ -124,13 +116,67 @@ class BitmapPoint:
         self.session.unexport()
 
     def commit(self) -> None:
-        """The replica acknowledged: the old point is no longer needed."""
-        if self.since:
-            self.session.release(self.disks, [self.since])
+        """The replica acknowledged: the old point (and a settled live view's ``new``) is
+        no longer needed."""
+        done = ([self.since] if self.since else []) + ([self.new] if self.tail else [])
+        if done:
+            self.session.release(self.disks, done)
 
     def abort(self) -> None:
-        """The cycle failed: fold the new bitmap back so nothing since ``since`` is lost."""
+        """The cycle failed: fold the new bitmaps back so nothing since ``since`` is lost."""
         if self.since:
             self.session.restore(self.disks, self.since, self.new)
+            if self.tail:
+                self.session.merge(self.disks, self.since, [self.tail])
         else:
-            self.session.release(self.disks, [self.new])
+            self.session.release(self.disks, [self.new] + ([self.tail] if self.tail else []))
+
+
+def plan_chunks(point, disk: str, h, plan) -> Iterator[Chunk]:
+    """The chunks of a plan of (kind, offset, length) extents: data read from ``h`` (16
+    requests in flight, records of at most 1 MiB; data that reads as zero becomes a zero
+    record), zero and trim extents as they are."""
+    reads = [(o, n) for k, off, ln in plan if k == ex.DATA for o, n in ex.split(off, ln, READ_SIZE)]
+    data = nbdio.read_extents(h, reads)
+    for kind, off, ln in plan:
+        if kind != ex.DATA:
+            for o, n in ex.split(off, ln, ZERO_SIZE):
+                yield Chunk(disk, kind, o, n)
+            continue
+        for _ in ex.split(off, ln, READ_SIZE):
+            o, n, buf = next(data)
+            point.read_bytes += n
+            if buf.is_zero():
+                yield Chunk(disk, ex.ZEROED, o, n)
+            else:
+                yield Chunk(disk, ex.DATA, o, n, buf.to_buffer())
+
+
+def tail_chunks(point) -> Iterator[Chunk]:
+    """A live view (the session could not freeze one: continuous mode's mirror holds the
+    disks) converges here: the guest pauses, ``point.tail`` starts recording, and the
+    blocks ``point.new`` recorded while the view was read are read again and shipped
+    after everything else — the replica applies the cycle in order, so it ends equal to
+    the disks at the pause. The pause lasts as long as those blocks take to read."""
+    session = point.session
+    if not getattr(session, "live", False):
+        return
+    point.tail = f"{point.new}-t"
+    chunks: list[Chunk] = []
+    try:
+        exports = session.settle(point.disks, point.new, point.tail)
+        for disk in point.disks:
+            e = exports[disk]
+            h = nbdio.connect(e.socket, e.name, ["base:allocation", e.bitmap_context])
+            try:
+                alloc = nbdio.block_status(h, "base:allocation", e.size)
+                dirty = ex.selected(nbdio.block_status(h, e.bitmap_context, e.size), ex.DIRTY)
+                chunks += plan_chunks(point, disk, h, list(ex.classify(dirty, alloc)))
+            finally:
+                nbdio.close(h)
+    finally:
+        # Read into memory first: the guest waits for no network. (A cycle that verifies
+        # the replica against this view keeps the guest paused until it has: hold_pause.)
+        if not getattr(point, "hold_pause", False):
+            session.end_pause()
+    yield from chunks

@@ -100,6 +100,8 @@ class ScanPoint:
         self.session, self.disks, self.new, self.block = session, disks, new, block
         self.remote = remote
         self.since = None
+        self.tail: str | None = None
+        self.read_bytes = 0
         self.exports = session.freeze(disks, None, new)
         self.handles: dict[str, object] = {}
         self.compared = 0
@@ -137,6 +139,14 @@ class ScanPoint:
                     else:
                         yield Chunk(disk, ex.DATA, pos, n, bytes(data))
                 pos += n
+        from .bitmap import tail_chunks
+        for chunk in tail_chunks(self):      # a live view: the blocks written meanwhile
+            self.differing += chunk.length
+            yield chunk
+
+    @property
+    def tracking(self) -> str:
+        return self.tail or self.new
 
     def dirty_bytes(self) -> int:
         return self.differing
@@ -148,7 +158,9 @@ class ScanPoint:
         self.session.unexport()
 
     def commit(self) -> None:
-        """Nothing to release: the new bitmap is now the relationship's tracking point."""
+        """The new bitmap (or a live view's tail) is now the relationship's tracking point."""
+        if self.tail:
+            self.session.release(self.disks, [self.new])
 
     def abort(self) -> None:
-        self.session.release(self.disks, [self.new])
+        self.session.release(self.disks, [self.new] + ([self.tail] if self.tail else []))

@@ -5,7 +5,8 @@ Two cluster nodes and a corosync-qnetd witness, each in its own namespaces
 protected by the cluster in continuous mode. The demo pulls the plug on the node that
 runs the guest, shows the guest running on the other node with its records continuing,
 powers the node back on (it rejoins as SECOND, only the differences move), then moves the
-VM back with a planned, zero-loss hand-over. Needs root (namespaces).
+VM back with a planned, zero-loss hand-over. A third site, on the witness machine, holds
+a periodic DR link that follows the VM each time. Needs root (namespaces).
 """
 
 from __future__ import annotations
@@ -59,6 +60,22 @@ def main(argv: list[str] | None = None) -> int:
         site.build(poll)
         site.vmr("node1", "cluster", "status")
 
+        step("Disaster recovery: a third site (on the witness machine) gets a periodic DR "
+             "link from the node that runs the VM; it will follow the VM")
+        dr = site.add_dr_site()
+        key = f"{site.vm}@dr"
+        site.vmr("node1", "enable", site.vm, "--replica", dr, "--dr", "--frequency", "30s")
+        site.vmr("node1", "initial", key)
+
+        def dr_link(node: str) -> None:
+            poll(f"the DR link replicating from {node}",
+                 lambda: site.json(node, "status", key)[0]["state"] == "replicating",
+                 timeout=180)
+            moved = [e["message"] for e in site.json(node, "events", key)
+                     if "resynchronised" in e["message"]]
+            print(f"{node} took the DR link over: {moved[-1] if moved else ''}", flush=True)
+            site.vmr(node, "status", key)
+
         step("Pull the plug on node1 (the node running the guest)")
         a, b = "node1", "node2"
         t0 = time.monotonic()
@@ -75,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{'no gap' if rec['gap_at'] is None else 'a gap at ' + str(rec['gap_at'])}",
               flush=True)
         site.vmr(b, "cluster", "status")
+        dr_link(b)
 
         step("Power node1 back on: it learns it was replaced and rejoins as the replica")
         lab.power_on(a)
@@ -96,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         poll("PRIM/SECOND", lambda: site.states(a) == {a: "PRIM", b: "SECOND"}, timeout=180)
         site.vmr(a, "cluster", "status")
+        dr_link(a)
         cpu0, t0 = lab.stack_cpu_seconds(), time.monotonic()
         time.sleep(5)
         cpu1, dt = lab.stack_cpu_seconds(), time.monotonic() - t0

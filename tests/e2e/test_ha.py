@@ -190,6 +190,12 @@ def test_planned_move_and_checker_maintenance(cluster):
     c.vmr(a, "vm", "start", VM)
     c.vmr(a, "cluster", "checker", "resume", VM)
     _wait("PRIM/SECOND", lambda: c.states(a) == {a: "PRIM", b: "SECOND"}, timeout=180)
+    # Disaster recovery: the VM also replicates periodically to a third site, from the
+    # node that runs it (broker: the link follows the VM).
+    dr = c.add_dr_site()
+    key = f"{VM}@dr"
+    c.vmr(a, "enable", VM, "--replica", dr, "--dr", "--frequency", "30s")
+    c.vmr(a, "initial", key)
     last = c.records(a)["contiguous"]
     c.vmr(a, "cluster", "move", VM, b, timeout=400)
     assert c.running_on() == [b]
@@ -197,6 +203,21 @@ def test_planned_move_and_checker_maintenance(cluster):
     assert c.records(b)["gap_at"] is None
     _wait("PRIM/SECOND after the move", lambda: c.states(b) == {b: "PRIM", a: "SECOND"},
           timeout=180)
+    # The node the VM moved to took the DR link over by itself and moved only the
+    # differences; the next cycle leaves the DR replica equal to the disks; the node it
+    # left stands by.
+    _wait("the DR link replicating from the new node",
+          lambda: c.json(b, "status", key)[0]["state"] == "replicating", timeout=120)
+    moved = [e["message"] for e in c.json(b, "events", key) if "resynchronised" in e["message"]]
+    assert moved, c.json(b, "events", key)
+    nbytes = int(moved[-1].split("resynchronised: ")[1].split()[0])
+    disk_bytes = sum(d["virtual_size"] for d in c.json(b, "vm", "show", VM)["disks"])
+    print(f"DR link after the move: {b} took it over, {nbytes} bytes moved of {disk_bytes}")
+    assert nbytes < disk_bytes / 10
+    assert c.json(b, "sync", key, "--verify")["verified"]
+    _wait(f"{a}'s DR link standing by",
+          lambda: c.json(a, "status", key)[0]["state"] == "standby", timeout=30)
+    assert c.json("witness", "status", VM)[0]["peer"] == b
     page = c.dashboard(b)                                 # the dashboard shows the cluster
     assert 'id="cluster-vms"' in page and f'data-vm="{VM}"' in page
     assert ">PRIM<" in page and ">SECOND<" in page

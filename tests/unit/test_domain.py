@@ -63,3 +63,16 @@ def test_state_machine():
         states.check_transition(S.WAITING_FOR_INITIAL, S.SUSPENDED)
 
 
+
+
+def test_dr_link_keys_and_where_the_vm_runs():
+    from vmreplica.domain import links
+    assert links.dr_key("web1") == "web1@dr" and links.vm_name("web1@dr") == "web1"
+    assert links.vm_name("web1") == "web1"
+    assert links.is_dr("web1@dr") and not links.is_dr("web1")
+    assert links.runs_here(None)                                  # DR-protected only
+    assert links.runs_here({"role": "primary", "state": "replicating"})
+    assert not links.runs_here({"role": "primary", "state": "error", "fenced": "x"})
+    assert links.runs_here({"role": "replica", "state": "failed_over"})   # ALONE
+    assert not links.runs_here({"role": "replica", "state": "replicating"})
+    assert not links.runs_here({"role": "replica", "state": "failover_in_progress"})

@@ -143,6 +143,22 @@ class HASite:
         wait("PRIM/SECOND", lambda: self.states(first) == {first: "PRIM", second: "SECOND"},
              timeout=120)
 
+    def add_dr_site(self, name: str = "drsite") -> str:
+        """A third vmreplica host, the disaster-recovery site, on the witness machine (a
+        network both nodes reach, as a remote site's would be): a replica server for both
+        nodes, paired with each. Returns its address."""
+        if not self.lab.witness:
+            raise LabError("the DR site runs on the witness machine: the lab has none")
+        self.homes["witness"] = self.homes[self.lab.nodes[0]].parent / name
+        addr = f"{self.lab.witness_address()}:{PORT}"
+        self.vmr("witness", "init", "--name", name, "--listen", addr, "--accel", "tcg")
+        self.vmr("witness", "serve", "--detach")
+        self.vmr("witness", "replica-server", "enable", "--allow", "node*")
+        for n in self.lab.nodes:
+            token = self.vmr("witness", "trust", "token").stdout.strip().splitlines()[-1]
+            self.vmr(n, "trust", "pair", addr, token)
+        return addr
+
     def quiesce(self) -> None:
         """Before tearing the lab down: maintenance mode, so Pacemaker does not fight it."""
         for n in self.lab.nodes:

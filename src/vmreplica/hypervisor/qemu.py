@@ -494,6 +494,10 @@ class QemuDriver:
         self.agent_command(name, "guest-fsfreeze-thaw", timeout=10)
 
     # -- block access for change tracking -------------------------------------------
+    # Its block sessions read a live, converging view where fleecing is refused (beside
+    # continuous mode's mirror): QemuBlockSession.settle.
+    live_views = True
+
     def block_session(self, name: str) -> "QemuBlockSession":
         desc = self._load(name)
         return QemuBlockSession(self, desc)

@@ -113,8 +113,15 @@ def adopt(host, vm: str, replica: str | None = None, resync: bool = True) -> dic
 
 
 def adopt_quietly(host, vm: str) -> None:
-    """After a take-over (cluster): adopt the DR link if the VM has one; the scheduler's
+    """After a take-over (cluster): adopt the DR link if the VM has one, on a thread of
+    its own (a DR site far away or down must not delay the VM's start); the scheduler's
     automatic resync does the rest. Failures are events, never the take-over's."""
+    import threading
+    threading.Thread(target=_adopt_quietly, args=(host, vm), name=f"dr-adopt-{vm}",
+                     daemon=True).start()
+
+
+def _adopt_quietly(host, vm: str) -> None:
     main = host.store.relationship(vm)
     rel = host.store.relationship(dr_key(vm))
     if rel is None and not (main or {}).get("dr_address"):

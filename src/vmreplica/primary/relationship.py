@@ -42,6 +42,13 @@ def enable(host, vm: str, replica: str, frequency: str = "5m", compression: str 
             raise UsageError("a DR link replicates periodically (--mode periodic)")
         if main is not None:
             holders.append(main["peer"])
+        if main is not None and main.get("mode") == "continuous" and \
+                not getattr(host.driver, "live_views", False):
+            # libvirt's backup job (its only frozen view) is refused beside its mirror.
+            raise UsageError(f"a DR link beside continuous mode needs the qemu driver "
+                             f"({vm} runs on {host.driver.name})",
+                             hint=f"switch {vm} to periodic mode first (`vmreplica set {vm} "
+                                  "--mode periodic`)")
     freq = parse_frequency(frequency)
     history = dp.validate_history(history)
     interval = dp.parse_interval(point_interval)

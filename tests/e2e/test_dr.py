@@ -8,6 +8,8 @@ overwritten. (On the cluster the take-over is automatic: tests/e2e/test_ha.py.)"
 from __future__ import annotations
 
 import functools
+import os
+import signal
 import threading
 
 import pytest
@@ -15,6 +17,7 @@ import pytest
 from helpers import recent_events, wait_until
 from vmreplica import lab
 from vmreplica.hypervisor.guest import read_demo_records
+from vmreplica.qemutools.qmp import Monitor
 
 pytestmark = pytest.mark.e2e
 
@@ -133,5 +136,21 @@ def test_dr_link_follows_the_vm_and_moves_only_the_differences(sites):
     assert p.returncode != 0 and "standby" in p.stderr
     events = " ".join(e["message"] for e in c.json("events", VM))
     assert "moved from site-a to site-b" in events
+
+    # A daemon that dies while a cycle holds the guest paused (the mark settle() leaves):
+    # the next daemon resumes the guest.
+    pid = b.vm(VM)["pid"]
+    run = b.home / "run"
+    short = next(p.name.split(".")[0] for p in run.glob("*.pid")
+                 if p.read_text().strip() == str(pid))
+    os.kill(b.daemon_pid(), signal.SIGKILL)
+    with Monitor(run / f"{short}.qmpc", timeout=10) as m:
+        m.execute("stop")
+        assert m.execute("query-status")["status"] == "paused"
+    (run / f"{short}.paused-by-vmreplica").write_text(VM)
+    b.start()
+    assert b.json("vm", "check", VM)["qmp"] == "running"
+    assert any("previous daemon died while a cycle held it paused" in e["message"]
+               for e in b.json("events", VM))
     b.run("remove", key)
     a.run("remove", key)                       # standby: removed here, the DR side kept

@@ -498,6 +498,23 @@ class QemuDriver:
     # continuous mode's mirror): QemuBlockSession.settle.
     live_views = True
 
+    def resume_left_paused(self) -> list[str]:
+        """At daemon start: resume the guests a dead daemon left paused in settle()."""
+        done = []
+        for mark in self.run_dir.glob("*.paused-by-vmreplica"):
+            name = mark.read_text().strip()
+            try:
+                desc = self._load(name)
+                if self._pid(desc) is not None:
+                    with self.monitor(name, timeout=30) as m:
+                        if m.execute("query-status").get("status") == "paused":
+                            m.execute("cont")
+                            done.append(name)
+            except (HypervisorError, NotFound) as e:
+                log.warning("resuming %s, left paused: %s", name, e)
+            mark.unlink(missing_ok=True)
+        return done
+
     def block_session(self, name: str) -> "QemuBlockSession":
         desc = self._load(name)
         return QemuBlockSession(self, desc)
@@ -682,15 +699,22 @@ class QemuBlockSession:
         if self._paused_at is not None:
             try:
                 self.mon.execute("cont")
+                self._pause_mark().unlink(missing_ok=True)
             finally:
                 self.paused_seconds += time.monotonic() - self._paused_at
                 self._paused_at = None
+
+    def _pause_mark(self) -> Path:
+        """Present while settle() holds the guest paused: a daemon that dies meanwhile
+        resumes it at its next start (QemuDriver.resume_left_paused)."""
+        return self.driver.run_dir / f"{self.short}.paused-by-vmreplica"
 
     def settle(self, disks: list[str], new: str, tail: str) -> dict[str, Export]:
         """End a live view (see freeze): pause the guest, start ``tail``, stop ``new``,
         and export each disk with ``new``'s dirty map — the blocks written while the live
         view was read, to be read again now; end_pause() (or unexport()) resumes it."""
         if self.mon.execute("query-status").get("status") == "running":
+            self._pause_mark().write_text(self.desc["name"])
             self.mon.execute("stop")
             self._paused_at = time.monotonic()
         self._transaction(

@@ -81,6 +81,8 @@ def test_dr_link_follows_the_vm_and_moves_only_the_differences(sites):
     assert "trust pair" in p.stderr
     assert c.json("status") == [] and [r["vm"] for r in a.json("status")] == [VM]
 
+    p = a.run("sync", "no-such-vm@dr", check=False)
+    assert p.returncode != 0 and "no-such-vm has no DR link on site-a" in p.stderr, p.stderr
     lab.pair(b, c)
     out = a.run("enable", VM, "--replica", c.address, "--dr", "--frequency", "15m").stdout
     assert "follows the VM to site-b" in out, out

@@ -1348,6 +1348,10 @@ class LibvirtBlockSession:
             b = on_disk.get(targets[d.target])
             seen.add(targets[d.target])
             if b is None:
+                # (kept for the record: which bitmaps the disk's node has instead)
+                log.warning("checkpoint %s of %s has no bitmap %s on disk %s; the disk's "
+                            "bitmaps: %s", name, self.vm.name, targets[d.target], disk,
+                            ", ".join(sorted(on_disk)) or "none")
                 out.append(BitmapInfo(name, recording=False, persistent=True, inconsistent=True))
             else:
                 out.append(_info(name, b))

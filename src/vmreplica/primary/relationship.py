@@ -171,6 +171,10 @@ def _check_disk(vm: str, d) -> None:
 
 def _rel(host, vm: str, role: str = "primary") -> dict:
     rel = host.store.relationship(vm)
+    if rel is None and is_dr(vm):
+        raise NotFound(f"{vm_name(vm)} has no DR link on {host.name}",
+                       hint=f"`vmreplica enable {vm_name(vm)} --replica HOST:PORT --dr` where "
+                            "it runs; `vmreplica status` lists the links of this host")
     if rel is None:
         try:
             host.driver.inspect(vm)

@@ -128,6 +128,10 @@ def delete(host, name: str) -> dict:
         if rel is not None:
             raise Conflict(f"{name} is replicated ({rel['role']} side, peer {rel['peer']})",
                            hint=f"remove replication first: `vmreplica remove {name}`")
+        from ..domain.links import dr_key
+        if host.store.relationship(dr_key(name)) is not None:
+            raise Conflict(f"{name} has a DR link", hint=f"remove it first: `vmreplica remove "
+                                                         f"{dr_key(name)}`")
         host.driver.delete(name)
         host.store.set_tags(name, [], host.store.tags(name))
     host.event("vm", "VM deleted", name)

@@ -20,18 +20,37 @@ import logging
 import time
 
 from ..domain.links import dr_key, runs_here
-from ..domain.states import Role, State
+from ..domain.states import State
 from ..errors import Conflict, NotFound, UsageError, VmreplicaError
 
 log = logging.getLogger("vmreplica.dr")
 
 
-def tell_partner(host, vm: str, dr_peer: dict) -> None:
+def holders_for(host, vm: str, main: dict | None, mode: str) -> list[str]:
+    """`enable --dr`: the hosts that may hold the link (this one and the partner of the
+    VM's main relationship), after checking that a DR link fits here."""
+    if mode != "periodic":
+        raise UsageError("a DR link replicates periodically (--mode periodic)")
+    if main is None:
+        return [host.name]
+    if main["role"] != "primary":
+        raise Conflict(f"{vm} is a replica on {host.name}: enable its DR link where it "
+                       f"runs ({main['peer']})")
+    if main.get("mode") == "continuous" and not getattr(host.driver, "live_views", False):
+        # libvirt's backup job (its only frozen view) is refused beside its mirror.
+        raise UsageError(f"a DR link beside continuous mode needs the qemu driver "
+                         f"({vm} runs on {host.driver.name})",
+                         hint=f"switch {vm} to periodic mode first (`vmreplica set {vm} "
+                              "--mode periodic`)")
+    return [host.name, main["peer"]]
+
+
+def tell_partner(host, vm: str, main: dict, dr_peer: dict) -> None:
     """Tell the partner of ``vm``'s main relationship where its DR host is, after
     checking that it trusts that host (it could not take the link over otherwise)."""
-    main = host.store.relationship(vm)
-    if main is None:
-        return
+    if dr_peer["address"] == main.get("peer_address"):
+        raise Conflict(f"{dr_peer['name']} already holds {vm}'s main replica: a DR link goes "
+                       "to a third host")
     answer = host.client_for_peer(main["peer"], timeout=30).request(
         "POST", f"/v1/peer/relationships/{vm}/dr",
         {"peer": dr_peer["name"], "address": dr_peer["address"],
@@ -80,19 +99,17 @@ def adopt(host, vm: str, replica: str | None = None, resync: bool = True) -> dic
                        "replica holds")
     reason = f"the VM moved to {host.name}: a hash resync settles what is in doubt"
     if rel is None:
+        from .relationship import primary_row
         peer = host.store.peer_by_address(f"{client.host}:{client.port}")
-        host.store.add_relationship({
-            "vm": key, "id": answer["id"], "role": Role.PRIMARY.value, "peer": peer["name"],
-            "peer_address": peer["address"], "state": State.RESYNC_REQUIRED.value,
-            "epoch": int(answer["epoch"]), "frequency": int(answer["frequency"]),
-            "compression": "zstd", "disks": list(answer["disks"]), "excluded": [],
-            "security_tag": answer.get("security_tag", ""),
-            "cycle": int(answer.get("last_applied_cycle", -1)), "bitmap": None,
-            "tracker": "bitmap", "consecutive_failures": 0,
-            "history": int(answer["history"]), "point_interval": int(answer["point_interval"]),
-            "app_every": 0, "resync_window": None, "mode": "periodic", "max_stall": 5.0,
-            "cluster": False, "holders": list(answer.get("holders") or []),
-            "resync_reason": reason, "replicating_since": time.time()})
+        row = primary_row(key, answer["id"], peer, State.RESYNC_REQUIRED, int(answer["epoch"]),
+                          list(answer["disks"]), frequency=int(answer["frequency"]),
+                          security_tag=answer.get("security_tag", ""),
+                          history=int(answer["history"]),
+                          point_interval=int(answer["point_interval"]),
+                          holders=list(answer.get("holders") or []),
+                          resync_reason=reason, replicating_since=time.time())
+        row["cycle"] = int(answer.get("last_applied_cycle", -1))
+        host.store.add_relationship(row)
     else:
         host.store.update_relationship(key, state=State.RESYNC_REQUIRED.value,
                                        epoch=int(answer["epoch"]), resync_reason=reason,

@@ -32,23 +32,12 @@ def enable(host, vm: str, replica: str, frequency: str = "5m", compression: str 
                        + (" by its DR link" if dr else ""),
                        hint=f"use `vmreplica set {key}` to change it, or `vmreplica remove "
                             f"{key}` first")
-    holders = [host.name]
+    main = host.store.relationship(vm) if dr else None
     if dr:
-        main = host.store.relationship(vm)
-        if main is not None and main["role"] != "primary":
-            raise Conflict(f"{vm} is a replica on {host.name}: enable its DR link where it "
-                           f"runs ({main['peer']})")
-        if mode != "periodic":
-            raise UsageError("a DR link replicates periodically (--mode periodic)")
-        if main is not None:
-            holders.append(main["peer"])
-        if main is not None and main.get("mode") == "continuous" and \
-                not getattr(host.driver, "live_views", False):
-            # libvirt's backup job (its only frozen view) is refused beside its mirror.
-            raise UsageError(f"a DR link beside continuous mode needs the qemu driver "
-                             f"({vm} runs on {host.driver.name})",
-                             hint=f"switch {vm} to periodic mode first (`vmreplica set {vm} "
-                                  "--mode periodic`)")
+        from .dr import holders_for
+        holders = holders_for(host, vm, main, mode)
+    else:
+        holders = [host.name]
     freq = parse_frequency(frequency)
     history = dp.validate_history(history)
     interval = dp.parse_interval(point_interval)
@@ -70,13 +59,10 @@ def enable(host, vm: str, replica: str, frequency: str = "5m", compression: str 
     for d in disks:
         _check_disk(vm, d)
     client = host.client_for_address(replica)  # NotTrusted if not paired
-    if dr and host.store.relationship(vm) is not None:
-        main = host.store.relationship(vm)
-        if f"{client.host}:{client.port}" == main.get("peer_address"):
-            raise Conflict(f"{replica} already holds {vm}'s main replica: a DR link goes to a "
-                           "third host")
+    peer = host.store.peer_by_address(f"{client.host}:{client.port}")
+    if main is not None:
         from .dr import tell_partner
-        tell_partner(host, vm, host.store.peer_by_address(f"{client.host}:{client.port}"))
+        tell_partner(host, vm, main, peer)
     desc = host.driver.describe(vm)
     desc["disks"] = [{"name": d.name, "format": d.format, "virtual_size": d.virtual_size}
                      for d in disks]
@@ -87,17 +73,11 @@ def enable(host, vm: str, replica: str, frequency: str = "5m", compression: str 
         "point_interval": interval, "mode": mode, "max_stall": float(max_stall),
         "cluster": cluster, "holders": holders,
     })
-    peer = host.store.peer_by_address(f"{client.host}:{client.port}")
-    rel = {
-        "vm": key, "id": rel_id, "role": Role.PRIMARY.value, "peer": peer["name"],
-        "peer_address": peer["address"], "state": State.READY_FOR_INITIAL.value, "epoch": 1,
-        "frequency": freq, "compression": compression, "disks": [d.name for d in disks],
-        "excluded": exclude, "security_tag": security_tag, "cycle": -1, "bitmap": None,
-        "tracker": "bitmap", "consecutive_failures": 0, "history": history,
-        "point_interval": interval, "app_every": int(app_every),
-        "resync_window": resync_window or None, "mode": mode, "max_stall": float(max_stall),
-        "cluster": cluster, "holders": holders,
-    }
+    rel = primary_row(key, rel_id, peer, State.READY_FOR_INITIAL, 1, [d.name for d in disks],
+                      frequency=freq, compression=compression, excluded=exclude,
+                      security_tag=security_tag, history=history, point_interval=interval,
+                      app_every=int(app_every), resync_window=resync_window or None,
+                      mode=mode, max_stall=float(max_stall), cluster=cluster, holders=holders)
     try:
         host.store.add_relationship(rel)
     except Exception:
@@ -109,6 +89,21 @@ def enable(host, vm: str, replica: str, frequency: str = "5m", compression: str 
                key)
     return {"vm": key, "replica": peer["name"], "state": rel["state"], "holders": holders,
             "replica_heads": answer.get("heads"), "next": f"vmreplica initial {key}"}
+
+
+def primary_row(key: str, rel_id: str, peer: dict, state: State, epoch: int,
+                disks: list[str], **settings) -> dict:
+    """A new primary-side relationship row: no tracking point yet, the settings given
+    (the rest at their defaults)."""
+    row = {"frequency": 300, "compression": "zstd", "excluded": [], "security_tag": "",
+           "history": 4, "point_interval": 3600, "app_every": 0, "resync_window": None,
+           "mode": "periodic", "max_stall": 5.0, "cluster": False, "holders": []}
+    row.update(settings)
+    row.update({"vm": key, "id": rel_id, "role": Role.PRIMARY.value, "peer": peer["name"],
+                "peer_address": peer["address"], "state": state.value, "epoch": epoch,
+                "disks": disks, "cycle": -1, "bitmap": None, "tracker": "bitmap",
+                "consecutive_failures": 0})
+    return row
 
 
 def check_peer(host, vm: str, timeout: float = 10.0) -> dict:
@@ -257,15 +252,14 @@ def remove(host, vm: str, keep_replica: bool = False, force: bool = False) -> di
                               f"remove {vm}` on {rel['peer']})") from None
         remote = "unreachable: not removed there"
     with host.vm_lock(vm):
-        if rel["state"] == State.STANDBY.value:
-            # The VM is a replica here now: its disks belong to the replication into them.
-            try:
-                _drop_bitmaps(host, rel)
-            except OperationError as e:
-                host.event("relationship", f"the DR link's tracking bitmaps stay on the disks "
-                                           f"(they are in use: {e.message})", vm)
-        else:
+        try:
             _drop_bitmaps(host, rel)
+        except OperationError as e:
+            if rel["state"] != State.STANDBY.value:
+                raise
+            # The VM is a replica here now: its disks belong to the replication into them.
+            host.event("relationship", f"the DR link's tracking bitmaps stay on the disks "
+                                       f"(they are in use: {e.message})", vm)
         host.store.remove_relationship(vm)
     host.event("relationship", f"replication removed (replica: {remote})", vm)
     return {"vm": vm, "replica": rel["peer"], "replica_side": remote}

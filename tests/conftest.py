@@ -8,7 +8,9 @@ are shared per session; tests that kill daemons build their own.
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -114,9 +116,96 @@ def pytest_runtest_makereport(item, call):
                     found.append(p)
             except OSError:
                 continue
-    for p in sorted(found, key=lambda p: p.stat().st_mtime)[-10:]:
+    found = sorted(found, key=lambda p: p.stat().st_mtime)[-10:]
+    for p in found:
         try:
             tail = p.read_text(errors="replace").splitlines()[-25:]
         except OSError:
             continue
         rep.sections.append((f"tail of {p}", "\n".join(tail)))
+    # Then what each daemon is doing now (a hang is still hanging) and what it warned of.
+    dumped = _dump_daemon_threads(_LAB_ROOTS)
+    _DIGEST.append(f"{item.nodeid}:")
+    for p in sorted(set(found) | dumped):
+        try:
+            lines = p.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        warned = [ln for ln in lines if (" WARNING " in ln or " ERROR " in ln)
+                  and _stamp(ln) >= since][-6:]
+        busy = _busy_threads(lines) if p in dumped else []
+        if warned or busy:
+            _DIGEST.append(f"  {p}:")
+            _DIGEST.extend(f"    {ln[:300]}" for ln in warned)
+            _DIGEST.extend(f"    thread: {t}" for t in busy[:12])
+
+
+def _stamp(line: str) -> float:
+    try:
+        return time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S"))
+    except ValueError:
+        return 0.0
+
+
+# A failure's digest is printed again at the very end of the run, where a CI excerpt
+# that keeps only the last lines still shows it.
+_DIGEST: list[str] = []
+_FRAME = re.compile(r'\s+File "(.*)", line (\d+) in (.*)')
+
+
+def _dump_daemon_threads(roots: list[Path]) -> set[Path]:
+    """`kill -USR1` every running lab daemon: each appends its threads' stacks to its log.
+    Returns those logs."""
+    logs = set()
+    for root in roots:
+        for pidfile in root.rglob("run/daemon.pid"):
+            try:
+                pid = int(pidfile.read_text().strip())
+                if b"vmreplica" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    continue
+                os.kill(pid, signal.SIGUSR1)
+            except (OSError, ValueError):
+                continue
+            logs.add(pidfile.parent.parent / "daemon.log")
+    if logs:
+        time.sleep(0.5)
+    return logs
+
+
+def _busy_threads(lines: list[str]) -> list[str]:
+    """The threads of the last dump in a daemon log that are inside vmreplica code and
+    not just waiting for work: innermost frame, then the vmreplica frames."""
+    last = max((i for i, ln in enumerate(lines) if ln.startswith("Current thread 0x")),
+               default=None)
+    if last is None:
+        return []
+    start = last
+    while start > 0 and (lines[start - 1].startswith(("Thread 0x", "  File ")) or
+                         not lines[start - 1].strip()):
+        start -= 1
+    end = last + 1
+    while end < len(lines) and lines[end].startswith("  File "):
+        end += 1
+    out, frames = [], []
+    for ln in lines[start:end] + ["Thread end"]:
+        m = _FRAME.match(ln)
+        if m:
+            frames.append((Path(m.group(1)).name, m.group(2), m.group(3), m.group(1)))
+            continue
+        if frames:
+            ours = [f for f in frames if "/vmreplica/" in f[3]]
+            idle = not ours or (ours[0][0], ours[0][2]) in {("scheduler.py", "_loop"),
+                                                            ("daemon.py", "run")}
+            if not idle:
+                inner = frames[0]
+                out.append(f"{inner[2]} ({inner[0]}:{inner[1]}) <- " +
+                           " <- ".join(f"{f[2]} ({f[0]}:{f[1]})" for f in ours[:5]))
+            frames = []
+    return out
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _DIGEST:
+        terminalreporter.write_sep("=", "daemon warnings and busy threads of failed tests")
+        for ln in _DIGEST[-80:]:
+            terminalreporter.write_line(ln)

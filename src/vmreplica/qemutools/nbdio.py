@@ -5,10 +5,14 @@ two cores). Errors become ``OperationError``s that name the export.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections import deque
 from typing import Iterable, Iterator
 
 from ..errors import OperationError, StorageFull
+
+log = logging.getLogger("vmreplica.nbd")
 
 IN_FLIGHT = 16
 STATUS_CHUNK = 1 << 30
@@ -173,9 +177,26 @@ def _write_error(name: str, e, what: str = "writing") -> OperationError:
     return OperationError(f"{what} {name} failed: {e}")
 
 
-def close(h) -> None:
+def close(h, timeout: float = 10.0) -> bool:
+    """Disconnect politely, but never wait more than ``timeout`` for the server to close
+    (``shutdown`` would wait for ever on a server that stopped answering); the socket
+    itself goes with the handle. Returns whether the server closed in time."""
+    import nbd
     try:
-        h.shutdown()
-    except Exception:  # noqa: BLE001 — closing a broken connection is best effort
+        if h.aio_is_closed() or h.aio_is_dead():
+            return True
+        h.aio_disconnect(0)
+        deadline = time.monotonic() + timeout
+        while not (h.aio_is_closed() or h.aio_is_dead()):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning("an NBD server did not close the connection within %.0f s of "
+                            "the disconnect; dropped", timeout)
+                return False
+            h.poll(int(min(left, 1.0) * 1000) or 1)
+    except nbd.Error:        # closing a broken connection is best effort
         pass
+    except Exception:  # noqa: BLE001 — e.g. a handle that never connected
+        pass
+    return True
 

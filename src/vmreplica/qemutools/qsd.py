@@ -50,6 +50,9 @@ def _explain(stderr: str) -> str:
     return last
 
 
+SLOW_QUIT = 5.0      # a quit that takes longer is logged with where its threads wait
+
+
 class StorageDaemon:
     def __init__(self, run_dir: Path, name: str, blockdevs: list[dict],
                  exports: list[dict] | None = None, nbd: bool = True,
@@ -142,7 +145,14 @@ class StorageDaemon:
         if self.qmp is not None:
             self.qmp.close()
         try:
-            self.proc.wait(timeout)
+            try:
+                self.proc.wait(min(SLOW_QUIT, timeout))
+            except subprocess.TimeoutExpired:
+                # Rare: say where it waits while it still waits (a kill would hide it).
+                log.warning("qemu-storage-daemon %s (pid %d) still running %.0f s after quit; "
+                            "its threads: %s", self.name, self.proc.pid, SLOW_QUIT,
+                            _threads(self.proc.pid))
+                self.proc.wait(max(0.0, timeout - SLOW_QUIT))
         except subprocess.TimeoutExpired:
             # Rare (2 CI runs in 12 stops): record where it is stuck before killing it.
             log.warning("qemu-storage-daemon %s (pid %d) did not exit within %.0f s of quit; "

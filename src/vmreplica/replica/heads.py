@@ -23,6 +23,7 @@ from ..qemutools.qsd import StorageDaemon, qcow2_node
 log = logging.getLogger("vmreplica.replica")
 
 IDLE_SECONDS = 120.0
+HEAD_QUIT_SECONDS = 30.0
 
 
 def _short(vm: str) -> str:
@@ -73,7 +74,10 @@ class HeadServer:
         for w in self.writers:
             nbdio.close(w.h)
         self.writers = []
-        self.qsd.close()
+        # Heads hold no bitmaps, and what a cycle wrote is flushed before it is
+        # acknowledged (a kill is a crash the replica recovers from): a quit that hangs
+        # is not waited for long, it would hold the VM's lock (a removal, the next cycle).
+        self.qsd.close(timeout=HEAD_QUIT_SECONDS)
 
 
 class HeadServers:

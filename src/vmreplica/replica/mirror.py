@@ -148,7 +148,10 @@ class MirrorTarget:
             Path(self.chains[disk].pop(1)).unlink(missing_ok=True)
 
     def close(self) -> None:
-        self.qsd.close()
+        # Like a head server: no bitmaps, and the mirror writes through, so a quit that
+        # hangs gets a bounded wait before the kill (it holds the VM's lock).
+        from .heads import HEAD_QUIT_SECONDS
+        self.qsd.close(timeout=HEAD_QUIT_SECONDS)
 
 
 def open_target(host, peer: dict, vm: str) -> dict:

@@ -25,6 +25,7 @@ unit: setup
 bench: setup
 	$(PY) bench/bench_cycle.py --work bench-run/cycle
 	$(PY) bench/bench_continuous.py --work bench-run/continuous
+	$(PY) bench/bench_floor.py
 
 clean:
 	rm -rf $(VENV) guest build demo-run bench-run

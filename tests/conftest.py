@@ -161,7 +161,10 @@ def _dump_daemon_threads(roots: list[Path]) -> set[Path]:
         for pidfile in root.rglob("run/daemon.pid"):
             try:
                 pid = int(pidfile.read_text().strip())
-                if b"vmreplica" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                # That home's daemon itself (a killed daemon's pid may be another's now;
+                # USR1 ends a process that does not handle it).
+                if b"serve" not in cmd or str(pidfile.parent.parent).encode() not in cmd:
                     continue
                 os.kill(pid, signal.SIGUSR1)
             except (OSError, ValueError):

@@ -8,6 +8,7 @@ import os
 import pytest
 
 from vmreplica.errors import IntegrityError
+from vmreplica.qemutools.buffers import BufferPool
 from vmreplica.transport import wire
 
 
@@ -28,15 +29,16 @@ def _stream(compression="zstd", records=None):
     return b"".join(out), w
 
 
-def _read(blob):
-    r = wire.CycleReader(io.BytesIO(blob).read)
+def _read(blob, pool=None):
+    r = wire.CycleReader(io.BytesIO(blob).read, pool=pool)
     return r, r.read_all()
 
 
+@pytest.mark.parametrize("pooled", [False, True])
 @pytest.mark.parametrize("compression", ["zstd", "none"])
-def test_round_trip(compression):
+def test_round_trip(compression, pooled):
     blob, w = _stream(compression)
-    r, recs = _read(blob)
+    r, recs = _read(blob, BufferPool() if pooled else None)
     assert r.header["cycle"] == 3 and r.trailer["records"] == 4
     assert [(x.kind, x.disk, x.offset, x.length) for x in recs] == [
         (wire.Kind.DATA, 0, 0, 65536), (wire.Kind.DATA, 1, 1 << 20, 4096),
@@ -95,3 +97,52 @@ def test_bad_magic_version_and_limits():
     frame = wire.FRAME.pack(wire.Kind.DATA, 0, 0, 3, 512, 512, bytes(32))  # unaligned
     with pytest.raises(IntegrityError, match="invalid extent"):
         _read(head + frame + b"z" * 512)
+
+
+@pytest.mark.parametrize("actual", [65536 + 512, 65536 - 512, 1])
+def test_a_zstd_record_that_does_not_fill_its_extent_exactly_is_rejected(actual):
+    """Decompressing into a pooled buffer of the extent's size: a frame that holds more
+    or less than the extent is an error, never a short or truncated write."""
+    import zstandard
+    from blake3 import blake3
+    data = b"x" * actual
+    packed = zstandard.ZstdCompressor(level=1).compress(data)
+    head = b"{}"
+    blob = (wire.PREAMBLE.pack(wire.MAGIC, wire.VERSION, len(head)) + head +
+            wire.FRAME.pack(wire.Kind.DATA, wire.Codec.ZSTD, 0, 0, 65536, len(packed),
+                            blake3(data[:65536]).digest()) + packed)
+    for pool in (None, BufferPool()):
+        with pytest.raises(IntegrityError, match="decompress"):
+            _read(blob, pool)
+
+
+def test_a_corrupt_zstd_payload_is_rejected_with_the_pool():
+    blob, _ = _stream("zstd", [("data", 0, 0, bytes(range(256)) * 256)])
+    r, _ = _read(blob, BufferPool())
+    start = len(r.head_bytes) + wire.FRAME.size
+    plen = wire.FRAME.unpack(blob[start - wire.FRAME.size:start])[5]
+    assert 0 < plen < 65536
+    for pos in range(start, start + plen):               # every byte of the compressed payload
+        bad = bytearray(blob)
+        bad[pos] ^= 0x40
+        with pytest.raises(IntegrityError):
+            _read(bytes(bad), BufferPool())
+
+
+def test_buffer_pool_reuses_within_its_limit_and_a_returned_view_is_dead():
+    pool = BufferPool(limit=256 << 10)
+    a = pool.get(65536)
+    a[:3] = b"abc"
+    under = a.obj
+    pool.put(a)
+    with pytest.raises(ValueError):
+        a[0]                                   # a view given back cannot be used again
+    b = pool.get(40000)                        # the same 64 KiB class: the same memory
+    assert b.obj is under and len(b) == 40000 and pool.kept == 0
+    c = pool.get(300 << 10)                    # 512 KiB class: above the limit when back
+    pool.put(b)
+    pool.put(c)
+    assert pool.kept == 65536
+    pool.put(memoryview(bytearray(65536)))     # any bytearray of a class size is kept too
+    pool.put(b"bytes")                         # anything else is ignored
+    assert pool.kept == 131072

@@ -19,6 +19,7 @@ from ..domain import extents as ex
 from ..domain.links import is_dr, vm_name
 from ..domain import points as dp
 from ..errors import IntegrityError, OperationError, Superseded, TrackingError, Unreachable
+from ..qemutools.buffers import POOL
 from ..tracking.bitmap import bitmap_prefix
 from ..transport import wire
 
@@ -303,6 +304,7 @@ def _write_seed(path, body, cycle: int) -> dict:
 def _encode(writer: wire.CycleWriter, point, disks: list[str], trailer: dict) -> Iterator[bytes]:
     index = {d: i for i, d in enumerate(disks)}
     parts: list = [writer.begin()]
+    held: list = []         # read buffers sent as they are: given back once joined
     size = raw = 0
     for chunk in point.chunks():
         i = index[chunk.disk]
@@ -311,12 +313,20 @@ def _encode(writer: wire.CycleWriter, point, disks: list[str], trailer: dict) ->
             parts += (frame, payload)
             size += len(frame) + len(payload)
             raw += chunk.length
+            if payload is chunk.data:
+                held.append(chunk.data)
+            else:
+                POOL.put(chunk.data)      # compressed: the read buffer is free again
         else:
             parts.append(writer.zero(i, chunk.offset, chunk.length, trim=chunk.kind == ex.TRIMMED))
             size += wire.FRAME.size
         if size >= SEND_BATCH or raw >= SEND_RAW:
-            yield b"".join(parts)
+            piece = b"".join(parts)
             parts, size, raw = [], 0, 0
+            for b in held:
+                POOL.put(b)
+            held = []
+            yield piece
     parts.append(writer.end(trailer))
     yield b"".join(parts)
 

@@ -70,11 +70,12 @@ def block_status(h, context: str, size: int | None = None) -> list[tuple[int, in
     return runs
 
 
-def read_extents(h, extents: Iterable[tuple[int, int]], depth: int = IN_FLIGHT
-                 ) -> Iterator[tuple[int, int, "object"]]:
+def read_extents(h, extents: Iterable[tuple[int, int]], depth: int = IN_FLIGHT,
+                 pool=None) -> Iterator[tuple[int, int, "object"]]:
     """Yield (offset, length, nbd.Buffer) for each extent, in order, ``depth`` in flight.
 
-    ``buf.to_buffer()`` is the bytearray the data was read into (no copy).
+    ``buf.to_buffer()`` is what the data was read into (no copy): a new bytearray, or a
+    view from ``pool`` (a ``buffers.BufferPool``) that the caller may give back to it.
     """
     import nbd
     queue: deque = deque()
@@ -87,7 +88,7 @@ def read_extents(h, extents: Iterable[tuple[int, int]], depth: int = IN_FLIGHT
             except StopIteration:
                 exhausted = True
                 break
-            buf = nbd.Buffer.from_buffer(bytearray(ln))
+            buf = nbd.Buffer.from_buffer(pool.get(ln) if pool is not None else bytearray(ln))
             try:
                 cookie = h.aio_pread(buf, off)
             except nbd.Error as e:

@@ -17,9 +17,10 @@ from ..domain.patterns import find_authorization
 from ..domain.states import Role, State
 from ..errors import (Conflict, IntegrityError, NotFound, Refused, StorageFull, Superseded,
                       UsageError)
+from ..qemutools import img
+from ..qemutools.buffers import POOL
 from ..transport import wire
 from . import apply as applier
-from ..qemutools import img
 from . import index as rindex
 from . import mirror, points
 from . import store as rstore
@@ -182,7 +183,7 @@ def receive_cycle(host, peer: dict, vm: str, body) -> dict:
     acknowledged; an initial copy (nothing consistent to protect yet) is applied as it
     streams in and the replica counts as seeded only once all of it is verified."""
     rel = _own_relationship(host, peer, vm)
-    reader = wire.CycleReader(body.read)
+    reader = wire.CycleReader(body.read, pool=POOL)
     header = reader.start()
     cycle = _check_header(host, rel, header)
     kind = "initial" if header.get("initial") else "resync" if header.get("resync") else "delta"
@@ -266,6 +267,8 @@ def _receive_delta(host, vm: str, cycle: int, reader: wire.CycleReader, body) ->
     host.store.add_staged(vm, cycle, str(final))
     t_staged = time.monotonic()
     result = _apply(host, vm, cycle, final, kept, reader.trailer, reader.header)
+    for rec in kept or ():
+        POOL.put(rec.payload)      # applied and flushed: the next cycle's buffers
     result.update(receive_seconds=round(t_recv - t_start, 4),
                   stage_seconds=round(t_staged - t_recv, 4),
                   apply_seconds=round(time.monotonic() - t_staged, 4))

@@ -15,6 +15,7 @@ from typing import Iterator
 from ..domain import extents as ex
 from ..errors import TrackingError
 from ..qemutools import nbdio
+from ..qemutools.buffers import POOL
 from .base import Chunk
 
 READ_SIZE = 1 << 20       # data records of at most 1 MiB, aligned
@@ -137,7 +138,7 @@ def plan_chunks(point, disk: str, h, plan) -> Iterator[Chunk]:
     requests in flight, records of at most 1 MiB; data that reads as zero becomes a zero
     record), zero and trim extents as they are."""
     reads = [(o, n) for k, off, ln in plan if k == ex.DATA for o, n in ex.split(off, ln, READ_SIZE)]
-    data = nbdio.read_extents(h, reads)
+    data = nbdio.read_extents(h, reads, pool=POOL)   # the consumer gives the buffers back
     for kind, off, ln in plan:
         if kind != ex.DATA:
             for o, n in ex.split(off, ln, ZERO_SIZE):
@@ -147,6 +148,7 @@ def plan_chunks(point, disk: str, h, plan) -> Iterator[Chunk]:
             o, n, buf = next(data)
             point.read_bytes += n
             if buf.is_zero():
+                POOL.put(buf.to_buffer())
                 yield Chunk(disk, ex.ZEROED, o, n)
             else:
                 yield Chunk(disk, ex.DATA, o, n, buf.to_buffer())

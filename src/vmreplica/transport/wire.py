@@ -143,8 +143,9 @@ class CycleReader:
     ``trailer`` is set once the end frame has been read and checked.
     """
 
-    def __init__(self, read: Callable[[int], bytes]):
+    def __init__(self, read: Callable[[int], bytes], pool=None):
         self._read = read
+        self._pool = pool       # a buffers.BufferPool: records are decompressed into it
         self._hash = _blake3()
         self._digest = self._hash()
         self._zstd = None
@@ -237,11 +238,20 @@ class CycleReader:
             import zstandard
             self._zstd = zstandard.ZstdDecompressor()
         try:
-            out = self._zstd.decompress(payload, max_output_size=length)
+            if self._pool is None:
+                out = self._zstd.decompress(payload, max_output_size=length)
+                got = len(out)
+            else:
+                out = self._pool.get(length)
+                stream = self._zstd.stream_reader(payload, read_across_frames=False)
+                got = stream.readinto(out)
+                if got == length and stream.read(1):
+                    got = length + 1          # more than the extent holds
         except Exception as e:  # noqa: BLE001 — zstandard.ZstdError and friends
             raise IntegrityError(f"record {n}: payload does not decompress: {e}") from None
-        if len(out) != length:
-            raise IntegrityError(f"record {n}: decompressed to {len(out)} bytes, expected {length}")
+        if got != length:
+            what = f"more than {length}" if got > length else str(got)
+            raise IntegrityError(f"record {n}: decompressed to {what} bytes, expected {length}")
         return out
 
     def _finish(self, body: bytes) -> None:

@@ -10,7 +10,8 @@ Stages (each run ``--rounds`` times, median printed):
   decode    parse, zstd, BLAKE3 check of the stream (the replica's CycleReader)
   write     the 1,024 records into a fresh 8 GiB qcow2 head over NBD, then its flush
   touch     first write to 64 MiB of newly mapped memory, against the same memory reused
-            (each cycle allocates its buffers afresh: what that costs on this machine)
+            (what buffers allocated afresh for every cycle would cost on this machine;
+            the daemons reuse theirs: qemutools/buffers.py)
 
 It ends with the sum of the stages (everything in a row) and the overlapped figure the
 cycle's design allows (read+encode beside tls+decode, then write), both without the

@@ -12,6 +12,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -136,7 +137,8 @@ def pytest_runtest_makereport(item, call):
         busy = _busy_threads(lines) if p in dumped else []
         if warned or busy:
             _DIGEST.append(f"  {p}:")
-            _DIGEST.extend(f"    {ln[:300]}" for ln in warned)
+            _DIGEST.extend(f"    {ln[:1500 if 'qemu-storage-daemon' in ln else 300]}"
+                           for ln in warned)
             _DIGEST.extend(f"    thread: {t}" for t in busy[:12])
 
 
@@ -207,8 +209,15 @@ def _busy_threads(lines: list[str]) -> list[str]:
     return out
 
 
-def pytest_terminal_summary(terminalreporter):
-    if _DIGEST:
-        terminalreporter.write_sep("=", "daemon warnings and busy threads of failed tests")
-        for ln in _DIGEST[-80:]:
-            terminalreporter.write_line(ln)
+def pytest_unconfigure(config):
+    """A failure's digest, printed after pytest's last line: a CI excerpt that keeps only
+    the end of the output still shows it (storage-daemon lines last, they matter most)."""
+    if not _DIGEST:
+        return
+    lines = _DIGEST[-60:]
+    key = [ln for ln in lines if "qemu-storage-daemon" in ln]
+    rest = [ln for ln in lines if "qemu-storage-daemon" not in ln]
+    print("=" * 20 + " daemon warnings and busy threads of failed tests " + "=" * 20)
+    for ln in rest[-30:] + key[-10:]:
+        print(ln[:1500])
+    sys.stdout.flush()

@@ -20,6 +20,7 @@ import pytest
 from helpers import images_identical, recent_events, wait_until
 from vmreplica import lab
 from vmreplica.hypervisor.guest import parse_record, read_demo_records
+from vmreplica.hypervisor.qemu import QemuDriver
 
 pytestmark = pytest.mark.e2e
 
@@ -85,8 +86,33 @@ class StallMeter:
             worst = max(worst, s[-1][0] - last_t)
         return worst
 
+    def moved(self, since: float) -> int:
+        s = [seq for t, seq in self.samples if t >= since]
+        return s[-1] - s[0] if s else 0
+
+    def trace(self, since: float) -> str:
+        """The samples (time from ``since``, record), for a failure's message."""
+        return " ".join(f"{t - since:.2f}:{seq}" for t, seq in self.samples if t >= since)
+
     def stop(self):
         self._stop.set()
+
+
+def _run_state(host, vm, driver):
+    """The VM's run state asked of its hypervisor directly (the daemon may be down)."""
+    if driver == "qemu":
+        with QemuDriver(host.home, {}).monitor(vm, timeout=10) as m:
+            return m.execute("query-status")["status"]
+    return subprocess.run(["virsh", "-c", "qemu:///system", "domstate",
+                           f"vmr-{host.name}-{vm}"], capture_output=True, text=True).stdout.strip()
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+        return True
+    except (TypeError, ProcessLookupError):
+        return False
 
 
 def _hang(a, vm, meter, pattern, what):
@@ -163,13 +189,20 @@ def test_primary_daemon_killed_the_mirror_carries_on(pair, driver):
     try:
         os.kill(a.daemon_pid(), signal.SIGKILL)
         t_kill, t0 = time.time(), time.monotonic()
-        time.sleep(3)                                   # no daemon: the guest goes on
-        stall = meter.worst(t0)
+        time.sleep(6)                                   # no daemon: the guest goes on
+        stall, moved = meter.worst(t0), meter.moved(t0)
+        state = _run_state(a, vm, driver)
     finally:
         meter.stop()
-    print(f"worst guest write stall while the primary's daemon was dead: {stall:.2f} s")
-    assert stall < 2.0
-    a.start()
+        if not _alive(a.daemon_pid()):
+            a.start()                                   # (the next tests need it)
+    print(f"worst guest write stall while the primary's daemon was dead: {stall:.2f} s "
+          f"({moved} records in 6 s)")
+    # A dead daemon holds nothing the guest waits for: it runs (not paused), it writes
+    # all along, and no write waits longer than what a slow disk takes (a writethrough
+    # write on the replica), far below the --max-stall bound.
+    assert state == "running", state
+    assert moved >= 20 and stall < 2.5, (stall, moved, meter.trace(t0))
 
     def back():
         if _sync_state(a, vm) != "in_sync":

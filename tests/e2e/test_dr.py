@@ -17,7 +17,7 @@ import pytest
 from helpers import recent_events, wait_until
 from vmreplica import lab
 from vmreplica.hypervisor.guest import read_demo_records
-from vmreplica.qemutools.qmp import Monitor
+from vmreplica.hypervisor.qemu import QemuDriver
 
 pytestmark = pytest.mark.e2e
 
@@ -139,20 +139,18 @@ def test_dr_link_follows_the_vm_and_moves_only_the_differences(sites):
     events = " ".join(e["message"] for e in c.json("events", VM))
     assert "moved from site-a to site-b" in events
 
-    # A daemon that dies while a cycle holds the guest paused (the mark settle() leaves):
-    # the next daemon resumes the guest.
-    pid = b.vm(VM)["pid"]
-    run = b.home / "run"
-    short = next(p.name.split(".")[0] for p in run.glob("*.pid")
-                 if p.read_text().strip() == str(pid))
+    # A daemon that dies while it holds the guest paused (a cycle's settle(), continuous
+    # mode's hand-over: both through the driver's pause mark): the next daemon resumes it.
     os.kill(b.daemon_pid(), signal.SIGKILL)
-    with Monitor(run / f"{short}.qmpc", timeout=10) as m:
-        m.execute("stop")
+    drv = QemuDriver(b.home, {})
+    drv.pause(VM)                                      # what the dead daemon had done
+    with drv.monitor(VM, timeout=10) as m:
         assert m.execute("query-status")["status"] == "paused"
-    (run / f"{short}.paused-by-vmreplica").write_text(VM)
+    assert list((b.home / "run").glob("*.paused-by-vmreplica")), "pause() left no mark"
     b.start()
     assert b.json("vm", "check", VM)["qmp"] == "running"
-    assert any("previous daemon died while a cycle held it paused" in e["message"]
+    assert not list((b.home / "run").glob("*.paused-by-vmreplica"))
+    assert any("previous daemon died while it held the VM paused" in e["message"]
                for e in b.json("events", VM))
     b.run("remove", key)
     a.run("remove", key)                       # standby: removed here, the DR side kept

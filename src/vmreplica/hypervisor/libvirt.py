@@ -75,6 +75,7 @@ in their log (harmless).
 from __future__ import annotations
 
 import grp
+import hashlib
 import json
 import logging
 import os
@@ -865,11 +866,36 @@ class LibvirtDriver:
     # QEMU's BLOCK_JOB_ERROR events reach a planned failover through libvirt-qemu's
     # monitor-event API (see _DomainMonitor), as they do on the qemu driver's monitor.
 
+    def _pause_mark(self, name: str) -> Path:
+        """Present while vmreplica holds the domain paused (continuous mode's hand-over):
+        a daemon that dies meanwhile resumes it at its next start (resume_left_paused)."""
+        return self.run_dir / f"lv-{hashlib.sha1(name.encode()).hexdigest()[:8]}.paused-by-vmreplica"
+
     def pause(self, name: str) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._pause_mark(name).write_text(name)
         self._run_state(name, "pause", lambda dom: dom.suspend())
 
     def resume(self, name: str) -> None:
         self._run_state(name, "resume", lambda dom: dom.resume())
+        self._pause_mark(name).unlink(missing_ok=True)
+
+    def resume_left_paused(self) -> list[str]:
+        """At daemon start: resume the domains a dead daemon left paused."""
+        done = []
+        for mark in self.run_dir.glob("lv-*.paused-by-vmreplica"):
+            name = mark.read_text().strip()
+            try:
+                dom, _, _ = self._load(name)
+                if dom.isActive() and dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+                    dom.resume()
+                    done.append(name)
+            except (HypervisorError, NotFound) as e:
+                log.warning("resuming %s, left paused: %s", name, e)
+            except libvirt.libvirtError as e:
+                log.warning("resuming %s, left paused: %s", name, _lv_error(e))
+            mark.unlink(missing_ok=True)
+        return done
 
     def _run_state(self, name: str, verb: str, fn) -> None:
         dom, _, _ = self._load(name)

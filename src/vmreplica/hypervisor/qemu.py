@@ -388,13 +388,23 @@ class QemuDriver:
             raise Conflict(f"VM {name} is not running")
         return Monitor(self._rt(desc, "qmp2"), timeout=10, connect_timeout=5, oob=True)
 
+    def pause_mark(self, desc: dict) -> Path:
+        """Present while vmreplica holds the guest paused (a cycle's settle(), continuous
+        mode's hand-over): a daemon that dies meanwhile resumes it at its next start
+        (resume_left_paused)."""
+        return self.run_dir / f"{desc['uuid'][:8]}.paused-by-vmreplica"
+
     def pause(self, name: str) -> None:
+        desc = self._load(name)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.pause_mark(desc).write_text(name)
         with self.monitor(name, timeout=30) as m:
             m.execute("stop")
 
     def resume(self, name: str) -> None:
         with self.monitor(name, timeout=30) as m:
             m.execute("cont")
+        self.pause_mark(self._load(name)).unlink(missing_ok=True)
 
     def mirror_start(self, name: str, disks: list[str], target: dict) -> None:
         """Start a write-blocking active mirror of ``disks`` into NBD exports (named after
@@ -499,7 +509,8 @@ class QemuDriver:
     live_views = True
 
     def resume_left_paused(self) -> list[str]:
-        """At daemon start: resume the guests a dead daemon left paused in settle()."""
+        """At daemon start: resume the guests a dead daemon left paused (a cycle's
+        settle(), continuous mode's hand-over: see pause_mark)."""
         done = []
         for mark in self.run_dir.glob("*.paused-by-vmreplica"):
             name = mark.read_text().strip()
@@ -705,9 +716,7 @@ class QemuBlockSession:
                 self._paused_at = None
 
     def _pause_mark(self) -> Path:
-        """Present while settle() holds the guest paused: a daemon that dies meanwhile
-        resumes it at its next start (QemuDriver.resume_left_paused)."""
-        return self.driver.run_dir / f"{self.short}.paused-by-vmreplica"
+        return self.driver.pause_mark(self.desc)
 
     def settle(self, disks: list[str], new: str, tail: str) -> dict[str, Export]:
         """End a live view (see freeze): pause the guest, start ``tail``, stop ``new``,

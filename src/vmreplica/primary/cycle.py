@@ -8,6 +8,7 @@ folds the new bitmap back into the old one, so the next cycle ships everything a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -20,6 +21,7 @@ from ..domain.links import is_dr, vm_name
 from ..domain import points as dp
 from ..errors import IntegrityError, OperationError, Superseded, TrackingError, Unreachable
 from ..qemutools.buffers import POOL
+from ..qemutools.qsd import QuitTimeout
 from ..tracking.bitmap import bitmap_prefix
 from ..transport import wire
 
@@ -69,7 +71,8 @@ def run_cycle(host, vm: str, mode: str = "delta", verify: bool = False,
             remote = None
             if mode == "resync":
                 remote, stats["replica_read_bytes"] = _remote_manifest(host, rel, name)
-            with host.driver.block_session(name) as session:
+            committed: list[bool] = []
+            with _session(host, vm, cycle, name, committed) as session:
                 if since:
                     tracker.prepare(session, disks, since, bitmap_prefix(rel["id"]))
                 kind = _recovery_point_kind(rel, time.time())
@@ -124,6 +127,7 @@ def run_cycle(host, vm: str, mode: str = "delta", verify: bool = False,
                                           last_cycle_at=time.time(),
                                           consecutive_failures=0, last_error=None)
                 point.commit()
+                committed.append(True)
                 if mode != "delta":
                     # A fresh start: whatever tracking this relationship had is superseded.
                     stale = tracker.owned(session, disks, bitmap_prefix(rel["id"])) - \
@@ -149,6 +153,24 @@ def run_cycle(host, vm: str, mode: str = "delta", verify: bool = False,
         store.update_relationship(vm, last_attempt_at=time.time(),
                                   last_cycle_seconds=stats["seconds"])
         return stats
+
+
+@contextlib.contextmanager
+def _session(host, vm: str, cycle: int, name: str, committed: list):
+    """The cycle's block session. A storage daemon that had to be killed when the session
+    closed, once the cycle was committed, costs the change tracking (its bitmaps were not
+    stored: the next cycle finds them missing or in use and resynchronises), not the
+    cycle, which the replica has."""
+    try:
+        with host.driver.block_session(name) as session:
+            yield session
+    except QuitTimeout as e:
+        if not committed:
+            raise
+        log.warning("cycle %d of %s: %s", cycle, vm, e.message)
+        host.event("cycle", f"cycle {cycle} reached the replica, but {e.message}: its "
+                            "change-tracking bitmaps are lost, the next cycle resynchronises",
+                   vm)
 
 
 def _verify(point, disks: list[str], answer: dict) -> list[str]:

@@ -72,9 +72,10 @@ class Daemon:
             log.warning("re-applied %d staged cycle(s) at start-up: %s", len(redone), redone)
         resumed = getattr(host.driver, "resume_left_paused", lambda: [])()
         for vm in resumed:
-            log.warning("resumed %s: the previous daemon died while a cycle held it paused", vm)
-            host.event("daemon", "resumed the VM: the previous daemon died while a cycle "
-                                 "held it paused", vm)
+            log.warning("resumed %s: the previous daemon died while it held the VM paused "
+                        "(a cycle or continuous mode's hand-over)", vm)
+            host.event("daemon", "resumed the VM: the previous daemon died while it held the "
+                                 "VM paused (a cycle or continuous mode's hand-over)", vm)
         h, port = parse_address(host.listen)
         try:
             repl = TLSHTTPServer((h, port), replication_routes(host), host.server_context)

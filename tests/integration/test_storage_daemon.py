@@ -55,3 +55,33 @@ def test_a_daemon_killed_by_someone_else_is_told_apart(qsd):
 def test_a_clean_quit_raises_nothing(qsd):
     qsd.close(timeout=30)
     assert qsd.proc.returncode == 0
+
+
+def test_a_quit_that_never_arrived_is_followed_by_sigterm(qsd, caplog):
+    """As caught in a stress run: `quit` answered but never acted on, the daemon idle in
+    its main loop. After SLOW_QUIT it gets SIGTERM, a clean exit (bitmaps stored)."""
+    qsd.qmp.execute = lambda *a, **k: {}          # the quit is lost on its way
+    with caplog.at_level(logging.WARNING, logger="vmreplica.qsd"):
+        qsd.close(timeout=30)
+    assert qsd.proc.returncode in (0, -15)       # (it exits cleanly on SIGTERM)
+    assert "sending SIGTERM" in " ".join(r.getMessage() for r in caplog.records)
+
+
+
+def test_the_monitor_is_a_connection_the_daemon_made_to_us(qsd):
+    """Client mode: no listening monitor socket is left for anyone to connect to (a
+    client connecting while QEMU set the monitor up was set up twice), and the daemon
+    is fully started (pid file) when start() returns."""
+    assert not qsd.qmp_socket.exists()
+    assert int(qsd.pid_path.read_text()) == qsd.proc.pid
+    assert [n["node-name"] for n in qsd.qmp.execute("query-named-block-nodes")
+            if n["node-name"] == "d0"] == ["d0"]
+    qsd.close(timeout=30)
+    assert qsd.proc.returncode == 0
+
+
+def test_a_daemon_that_cannot_start_says_why(tmp_path):
+    with pytest.raises(HypervisorError) as info:
+        StorageDaemon(tmp_path / "run", "bad", qcow2_node(tmp_path / "missing.qcow2", "d0")).start()
+    assert "missing.qcow2" in info.value.message
+    assert not (tmp_path / "run" / "bad.qmp").exists()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -85,6 +86,7 @@ class StorageDaemon:
         self.pid_path = self.run_dir / f"{name}.qsd.pid"
         self.proc: subprocess.Popen | None = None
         self.qmp: Monitor | None = None
+        self._killed = False             # kill() ended it (on purpose)
 
     def start(self) -> "StorageDaemon":
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -105,32 +107,71 @@ class StorageDaemon:
             args += ["--nbd-server", f"addr.type=unix,addr.path={self.nbd_socket}"]
         for ex in self.exports:
             args += ["--export", json.dumps(ex)]
-        # The monitor comes last: its socket appears once everything before it is set up.
-        args += ["--chardev", f"socket,id=mon,path={self.qmp_socket},server=on,wait=off",
+        # The monitor connects to us (a client-mode chardev, to a socket we listen on):
+        # QEMU sets a QMP monitor up in its I/O thread, and a client that connected to a
+        # listening monitor while that was under way could be set up twice — a stress run
+        # of off-VM cycles saw, about once in a thousand starts, two greetings on one
+        # connection, our commands' bytes reordered ("xeecute"), replies to other
+        # commands, a `quit` never acted on (CI's rare "quit hangs") and the main loop
+        # blocked in accept(). A connection made before the monitor exists has none of it.
+        args += ["--chardev", f"socket,id=mon,path={self.qmp_socket},server=off",
                  "--monitor", "chardev=mon"]
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(self.qmp_socket))
+        listener.listen(1)
         err = open(self.err_path, "w")
         try:
             self.proc = spawn.popen(args, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
                                     close_fds=True)
         except FileNotFoundError:
+            listener.close()
             raise HypervisorError("qemu-storage-daemon is not installed",
                                   hint="run `make setup`") from None
         finally:
             err.close()
+        try:
+            conn = self._accept_monitor(listener)
+        finally:
+            listener.close()
+            self.qmp_socket.unlink(missing_ok=True)
+        try:
+            self.qmp = Monitor(self.qmp_socket, timeout=60, sock=conn)
+            # Ready once the pid file is written: after every chardev, export and NBD
+            # server is set up (a documented order).
+            deadline = time.monotonic() + 30
+            while not self._pid_written():
+                if self.proc.poll() is not None:
+                    raise HypervisorError(f"qemu-storage-daemon failed: "
+                                          f"{_explain(self._stderr())}")
+                if time.monotonic() > deadline:
+                    raise HypervisorError("qemu-storage-daemon did not start within 30 s")
+                time.sleep(0.002)
+        except HypervisorError:
+            self.kill()
+            raise
+        return self
+
+    def _accept_monitor(self, listener: socket.socket) -> socket.socket:
         deadline = time.monotonic() + 30
-        while not self.qmp_socket.exists():
+        listener.settimeout(0.05)
+        while True:
+            try:
+                conn, _ = listener.accept()
+                conn.settimeout(None)
+                return conn
+            except socket.timeout:
+                pass
             if self.proc.poll() is not None:
                 raise HypervisorError(f"qemu-storage-daemon failed: {_explain(self._stderr())}")
             if time.monotonic() > deadline:
                 self.kill()
                 raise HypervisorError("qemu-storage-daemon did not start within 30 s")
-            time.sleep(0.002)
+
+    def _pid_written(self) -> bool:
         try:
-            self.qmp = Monitor(self.qmp_socket, timeout=60)
-        except HypervisorError:
-            self.kill()
-            raise
-        return self
+            return int(self.pid_path.read_text().strip() or 0) == self.proc.pid
+        except (OSError, ValueError):
+            return False
 
     def _stderr(self) -> str:
         try:
@@ -170,14 +211,17 @@ class StorageDaemon:
             except subprocess.TimeoutExpired:
                 if not left(timeout):
                     raise
-                # Rare: say where it waits while it still waits (a kill would hide it).
+                # Rare: say where it waits while it still waits (a kill would hide it),
+                # then ask again with SIGTERM, which it handles like `quit` (bitmaps
+                # stored): a stress run caught one idle in its main loop, as if the quit
+                # had never arrived, that SIGTERM ended at once.
                 log.warning("qemu-storage-daemon %s (pid %d) still running %.0f s after quit; "
-                            "its threads: %s", self.name, self.proc.pid, SLOW_QUIT,
-                            _threads(self.proc.pid))
+                            "its threads: %s; sending SIGTERM", self.name, self.proc.pid,
+                            SLOW_QUIT, _threads(self.proc.pid))
+                self.proc.terminate()
                 self.proc.wait(left(timeout))
         except subprocess.TimeoutExpired:
-            # Rare (about one CI run in two, never reproduced by hand): record where it
-            # is stuck before killing it.
+            # Record where it is stuck before killing it.
             log.warning("qemu-storage-daemon %s (pid %d) did not exit within %.0f s of quit; "
                         "its threads: %s", self.name, self.proc.pid, timeout,
                         _threads(self.proc.pid))
@@ -186,6 +230,8 @@ class StorageDaemon:
                               f"{timeout:.0f} s of quit and was killed")
         rc = self.proc.returncode
         self._cleanup()
+        if self._killed:
+            return              # (killed on purpose earlier: kill())
         if rc is not None and rc < 0 and rc != -15:
             raise HypervisorError(f"qemu-storage-daemon {self.name} was killed by signal "
                                   f"{-rc} (not by vmreplica): {_explain(self._stderr())}")
@@ -194,6 +240,7 @@ class StorageDaemon:
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
+            self._killed = True
             self.proc.kill()
             self.proc.wait()
         if self.qmp is not None:

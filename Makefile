@@ -26,6 +26,7 @@ bench: setup
 	$(PY) bench/bench_cycle.py --work bench-run/cycle
 	$(PY) bench/bench_continuous.py --work bench-run/continuous
 	$(PY) bench/bench_floor.py
+	$(PY) bench/soak_cycles.py --driver libvirt --minutes 3 --work bench-run/soak
 
 clean:
 	rm -rf $(VENV) guest build demo-run bench-run

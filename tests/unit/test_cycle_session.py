@@ -46,3 +46,12 @@ def test_a_kill_before_the_commit_fails_the_cycle():
             pass
     assert host.events == []
 
+
+
+def test_an_error_after_the_commit_is_not_hidden_by_the_kill():
+    host = _Host()
+    with pytest.raises(QuitTimeout) as info:
+        with _session(host, "vm1", 7, "vm1", [True]):
+            raise RuntimeError("releasing the stale bitmaps failed")
+    assert isinstance(info.value.__context__, RuntimeError)
+    assert host.events == []

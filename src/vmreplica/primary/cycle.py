@@ -165,8 +165,8 @@ def _session(host, vm: str, cycle: int, name: str, committed: list):
         with host.driver.block_session(name) as session:
             yield session
     except QuitTimeout as e:
-        if not committed:
-            raise
+        if not committed or e.__context__ is not None:
+            raise               # (before the commit, or beside another error: not hidden)
         log.warning("cycle %d of %s: %s", cycle, vm, e.message)
         host.event("cycle", f"cycle {cycle} reached the replica, but {e.message}: its "
                             "change-tracking bitmaps are lost, the next cycle resynchronises",

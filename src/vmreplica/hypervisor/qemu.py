@@ -710,20 +710,17 @@ class QemuBlockSession:
         if self._paused_at is not None:
             try:
                 self.mon.execute("cont")
-                self._pause_mark().unlink(missing_ok=True)
+                self.driver.pause_mark(self.desc).unlink(missing_ok=True)
             finally:
                 self.paused_seconds += time.monotonic() - self._paused_at
                 self._paused_at = None
-
-    def _pause_mark(self) -> Path:
-        return self.driver.pause_mark(self.desc)
 
     def settle(self, disks: list[str], new: str, tail: str) -> dict[str, Export]:
         """End a live view (see freeze): pause the guest, start ``tail``, stop ``new``,
         and export each disk with ``new``'s dirty map — the blocks written while the live
         view was read, to be read again now; end_pause() (or unexport()) resumes it."""
         if self.mon.execute("query-status").get("status") == "running":
-            self._pause_mark().write_text(self.desc["name"])
+            self.driver.pause_mark(self.desc).write_text(self.desc["name"])
             self.mon.execute("stop")
             self._paused_at = time.monotonic()
         self._transaction(

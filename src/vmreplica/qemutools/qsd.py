@@ -129,30 +129,25 @@ class StorageDaemon:
                                   hint="run `make setup`") from None
         finally:
             err.close()
+        deadline = time.monotonic() + 30
         try:
-            conn = self._accept_monitor(listener)
-        finally:
-            listener.close()
-            self.qmp_socket.unlink(missing_ok=True)
-        try:
+            try:
+                conn = self._accept_monitor(listener, deadline)
+            finally:
+                listener.close()
+                self.qmp_socket.unlink(missing_ok=True)
             self.qmp = Monitor(self.qmp_socket, timeout=60, sock=conn)
             # Ready once the pid file is written: after every chardev, export and NBD
             # server is set up (a documented order).
-            deadline = time.monotonic() + 30
             while not self._pid_written():
-                if self.proc.poll() is not None:
-                    raise HypervisorError(f"qemu-storage-daemon failed: "
-                                          f"{_explain(self._stderr())}")
-                if time.monotonic() > deadline:
-                    raise HypervisorError("qemu-storage-daemon did not start within 30 s")
+                self._still_starting(deadline)
                 time.sleep(0.002)
         except HypervisorError:
             self.kill()
             raise
         return self
 
-    def _accept_monitor(self, listener: socket.socket) -> socket.socket:
-        deadline = time.monotonic() + 30
+    def _accept_monitor(self, listener: socket.socket, deadline: float) -> socket.socket:
         listener.settimeout(0.05)
         while True:
             try:
@@ -160,12 +155,13 @@ class StorageDaemon:
                 conn.settimeout(None)
                 return conn
             except socket.timeout:
-                pass
-            if self.proc.poll() is not None:
-                raise HypervisorError(f"qemu-storage-daemon failed: {_explain(self._stderr())}")
-            if time.monotonic() > deadline:
-                self.kill()
-                raise HypervisorError("qemu-storage-daemon did not start within 30 s")
+                self._still_starting(deadline)
+
+    def _still_starting(self, deadline: float) -> None:
+        if self.proc.poll() is not None:
+            raise HypervisorError(f"qemu-storage-daemon failed: {_explain(self._stderr())}")
+        if time.monotonic() > deadline:
+            raise HypervisorError("qemu-storage-daemon did not start within 30 s")
 
     def _pid_written(self) -> bool:
         try:

@@ -39,6 +39,11 @@ class Client:
                 chunks.append(piece)
         except socket.timeout:
             raise errors.OperationError("the daemon did not answer in time") from None
+        except (ConnectionResetError, BrokenPipeError):
+            # A daemon that closed its socket under us: one stopping, or the previous
+            # daemon of this home still closing while a new one starts.
+            raise errors.OperationError("the daemon closed the connection without an answer",
+                                        hint=f"see {self.home.log}") from None
         finally:
             s.close()
         raw = b"".join(chunks)

@@ -75,3 +75,28 @@ def rebase_unsafe(path: Path | str, backing: Path | str) -> None:
     """Point ``path`` at another backing file whose contents are the same (no data moves)."""
     _run(["qemu-img", "rebase", "-q", "-u", "-f", "qcow2", "-F", "qcow2", "-b", str(backing),
           str(path)], f"rebasing {path} on {backing}")
+
+
+def drop_cached_pages(path: Path | str) -> None:
+    """Ask the kernel to drop the page cache of an image file (clean pages only: what a
+    storage daemon has flushed).
+
+    A replica head keeps whatever was read or written through it in the page cache: an
+    initial copy or a verification read leaves gigabytes of it there, and on this
+    machine's kernel (6.18, ext4) later writes into the same file then run 3 to 4 times
+    slower (64 MiB of scattered 64 KiB writes: 0.17-0.21 s against 0.05 s; measured with
+    a fresh storage daemon on the same file, and restored by dropping the file's pages).
+    A head is written once a cycle and read back only by a verification or a failover,
+    so nothing is lost by not caching it. Best effort: an error here changes nothing.
+    """
+    import os
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

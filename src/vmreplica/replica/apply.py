@@ -39,6 +39,7 @@ def apply_records(records: Iterable[wire.Record], server: HeadServer,
     t1 = time.monotonic()
     for w in writers:
         w.flush()
+    server.drop_cached_pages()   # flushed, so clean: keeps the next cycle's writes fast
     if index is not None:
         index.close()    # fsynced before the cycle is recorded as applied
     stats["write_seconds"] = round(t1 - t0, 4)

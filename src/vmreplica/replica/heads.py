@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from ..errors import OperationError
-from ..qemutools import nbdio
+from ..qemutools import img, nbdio
 from ..qemutools.qsd import StorageDaemon, qcow2_node
 
 log = logging.getLogger("vmreplica.replica")
@@ -60,6 +60,7 @@ class HeadServer:
             return scan.manifest(h, h.get_size())
         finally:
             nbdio.close(h)
+            img.drop_cached_pages(self.heads[i])    # a whole head read: see drop_cached_pages
 
     def fill_unknown(self, i: int, digests: bytes, blocks: list[int]) -> bytes:
         """``digests`` with the given blocks' digests computed from head ``i``."""
@@ -69,6 +70,12 @@ class HeadServer:
             return scan.fill(h, h.get_size(), digests, blocks)
         finally:
             nbdio.close(h)
+            img.drop_cached_pages(self.heads[i])
+
+    def drop_cached_pages(self) -> None:
+        """After a flush: the heads' pages leave the page cache (img.drop_cached_pages)."""
+        for head in self.heads:
+            img.drop_cached_pages(head)
 
     def close(self) -> None:
         for w in self.writers:

@@ -58,7 +58,7 @@ def stage_read(work: Path, img: Path, extents) -> tuple[float, list]:
     try:
         h = nbdio.connect(qsd.nbd_socket, "n")
         t = time.perf_counter()
-        bufs = [(off, buf.to_buffer()) for off, _, buf in nbdio.read_extents(h, extents)]
+        bufs = [(off, buf) for off, _, buf in nbdio.read_extents(h, extents)]
         took = time.perf_counter() - t
         nbdio.close(h)
     finally:

@@ -281,8 +281,7 @@ class Continuous:
             waited = now - m.probe_sent
             return waited if waited > stall * 0.6 else 0.0
         if now - m.last_probe >= PROBE_EVERY:
-            import nbd
-            m.probe_cookie = m.probe.aio_pread(nbd.Buffer(512), 0)
+            m.probe_cookie = m.probe.aio_pread(bytearray(512), 0)
             m.probe_sent = m.last_probe = now
         return 0.0
 

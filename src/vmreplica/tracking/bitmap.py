@@ -147,11 +147,11 @@ def plan_chunks(point, disk: str, h, plan) -> Iterator[Chunk]:
         for _ in ex.split(off, ln, READ_SIZE):
             o, n, buf = next(data)
             point.read_bytes += n
-            if buf.is_zero():
-                POOL.put(buf.to_buffer())
+            if nbdio.is_zero(buf):
+                POOL.put(buf)
                 yield Chunk(disk, ex.ZEROED, o, n)
             else:
-                yield Chunk(disk, ex.DATA, o, n, buf.to_buffer())
+                yield Chunk(disk, ex.DATA, o, n, buf)
 
 
 def tail_chunks(point) -> Iterator[Chunk]:

@@ -60,10 +60,10 @@ def _blocks(h, size: int, block: int) -> Iterator[tuple[bool, memoryview | bytes
         if cur is None or off >= cur[0] + cur[1]:
             cur = next(pending)
         at = off - cur[0]
-        if cur[2].is_zero(at, n):
+        if nbdio.is_zero(cur[2], at, n):
             yield True, _zeros(n)
         else:
-            yield False, memoryview(cur[2].to_buffer())[at:at + n]
+            yield False, memoryview(cur[2])[at:at + n]
 
 
 _ZEROS = bytes(BLOCK)
@@ -78,9 +78,8 @@ def fill(h, size: int, digests: bytes, blocks: list[int], block: int = BLOCK) ->
     out = bytearray(digests)
     reads = [(i * block, min(block, size - i * block)) for i in blocks]
     for (off, n, buf), i in zip(nbdio.read_extents(h, reads), blocks):
-        data = buf.to_buffer()
-        out[i * DIGEST:(i + 1) * DIGEST] = zero_digest(n) if buf.is_zero() else \
-            blake3(data).digest(DIGEST)
+        out[i * DIGEST:(i + 1) * DIGEST] = zero_digest(n) if nbdio.is_zero(buf) else \
+            blake3(buf).digest(DIGEST)
     return bytes(out)
 
 

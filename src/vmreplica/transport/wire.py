@@ -131,6 +131,7 @@ class Record:
     offset: int
     length: int
     payload: bytes | None = None  # uncompressed and verified, DATA only
+    check: bytes | None = None    # the verified BLAKE3 digest of ``payload`` (32 bytes)
 
     def data(self) -> bytes:
         return self.payload if self.payload is not None else b""
@@ -231,7 +232,7 @@ class CycleReader:
                 raise IntegrityError(f"record {n} (disk {disk}, offset {offset}): checksum "
                                      "mismatch; the cycle is rejected")
             self.raw_bytes += length
-            yield Record(Kind.DATA, disk, offset, length, payload)
+            yield Record(Kind.DATA, disk, offset, length, payload, check)
 
     def _decompress(self, payload: bytes, length: int, n: int) -> bytes:
         if self._zstd is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -77,8 +78,8 @@ def rebase_unsafe(path: Path | str, backing: Path | str) -> None:
           str(path)], f"rebasing {path} on {backing}")
 
 
-def drop_cached_pages(path: Path | str) -> None:
-    """Ask the kernel to drop the page cache of an image file (clean pages only: what a
+def drop_cached_pages(*paths: Path | str) -> None:
+    """Ask the kernel to drop the page cache of image files (clean pages only: what a
     storage daemon has flushed).
 
     A replica head keeps whatever was read or written through it in the page cache: an
@@ -89,14 +90,14 @@ def drop_cached_pages(path: Path | str) -> None:
     A head is written once a cycle and read back only by a verification or a failover,
     so nothing is lost by not caching it. Best effort: an error here changes nothing.
     """
-    import os
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)

@@ -74,8 +74,7 @@ class HeadServer:
 
     def drop_cached_pages(self) -> None:
         """After a flush: the heads' pages leave the page cache (img.drop_cached_pages)."""
-        for head in self.heads:
-            img.drop_cached_pages(head)
+        img.drop_cached_pages(*self.heads)
 
     def close(self) -> None:
         for w in self.writers:

@@ -250,8 +250,8 @@ def _receive_delta(host, vm: str, cycle: int, reader: wire.CycleReader, body) ->
     # cycle's writes 3-4x slower (qemutools.img.drop_cached_pages). Off this thread: it
     # costs up to 0.1 s for a head read whole, and the receive mostly waits on the primary.
     rel = host.store.relationship(vm)
-    settle = threading.Thread(target=_drop_cached_pages, name=f"uncache-{vm}", daemon=True,
-                              args=(rstore.heads(rel["chains"], rel["disks"]),))
+    settle = threading.Thread(target=img.drop_cached_pages, name=f"uncache-{vm}", daemon=True,
+                              args=rstore.heads(rel["chains"], rel["disks"]))
     settle.start()
     try:
         with open(part, "wb") as f:
@@ -284,11 +284,6 @@ def _receive_delta(host, vm: str, cycle: int, reader: wire.CycleReader, body) ->
                   stage_seconds=round(t_staged - t_recv, 4),
                   apply_seconds=round(time.monotonic() - t_staged, 4))
     return {"vm": vm, "cycle": cycle, "applied": True, **result}
-
-
-def _drop_cached_pages(heads: list[str]) -> None:
-    for head in heads:
-        img.drop_cached_pages(head)
 
 
 def apply_settings(host, peer: dict, vm: str, body: dict) -> dict:

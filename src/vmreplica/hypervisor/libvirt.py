@@ -74,6 +74,7 @@ in their log (harmless).
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import hashlib
 import json
@@ -98,7 +99,7 @@ from ..errors import Conflict, HypervisorError, NotFound, TrackingError, UsageEr
 from ..qemutools import img
 from ..qemutools.qmp import QMPError
 from ..qemutools.qsd import StorageDaemon, qcow2_node
-from .base import BitmapInfo, DiskInfo, Export, VMInfo, active_mirror
+from .base import QUIET_CANCEL_GUARD, BitmapInfo, DiskInfo, Export, VMInfo, active_mirror
 from .guest import guest_files
 
 log = logging.getLogger("vmreplica.libvirt")
@@ -1020,31 +1021,77 @@ class LibvirtDriver:
     def mirror_stop(self, name: str, disks: list[str]) -> None:
         dom, _, vm = self._load(name)
         if self._active(dom):
-            for d in disks:
-                try:
-                    _passthrough(dom, "block-job-cancel", {"device": f"mirror-{d}",
-                                                           "force": True})
-                except HypervisorError:
-                    pass
-            deadline = time.monotonic() + 15
-            while time.monotonic() < deadline:
-                try:
-                    jobs = _passthrough(dom, "query-block-jobs")
-                except HypervisorError:
-                    break
-                if not any(j.get("device", "").startswith("mirror-") for j in jobs):
-                    break
-                if time.monotonic() > deadline - 10:
-                    self._stop_relay(name, self._relay_dir(vm))   # a job stuck on it
-                time.sleep(0.05)
-            for d in disks:
-                try:
-                    _passthrough(dom, "blockdev-del", {"node-name": f"vmr-mt-{d}"})
-                except HypervisorError:
-                    pass
+            with self._guest_quiet(name, dom):
+                self._end_jobs(name, dom, vm, disks)
         self._stop_relay(name, self._relay_dir(vm))
         with self._lock:
             self._targets.pop(name, None)
+
+    @contextlib.contextmanager
+    def _guest_quiet(self, name: str, dom: libvirt.virDomain):
+        """The guest paused, its I/O drained, while its mirror jobs end (see
+        base.QUIET_CANCEL); a pause held up by a replica that hangs is freed by cutting
+        the relay (the waiting writes complete, the jobs stop with an error; the tracking
+        bitmap has those writes). A guest that cannot be paused has its jobs ended as
+        they are."""
+        try:
+            jobs = self.mirror_status(name)
+            running = dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+        except (HypervisorError, libvirt.libvirtError):
+            jobs, running = {}, False
+        if not jobs or not running:
+            yield
+            return
+        cut = threading.Timer(QUIET_CANCEL_GUARD, self._cut_relay, (name,))
+        cut.start()
+        paused = time.monotonic()
+        try:
+            self.pause(name)
+            held = True
+        except HypervisorError as e:
+            log.warning("ending the mirror of %s without a pause: %s", name, e.message)
+            self._pause_mark(name).unlink(missing_ok=True)
+            held = False
+        finally:
+            cut.cancel()
+        try:
+            yield
+        finally:
+            if held:
+                self.resume(name)
+                log.info("%s was paused %.3f s while its mirror jobs ended", name,
+                         time.monotonic() - paused)
+
+    def _cut_relay(self, name: str) -> None:
+        relay = self._relays.get(name)
+        if relay is not None:
+            log.warning("pausing %s to end its mirror waited %.0f s on the replica: the "
+                        "relay is cut", name, QUIET_CANCEL_GUARD)
+            relay.kill()
+
+    def _end_jobs(self, name: str, dom: libvirt.virDomain, vm: _VM, disks: list[str]) -> None:
+        for d in disks:
+            try:
+                _passthrough(dom, "block-job-cancel", {"device": f"mirror-{d}",
+                                                       "force": True})
+            except HypervisorError:
+                pass
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                jobs = _passthrough(dom, "query-block-jobs")
+            except HypervisorError:
+                break
+            if not any(j.get("device", "").startswith("mirror-") for j in jobs):
+                break
+            if time.monotonic() > deadline - 10:
+                self._stop_relay(name, self._relay_dir(vm))   # a job stuck on it
+            time.sleep(0.05)
+        for d in disks:
+            try:
+                _passthrough(dom, "blockdev-del", {"node-name": f"vmr-mt-{d}"})
+            except HypervisorError:
+                pass
 
     def _stop_relay(self, name: str, relay_dir: Path) -> None:
         with self._lock:

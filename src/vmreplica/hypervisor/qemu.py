@@ -13,6 +13,7 @@ finds it again by its pid file and uuid. The accelerator is `kvm`, `tcg` or `aut
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 import uuid as uuidlib
 from pathlib import Path
@@ -28,7 +30,7 @@ from ..errors import Conflict, HypervisorError, NotFound, UsageError
 from ..qemutools import img
 from ..qemutools.qmp import Monitor
 from ..qemutools.qsd import StorageDaemon, qcow2_node
-from .base import BitmapInfo, DiskInfo, Export, VMInfo, active_mirror
+from .base import QUIET_CANCEL_GUARD, BitmapInfo, DiskInfo, Export, VMInfo, active_mirror
 from .guest import guest_files
 
 log = logging.getLogger("vmreplica.qemu")
@@ -211,6 +213,9 @@ class QemuDriver:
                 "-uuid", desc["uuid"], "-machine", f"pc,accel={accel}", "-m", str(desc["memory_mb"]),
                 "-smp", "1", "-nodefaults", "-display", "none", "-no-user-config",
                 "-daemonize", "-pidfile", str(self._rt(desc, "pid")),
+                # Daemonized, QEMU's stderr goes to /dev/null unless -D names a log: an
+                # abort's last words (a failed assertion, glibc's heap checks) land here.
+                "-D", str(self._dir(desc["name"]) / "qemu.log"),
                 "-chardev", f"socket,id=qmp,path={self._rt(desc, 'qmp')},server=on,wait=off",
                 "-mon", "chardev=qmp,mode=control",
                 # A second monitor for the continuous-mode watchdog (out-of-band capable).
@@ -256,8 +261,9 @@ class QemuDriver:
             if not Path(d["path"]).exists():
                 raise HypervisorError(f"disk {d['name']} of {name} is missing: {d['path']}")
         console = self._dir(name) / "console.log"
-        if console.exists() and console.stat().st_size > (8 << 20):
-            console.unlink()
+        for log_file in (console, self._dir(name) / "qemu.log"):
+            if log_file.exists() and log_file.stat().st_size > (8 << 20):
+                log_file.unlink()
         saved = self.saved_state(name)
         command = self._command(desc) + (["-incoming", "defer"] if saved else [])
         proc = subprocess.run(command, capture_output=True, text=True)
@@ -268,7 +274,8 @@ class QemuDriver:
                 reason += " (a replication cycle or another process holds the disk)"
             raise HypervisorError(f"QEMU could not start {name}: {reason}")
         if not self._pid(desc):
-            raise HypervisorError(f"QEMU started {name} but exited at once; see {console}")
+            raise HypervisorError(f"QEMU started {name} but exited at once; see {console} "
+                                  f"and {self._dir(name) / 'qemu.log'}")
         if saved:
             self._restore(name, saved)
 
@@ -459,7 +466,64 @@ class QemuDriver:
         if not self._pid(desc):
             return
         with self.monitor(name, timeout=30) as m:
-            self._mirror_teardown(m, disks)
+            with self._guest_quiet(name, desc, m):
+                self._mirror_teardown(m, disks)
+
+    @contextlib.contextmanager
+    def _guest_quiet(self, name: str, desc: dict, m: Monitor):
+        """The guest paused, its I/O drained, while its mirror jobs end (see
+        base.QUIET_CANCEL); a pause held up by a replica that hangs is freed by yanking
+        the mirror's connections through the out-of-band monitor (opened first: once
+        the main loop drains, a new monitor would not get its greeting). A guest that
+        cannot be paused has its jobs ended as they are."""
+        jobs = [j for j in m.execute("query-block-jobs")
+                if j.get("device", "").startswith("mirror-")]
+        if not jobs or m.execute("query-status").get("status") != "running":
+            yield
+            return
+        nodes = [f"mt-{j['device'][len('mirror-'):]}" for j in jobs]
+        try:
+            oob = self.watch_monitor(name)
+        except (HypervisorError, Conflict, OSError) as e:
+            log.warning("no out-of-band monitor to guard the pause of %s: %s", name, e)
+            oob = None
+        cut = threading.Timer(QUIET_CANCEL_GUARD, self._cut_mirror, (name, oob, nodes))
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.pause_mark(desc).write_text(name)
+        paused = time.monotonic()
+        try:
+            if oob is not None:
+                cut.start()
+            m.execute("stop")
+            held = True
+        except HypervisorError as e:
+            log.warning("ending the mirror of %s without a pause: %s", name, e.message)
+            self.pause_mark(desc).unlink(missing_ok=True)
+            held = False
+        finally:
+            cut.cancel()
+            if oob is not None:
+                if cut.is_alive():
+                    cut.join()
+                oob.close()
+        try:
+            yield
+        finally:
+            if held:
+                m.execute("cont")
+                self.pause_mark(desc).unlink(missing_ok=True)
+                log.info("%s was paused %.3f s while its mirror jobs ended", name,
+                         time.monotonic() - paused)
+
+    @staticmethod
+    def _cut_mirror(name: str, oob: Monitor, nodes: list[str]) -> None:
+        log.warning("pausing %s to end its mirror waited %.0f s on the replica: its "
+                    "connections are yanked", name, QUIET_CANCEL_GUARD)
+        try:
+            oob.execute_oob("yank", {"instances": [{"type": "block-node", "node-name": n}
+                                                   for n in nodes]})
+        except (HypervisorError, OSError) as e:
+            log.warning("yanking the mirror of %s: %s", name, e)
 
     def _mirror_teardown(self, m: Monitor, disks: list[str]) -> None:
         for disk in disks:

@@ -353,12 +353,14 @@ class Continuous:
             jobs = {}
         if m.yanked or not all(d in jobs for d in rel["disks"]) or \
                 m.resume_tries >= RESUME_TRIES:
-            # The jobs cannot come back: start afresh from the tracking bitmap.
+            # The jobs cannot come back: start afresh from the tracking bitmap (the
+            # watchdog's monitor closed first: ending the jobs may need it, see
+            # hypervisor/base.py QUIET_CANCEL).
+            m.close()
             try:
                 host.driver.mirror_stop(vm, rel["disks"])
             except Exception:  # noqa: BLE001
                 pass
-            m.close()
             self._start(vm)
             return
         if m.resume_tries == 0:

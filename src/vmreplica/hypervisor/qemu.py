@@ -5,6 +5,7 @@ over QMP. No other daemon needed.
     HOME/vms/NAME/diskN.qcow2     disks made by `vm create` (a replica's disks live in
                                   the replica store instead; vm.json points at them)
     HOME/run/<id>.{qmp,qga,pid,nbd}, HOME/vms/NAME/console.log   runtime files
+    HOME/vms/NAME/qemu.log        QEMU's own messages (its stderr once daemonized)
 
 A VM keeps running when the daemon stops or dies (as with any hypervisor); the daemon
 finds it again by its pid file and uuid. The accelerator is `kvm`, `tcg` or `auto`:

@@ -194,6 +194,30 @@ def test_hung_then_dead_replica_never_stall_the_guest(pair, driver):
               f"{switch_stall:.2f} s")
         assert switch_stall < QUIET_CANCEL_GUARD + 2, meter.trace(t2)
         assert _run_state(a, vm, driver) == "running"
+        # Again with a watchdog worker held by the hung replica (a recovery point, due
+        # every 3 s, waits on it) and a bound the watchdog does not reach first (30 s):
+        # the switch cuts the mirror after QUIET_CANCEL_GUARD instead of waiting for the
+        # worker (up to 60 s) while the guest's writes wait too.
+        a.run("set", vm, "--mode", "continuous", "--max-stall", "30", "--point-interval", "3s")
+        _wait("in_sync again", lambda: _sync_state(a, vm) == "in_sync", timeout=90,
+              explain=lambda: recent_events(a, vm))
+        procs = [int(p) for p in subprocess.run(["pgrep", "-f", f"{b.home}/run/mt-"],
+                                                capture_output=True, text=True).stdout.split()]
+        t3 = time.monotonic()
+        _signal_all(procs, signal.SIGSTOP)
+        go_on = threading.Timer(15, _signal_all, (procs, signal.SIGCONT))
+        go_on.start()
+        try:
+            time.sleep(4)                               # a recovery point is under way
+            a.run("set", vm, "--mode", "periodic", timeout=90)
+        finally:
+            go_on.join()
+        time.sleep(1)
+        worker_stall = meter.worst(t3)
+        print(f"worst guest write stall switching to periodic with a hung replica and a "
+              f"worker waiting on it: {worker_stall:.2f} s")
+        assert worker_stall < 4 + QUIET_CANCEL_GUARD + 2.5, meter.trace(t3)
+        assert _run_state(a, vm, driver) == "running"
     finally:
         meter.stop()
     a.run("vm", "stop", vm)

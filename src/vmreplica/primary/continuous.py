@@ -32,6 +32,7 @@ import time
 
 from ..domain import points as dp
 from ..errors import OperationError, Superseded, VmreplicaError
+from ..hypervisor.base import QUIET_CANCEL_GUARD
 from ..tracking.bitmap import bitmap_prefix
 
 log = logging.getLogger("vmreplica.continuous")
@@ -396,12 +397,19 @@ class Continuous:
         host = self.host
         self._stopping.add(vm)
         try:
+            rel = host.store.relationship(vm)
             m = self.mirrors.pop(vm, None)
             if m is not None:
                 if m.worker is not None:
-                    m.worker.join(60)
+                    m.worker.join(QUIET_CANCEL_GUARD)
+                    if m.worker.is_alive():
+                        # A worker held by a replica that hangs (a bitmap change drains
+                        # the disk's I/O, a recovery point waits on the replica): the
+                        # watchdog no longer guards this VM, so cut the mirror here — the
+                        # guest's waiting writes complete, the bitmap has them.
+                        self._cut(m, vm, rel)
+                        m.worker.join(60)
                 m.close()
-            rel = host.store.relationship(vm)
             try:
                 host.driver.mirror_stop(vm, rel["disks"])
             except Exception as e:  # noqa: BLE001
@@ -410,6 +418,20 @@ class Continuous:
             host.store.update_relationship(vm, sync_state=None, sync_reason=None)
         finally:
             self._stopping.discard(vm)
+
+    def _cut(self, m: _Mirror, vm: str, rel: dict) -> None:
+        mon = m.mon
+        try:
+            if mon is None:
+                mon = self.host.driver.watch_monitor(vm)
+            self.host.driver.mirror_yank(mon, rel["disks"])
+            log.warning("ending the mirror of %s: a worker waited %.0f s on the replica; "
+                        "the mirror was cut", vm, QUIET_CANCEL_GUARD)
+        except Exception as e:  # noqa: BLE001 — the paused cancel has its own guard
+            log.warning("cutting the mirror of %s: %s", vm, getattr(e, "message", e))
+        finally:
+            if mon is not None and mon is not m.mon:
+                mon.close()
 
     def status(self, vm: str) -> str | None:
         rel = self.host.store.relationship(vm)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import Conflict, UsageError
@@ -21,9 +20,26 @@ _NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,62}[A-Za-z0-9])?$")
 MAX_SOCKET_PATH = 107
 
 
-@dataclass(frozen=True)
 class Home:
-    root: Path
+    """A home, by its absolute root. (A plain class, not a dataclass: every CLI call
+    builds one, and importing dataclasses cost 4 ms of each.)"""
+
+    __slots__ = ("root",)
+
+    def __init__(self, root: Path):
+        object.__setattr__(self, "root", Path(root))
+
+    def __setattr__(self, name, value):
+        raise AttributeError("Home is immutable")
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Home) and other.root == self.root
+
+    def __hash__(self) -> int:
+        return hash(self.root)
+
+    def __repr__(self) -> str:
+        return f"Home(root={self.root!r})"
 
     @classmethod
     def resolve(cls, value: str | None) -> "Home":

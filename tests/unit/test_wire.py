@@ -146,3 +146,15 @@ def test_buffer_pool_reuses_within_its_limit_and_a_returned_view_is_dead():
     pool.put(memoryview(bytearray(65536)))     # any bytearray of a class size is kept too
     pool.put(b"bytes")                         # anything else is ignored
     assert pool.kept == 131072
+
+
+@pytest.mark.parametrize("compression", ["zstd", "none"])
+def test_data_that_reads_as_zero_travels_as_a_zero_record(compression):
+    blob, w = _stream(compression, [("data", 0, 0, bytes(65536)),
+                                    ("data", 0, 65536, b"\0" * 4095 + b"\1")])
+    r, recs = _read(blob)
+    assert [(x.kind, x.offset, x.length) for x in recs] == [
+        (wire.Kind.ZERO, 0, 65536), (wire.Kind.DATA, 65536, 4096)]
+    assert recs[0].payload is None and recs[1].payload == b"\0" * 4095 + b"\1"
+    assert w.zero_bytes == 65536 and w.raw_bytes == 4096
+    assert r.trailer["records"] == 2

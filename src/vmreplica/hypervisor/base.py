@@ -87,6 +87,11 @@ class Export:
     name: str
     size: int
     bitmap_context: str | None = None
+    # The image file the export serves as it is at rest (a powered-off VM's disk under a
+    # storage daemon: nothing writes it while the view exists), and its format: its data
+    # may then be read from the file directly (qemutools.imagemap). None for live views.
+    image: str | None = None
+    image_format: str | None = None
 
 
 class Driver(Protocol):

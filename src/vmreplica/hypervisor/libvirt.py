@@ -1595,7 +1595,8 @@ class LibvirtBlockSession:
                 self._exports.append(f"exp-{x}")
                 size = int(nodes[x].get("image", {}).get("virtual-size") or d.virtual_size)
                 exports[x] = Export(self.nbd_socket, d.target, size,
-                                    f"qemu:dirty-bitmap:backup-{d.target}" if since else None)
+                                    f"qemu:dirty-bitmap:backup-{d.target}" if since else None,
+                                    image=d.path, image_format=d.format)
         except BaseException:
             self.unexport()
             raise

@@ -677,6 +677,7 @@ class QemuBlockSession:
         self.short = desc["uuid"][:8]
         self.sizes = {d["name"]: int(d["virtual_size"]) for d in desc["disks"]}
         self.formats = {d["name"]: d["format"] for d in desc["disks"]}
+        self.paths = {d["name"]: d["path"] for d in desc["disks"]}
         self.qsd: StorageDaemon | None = None
         self._exports: list[str] = []
         self._fleece: list[str] = []
@@ -767,8 +768,11 @@ class QemuBlockSession:
             args["bitmaps"] = [bitmap]
         self.mon.execute("block-export-add", args)
         self._exports.append(f"exp-{name}")
+        at_rest = not self.running            # the storage daemon serves the image as is
         return Export(self.nbd_socket, name, self.sizes[disk],
-                      f"qemu:dirty-bitmap:{bitmap}" if bitmap else None)
+                      f"qemu:dirty-bitmap:{bitmap}" if bitmap else None,
+                      image=self.paths[disk] if at_rest else None,
+                      image_format=self.formats[disk] if at_rest else None)
 
     def end_pause(self) -> None:
         """Resume a guest settle() paused (unexport() does too, whatever happened)."""

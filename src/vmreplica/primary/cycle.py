@@ -332,13 +332,18 @@ def _encode(writer: wire.CycleWriter, point, disks: list[str], trailer: dict) ->
         i = index[chunk.disk]
         if chunk.kind == ex.DATA:
             frame, payload = writer.data_frame(i, chunk.offset, chunk.data)
-            parts += (frame, payload)
-            size += len(frame) + len(payload)
-            raw += chunk.length
-            if payload is chunk.data:
-                held.append(chunk.data)
+            if payload is None:                   # it read as zeros: a ZERO record
+                parts.append(frame)
+                size += len(frame)
+                POOL.put(chunk.data)
             else:
-                POOL.put(chunk.data)      # compressed: the read buffer is free again
+                parts += (frame, payload)
+                size += len(frame) + len(payload)
+                raw += chunk.length
+                if payload is chunk.data:
+                    held.append(chunk.data)
+                else:
+                    POOL.put(chunk.data)  # compressed: the read buffer is free again
         else:
             parts.append(writer.zero(i, chunk.offset, chunk.length, trim=chunk.kind == ex.TRIMMED))
             size += wire.FRAME.size

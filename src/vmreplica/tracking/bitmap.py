@@ -14,7 +14,7 @@ from typing import Iterator
 
 from ..domain import extents as ex
 from ..errors import TrackingError
-from ..qemutools import nbdio
+from ..qemutools import imagemap, nbdio
 from ..qemutools.buffers import POOL
 from .base import Chunk
 
@@ -68,6 +68,7 @@ class BitmapPoint:
         self.session, self.disks, self.since, self.new = session, disks, since, new
         self.exports = session.freeze(disks, since, new)
         self.handles: dict[str, object] = {}
+        self.readers: dict[str, imagemap.ImageReader] = {}
         self.read_bytes = 0
         self.plan: dict[str, list[tuple[str, int, int]]] = {}
         try:
@@ -83,6 +84,10 @@ class BitmapPoint:
                 else:  # initial copy: allocated data only (the replica starts empty)
                     self.plan[disk] = [p for p in ex.classify([(0, e.size)], alloc)
                                        if p[0] == ex.DATA]
+                if e.image:    # an image at rest: its data may be read from its file
+                    reader = imagemap.open_image(e.image, e.image_format or "raw")
+                    if reader is not None:
+                        self.readers[disk] = reader
         except BaseException:
             self.close()
             try:
@@ -114,6 +119,9 @@ class BitmapPoint:
         for h in self.handles.values():
             nbdio.close(h)
         self.handles = {}
+        for r in self.readers.values():
+            r.close()
+        self.readers = {}
         self.session.unexport()
 
     def commit(self) -> None:
@@ -135,10 +143,16 @@ class BitmapPoint:
 
 def plan_chunks(point, disk: str, h, plan) -> Iterator[Chunk]:
     """The chunks of a plan of (kind, offset, length) extents: data read from ``h`` (16
-    requests in flight, records of at most 1 MiB; data that reads as zero becomes a zero
-    record), zero and trim extents as they are."""
+    requests in flight, chunks of at most 1 MiB; the wire writer sends data that reads as
+    zero as a zero record), zero and trim extents as they are."""
     reads = [(o, n) for k, off, ln in plan if k == ex.DATA for o, n in ex.split(off, ln, READ_SIZE)]
-    data = nbdio.read_extents(h, reads, pool=POOL)   # the consumer gives the buffers back
+    reader = getattr(point, "readers", {}).get(disk)
+    if reader is not None:      # an image at rest: from its file where QEMU maps it plainly
+        data = imagemap.read_extents(reader, reads,
+                                     lambda rest: nbdio.read_extents(h, rest, pool=POOL),
+                                     pool=POOL)
+    else:
+        data = nbdio.read_extents(h, reads, pool=POOL)   # the consumer gives buffers back
     for kind, off, ln in plan:
         if kind != ex.DATA:
             for o, n in ex.split(off, ln, ZERO_SIZE):
@@ -147,11 +161,7 @@ def plan_chunks(point, disk: str, h, plan) -> Iterator[Chunk]:
         for _ in ex.split(off, ln, READ_SIZE):
             o, n, buf = next(data)
             point.read_bytes += n
-            if nbdio.is_zero(buf):
-                POOL.put(buf)
-                yield Chunk(disk, ex.ZEROED, o, n)
-            else:
-                yield Chunk(disk, ex.DATA, o, n, buf)
+            yield Chunk(disk, ex.DATA, o, n, buf)
 
 
 def tail_chunks(point) -> Iterator[Chunk]:

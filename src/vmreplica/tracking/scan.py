@@ -16,7 +16,7 @@ from typing import Iterator
 from blake3 import blake3
 
 from ..domain import extents as ex
-from ..qemutools import nbdio
+from ..qemutools import imagemap, nbdio
 from .base import Chunk
 
 BLOCK = 64 << 10
@@ -37,9 +37,11 @@ def manifest(h, size: int, block: int = BLOCK) -> bytes:
     return bytes(out)
 
 
-def _blocks(h, size: int, block: int) -> Iterator[tuple[bool, memoryview | bytes]]:
+def _blocks(h, size: int, block: int,
+            reader: imagemap.ImageReader | None = None) -> Iterator[tuple[bool, memoryview | bytes]]:
     """(is_zero, contents) of every block in order; blocks that read as zero per block
-    status are not read, the others are read in runs of up to 1 MiB, 16 in flight."""
+    status are not read, the others are read in runs of up to 1 MiB, 16 in flight (from
+    the image file itself where ``reader`` maps them: an image at rest)."""
     alloc = nbdio.block_status(h, "base:allocation", size)
     data_blocks = {i for off, ln in ex.unselected(alloc, ex.ZERO)
                    for i in range(off // block, (off + ln - 1) // block + 1)}
@@ -50,7 +52,11 @@ def _blocks(h, size: int, block: int) -> Iterator[tuple[bool, memoryview | bytes
             reads[-1][1] += n
         else:
             reads.append([off, n])
-    pending = nbdio.read_extents(h, [(o, n) for o, n in reads])
+    if reader is not None:
+        pending = imagemap.read_extents(reader, [(o, n) for o, n in reads],
+                                        lambda rest: nbdio.read_extents(h, rest))
+    else:
+        pending = nbdio.read_extents(h, [(o, n) for o, n in reads])
     cur = None
     for i in range((size + block - 1) // block):
         off, n = i * block, min(block, size - i * block)
@@ -103,6 +109,7 @@ class ScanPoint:
         self.read_bytes = 0
         self.exports = session.freeze(disks, None, new)
         self.handles: dict[str, object] = {}
+        self.readers: dict[str, imagemap.ImageReader] = {}
         self.compared = 0
         self.differing = 0
         try:
@@ -114,6 +121,10 @@ class ScanPoint:
                     raise IntegrityError(f"the other side's manifest of {disk} does not match "
                                          f"its size ({e.size} bytes)")
                 self.handles[disk] = nbdio.connect(e.socket, e.name, ["base:allocation"])
+                if e.image:    # an image at rest: its data may be read from its file
+                    reader = imagemap.open_image(e.image, e.image_format or "raw")
+                    if reader is not None:
+                        self.readers[disk] = reader
         except BaseException:
             self.close()
             try:
@@ -127,7 +138,8 @@ class ScanPoint:
             e = self.exports[disk]
             theirs = self.remote[disk]
             pos = 0
-            for i, (is_zero, data) in enumerate(_blocks(self.handles[disk], e.size, self.block)):
+            blocks = _blocks(self.handles[disk], e.size, self.block, self.readers.get(disk))
+            for i, (is_zero, data) in enumerate(blocks):
                 n = len(data)
                 mine = zero_digest(n) if is_zero else blake3(data).digest(DIGEST)
                 self.compared += n
@@ -154,6 +166,9 @@ class ScanPoint:
         for h in self.handles.values():
             nbdio.close(h)
         self.handles = {}
+        for r in self.readers.values():
+            r.close()
+        self.readers = {}
         self.session.unexport()
 
     def commit(self) -> None:

@@ -51,6 +51,17 @@ def _blake3():
     return blake3
 
 
+_ZERO_CHECKS: dict[int, bytes] = {}
+
+
+def zero_check(n: int) -> bytes:
+    """The BLAKE3 digest of ``n`` zero bytes (cached by length)."""
+    check = _ZERO_CHECKS.get(n)
+    if check is None:
+        check = _ZERO_CHECKS[n] = _blake3()(bytes(n)).digest()
+    return check
+
+
 class CycleWriter:
     """Builds the bytes of one cycle stream; counts what it wrote."""
 
@@ -79,9 +90,15 @@ class CycleWriter:
         self._digest.update(pre)
         return self._out(pre)
 
-    def data_frame(self, disk: int, offset: int, data) -> tuple[bytes, bytes]:
-        """(frame, payload) for a DATA record; the payload may be ``data`` itself."""
+    def data_frame(self, disk: int, offset: int, data) -> tuple[bytes, object | None]:
+        """(frame, payload) for a DATA record; the payload may be ``data`` itself.
+
+        Data that reads as zero becomes a ZERO record, ``(frame, None)``: its digest,
+        computed for the check anyway, is that of zero bytes (a separate zero test of
+        every extent cost the primary 7 ms per 64 MiB)."""
         check = self._hash(data).digest()
+        if check == zero_check(len(data)):
+            return self.zero(disk, offset, len(data)), None
         payload, codec = data, Codec.NONE
         if self._zstd is not None:
             if self._skip:
@@ -105,7 +122,7 @@ class CycleWriter:
 
     def data(self, disk: int, offset: int, data) -> bytes:
         frame, payload = self.data_frame(disk, offset, data)
-        return frame + bytes(payload)
+        return frame if payload is None else frame + bytes(payload)
 
     def zero(self, disk: int, offset: int, length: int, trim: bool = False) -> bytes:
         frame = FRAME.pack(Kind.TRIM if trim else Kind.ZERO, Codec.NONE, disk, offset, length, 0,

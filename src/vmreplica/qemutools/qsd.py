@@ -294,7 +294,8 @@ PREALLOCATE = 128 << 20     # the preallocate filter's step (QEMU's default)
 
 
 def qcow2_node(path: Path | str, node: str, read_only: bool = False,
-               backing: str | None | bool = True, preallocate: bool = False) -> list[dict]:
+               backing: str | None | bool = True, preallocate: bool = False,
+               direct: bool = False) -> list[dict]:
     """The blockdevs (file + qcow2) that open ``path`` as node ``node``.
 
     With ``preallocate`` a ``preallocate`` filter sits between them: a write past the end
@@ -304,9 +305,14 @@ def qcow2_node(path: Path | str, node: str, read_only: bool = False,
     0.114-0.179 s (overwrites are unchanged). QEMU truncates the file back to its data
     when the daemon closes it; a killed daemon leaves the extra zeroes past the qcow2's
     end, which qcow2 ignores; where fallocate fails (a full file system) the filter
-    steps aside and writes go on as without it. For a file only this daemon writes."""
+    steps aside and writes go on as without it. For a file only this daemon writes.
+
+    With ``direct`` the file is opened O_DIRECT (``cache.direct``, Linux native AIO): no
+    copy into the page cache and nothing left dirty for the flush (see heads.py)."""
     file_node = {"driver": "file", "filename": str(path), "node-name": f"{node}-file",
                  "read-only": read_only}
+    if direct:
+        file_node.update({"cache": {"direct": True}, "aio": "native"})
     nodes = [file_node]
     child = f"{node}-file"
     if preallocate and not read_only:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -30,12 +31,33 @@ def _short(vm: str) -> str:
     return hashlib.sha1(vm.encode()).hexdigest()[:8]
 
 
+def direct_io_works(path: str) -> bool:
+    """Whether ``path``'s file system takes O_DIRECT (most do; tmpfs before Linux 6.6,
+    some FUSE and network file systems do not)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
 class HeadServer:
+    """The heads are written O_DIRECT where the file system allows (a cycle's writes go
+    to the disk as they are made instead of into the page cache, and the flush before
+    the ack has almost nothing left to do): measured on the issue-2 benchmark, a 64 MiB
+    delta's writes and flush take 0.05-0.08 s + 0.003 s against 0.04-0.11 s + 0.025 s
+    buffered, and a 1 GiB initial copy 2.3-2.5 s against 2.8-3.3 s (the page-cache copy
+    was a sixth of both machines' CPU). Readers of a head through the page cache (a
+    compare, a failover) stay coherent: the kernel invalidates what a direct write
+    covers."""
+
     def __init__(self, run_dir: Path, vm: str, heads: list[str]):
         self.vm, self.heads = vm, list(heads)
         blockdevs, exports = [], []
         for i, head in enumerate(self.heads):
-            blockdevs += qcow2_node(head, f"h{i}", preallocate=True)
+            blockdevs += qcow2_node(head, f"h{i}", preallocate=True,
+                                    direct=direct_io_works(head))
             exports.append({"type": "nbd", "id": f"e{i}", "node-name": f"h{i}",
                             "name": f"h{i}", "writable": True})
         self.qsd = StorageDaemon(run_dir, f"hd-{_short(vm)}", blockdevs, exports).start()

@@ -1,0 +1,24 @@
+"""Head servers write O_DIRECT only where the file system takes it (and fall back to the
+page cache elsewhere), through the preallocate filter."""
+
+from __future__ import annotations
+
+from vmreplica.qemutools.qsd import qcow2_node
+from vmreplica.replica.heads import direct_io_works
+
+
+def test_o_direct_is_used_only_where_the_file_system_takes_it(tmp_path):
+    f = tmp_path / "head.qcow2"
+    f.write_bytes(b"\0" * 4096)
+    assert direct_io_works(str(f)) is True          # ext4 here
+    assert direct_io_works("/proc/version") is False  # procfs refuses O_DIRECT
+    assert direct_io_works(str(tmp_path / "missing")) is False
+
+
+def test_a_head_node_stack():
+    nodes = qcow2_node("/x/head.qcow2", "h0", preallocate=True, direct=True)
+    assert [n["driver"] for n in nodes] == ["file", "preallocate", "qcow2"]
+    assert nodes[0]["cache"] == {"direct": True} and nodes[0]["aio"] == "native"
+    assert nodes[2]["file"] == "h0-prealloc" and nodes[1]["file"] == "h0-file"
+    plain = qcow2_node("/x/base.qcow2", "b", read_only=True, preallocate=True)
+    assert [n["driver"] for n in plain] == ["file", "qcow2"] and "cache" not in plain[0]

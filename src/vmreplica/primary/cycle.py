@@ -72,7 +72,12 @@ def run_cycle(host, vm: str, mode: str = "delta", verify: bool = False,
             if mode == "resync":
                 remote, stats["replica_read_bytes"] = _remote_manifest(host, rel, name)
             committed: list[bool] = []
-            with _session(host, vm, cycle, name, committed) as session:
+            client = None
+            if export_to is None:
+                # Connected while the disks freeze: the handshakes cost the cycle nothing.
+                client = host.client_for_peer(rel["peer"], timeout=600)
+                client.connect_ahead()
+            with _session(host, vm, cycle, name, committed) as session, _discard(client):
                 if since:
                     tracker.prepare(session, disks, since, bitmap_prefix(rel["id"]))
                 kind = _recovery_point_kind(rel, time.time())
@@ -97,7 +102,8 @@ def run_cycle(host, vm: str, mode: str = "delta", verify: bool = False,
                         _check_bound(point, rel)
                     with _Progress(host, vm, point) if mode != "delta" else _nothing():
                         answer, writer = _ship(host, rel, name, cycle, mode, disks, point,
-                                               freeze_time, verify, kind, final, export_to)
+                                               freeze_time, verify, kind, final, export_to,
+                                               client)
                     differs = _verify(point, disks, answer) if verify else []
                     if hasattr(session, "end_pause"):
                         session.end_pause()
@@ -282,16 +288,26 @@ def _remote_manifest(host, rel: dict, vm: str) -> tuple[dict[str, bytes], int]:
     return {d: scan.decode(v) for d, v in answer["disks"].items()}, int(answer.get("read_bytes", 0))
 
 
+@contextlib.contextmanager
+def _discard(client):
+    try:
+        yield
+    finally:
+        if client is not None:
+            client.discard()
+
+
 def _ship(host, rel: dict, vm: str, cycle: int, mode: str, disks: list[str], point,
           freeze_time: float, verify: bool = False, recovery_point: str | None = None,
-          final: bool = False, export_to=None):
+          final: bool = False, export_to=None, client=None):
     writer = wire.CycleWriter(
         {"vm": vm, "relationship": rel["id"], "epoch": rel["epoch"], "cycle": cycle,
          "initial": mode == "initial", "resync": mode == "resync", "disks": disks,
          "primary": host.name, "verify": verify,
          "id": uuid.uuid4().hex, "freeze_time": freeze_time},
         compression=rel.get("compression", "zstd"))
-    client = host.client_for_peer(rel["peer"], timeout=600) if export_to is None else None
+    if client is None and export_to is None:
+        client = host.client_for_peer(rel["peer"], timeout=600)
     times = {"start": time.monotonic()}
     body = _produce(writer, point, disks, {"cycle": cycle, "epoch": rel["epoch"],
                                            "freeze_time": freeze_time,

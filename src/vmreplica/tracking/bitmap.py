@@ -32,6 +32,7 @@ class BitmapTracker:
     def prepare(self, session, disks: list[str], since: str, prefix: str) -> None:
         """Check continuity of ``since`` on every disk; fold in bitmaps a crash left behind."""
         stale: set[str] = set()
+        stopped = False        # ``since`` stopped recording on some disk
         for disk in disks:
             maps = {b.name: b for b in session.bitmaps(disk)}
             b = maps.get(since)
@@ -50,8 +51,8 @@ class BitmapTracker:
                 raise TrackingError(f"change-tracking bitmap {since} on disk {disk} stopped "
                                     "recording and nothing recorded in its place")
             stale |= others
-        if stale or any(not m.recording for d in disks for m in session.bitmaps(d)
-                        if m.name == since):
+            stopped = stopped or not b.recording
+        if stale or stopped:
             session.merge(disks, since, sorted(stale))
 
     def point(self, session, disks: list[str], since: str | None, new: str) -> "BitmapPoint":

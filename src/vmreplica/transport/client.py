@@ -11,6 +11,8 @@ import http.client
 import json
 import socket
 import ssl
+import threading
+import time
 from pathlib import Path
 from typing import Iterable
 
@@ -29,6 +31,47 @@ class PeerClient:
         self.peer_name = peer_name
         self.timeout = timeout
         self.server_fingerprint: str | None = None
+        self._ahead: threading.Thread | None = None
+        self._ahead_result: tuple = ()
+
+    AHEAD_MAX_AGE = 30.0   # an opened connection kept longer may meet the peer's idle timeout
+
+    def connect_ahead(self) -> None:
+        """Open the next request's connection now, on a thread of its own, so the TCP and
+        TLS handshakes overlap the caller's own work (a cycle's freeze). Errors are
+        raised by the request, as if it had connected itself."""
+        def run():
+            try:
+                self._ahead_result = ("ok", self._connect(), time.monotonic())
+            except Exception as e:  # noqa: BLE001 — raised by the request that uses it
+                self._ahead_result = ("error", e, time.monotonic())
+
+        self._ahead = threading.Thread(target=run, name="connect-ahead", daemon=True)
+        self._ahead.start()
+
+    def _take_ahead(self):
+        """The connection connect_ahead() opened (None if there is none, or it is old)."""
+        t, self._ahead = self._ahead, None
+        if t is None:
+            return None
+        t.join()
+        kind, value, at = self._ahead_result
+        self._ahead_result = ()
+        if kind == "error":
+            raise value
+        if time.monotonic() - at > self.AHEAD_MAX_AGE:
+            value.close()
+            return None
+        return value
+
+    def discard(self) -> None:
+        """Close a connection opened ahead and never used."""
+        try:
+            conn = self._take_ahead()
+        except Exception:  # noqa: BLE001 — nothing was sent on it
+            return
+        if conn is not None:
+            conn.close()
 
     @property
     def where(self) -> str:
@@ -73,7 +116,7 @@ class PeerClient:
 
     def request(self, method: str, path: str, body: dict | Iterable[bytes] | None = None,
                 timeout: float | None = None) -> dict:
-        conn = self._connect()
+        conn = self._take_ahead() or self._connect()
         if timeout is not None:
             conn.sock.settimeout(timeout)
         try:

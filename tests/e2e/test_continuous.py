@@ -143,6 +143,27 @@ def _hang(a, vm, meter, pattern, what):
     return stall
 
 
+def _switch_to_periodic_while_the_replica_hangs(a, b, vm: str, hang: float,
+                                                after: float = 0.0) -> float:
+    """Stop the replica's mirror targets (SIGSTOP: a hung replica) for ``hang`` seconds
+    and switch ``vm`` to periodic ``after`` seconds into it (a recovery point due every
+    3 s is then under way); returns when the hang began, once it is over."""
+    procs = [int(p) for p in subprocess.run(["pgrep", "-f", f"{b.home}/run/mt-"],
+                                            capture_output=True, text=True).stdout.split()]
+    assert procs, "no replica export process"
+    began = time.monotonic()
+    _signal_all(procs, signal.SIGSTOP)
+    go_on = threading.Timer(hang, _signal_all, (procs, signal.SIGCONT))
+    go_on.start()
+    try:
+        time.sleep(after)
+        a.run("set", vm, "--mode", "periodic", timeout=90)
+    finally:
+        go_on.join()
+    time.sleep(1)
+    return began
+
+
 def test_hung_then_dead_replica_never_stall_the_guest(pair, driver):
     a, b = pair
     vm = "cont-stall"
@@ -176,19 +197,7 @@ def test_hung_then_dead_replica_never_stall_the_guest(pair, driver):
         # jobs end (QEMU 7.2 may abort when a write-blocking mirror is cancelled under
         # I/O, hypervisor/base.py), and a pause that waits on the hung replica is freed
         # by cutting the connection after QUIET_CANCEL_GUARD; the replica goes on later.
-        procs = [int(p) for p in subprocess.run(["pgrep", "-f", f"{b.home}/run/mt-"],
-                                                capture_output=True, text=True).stdout.split()]
-        assert procs, "no replica export process"
-        t2 = time.monotonic()
-        for p in procs:
-            os.kill(p, signal.SIGSTOP)
-        go_on = threading.Timer(QUIET_CANCEL_GUARD + 3, _signal_all, (procs, signal.SIGCONT))
-        go_on.start()
-        try:
-            a.run("set", vm, "--mode", "periodic", timeout=60)
-        finally:
-            go_on.join()
-        time.sleep(1)
+        t2 = _switch_to_periodic_while_the_replica_hangs(a, b, vm, QUIET_CANCEL_GUARD + 3)
         switch_stall = meter.worst(t2)
         print(f"worst guest write stall switching to periodic with a hung replica: "
               f"{switch_stall:.2f} s")
@@ -201,18 +210,7 @@ def test_hung_then_dead_replica_never_stall_the_guest(pair, driver):
         a.run("set", vm, "--mode", "continuous", "--max-stall", "30", "--point-interval", "3s")
         _wait("in_sync again", lambda: _sync_state(a, vm) == "in_sync", timeout=90,
               explain=lambda: recent_events(a, vm))
-        procs = [int(p) for p in subprocess.run(["pgrep", "-f", f"{b.home}/run/mt-"],
-                                                capture_output=True, text=True).stdout.split()]
-        t3 = time.monotonic()
-        _signal_all(procs, signal.SIGSTOP)
-        go_on = threading.Timer(15, _signal_all, (procs, signal.SIGCONT))
-        go_on.start()
-        try:
-            time.sleep(4)                               # a recovery point is under way
-            a.run("set", vm, "--mode", "periodic", timeout=90)
-        finally:
-            go_on.join()
-        time.sleep(1)
+        t3 = _switch_to_periodic_while_the_replica_hangs(a, b, vm, 15, after=4)
         worker_stall = meter.worst(t3)
         print(f"worst guest write stall switching to periodic with a hung replica and a "
               f"worker waiting on it: {worker_stall:.2f} s")

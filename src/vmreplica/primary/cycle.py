@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import queue
 import threading
 import time
 import uuid
@@ -24,6 +23,7 @@ from ..qemutools.buffers import POOL
 from ..qemutools.qsd import QuitTimeout
 from ..tracking.bitmap import bitmap_prefix
 from ..transport import wire
+from ..transport.ahead import ahead
 
 log = logging.getLogger("vmreplica.primary")
 
@@ -375,40 +375,11 @@ def _encode(writer: wire.CycleWriter, point, disks: list[str], trailer: dict) ->
 
 
 def _produce(writer, point, disks, trailer, times: dict) -> Iterator[bytes]:
-    """Read, checksum and compress in a second thread while this one sends (TLS)."""
-    q: queue.Queue = queue.Queue(maxsize=8)
-    stop = threading.Event()
-    DONE = object()
-
-    def work():
-        try:
-            for piece in _encode(writer, point, disks, trailer):
-                while not stop.is_set():
-                    try:
-                        q.put(piece, timeout=0.5)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            times["read_done"] = time.monotonic()
-            q.put(DONE)
-        except BaseException as e:  # noqa: BLE001 — handed to the sending thread
-            q.put(e)
-
-    t = threading.Thread(target=work, name="cycle-reader", daemon=True)
-    t.start()
-    try:
-        while True:
-            item = q.get()
-            if item is DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        t.join(30)
+    """Read, checksum and compress on a second thread while this one sends (TLS)."""
+    def encoded():
+        yield from _encode(writer, point, disks, trailer)
+        times["read_done"] = time.monotonic()
+    return ahead(encoded(), depth=8, name="cycle-reader")
 
 
 def _fence(host, vm: str) -> None:

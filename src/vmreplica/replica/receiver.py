@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import threading
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from ..errors import (Conflict, IntegrityError, NotFound, Refused, StorageFull, 
 from ..qemutools import img
 from ..qemutools.buffers import POOL
 from ..transport import wire
+from ..transport.ahead import ahead
 from . import apply as applier
 from . import index as rindex
 from . import mirror, points
@@ -223,8 +223,12 @@ def _receive_initial(host, vm: str, cycle: int, reader: wire.CycleReader) -> dic
         rstore.reset_heads(heads)
         for d, h in zip(rel["disks"], heads):
             rindex.init(rindex.path(Path(rel["storage"]), vm, d), int(img.info(h)["virtual-size"]))
-    stats = _apply_with(host, vm, heads, _read_ahead(reader.records()),
-                        bool(reader.header.get("verify")))
+    # Records are taken off the connection and verified on a thread of their own while
+    # the previous ones are written: an initial copy streams gigabytes, and one thread
+    # doing both left the primary's sends waiting while it waited on the head server.
+    # (A reader waiting on the connection when the apply fails ends with the request.)
+    records = ahead(reader.records(), depth=16, name="receive-ahead", join_timeout=2)
+    stats = _apply_with(host, vm, heads, records, bool(reader.header.get("verify")))
     host.store.update_relationship(vm, index_valid=True)
     _applied(host, vm, cycle, reader.header, reader.trailer)
     host.event("resync" if resync else "initial",
@@ -233,50 +237,6 @@ def _receive_initial(host, vm: str, cycle: int, reader: wire.CycleReader) -> dic
     return {"vm": vm, "cycle": cycle, "applied": True, "records": stats["records"],
             "apply_seconds": round(time.monotonic() - t0, 4),
             **_manifest(rel, stats)}
-
-
-def _read_ahead(records, depth: int = 16):
-    """``records`` read, verified and decompressed on a thread of their own, ``depth``
-    ahead of the caller. An initial copy streams gigabytes: one thread that both took
-    records off the TLS connection and waited for the head server's writes did neither
-    while it did the other (the primary's sends stalled behind it). TLS, BLAKE3, zstd
-    and libnbd's waits all run without the GIL. An error on either side ends both."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    END = object()
-
-    def offer(item) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.5)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce():
-        try:
-            for rec in records:
-                if not offer(rec):
-                    return
-            offer(END)
-        except BaseException as e:  # noqa: BLE001 — handed to the applying thread
-            offer(e)
-
-    t = threading.Thread(target=produce, name="receive-ahead", daemon=True)
-    t.start()
-    try:
-        while True:
-            item = q.get()
-            if item is END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        # (A reader still waiting on the connection ends when the request does.)
-        stop.set()
-        t.join(2)
 
 
 def _manifest(rel: dict, stats: dict) -> dict:

@@ -24,6 +24,7 @@ in flight too.
 
 from __future__ import annotations
 
+import itertools
 import os
 import struct
 from typing import Iterable, Iterator
@@ -31,6 +32,7 @@ from typing import Iterable, Iterator
 from ..errors import HypervisorError
 
 PREFETCH = 64 << 20      # bytes of upcoming extents the kernel is asked to read ahead
+L2_CACHE = 32            # L2 tables kept (64 KiB each with 64 KiB clusters)
 
 _HEADER = struct.Struct(">4sIQIIQIIQQIIQ")   # qcow2 header fields up to snapshots_offset
 _KNOWN_INCOMPATIBLE = 0b01001     # dirty (lazy refcounts), zstd compression type
@@ -114,6 +116,8 @@ class _Qcow2Map:
             table = os.pread(self.fd, self.cluster, at)
             if len(table) != self.cluster:
                 return None
+            if len(self._l2) >= L2_CACHE:       # extents come in order: keep the latest
+                del self._l2[next(iter(self._l2))]
             self._l2[index] = table
         return table
 
@@ -180,11 +184,23 @@ class ImageReader:
             self.fd = -1
 
 
-def read_extents(reader: ImageReader, extents: list[tuple[int, int]], nbd_read,
-                 pool=None) -> Iterator[tuple[int, int, object]]:
+def read_extents(reader: ImageReader, extents: Iterable[tuple[int, int]], nbd_read,
+                 pool=None, batch: int = 4096) -> Iterator[tuple[int, int, object]]:
     """Like ``nbdio.read_extents``: (offset, length, buffer) for each extent, in order.
-    Extents the image maps plainly are read from its file; the others go to ``nbd_read``
-    (a function of a list of extents returning such a generator), interleaved in order."""
+    Extents the image stores plainly are read from its file; the others go to
+    ``nbd_read`` (a function of a list of extents returning such a generator),
+    interleaved in order. Planned ``batch`` extents at a time (a whole disk's initial
+    copy is a million of them)."""
+    it = iter(extents)
+    while True:
+        chunk = list(itertools.islice(it, batch))
+        if not chunk:
+            return
+        yield from _read_batch(reader, chunk, nbd_read, pool)
+
+
+def _read_batch(reader: ImageReader, extents: list[tuple[int, int]], nbd_read,
+                pool) -> Iterator[tuple[int, int, object]]:
     plan = [(off, ln, reader.pieces(off, ln)) for off, ln in extents]
     remote = nbd_read([(off, ln) for off, ln, p in plan if p is None])
     ahead = 0          # plan index up to which read-ahead was asked for

@@ -13,6 +13,7 @@ import subprocess
 
 import pytest
 
+from vmreplica.domain import extents as ex
 from vmreplica.qemutools import imagemap, nbdio
 from vmreplica.qemutools.buffers import BufferPool
 from vmreplica.qemutools.qsd import StorageDaemon, qcow2_node
@@ -135,3 +136,76 @@ def test_an_external_data_file_is_never_read_directly(tmp_path):
                     f"data_file={data}", str(img), "16M"], check=True)
     _qemu_io(img, "write -P 0x41 0 1M")
     assert imagemap.open_image(str(img), "qcow2") is None
+
+
+@pytest.fixture(params=["compat=1.1", "compat=0.10", "cluster_size=4k", "cluster_size=2M",
+                        "lazy_refcounts=on"])
+def standalone(tmp_path, request):
+    img = tmp_path / "solo.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", request.param,
+                    str(img), "64M"], check=True)
+    cluster = {"cluster_size=4k": "4k", "cluster_size=2M": "2M"}.get(request.param, "64k")
+    _qemu_io(img, "write -P 0x21 1M 1M", "write -P 0x22 3M 2M", "write -z 12M 1M",
+             "write -P 0x23 20M 64k", f"write -c -P 0x24 30M {cluster}",
+             "write -P 0x25 40M 64k", "write -P 0x26 50M 64k", "write -P 0x27 40M 128k",
+             "write -P 0x28 44M 2M", "discard 44M 1M", "write -P 0x00 56M 128k")
+    return img
+
+
+def test_allocation_from_the_tables_is_what_qemu_reports(tmp_path, standalone, monkeypatch):
+    """A delta of an image at rest classifies its dirty extents from the image's tables
+    (no base:allocation block status): the same holes and data as QEMU's view, where
+    QEMU's "allocated but reads as zero" is data that reads as zeros (and goes as a
+    ZERO record all the same)."""
+    monkeypatch.setattr(imagemap, "L2_CACHE", 2)
+    extents = ex.merge(sorted(EXTENTS + [(44 * MiB, 2 * MiB), (56 * MiB, 128 * KiB)]))
+    qsd = _nbd_view(tmp_path, standalone)
+    h = nbdio.connect(qsd.nbd_socket, "n", ["base:allocation"])
+    reader = imagemap.open_image(str(standalone), "qcow2")
+    try:
+        assert reader is not None and reader.knows_allocation
+        theirs = list(ex.classify(extents, nbdio.block_status(h, "base:allocation")))
+        runs = reader.allocation(extents)
+        assert runs is not None
+        ours = list(ex.classify(extents, runs))
+        for kind, off, ln in _pieces(ours, theirs):
+            mine, qemus = kind
+            if mine == qemus:
+                continue
+            # Only this difference is allowed: QEMU looked at the file and found a hole
+            # under a data cluster; read, it is zeros.
+            assert (mine, qemus) == (ex.DATA, ex.ZEROED), (off, ln, mine, qemus)
+            data = next(nbdio.read_extents(h, [(off, ln)]))[2]
+            assert bytes(data) == bytes(ln)
+        assert any(k == ex.TRIMMED for k, _, _ in ours)       # holes were found
+        assert any(k == ex.DATA for k, _, _ in ours)
+    finally:
+        reader.close()
+        nbdio.close(h)
+        qsd.close()
+
+
+def _pieces(a, b):
+    """Both classifications cut at each other's boundaries: ((kind_a, kind_b), off, len)."""
+    cuts = sorted({o for _, o, _ in a} | {o + n for _, o, n in a} |
+                  {o for _, o, _ in b} | {o + n for _, o, n in b})
+
+    def kind_at(runs, pos):
+        return next((k for k, o, n in runs if o <= pos < o + n), None)
+    for lo, hi in zip(cuts, cuts[1:]):
+        ka, kb = kind_at(a, lo), kind_at(b, lo)
+        if ka is not None or kb is not None:
+            yield (ka, kb), lo, hi - lo
+
+
+def test_a_backing_file_leaves_allocation_to_qemu(chain):
+    """Where the backing file decides (an unallocated cluster of the top image), the
+    tables cannot say it: the caller asks QEMU. Zero clusters say it themselves."""
+    reader = imagemap.open_image(str(chain), "qcow2")
+    try:
+        assert not reader.knows_allocation
+        assert reader.allocation([(8 * MiB, 64 * KiB)]) is None     # the base's data
+        if reader.map.cluster <= 64 * KiB:
+            assert reader.allocation([(1 * MiB, 1 * MiB)]) == [(1 * MiB, 1 * MiB, 0)]
+    finally:
+        reader.close()

@@ -37,9 +37,40 @@ def test_the_command_word_skips_the_global_options():
 def test_a_command_line_loads_only_its_group():
     p = cli_main.build_parser(["--home", "/h", "sync", "vm"])
     sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(sub.choices) == set(cli_main.COMMANDS["replication_cmd"])
+    assert set(sub.choices) == {"sync"}           # not even the rest of its group
     args = p.parse_args(["--home", "/h", "sync", "vm"])
     assert args.command == "sync" and args.func is not None
+
+
+@pytest.mark.parametrize("line", [
+    ["sync", "vm1", "vm2", "--json"], ["sync", "--all", "--tag", "a", "--tag", "b"],
+    ["status"], ["enable", "vm", "--replica", "h:1", "--frequency", "30s"],
+    ["vm", "create", "x", "--disk", "1G", "--disk", "2G", "--guest", "demo"],
+    ["trust", "pair", "h:1", "tok"], ["replica-server", "enable", "--allow", "*"],
+    ["dr", "show", "vm"] if "dr" in cli_main.COMMANDS["replication_cmd"] else ["status"],
+    ["failover", "vm", "--test"], ["measure", "--json"], ["cluster", "status"],
+])
+def test_a_command_built_alone_parses_as_with_every_command(line):
+    """The one sub-parser built for a command line gives what the full parser gives."""
+    full = cli_main.build_parser(["--help"])          # no command word: every group
+    alone = cli_main.build_parser(line)
+    sub = next(a for a in alone._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) == {line[0]}
+    try:
+        want = _comparable(full.parse_args(line))
+    except SystemExit:                                # (a line this CLI refuses)
+        with pytest.raises(SystemExit):
+            alone.parse_args(line)
+        return
+    assert _comparable(alone.parse_args(line)) == want
+
+
+def _comparable(args) -> dict:
+    """The namespace, with its function named (bulk.each makes one per parser build)."""
+    def name(f):
+        cells = [c.cell_contents for c in (getattr(f, "__closure__", None) or ())]
+        return (f.__qualname__, [name(c) for c in cells if callable(c)])
+    return {k: name(v) if callable(v) else v for k, v in vars(args).items()}
 
 
 def test_an_unknown_command_is_refused_with_every_command_listed(capsys):

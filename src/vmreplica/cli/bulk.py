@@ -4,7 +4,6 @@ failed (Hyper-V's users script this per VM; here it is built in)."""
 
 from __future__ import annotations
 
-import copy
 import sys
 
 from .. import errors
@@ -50,6 +49,7 @@ def each(fn):
             return fn(args)
         failed = []
         for name in names:
+            import copy
             one = copy.copy(args)
             one.vm = name
             try:

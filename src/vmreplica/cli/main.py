@@ -14,9 +14,11 @@ GROUPS = ("host_cmd", "trust_cmd", "replica_server_cmd", "vm_cmd", "replication_
           "cluster_cmd")
 
 # The top-level commands of each group (a unit test keeps this equal to what the groups
-# register). A command line names one of them, and only its group is imported and
-# registered: importing all ten and building every sub-parser cost 22 ms of each call
-# (bench_cycle times whole `vmreplica sync` commands). Help and unknown commands load all.
+# register). A command line names one of them, and only its group is imported and only
+# its sub-parser built (the group's others are _Unused): importing all ten groups and
+# building every sub-parser cost 22 ms of each call, the other eleven sub-parsers of
+# `sync`'s group 3 ms more (bench_cycle times whole `vmreplica sync` commands). Help and
+# unknown commands load all.
 COMMANDS = {
     "host_cmd": ("host", "init", "serve", "shutdown"),
     "trust_cmd": ("trust",),
@@ -57,10 +59,36 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     word = _command_word(sys.argv[1:] if argv is None else argv)
-    groups = [g for g in GROUPS if word in COMMANDS[g]] or GROUPS
-    for g in groups:
-        importlib.import_module(f".{g}", __package__).register(sub)
+    groups = [g for g in GROUPS if word in COMMANDS[g]]
+    target = _Only(sub, word) if groups else sub
+    for g in groups or GROUPS:
+        importlib.import_module(f".{g}", __package__).register(target)
     return p
+
+
+class _Only:
+    """The sub-parsers action of the top-level parser, building only ``word``'s parser:
+    the others a group registers get an _Unused, which takes their set-up and keeps
+    none of it."""
+
+    def __init__(self, sub, word: str):
+        self._sub, self._word = sub, word
+
+    def add_parser(self, name: str, **kwargs):
+        if name == self._word:
+            return self._sub.add_parser(name, **kwargs)
+        return _Unused()
+
+
+class _Unused:
+    """Takes any call (add_argument, set_defaults, add_subparsers, add_parser, ...) and
+    returns itself."""
+
+    def __getattr__(self, name: str):
+        return self
+
+    def __call__(self, *args, **kwargs):
+        return self
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,6 +113,9 @@ def run() -> None:
     """The console script. A client command leaves without the interpreter's teardown
     (its output flushed first): nothing it opened needs it, and it cost 4-5 ms of every
     call. `serve` (the daemon) exits the ordinary way."""
+    if _command_word(sys.argv[1:]) == "serve":
+        from .launcher import SiteOnDemand
+        SiteOnDemand.load()       # the daemon: its whole environment, from the start
     rc = main()
     if _command_word(sys.argv[1:]) == "serve":
         sys.exit(rc)

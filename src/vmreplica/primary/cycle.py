@@ -185,7 +185,7 @@ def _verify(point, disks: list[str], answer: dict) -> list[str]:
     theirs = answer.get("manifest") or {}
     differs = []
     for disk in disks:
-        h = point.handles[disk]
+        h = point.allocation_handle(disk)
         ours = scan.manifest(h, h.get_size())
         other = scan.decode(theirs.get(disk, ""))
         if len(other) != len(ours):

@@ -69,26 +69,39 @@ class BitmapPoint:
         self.session, self.disks, self.since, self.new = session, disks, since, new
         self.exports = session.freeze(disks, since, new)
         self.handles: dict[str, object] = {}
+        self._status: dict[str, object] = {}    # connections opened by allocation_handle
         self.readers: dict[str, imagemap.ImageReader] = {}
         self.read_bytes = 0
         self.plan: dict[str, list[tuple[str, int, int]]] = {}
         try:
             for disk in disks:
                 e = self.exports[disk]
-                contexts = ["base:allocation"] + ([e.bitmap_context] if e.bitmap_context else [])
-                h = nbdio.connect(e.socket, e.name, contexts)
-                self.handles[disk] = h
-                alloc = nbdio.block_status(h, "base:allocation", e.size)
-                if e.bitmap_context:
-                    dirty = ex.selected(nbdio.block_status(h, e.bitmap_context, e.size), ex.DIRTY)
-                    self.plan[disk] = list(ex.classify(dirty, alloc))
-                else:  # initial copy: allocated data only (the replica starts empty)
-                    self.plan[disk] = [p for p in ex.classify([(0, e.size)], alloc)
-                                       if p[0] == ex.DATA]
+                reader = None
                 if e.image:    # an image at rest: its data may be read from its file
                     reader = imagemap.open_image(e.image, e.image_format or "raw")
                     if reader is not None:
                         self.readers[disk] = reader
+                # Where a delta's dirty extents hold data: the image's own tables if it
+                # is at rest (imagemap.allocation), else QEMU's view of the whole disk
+                # (which QEMU computes for every block-status request of a connection
+                # that asked for it: asked for only where it is used).
+                mapped = bool(e.bitmap_context) and reader is not None and \
+                    reader.knows_allocation
+                contexts = ([] if mapped else ["base:allocation"]) + \
+                    ([e.bitmap_context] if e.bitmap_context else [])
+                h = nbdio.connect(e.socket, e.name, contexts)
+                self.handles[disk] = h
+                if e.bitmap_context:
+                    dirty = ex.selected(nbdio.block_status(h, e.bitmap_context, e.size), ex.DIRTY)
+                    alloc = reader.allocation(dirty) if mapped else None
+                    if alloc is None:
+                        alloc = _allocation(e) if mapped else \
+                            nbdio.block_status(h, "base:allocation", e.size)
+                    self.plan[disk] = list(ex.classify(dirty, alloc))
+                else:  # initial copy: allocated data only (the replica starts empty)
+                    alloc = nbdio.block_status(h, "base:allocation", e.size)
+                    self.plan[disk] = [p for p in ex.classify([(0, e.size)], alloc)
+                                       if p[0] == ex.DATA]
         except BaseException:
             self.close()
             try:
@@ -115,11 +128,22 @@ class BitmapPoint:
             yield from plan_chunks(self, disk, self.handles[disk], self.plan[disk])
         yield from tail_chunks(self)
 
+    def allocation_handle(self, disk: str):
+        """A connection to ``disk``'s frozen view that reports base:allocation (for a
+        whole-disk digest manifest: `sync --verify`)."""
+        h = self.handles[disk]
+        if h.can_meta_context("base:allocation"):
+            return h
+        if disk not in self._status:
+            e = self.exports[disk]
+            self._status[disk] = nbdio.connect(e.socket, e.name, ["base:allocation"])
+        return self._status[disk]
+
     def close(self) -> None:
         """Disconnect and drop the exports (and fleecing) — before commit or abort."""
-        for h in self.handles.values():
+        for h in [*self.handles.values(), *self._status.values()]:
             nbdio.close(h)
-        self.handles = {}
+        self.handles, self._status = {}, {}
         for r in self.readers.values():
             r.close()
         self.readers = {}
@@ -140,6 +164,15 @@ class BitmapPoint:
                 self.session.merge(self.disks, self.since, [self.tail])
         else:
             self.session.release(self.disks, [self.new] + ([self.tail] if self.tail else []))
+
+
+def _allocation(e) -> list[tuple[int, int, int]]:
+    """QEMU's base:allocation of export ``e``, on a connection of its own."""
+    h = nbdio.connect(e.socket, e.name, ["base:allocation"])
+    try:
+        return nbdio.block_status(h, "base:allocation", e.size)
+    finally:
+        nbdio.close(h)
 
 
 def plan_chunks(point, disk: str, h, plan) -> Iterator[Chunk]:

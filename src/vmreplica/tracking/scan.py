@@ -162,6 +162,10 @@ class ScanPoint:
     def dirty_bytes(self) -> int:
         return self.differing
 
+    def allocation_handle(self, disk: str):
+        """A connection to ``disk``'s frozen view that reports base:allocation."""
+        return self.handles[disk]
+
     def close(self) -> None:
         for h in self.handles.values():
             nbdio.close(h)

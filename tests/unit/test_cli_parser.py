@@ -87,3 +87,15 @@ def test_a_home_is_an_immutable_value(tmp_path):
     assert h.socket == tmp_path / "run" / "mgmt.sock"
     with pytest.raises(AttributeError):
         h.root = tmp_path / "x"
+
+
+def test_a_home_gives_its_paths_as_strings_and_paths(tmp_path):
+    h = Home.resolve(str(tmp_path / "a" / ".." / "h"))
+    assert h.root == tmp_path / "h"                       # absolute and normalised
+    assert h.socket_path == str(h.socket) == str(tmp_path / "h" / "run" / "mgmt.sock")
+    assert not h.exists()
+    (tmp_path / "h" / "tls").mkdir(parents=True)
+    (tmp_path / "h" / "state.db").touch()
+    assert not h.exists()
+    (tmp_path / "h" / "tls" / "host.crt").touch()
+    assert h.exists()

@@ -20,6 +20,7 @@ from vmreplica.cli.client import Client
 
 def _home(tmp_path):
     return SimpleNamespace(root=tmp_path, socket=tmp_path / "daemon.sock",
+                           socket_path=str(tmp_path / "daemon.sock"),
                            log=tmp_path / "daemon.log")
 
 

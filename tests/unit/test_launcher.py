@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import vmreplica
 from vmreplica.cli import launcher
 
@@ -40,6 +42,30 @@ def test_a_client_command_needs_no_site():
                 "print(json.dumps({'site': 'site' in sys.modules,"
                 " 'no_site': sys.flags.no_site}))")
     assert got == {"site": False, "no_site": 1}
+
+
+def test_a_client_command_line_imports_little():
+    """What a `sync` command line costs before its request: no pathlib (Home keeps a
+    string), no shutil (the help formatter sizes itself), no copy (bulk, when needed),
+    no typing: each was milliseconds of every call."""
+    got = _bare("from vmreplica.cli import main\n"
+                "args = main.build_parser(['--home', '/x', 'sync', 'vm']).parse_args("
+                "['--home', '/x', 'sync', 'vm', '--json'])\n"
+                "from vmreplica.service.home import Home\n"
+                "from vmreplica.cli.client import Client\n"
+                "c = Client(Home.resolve(args.home)); c.home.socket_path\n"
+                "print(json.dumps(sorted(m for m in ('pathlib', 'shutil', 'copy', 'typing')"
+                " if m in sys.modules)))")
+    assert got == []
+
+
+def test_help_is_sized_to_the_terminal(monkeypatch, capsys):
+    from vmreplica.cli import main
+    monkeypatch.setenv("COLUMNS", "50")
+    with pytest.raises(SystemExit):
+        main.main(["sync", "--help"])
+    out = capsys.readouterr().out
+    assert "--verify" in out and max(len(line) for line in out.splitlines()) <= 50
 
 
 def test_a_third_party_import_loads_site_and_is_found():

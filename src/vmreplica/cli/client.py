@@ -25,7 +25,7 @@ class Client:
         s.settimeout(self.timeout)
         try:
             try:
-                s.connect(str(self.home.socket))
+                s.connect(self.home.socket_path)
             except (FileNotFoundError, ConnectionRefusedError):
                 raise errors.DaemonNotRunning(
                     f"no vmreplica daemon is running for {self.home.root}",
@@ -64,7 +64,7 @@ class Client:
         """GET a streaming (chunked NDJSON) answer; yields one decoded object per line."""
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            s.connect(str(self.home.socket))
+            s.connect(self.home.socket_path)
         except (FileNotFoundError, ConnectionRefusedError):
             raise errors.DaemonNotRunning(
                 f"no vmreplica daemon is running for {self.home.root}",

@@ -49,9 +49,42 @@ def _command_word(argv: list[str]) -> str | None:
     return None
 
 
+class _Formatter(argparse.HelpFormatter):
+    """argparse's help formatter, sized to the terminal as argparse does it but without
+    importing shutil for it: argparse makes a formatter for every add_argument, and
+    that import was 1.6 ms of every command."""
+
+    def __init__(self, prog, indent_increment=2, max_help_position=24, width=None):
+        if width is None:
+            width = _columns() - 2
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
+def _columns() -> int:
+    """shutil.get_terminal_size().columns: $COLUMNS, else the terminal's, else 80."""
+    try:
+        columns = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every parser of the command line (sub-parsers take their parent's class) formats
+    with _Formatter unless told otherwise."""
+
+    def __init__(self, *args, formatter_class=_Formatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     import importlib
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="vmreplica",
         description="Replicate KVM virtual machines to another host; fail over and back.")
     p.add_argument("--home", help="host home directory (default: $VMREPLICA_HOME)")

@@ -28,7 +28,7 @@ from ..transport.ahead import ahead
 log = logging.getLogger("vmreplica.primary")
 
 SEND_BATCH = 1 << 20      # wire bytes per send
-SEND_RAW = 8 << 20        # ...or this much disk data covered, so well-compressed data
+SEND_RAW = 1 << 20        # ...or this much disk data covered, so well-compressed data
                           # streams while it is read instead of arriving all at the end
 
 

@@ -21,6 +21,11 @@ if TYPE_CHECKING:
 
 _NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,62}[A-Za-z0-9])?$")
 MAX_SOCKET_PATH = 107
+# Paths inside a home that Home gives both as Paths and, for a client command's start
+# (no pathlib), as strings.
+_DB = "state.db"
+_CERT = ("tls", "host.crt")
+_SOCKET = ("run", "mgmt.sock")
 
 
 class Home:
@@ -58,12 +63,15 @@ class Home:
         from pathlib import Path
         return Path(self._root)
 
+    def _at(self, *parts: str) -> str:
+        return os.path.join(self._root, *parts)
+
     @property
-    def db(self) -> Path: return self.root / "state.db"
+    def db(self) -> Path: return self.root / _DB
     @property
     def key(self) -> Path: return self.root / "tls" / "host.key"
     @property
-    def cert(self) -> Path: return self.root / "tls" / "host.crt"
+    def cert(self) -> Path: return self.root.joinpath(*_CERT)
     @property
     def vms(self) -> Path: return self.root / "vms"
     @property
@@ -73,7 +81,7 @@ class Home:
     @property
     def run(self) -> Path: return self.root / "run"
     @property
-    def socket(self) -> Path: return self.run / "mgmt.sock"
+    def socket(self) -> Path: return self.root.joinpath(*_SOCKET)
     @property
     def pidfile(self) -> Path: return self.run / "daemon.pid"
     @property
@@ -82,11 +90,10 @@ class Home:
     @property
     def socket_path(self) -> str:
         """The management socket's path (``socket`` as a string, without pathlib)."""
-        return os.path.join(self._root, "run", "mgmt.sock")
+        return self._at(*_SOCKET)
 
     def exists(self) -> bool:
-        return os.path.exists(os.path.join(self._root, "state.db")) and \
-            os.path.exists(os.path.join(self._root, "tls", "host.crt"))
+        return os.path.exists(self._at(_DB)) and os.path.exists(self._at(*_CERT))
 
     def require(self) -> None:
         if not self.exists():

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import CuttingProxy, assert_replica_equals, qemu_io, random_file, wait_until
+from helpers import (CuttingProxy, assert_replica_equals, images_identical, qemu_io,
+                     random_file, wait_until)
 from vmreplica import lab
 from vmreplica.errors import IntegrityError
 from vmreplica.transport import wire
@@ -72,6 +73,48 @@ def test_replica_sigkill_mid_apply_is_redone_at_restart(own_sites, vm_name, fres
     stats = a.json("sync", vm_name)
     assert stats["raw_bytes"] >= 256 << 20
     assert_replica_equals(a, b, vm_name)
+
+
+def test_replica_killed_after_the_ack_redoes_the_cycle_from_its_stage(own_sites, vm_name,
+                                                                      monkeypatch):
+    """A delta is acknowledged once it is staged durably and applied; the heads are synced
+    after the ack (replica.checkpoint). A replica killed in between may lose the head
+    writes still in its page cache (a power cut would): this test throws them away
+    itself, and the restart applies the staged cycle again. The ack lost nothing."""
+    a, b = own_sites
+    disk = _seeded(a, b, vm_name)
+    b.stop()
+    monkeypatch.setenv("VMREPLICA_CHECKPOINT_DELAY", "600")   # hold the checkpoint back
+    b.start()
+    qemu_io(disk, "write -P 0x5a 1M 4M", "write -P 0xa5 100M 64K")
+    a.run("sync", vm_name)
+    staged = list((b.home / "staging" / vm_name).glob("cycle-*.stage"))
+    assert len(staged) == 1                        # acknowledged, not checkpointed yet...
+    assert_replica_equals(a, b, vm_name)           # ...but applied: every reader sees it
+    assert _replica_row(b.home, vm_name)["last_applied_cycle"] == 1
+    head = b.vm(vm_name)["disks"][0]["path"]
+    os.kill(b.daemon_pid(), signal.SIGKILL)
+    # What a power cut could take: the cycle's head writes (the head server dies with the
+    # daemon; its lock on the head goes with it).
+    wait_until("the head to be free of its killed server",
+               lambda: subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -z 1M 4M",
+                                       "-c", "write -z 100M 64K", head],
+                                      capture_output=True).returncode == 0, timeout=30)
+    assert not images_identical(disk, head)[0]
+    monkeypatch.delenv("VMREPLICA_CHECKPOINT_DELAY")
+    b.start()                                      # start-up applies the stage again
+    assert not list((b.home / "staging" / vm_name).glob("*"))
+    assert _replica_row(b.home, vm_name)["last_applied_cycle"] == 1
+    assert_replica_equals(a, b, vm_name)
+    # The primary released its tracking point on the ack: the next cycle ships only what
+    # was written since, and the replica ends equal again.
+    qemu_io(disk, "write -P 0x11 200M 64K")
+    assert a.json("sync", vm_name)["raw_bytes"] == 64 << 10
+    assert_replica_equals(a, b, vm_name)
+    # Left alone, the replica checkpoints by itself (within a second of the ack).
+    wait_until("the checkpoint after the ack",
+               lambda: not list((b.home / "staging" / vm_name).glob("cycle-*.stage")),
+               timeout=30)
 
 
 def test_connection_cut_mid_cycle_loses_nothing(fresh_dir, vm_name):

@@ -1,5 +1,6 @@
 """Head servers write O_DIRECT only where the file system takes it (and fall back to the
-page cache elsewhere), through the preallocate filter."""
+page cache elsewhere), through the preallocate filter; without flush they leave the
+fdatasync to the checkpoint."""
 
 from __future__ import annotations
 
@@ -22,3 +23,12 @@ def test_a_head_node_stack():
     assert nodes[2]["file"] == "h0-prealloc" and nodes[1]["file"] == "h0-file"
     plain = qcow2_node("/x/base.qcow2", "b", read_only=True, preallocate=True)
     assert [n["driver"] for n in plain] == ["file", "qcow2"] and "cache" not in plain[0]
+
+
+def test_a_head_node_without_flush_leaves_the_fdatasync_to_the_caller():
+    buffered = qcow2_node("/x/head.qcow2", "h0", preallocate=True, flush=False)
+    assert buffered[0]["cache"] == {"no-flush": True} and "aio" not in buffered[0]
+    both = qcow2_node("/x/head.qcow2", "h0", direct=True, flush=False)
+    assert both[0]["cache"] == {"direct": True, "no-flush": True}
+    # A read-only node has nothing to flush either way.
+    assert "cache" not in qcow2_node("/x/b.qcow2", "b", read_only=True, flush=False)[0]

@@ -90,14 +90,35 @@ def drop_cached_pages(*paths: Path | str) -> None:
     A head is written once a cycle and read back only by a verification or a failover,
     so nothing is lost by not caching it. Best effort: an error here changes nothing.
     """
-    for path in paths:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            continue
+    for fd in _opened(paths):
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         except OSError:
             pass
+
+
+def sync_files(*paths: Path | str) -> None:
+    """fdatasync image files written by another process (a storage daemon whose files
+    do not flush: ``qsd.qcow2_node(flush=False)``): the kernel writes back each file's
+    dirty pages and flushes the disk's cache, whoever asks. A file that is gone (its
+    chain was deleted) has nothing left to make durable; any other error is raised."""
+    for fd in _opened(paths, missing_only=True):
+        os.fdatasync(fd)
+
+
+def _opened(paths, missing_only: bool = False):
+    """Each path opened read-only in turn (closed after the caller's step); a path that
+    cannot be opened is skipped (with ``missing_only``, only one that does not exist)."""
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            if missing_only:
+                raise
+            continue
+        try:
+            yield fd
         finally:
             os.close(fd)

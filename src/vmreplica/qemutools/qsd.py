@@ -297,7 +297,7 @@ PREALLOCATE = 128 << 20     # the preallocate filter's step (QEMU's default)
 
 def qcow2_node(path: Path | str, node: str, read_only: bool = False,
                backing: str | None | bool = True, preallocate: bool = False,
-               direct: bool = False) -> list[dict]:
+               direct: bool = False, flush: bool = True) -> list[dict]:
     """The blockdevs (file + qcow2) that open ``path`` as node ``node``.
 
     With ``preallocate`` a ``preallocate`` filter sits between them: a write past the end
@@ -310,11 +310,22 @@ def qcow2_node(path: Path | str, node: str, read_only: bool = False,
     steps aside and writes go on as without it. For a file only this daemon writes.
 
     With ``direct`` the file is opened O_DIRECT (``cache.direct``, Linux native AIO): no
-    copy into the page cache and nothing left dirty for the flush (see heads.py)."""
+    copy into the page cache and nothing left dirty for the flush (see heads.py).
+
+    Without ``flush`` a flush request writes qcow2's cached metadata into the file (every
+    reader of the file sees what was written) but does not fdatasync it
+    (``cache.no-flush``): the caller makes the file durable itself, when it needs to
+    (heads.HeadServer.sync)."""
     file_node = {"driver": "file", "filename": str(path), "node-name": f"{node}-file",
                  "read-only": read_only}
+    cache = {}
     if direct:
-        file_node.update({"cache": {"direct": True}, "aio": "native"})
+        cache["direct"] = True
+        file_node["aio"] = "native"
+    if not flush and not read_only:
+        cache["no-flush"] = True
+    if cache:
+        file_node["cache"] = cache
     nodes = [file_node]
     child = f"{node}-file"
     if preallocate and not read_only:

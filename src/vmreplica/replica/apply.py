@@ -2,7 +2,8 @@
 
 Every record is an absolute write (data or zeroes at an offset), so applying the same
 cycle twice gives the same bytes: a crash mid-apply is repaired by applying it again.
-Writes go over NBD with up to 16 requests in flight per head, then each head is flushed.
+Writes go over NBD with up to 16 requests in flight per head, then each head is flushed
+(qcow2's metadata into the file: readers see the cycle) and, when ``durable``, synced.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from .index import IndexWriter
 
 
 def apply_records(records: Iterable[wire.Record], server: HeadServer,
-                  verify: bool = False, index: IndexWriter | None = None) -> dict:
+                  verify: bool = False, index: IndexWriter | None = None,
+                  durable: bool = True) -> dict:
     """Apply ``records`` (wire disk index = head index); returns totals, and with
-    ``verify`` the block digests of every head after the apply (``manifest``)."""
+    ``verify`` the block digests of every head after the apply (``manifest``). Without
+    ``durable`` the heads are not synced: the caller does it (replica.checkpoint)."""
     t0 = time.monotonic()
     writers = server.writers
     stats = {"records": 0, "bytes": 0}
@@ -39,9 +42,12 @@ def apply_records(records: Iterable[wire.Record], server: HeadServer,
     t1 = time.monotonic()
     for w in writers:
         w.flush()
-    server.drop_cached_pages()   # flushed, so clean: keeps the next cycle's writes fast
+    if durable:
+        server.sync()
+        server.drop_cached_pages()   # synced, so clean: out of the page cache
     if index is not None:
-        index.close()    # fsynced before the cycle is recorded as applied
+        index.close(sync=durable)    # durable before the cycle is recorded as applied,
+        # or with the heads after the ack (replica.checkpoint)
     stats["write_seconds"] = round(t1 - t0, 4)
     stats["flush_seconds"] = round(time.monotonic() - t1, 4)
     if verify:

@@ -43,21 +43,30 @@ def direct_io_works(path: str) -> bool:
 
 
 class HeadServer:
-    """The heads are written O_DIRECT where the file system allows (a cycle's writes go
-    to the disk as they are made instead of into the page cache, and the flush before
-    the ack has almost nothing left to do): measured on the issue-2 benchmark, a 64 MiB
-    delta's writes and flush take 0.05-0.08 s + 0.003 s against 0.04-0.11 s + 0.025 s
-    buffered, and a 1 GiB initial copy 2.3-2.5 s against 2.8-3.3 s (the page-cache copy
-    was a sixth of both machines' CPU). Readers of a head through the page cache (a
-    compare, a failover) stay coherent: the kernel invalidates what a direct write
-    covers."""
+    """A storage daemon with the VM's heads open as writable NBD exports.
 
-    def __init__(self, run_dir: Path, vm: str, heads: list[str]):
+    ``direct``: the heads are opened O_DIRECT where the file system allows
+    (``cache.direct``, native AIO), for the bulk writes of an initial copy or a resync:
+    no copy into the page cache, which was a sixth of both earlier machines' CPU
+    (1 GiB: 2.3-2.5 s against 2.8-3.3 s buffered). Otherwise, for delta cycles, through
+    the page cache: a cycle's writes are made in memory (64 MiB of scattered 64 KiB
+    writes: 0.06-0.08 s against 0.11-0.12 s direct on the issue-2 benchmark's machine)
+    and reach the disk with the checkpoint after the ack (replica.checkpoint), while
+    nothing waits for them. Readers of a head through the page cache (a compare, a
+    failover) are coherent with either.
+
+    A flush request writes qcow2's cached metadata into the head files, so every reader
+    sees the cycle, but does not fdatasync them (``cache.no-flush``): `sync` does, before
+    the ack for an initial copy or a resync, after it for a delta (its staged copy,
+    fsynced first, is what a crash re-applies until then)."""
+
+    def __init__(self, run_dir: Path, vm: str, heads: list[str], direct: bool = False):
         self.vm, self.heads = vm, list(heads)
+        self.direct = direct
         blockdevs, exports = [], []
         for i, head in enumerate(self.heads):
             blockdevs += qcow2_node(head, f"h{i}", preallocate=True,
-                                    direct=direct_io_works(head))
+                                    direct=direct and direct_io_works(head), flush=False)
             exports.append({"type": "nbd", "id": f"e{i}", "node-name": f"h{i}",
                             "name": f"h{i}", "writable": True})
         self.qsd = StorageDaemon(run_dir, f"hd-{_short(vm)}", blockdevs, exports).start()
@@ -73,6 +82,10 @@ class HeadServer:
 
     def alive(self) -> bool:
         return self.qsd.proc is not None and self.qsd.proc.poll() is None
+
+    def sync(self) -> None:
+        """fdatasync every head: what the server wrote and flushed reaches the disk."""
+        img.sync_files(*self.heads)
 
     def manifest(self, i: int) -> bytes:
         """Block digests of head ``i`` (see tracking.scan)."""
@@ -95,9 +108,9 @@ class HeadServer:
             img.drop_cached_pages(self.heads[i])
 
     def drop_cached_pages(self) -> None:
-        """After a flush: the heads' pages leave the page cache (img.drop_cached_pages),
+        """After a sync: the heads' pages leave the page cache (img.drop_cached_pages),
         on a thread of its own: dropping a cycle's 64 MiB of clean pages costs 5-15 ms,
-        and nothing waits for it (the cycle is flushed; its ack need not wait)."""
+        and nothing waits for it."""
         threading.Thread(target=img.drop_cached_pages, args=tuple(self.heads),
                          name=f"uncache-{self.vm}", daemon=True).start()
 
@@ -105,7 +118,7 @@ class HeadServer:
         for w in self.writers:
             nbdio.close(w.h)
         self.writers = []
-        # Heads hold no bitmaps, and what a cycle wrote is flushed before it is
+        # Heads hold no bitmaps, and what a cycle wrote is staged durably before it is
         # acknowledged (a kill is a crash the replica recovers from): a quit that hangs
         # is not waited for long, it would hold the VM's lock (a removal, the next cycle).
         self.qsd.close(timeout=HEAD_QUIT_SECONDS)
@@ -128,15 +141,18 @@ class HeadServers:
         with self._guard:
             return self._vm_locks.setdefault(vm, threading.RLock())
 
-    def get(self, vm: str, heads: list[str]) -> HeadServer:
+    def get(self, vm: str, heads: list[str], direct: bool = False) -> HeadServer:
+        """The VM's server, opened on ``heads`` (``direct``: see HeadServer) if it is not
+        open on them that way already."""
         with self._lock(vm):
             with self._guard:
                 server = self._servers.get(vm)
-            if server is not None and (server.heads != list(heads) or not server.alive()):
+            if server is not None and (server.heads != list(heads) or not server.alive()
+                                       or server.direct != direct):
                 self.close(vm)
                 server = None
             if server is None:
-                server = HeadServer(self.run_dir, vm, heads)
+                server = HeadServer(self.run_dir, vm, heads, direct)
                 with self._guard:
                     self._servers[vm] = server
             server.last_used = time.monotonic()

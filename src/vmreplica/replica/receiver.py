@@ -2,8 +2,9 @@
 
 A cycle is staged durably first (records written as they arrive, each verified, then
 fsync + rename + directory fsync + a row in the state store), applied into the heads,
-and only then acknowledged. At start-up every staged cycle still listed is applied
-again before the daemon serves anything (invariant 1: no torn head).
+and only then acknowledged; the heads' fdatasync and the stage's removal follow the ack
+(replica.checkpoint). At start-up every staged cycle still listed is applied again
+before the daemon serves anything (invariant 1: no torn head).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ..qemutools.buffers import POOL
 from ..transport import wire
 from ..transport.ahead import ahead
 from . import apply as applier
+from . import checkpoint
 from . import index as rindex
 from . import mirror, points
 from . import store as rstore
@@ -182,8 +184,9 @@ KEEP_IN_MEMORY = 256 << 20  # a staged delta up to this size is applied from mem
 
 def receive_cycle(host, peer: dict, vm: str, body) -> dict:
     """Receive one cycle. A delta is verified and staged durably, then applied, then
-    acknowledged; an initial copy (nothing consistent to protect yet) is applied as it
-    streams in and the replica counts as seeded only once all of it is verified."""
+    acknowledged, then its heads are synced (replica.checkpoint); an initial copy
+    (nothing consistent to protect yet) is applied as it streams in, and the replica
+    counts as seeded only once all of it is verified and synced."""
     rel = _own_relationship(host, peer, vm)
     reader = wire.CycleReader(body.read, pool=POOL)
     header = reader.start()
@@ -201,8 +204,9 @@ def receive_cycle(host, peer: dict, vm: str, body) -> dict:
         except Exception as e:
             host.store.finish_cycle(row, False, error=getattr(e, "message", None) or str(e))
             raise
-        host.store.finish_cycle(row, True, reader.raw_bytes, reader.bytes_read,
-                                result.get("records", 0))
+        with host.store.unsynced():      # history (see _apply)
+            host.store.finish_cycle(row, True, reader.raw_bytes, reader.bytes_read,
+                                    result.get("records", 0))
         return result
 
 
@@ -228,7 +232,8 @@ def _receive_initial(host, vm: str, cycle: int, reader: wire.CycleReader) -> dic
     # doing both left the primary's sends waiting while it waited on the head server.
     # (A reader waiting on the connection when the apply fails ends with the request.)
     records = ahead(reader.records(), depth=16, name="receive-ahead", join_timeout=2)
-    stats = _apply_with(host, vm, heads, records, bool(reader.header.get("verify")))
+    stats = _apply_with(host, vm, heads, records, bool(reader.header.get("verify")),
+                        direct=True)
     host.store.update_relationship(vm, index_valid=True)
     _applied(host, vm, cycle, reader.header, reader.trailer)
     host.event("resync" if resync else "initial",
@@ -283,7 +288,13 @@ def _receive_delta(host, vm: str, cycle: int, reader: wire.CycleReader, body) ->
         settle.join()
     host.store.add_staged(vm, cycle, str(final))
     t_staged = time.monotonic()
-    result = _apply(host, vm, cycle, final, kept, reader.trailer, reader.header)
+    # Synced after the ack (replica.checkpoint) unless the cycle makes a recovery point
+    # (a point freezes the head as it is on disk) or is a planned failover's last.
+    # (--verify reads the heads whole anyway.)
+    trailer = reader.trailer or {}
+    durable = bool(trailer.get("point") or trailer.get("final") or reader.header.get("verify"))
+    result = _apply(host, vm, cycle, final, kept, reader.trailer, reader.header,
+                    durable=durable)
     for rec in kept or ():
         POOL.put(rec.payload)      # applied and flushed: the next cycle's buffers
     result.update(receive_seconds=round(t_recv - t_start, 4),
@@ -406,21 +417,34 @@ def _fsync_dir(d: Path) -> None:
 
 
 def _apply(host, vm: str, cycle: int, path: Path, records=None, trailer=None,
-           header: dict | None = None) -> dict:
-    """Apply staged cycle ``path`` (from ``records`` if they are still in memory)."""
+           header: dict | None = None, durable: bool = True) -> dict:
+    """Apply staged cycle ``path`` (from ``records`` if they are still in memory). Not
+    ``durable``: the heads are synced and the stage dropped after the ack
+    (replica.checkpoint)."""
     rel = host.store.relationship(vm)
     heads = rstore.heads(rel["chains"], rel["disks"])
     if records is None:
         with open(path, "rb") as f:
             reader = wire.reader_for_file(f)
             header = reader.start()
-            stats = _apply_with(host, vm, heads, reader.records(), bool(header.get("verify")))
+            stats = _apply_with(host, vm, heads, reader.records(), bool(header.get("verify")),
+                                durable)
             trailer = reader.trailer
     else:
-        stats = _apply_with(host, vm, heads, records, bool(header and header.get("verify")))
-    _applied(host, vm, cycle, header, trailer)
-    host.store.remove_staged(vm, cycle)
-    path.unlink(missing_ok=True)
+        stats = _apply_with(host, vm, heads, records, bool(header and header.get("verify")),
+                            durable)
+    if durable:
+        _applied(host, vm, cycle, header, trailer)
+        host.store.remove_staged(vm, cycle)
+        path.unlink(missing_ok=True)
+    else:
+        # Any fsync now would wait for the disk to take the cycle's writes (it flushes
+        # the disk's cache): the record waits for the checkpoint's, the stage redoes it.
+        with host.store.unsynced():
+            _applied(host, vm, cycle, header, trailer)
+        checkpoint.defer(host, vm, cycle, path,
+                         heads + [str(rindex.path(Path(rel["storage"]), vm, d))
+                                  for d in rel["disks"]], heads)
     return {"records": stats["records"], "bytes": stats["bytes"],
             "write_seconds": stats["write_seconds"], "flush_seconds": stats["flush_seconds"],
             **_manifest(rel, stats)}
@@ -454,13 +478,17 @@ def make_pending_point(host, vm: str) -> None:
         host.store.update_relationship(vm, pending_point=None)
 
 
-def _apply_with(host, vm: str, heads: list[str], records, verify: bool) -> dict:
+def _apply_with(host, vm: str, heads: list[str], records, verify: bool,
+                durable: bool = True, direct: bool = False) -> dict:
+    """Write ``records`` into ``heads``; ``direct`` for an initial copy's or a resync's
+    bulk writes (replica.heads.HeadServer)."""
     rel = host.store.relationship(vm)
-    server = host.heads.get(vm, heads)
+    server = host.heads.get(vm, heads, direct)
     try:
         paths = [rindex.path(Path(rel["storage"]), vm, d) for d in rel["disks"]]
         idx = rindex.IndexWriter(paths, [w.size for w in server.writers])
-        stats = applier.apply_records(records, server, verify=verify, index=idx)
+        stats = applier.apply_records(records, server, verify=verify, index=idx,
+                                      durable=durable)
         # A verification read every head: the index takes what was read, so a head
         # changed behind vmreplica's back (what a failed verification finds) is repaired
         # by the resync that follows instead of being hidden by a stale index.

@@ -87,7 +87,8 @@ def manifest(host, peer: dict, vm: str, epoch: int) -> dict:
     _check_primary(host, rel, epoch)
     out, read_bytes = {}, 0
     with host.vm_lock(vm):
-        server = host.heads.get(vm, rstore.heads(rel["chains"], rel["disks"]))
+        server = host.heads.get(vm, rstore.heads(rel["chains"], rel["disks"]),
+                                direct=True)   # a resync follows (its writes: direct)
         for i, d in enumerate(rel["disks"]):
             p = rindex.path(Path(rel["storage"]), vm, d)
             size = server.writers[i].size

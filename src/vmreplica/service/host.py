@@ -26,7 +26,8 @@ class Host:
         self.cert_pem = home.cert.read_text()
         self.fingerprint = tls.fingerprint_pem(self.cert_pem)
         self._driver = None
-        self._locks: dict[str, threading.RLock] = {}
+        self._locks: dict[str, VMLock] = {}
+        self.unsynced: dict = {}   # lock key → cycles acknowledged, heads not yet synced
         self._locks_guard = threading.Lock()
         self._tls_ctx = None
         self._tls_peers_key: tuple | None = None
@@ -53,13 +54,19 @@ class Host:
         from ..tracking.base import get_tracker
         return get_tracker(name)
 
-    def vm_lock(self, vm: str) -> threading.RLock:
-        """The lock of a VM, shared by all its relationships (keys NAME and NAME@dr): one
-        operation at a time on its QEMU and its bitmaps."""
+    def lock_key(self, vm: str) -> str:
         from ..domain.links import vm_name
-        vm = vm_name(vm)
+        return vm_name(vm)
+
+    def vm_lock(self, vm: str) -> "VMLock":
+        """The lock of a VM, shared by all its relationships (keys NAME and NAME@dr): one
+        operation at a time on its QEMU, its bitmaps and its replica's chains."""
+        key = self.lock_key(vm)
         with self._locks_guard:
-            return self._locks.setdefault(vm, threading.RLock())
+            lock = self._locks.get(key)
+            if lock is None:
+                lock = self._locks[key] = VMLock(self, key)
+            return lock
 
     # -- TLS -------------------------------------------------------------------------
     def server_context(self):
@@ -98,11 +105,49 @@ class Host:
         self.store.add_event(kind, message, vm)
 
     def close(self) -> None:
+        from ..replica import checkpoint
         from ..replica.mirror import close_target
+        checkpoint.settle_all(self)
         for vm in list(self.mirror_targets):
             close_target(self, vm, keep_open_flag=True)   # reopened at the next start
         self.heads.close_all()
         self.store.close()
+
+
+class VMLock:
+    """A VM's re-entrant lock. Whoever takes it (not again, from within) first finishes
+    the checkpoint of the VM's acknowledged cycles (replica.checkpoint), so that no
+    operation on the VM (the next cycle, a recovery point, a failover, a removal) starts
+    while a crash would still re-apply a cycle over what it does."""
+
+    def __init__(self, host: Host, key: str):
+        self._host, self._key = host, key
+        self._lock = threading.RLock()
+        self._depth = 0          # changed only by the thread that holds the lock
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if not self._lock.acquire(blocking, timeout):
+            return False
+        self._depth += 1
+        if self._depth == 1 and self._host.unsynced.get(self._key):
+            try:
+                from ..replica import checkpoint
+                checkpoint.settle(self._host, self._key)
+            except BaseException:
+                self.release()
+                raise
+        return True
+
+    def release(self) -> None:
+        self._depth -= 1
+        self._lock.release()
+
+    def __enter__(self) -> "VMLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def staging_dir(host: Host, vm: str) -> Path:

@@ -84,6 +84,14 @@ class Store:
     def transaction(self):
         return _Tx(self)
 
+    def unsynced(self) -> "_Unsynced":
+        """Commits made inside are not fsynced (``synchronous=NORMAL``): the WAL keeps them
+        in order, and the next synced commit makes them durable with it. For records a
+        crash may lose because something durable redoes them (a cycle recorded as applied
+        while its staged copy is kept: replica.checkpoint). Holds the store meanwhile, so
+        no other thread's commit goes unsynced."""
+        return _Unsynced(self)
+
     # -- settings --------------------------------------------------------------------
     def get_setting(self, key: str, default: Any = None) -> Any:
         rows = self._all("SELECT value FROM settings WHERE key=?", (key,))
@@ -289,6 +297,27 @@ class _Tx:
         try:
             if self.depth_owner:
                 self.store._db.execute("ROLLBACK" if exc_type else "COMMIT")
+        finally:
+            self.store._lock.release()
+        return False
+
+
+class _Unsynced:
+    def __init__(self, store: Store):
+        self.store = store
+
+    def __enter__(self):
+        self.store._lock.acquire()
+        try:
+            self.store._db.execute("PRAGMA synchronous=NORMAL")
+        except BaseException:
+            self.store._lock.release()
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            self.store._db.execute("PRAGMA synchronous=FULL")
         finally:
             self.store._lock.release()
         return False

@@ -1,0 +1,95 @@
+"""Checkpoints: making an acknowledged delta cycle's head writes durable after the ack.
+
+A delta cycle is acknowledged once it is staged durably (fsync, rename, directory fsync,
+a synced row in the state store) and applied into the heads: every reader of a head
+sees it from then on. What the heads and the hash index still hold only in the page
+cache is made durable here, ``DELAY`` seconds after the ack or as soon as anything
+else takes the VM's lock (the next cycle, a recovery point, a failover, a removal, the
+daemon's shutdown), whichever comes first: fdatasync of each file, then the staged
+cycle is dropped. Until then a crash loses nothing: the staged copy is applied again at
+start-up (receiver.recover), and applying twice gives the same bytes (invariant 1).
+
+Why after the ack: on a disk shared by the two hosts (this project's benchmark, a lab,
+a host replicating to itself), every fsync flushes the whole disk's cache, so the
+replica's fdatasync of 64 MiB of head writes and the primary's own bookkeeping after
+the ack (its cycle record, its bitmaps written as the storage daemon closes) paid for
+each other. Delayed, the replica's writeback runs while nothing waits for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+from ..qemutools import img
+
+log = logging.getLogger("vmreplica.replica")
+
+DELAY = 1.0     # seconds from the ack to the heads' fdatasync, at most
+
+
+def delay() -> float:
+    """``DELAY``, or ``VMREPLICA_CHECKPOINT_DELAY`` from the daemon's environment (the
+    tests hold a checkpoint back to kill the daemon before it)."""
+    try:
+        return float(os.environ.get("VMREPLICA_CHECKPOINT_DELAY", DELAY))
+    except ValueError:
+        return DELAY
+
+
+def defer(host, vm: str, cycle: int, stage, files: list[str], heads: list[str]) -> None:
+    """Called under the VM's lock, after the apply: ``files`` (the heads and the hash
+    index files) are synced, and ``stage`` dropped, later."""
+    key = host.lock_key(vm)
+    host.unsynced.setdefault(key, []).append((vm, cycle, str(stage), list(files),
+                                              list(heads)))
+    timer = threading.Timer(delay(), _settle_later, args=(host, key))
+    timer.daemon = True
+    timer.name = f"checkpoint-{key}"
+    timer.start()
+
+
+def _settle_later(host, key: str) -> None:
+    try:
+        with host.vm_lock(key):      # taking the lock settles (service.host.VMLock)
+            pass
+    except Exception:  # noqa: BLE001 — the stage stays; the next taker of the lock retries
+        log.exception("checkpoint of %s failed", key)
+
+
+def settle(host, key: str) -> None:
+    """Under the VM's lock: sync what the VM's acknowledged cycles wrote, then drop their
+    staged copies. A failure leaves them staged (raised to whoever took the lock)."""
+    pending = host.unsynced.get(key)
+    if not pending:
+        return
+    files: list[str] = []
+    heads: list[str] = []
+    for _, _, _, fs, hs in pending:
+        files += [f for f in fs if f not in files]
+        heads += [h for h in hs if h not in heads]
+    img.sync_files(*files)
+    for vm, cycle, stage, _, _ in pending:
+        # A synced commit: the cycle's "applied" row, committed unsynced before it (see
+        # receiver._apply), becomes durable with it.
+        host.store.remove_staged(vm, cycle)
+        try:
+            os.unlink(stage)
+        except FileNotFoundError:
+            pass
+    del host.unsynced[key]
+    # Clean now: out of the page cache, so that a host holding many replicas does not
+    # fill its memory with them (img.drop_cached_pages; off this thread, nothing waits).
+    threading.Thread(target=img.drop_cached_pages, args=tuple(heads),
+                     name=f"uncache-{key}", daemon=True).start()
+
+
+def settle_all(host) -> None:
+    """The daemon stops: every VM's acknowledged cycles made durable."""
+    for key in list(host.unsynced):
+        try:
+            with host.vm_lock(key):
+                pass
+        except Exception:  # noqa: BLE001 — staged: re-applied at the next start
+            log.exception("checkpoint of %s failed at shutdown", key)

@@ -117,6 +117,34 @@ def test_replica_killed_after_the_ack_redoes_the_cycle_from_its_stage(own_sites,
                timeout=30)
 
 
+def _staged_rows(home: Path, vm: str) -> int:
+    db = sqlite3.connect(f"file:{home / 'state.db'}?mode=ro", uri=True)
+    try:
+        return db.execute("SELECT count(*) FROM staged_cycles WHERE vm=?", (vm,)).fetchone()[0]
+    finally:
+        db.close()
+
+
+def test_a_clean_shutdown_checkpoints_before_it_stops(own_sites, vm_name, monkeypatch):
+    """`shutdown` of a replica with an acknowledged cycle not yet checkpointed syncs the
+    heads and drops the staged copy first: the next start has nothing to redo."""
+    a, b = own_sites
+    disk = _seeded(a, b, vm_name)
+    b.stop()
+    monkeypatch.setenv("VMREPLICA_CHECKPOINT_DELAY", "600")
+    b.start()
+    qemu_io(disk, "write -P 0x33 2M 1M")
+    a.run("sync", vm_name)
+    assert _staged_rows(b.home, vm_name) == 1
+    b.stop()
+    assert _staged_rows(b.home, vm_name) == 0
+    assert not list((b.home / "staging" / vm_name).glob("*"))
+    monkeypatch.delenv("VMREPLICA_CHECKPOINT_DELAY")
+    b.start()
+    assert not [e for e in b.json("events", vm_name) if e["kind"] == "recovery"]
+    assert_replica_equals(a, b, vm_name)
+
+
 def test_connection_cut_mid_cycle_loses_nothing(fresh_dir, vm_name):
     a = lab.LabHost(fresh_dir / "a", "site-a").init().start()
     b = lab.LabHost(fresh_dir / "b", "site-b").init().start()

@@ -8,6 +8,9 @@ else takes the VM's lock (the next cycle, a recovery point, a failover, a remova
 daemon's shutdown), whichever comes first: fdatasync of each file, then the staged
 cycle is dropped. Until then a crash loses nothing: the staged copy is applied again at
 start-up (receiver.recover), and applying twice gives the same bytes (invariant 1).
+The head server does not flush in between, so after a power cut qcow2's metadata may
+have reached the disk out of order: the heads are repaired first (``qemu-img check -r
+all`` rebuilds their refcounts from the L2 tables, receiver._repair_heads).
 
 Why after the ack: on a disk shared by the two hosts (this project's benchmark, a lab,
 a host replicating to itself), every fsync flushes the whole disk's cache, so the

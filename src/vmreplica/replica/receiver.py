@@ -517,6 +517,7 @@ def recover(host) -> list[tuple[str, int]]:
             continue
         log.warning("re-applying staged cycle %s of %s after an interrupted apply",
                     row["cycle"], row["vm"])
+        _repair_heads(host, row["vm"])
         _apply(host, row["vm"], row["cycle"], path)
         host.event("recovery", f"re-applied staged cycle {row['cycle']} after a restart",
                    row["vm"])
@@ -530,6 +531,25 @@ def recover(host) -> list[tuple[str, int]]:
         for part in host.home.staging.glob("*/*.part"):
             part.unlink(missing_ok=True)
     return redone
+
+
+def _repair_heads(host, vm: str) -> None:
+    """Before a staged cycle is applied again at start-up: the heads' qcow2 metadata made
+    consistent. The cycle may have been acknowledged with its head writes still in the
+    page cache (replica.checkpoint), and the head server does not flush in between, so
+    after a power cut qcow2's refcount blocks and L2 tables may have reached the disk in
+    any order. A refcount left behind an L2 entry would let a later allocation hand the
+    same cluster out twice; ``qemu-img check -r all`` rebuilds the refcounts from the L2
+    tables. What the tables lost (a new cluster or L2 table not on the disk) reads from
+    the layer below until the re-apply, which writes every extent of the cycle again."""
+    rel = host.store.relationship(vm)
+    host.heads.close(vm)
+    for head in rstore.heads(rel["chains"], rel["disks"]):
+        report = img.repair(head)
+        fixed = int(report.get("corruptions-fixed", 0)) + int(report.get("leaks-fixed", 0))
+        if fixed:
+            host.event("recovery", f"{head}: qemu-img check repaired {fixed} refcount "
+                                   "error(s) left by an unclean stop", vm)
 
 
 def remove_relationship(host, vm: str, keep_replica: bool) -> dict:

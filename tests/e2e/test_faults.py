@@ -75,6 +75,18 @@ def test_replica_sigkill_mid_apply_is_redone_at_restart(own_sites, vm_name, fres
     assert_replica_equals(a, b, vm_name)
 
 
+def _zero_refcounts(path, first: int, count: int) -> None:
+    """Refcounts of clusters ``first``.. set to 0 (the first refcount block, 16-bit
+    entries): the disk after a power cut that kept a head's L2 tables, not its refcounts."""
+    import struct
+    with open(path, "r+b") as f:
+        table = struct.unpack(">Q", f.read(56)[48:56])[0]
+        f.seek(table)
+        block = struct.unpack(">Q", f.read(8))[0]
+        f.seek(block + 2 * first)
+        f.write(b"\0" * 2 * count)
+
+
 def test_replica_killed_after_the_ack_redoes_the_cycle_from_its_stage(own_sites, vm_name,
                                                                       monkeypatch):
     """A delta is acknowledged once it is staged durably and applied; the heads are synced
@@ -101,16 +113,22 @@ def test_replica_killed_after_the_ack_redoes_the_cycle_from_its_stage(own_sites,
                                        "-c", "write -z 100M 64K", head],
                                       capture_output=True).returncode == 0, timeout=30)
     assert not images_identical(disk, head)[0]
+    # ...and the head's refcounts, written back after its L2 tables: zeroed behind them.
+    _zero_refcounts(head, 5, 64)
+    assert subprocess.run(["qemu-img", "check", head], capture_output=True).returncode == 2
     monkeypatch.delenv("VMREPLICA_CHECKPOINT_DELAY")
-    b.start()                                      # start-up applies the stage again
+    b.start()                                      # start-up repairs, applies the stage again
+    assert [e for e in b.json("events", vm_name) if e["kind"] == "recovery"
+            and "repaired" in e["message"]]
+    assert subprocess.run(["qemu-img", "check", "-U", head], capture_output=True).returncode == 0
     assert not list((b.home / "staging" / vm_name).glob("*"))
     assert _replica_row(b.home, vm_name)["last_applied_cycle"] == 1
     assert_replica_equals(a, b, vm_name)
     # The primary released its tracking point on the ack: the next cycle ships only what
     # was written since, and the replica ends equal again.
-    qemu_io(disk, "write -P 0x11 200M 64K")
-    assert a.json("sync", vm_name)["raw_bytes"] == 64 << 10
-    assert_replica_equals(a, b, vm_name)
+    qemu_io(disk, "write -P 0x11 200M 64K", "write -P 0x12 150M 4M")
+    assert a.json("sync", vm_name)["raw_bytes"] == (64 << 10) + (4 << 20)
+    assert_replica_equals(a, b, vm_name)          # (new clusters overwrote none in use)
     # Left alone, the replica checkpoints by itself (within a second of the ack).
     wait_until("the checkpoint after the ack",
                lambda: not list((b.home / "staging" / vm_name).glob("cycle-*.stage")),

@@ -50,7 +50,7 @@ class HeadServer:
     no copy into the page cache, which was a sixth of both earlier machines' CPU
     (1 GiB: 2.3-2.5 s against 2.8-3.3 s buffered). Otherwise, for delta cycles, through
     the page cache: a cycle's writes are made in memory (64 MiB of scattered 64 KiB
-    writes: 0.06-0.08 s against 0.11-0.12 s direct on the issue-2 benchmark's machine)
+    writes: 0.06-0.10 s against 0.11-0.12 s direct on the issue-2 benchmark's machine)
     and reach the disk with the checkpoint after the ack (replica.checkpoint), while
     nothing waits for them. Readers of a head through the page cache (a compare, a
     failover) are coherent with either.

@@ -51,7 +51,7 @@ def test_taking_the_vm_lock_finishes_the_checkpoint_first(tmp_path, monkeypatch)
     monkeypatch.setattr(img, "sync_files", lambda *paths: (synced.extend(paths),
                                                            real(*paths)))
     with host.vm_lock("v1"):
-        checkpoint.defer(host, "v1", 3, stage, [str(head), str(index)], [str(head)])
+        checkpoint.defer(host, "v1", 3, stage, [str(head)], [str(index)])
     # Acknowledged, not yet synced: the staged copy is what a crash re-applies.
     assert stage.exists() and [r["cycle"] for r in host.store.staged("v1")] == [3]
     assert synced == []
@@ -68,7 +68,7 @@ def test_the_checkpoint_runs_by_itself_after_the_delay(tmp_path, monkeypatch):
     host = _Host(tmp_path)
     head, index, stage = _staged_cycle(host, tmp_path)
     with host.vm_lock("v1"):
-        checkpoint.defer(host, "v1", 3, stage, [str(head), str(index)], [str(head)])
+        checkpoint.defer(host, "v1", 3, stage, [str(head)], [str(index)])
         time.sleep(0.2)                      # the timer waits for the lock...
         assert stage.exists()
     deadline = time.monotonic() + 10        # ...and takes it once it is free
@@ -83,7 +83,7 @@ def test_a_failed_sync_keeps_the_stage_and_frees_the_lock(tmp_path, monkeypatch)
     host = _Host(tmp_path)
     head, index, stage = _staged_cycle(host, tmp_path)
     with host.vm_lock("v1"):
-        checkpoint.defer(host, "v1", 3, stage, [str(head)], [str(head)])
+        checkpoint.defer(host, "v1", 3, stage, [str(head)], [])
 
     def broken(*paths):
         raise OSError(errno.EIO, "Input/output error")
@@ -127,7 +127,7 @@ def test_the_operation_that_deferred_does_not_settle_by_taking_the_lock_again(tm
     host = _Host(tmp_path)
     head, index, stage = _staged_cycle(host, tmp_path)
     with host.vm_lock("v1"):
-        checkpoint.defer(host, "v1", 3, stage, [str(head)], [str(head)])
+        checkpoint.defer(host, "v1", 3, stage, [str(head)], [])
         with host.vm_lock("v1"):            # the same thread, within: nothing synced
             assert stage.exists()
         assert stage.exists()

@@ -41,12 +41,12 @@ def delay() -> float:
         return DELAY
 
 
-def defer(host, vm: str, cycle: int, stage, files: list[str], heads: list[str]) -> None:
-    """Called under the VM's lock, after the apply: ``files`` (the heads and the hash
-    index files) are synced, and ``stage`` dropped, later."""
+def defer(host, vm: str, cycle: int, stage, heads: list[str], index: list[str]) -> None:
+    """Called under the VM's lock, after the apply: the ``heads`` and the hash ``index``
+    files are synced, and ``stage`` dropped, later."""
     key = host.lock_key(vm)
-    host.unsynced.setdefault(key, []).append((vm, cycle, str(stage), list(files),
-                                              list(heads)))
+    host.unsynced.setdefault(key, []).append((vm, cycle, str(stage), list(heads),
+                                              list(index)))
     timer = threading.Timer(delay(), _settle_later, args=(host, key))
     timer.daemon = True
     timer.name = f"checkpoint-{key}"
@@ -67,12 +67,9 @@ def settle(host, key: str) -> None:
     pending = host.unsynced.get(key)
     if not pending:
         return
-    files: list[str] = []
-    heads: list[str] = []
-    for _, _, _, fs, hs in pending:
-        files += [f for f in fs if f not in files]
-        heads += [h for h in hs if h not in heads]
-    img.sync_files(*files)
+    heads = list(dict.fromkeys(h for _, _, _, hs, _ in pending for h in hs))
+    index = list(dict.fromkeys(f for _, _, _, _, fs in pending for f in fs))
+    img.sync_files(*heads, *index)
     for vm, cycle, stage, _, _ in pending:
         # A synced commit: the cycle's "applied" row, committed unsynced before it (see
         # receiver._apply), becomes durable with it.
@@ -83,9 +80,8 @@ def settle(host, key: str) -> None:
             pass
     del host.unsynced[key]
     # Clean now: out of the page cache, so that a host holding many replicas does not
-    # fill its memory with them (img.drop_cached_pages; off this thread, nothing waits).
-    threading.Thread(target=img.drop_cached_pages, args=tuple(heads),
-                     name=f"uncache-{key}", daemon=True).start()
+    # fill its memory with them.
+    img.drop_cached_pages_later(*heads, name=f"uncache-{key}")
 
 
 def settle_all(host) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from pathlib import Path
 
@@ -261,9 +260,8 @@ def _receive_delta(host, vm: str, cycle: int, reader: wire.CycleReader, body) ->
     # cycle's writes 3-4x slower (qemutools.img.drop_cached_pages). Off this thread: it
     # costs up to 0.1 s for a head read whole, and the receive mostly waits on the primary.
     rel = host.store.relationship(vm)
-    settle = threading.Thread(target=img.drop_cached_pages, name=f"uncache-{vm}", daemon=True,
-                              args=rstore.heads(rel["chains"], rel["disks"]))
-    settle.start()
+    settle = img.drop_cached_pages_later(*rstore.heads(rel["chains"], rel["disks"]),
+                                         name=f"uncache-{vm}")
     try:
         with open(part, "wb") as f:
             # The staged file is the stream exactly as received: the header, then every
@@ -442,9 +440,8 @@ def _apply(host, vm: str, cycle: int, path: Path, records=None, trailer=None,
         # the disk's cache): the record waits for the checkpoint's, the stage redoes it.
         with host.store.unsynced():
             _applied(host, vm, cycle, header, trailer)
-        checkpoint.defer(host, vm, cycle, path,
-                         heads + [str(rindex.path(Path(rel["storage"]), vm, d))
-                                  for d in rel["disks"]], heads)
+        checkpoint.defer(host, vm, cycle, path, heads,
+                         [str(rindex.path(Path(rel["storage"]), vm, d)) for d in rel["disks"]])
     return {"records": stats["records"], "bytes": stats["bytes"],
             "write_seconds": stats["write_seconds"], "flush_seconds": stats["flush_seconds"],
             **_manifest(rel, stats)}

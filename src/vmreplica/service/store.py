@@ -7,6 +7,7 @@ share it; every write is a short transaction.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -84,13 +85,19 @@ class Store:
     def transaction(self):
         return _Tx(self)
 
-    def unsynced(self) -> "_Unsynced":
+    @contextlib.contextmanager
+    def unsynced(self):
         """Commits made inside are not fsynced (``synchronous=NORMAL``): the WAL keeps them
         in order, and the next synced commit makes them durable with it. For records a
         crash may lose because something durable redoes them (a cycle recorded as applied
         while its staged copy is kept: replica.checkpoint). Holds the store meanwhile, so
         no other thread's commit goes unsynced."""
-        return _Unsynced(self)
+        with self._lock:
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            try:
+                yield self
+            finally:
+                self._db.execute("PRAGMA synchronous=FULL")
 
     # -- settings --------------------------------------------------------------------
     def get_setting(self, key: str, default: Any = None) -> Any:
@@ -297,27 +304,6 @@ class _Tx:
         try:
             if self.depth_owner:
                 self.store._db.execute("ROLLBACK" if exc_type else "COMMIT")
-        finally:
-            self.store._lock.release()
-        return False
-
-
-class _Unsynced:
-    def __init__(self, store: Store):
-        self.store = store
-
-    def __enter__(self):
-        self.store._lock.acquire()
-        try:
-            self.store._db.execute("PRAGMA synchronous=NORMAL")
-        except BaseException:
-            self.store._lock.release()
-            raise
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        try:
-            self.store._db.execute("PRAGMA synchronous=FULL")
         finally:
             self.store._lock.release()
         return False

@@ -88,14 +88,14 @@ class DaemonNotRunning(OperationError):
     code = "daemon_not_running"
 
 
-_BY_CODE = {
-    cls.code: cls
-    for cls in (
-        VmreplicaError, UsageError, NotFound, Conflict, OperationError, HypervisorError,
-        TrackingError, TransportError, Unreachable, NotTrusted, Refused, Superseded, IntegrityError,
-        DaemonNotRunning,
-    )
-}
+def _every(cls: type) -> list[type]:
+    return [cls] + [c for sub in cls.__subclasses__() for c in _every(sub)]
+
+
+# Every error class by its code, found from the hierarchy itself: a class left out of a
+# hand-written table (StorageFull was) reached the client as a plain OperationError, so
+# its health rule and hint were lost on the way.
+_BY_CODE = {cls.code: cls for cls in _every(VmreplicaError) if "code" in vars(cls)}
 
 
 def from_json(data: dict) -> VmreplicaError:

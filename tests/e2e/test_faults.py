@@ -285,10 +285,13 @@ def test_verify_detects_a_replica_that_diverged(own_sites, vm_name):
     a.run("remove", vm_name)
 
 
-def test_replica_storage_full_loses_nothing(fresh_dir, vm_name):
-    """The replica's storage fills up mid-cycle: a clear error naming the full storage,
-    nothing applied in part is exposed, the primary keeps the changes; once there is room
-    again the next cycle completes and the replica is byte-exact."""
+def test_replica_storage_full_leaves_no_torn_head_readable(fresh_dir, vm_name):
+    """The replica's storage fills up mid-apply (issue 16, defect 1): the head then holds
+    part of the cycle. Nothing may read it — no recovery point, no test failover — until
+    the staged cycle has been applied whole; the replica says why (critical, the storage,
+    the space needed), the primary keeps its changes and says the replica is full, and
+    once there is room the replica applies the staged cycle by itself, before the
+    primary's next cycle: its head then equals the primary's frozen point."""
     if os.geteuid() != 0:
         pytest.skip("a small filesystem for the replica's storage needs root (mount tmpfs)")
     small = fresh_dir / "small"
@@ -303,16 +306,40 @@ def test_replica_storage_full_loses_nothing(fresh_dir, vm_name):
         disk = a.vm(vm_name)["disks"][0]["path"]
         a.run("enable", vm_name, "--replica", b.address)
         a.run("initial", vm_name)
+        points_before = [p["id"] for p in b.json("points", vm_name)]
         blob = random_file(fresh_dir / "blob", 64 << 20, seed=7)
         qemu_io(disk, f"write -s {blob} 0 64M")             # more than the storage holds
         p = a.run("sync", vm_name, check=False)
         assert p.returncode != 0
         msg = (p.stdout + p.stderr).lower()
-        assert "space" in msg, p.stdout + p.stderr
+        assert "full" in msg and str(small) in p.stdout + p.stderr, p.stdout + p.stderr
         assert "error:" in p.stderr and "hint:" in p.stderr, p.stderr
         assert a.json("measure", vm_name)["pending_bytes"] >= 64 << 20     # nothing lost
-        # Room again (the operator grows the volume): the next cycle completes.
+        # The primary knows why: its replica is full (critical at once, not "1 failure").
+        view = a.json("status", vm_name)[0]
+        assert view["health"] == "critical", view
+        assert any("storage is full" in r for r in view["reasons"]), view
+        # The replica says why, with the storage and the space the cycle needs.
+        view = b.json("status", vm_name)[0]
+        assert view["health"] == "critical", view
+        reason = " ".join(view["reasons"])
+        assert str(small) in reason and "needed" in reason and "not applied" in reason, reason
+        # Nothing reads the torn head: no test failover, no recovery point from it.
+        p = b.run("failover", vm_name, "--test", "--point", "latest", check=False)
+        assert p.returncode != 0 and "full" in p.stdout + p.stderr, p.stdout + p.stderr
+        assert [p["id"] for p in b.json("points", vm_name)] == points_before
+        assert not b.json("status", vm_name)[0].get("test")
+        # Room again (the operator grows the volume): the replica applies the staged
+        # cycle by itself, with no cycle from the primary...
         subprocess.run(["mount", "-o", "remount,size=256M", str(small)], check=True)
+        wait_until("the staged cycle to be applied by itself", lambda: any(
+            "applied whole" in e["message"] for e in b.json("events", vm_name)), timeout=60)
+        assert b.json("status", vm_name)[0]["health"] != "critical"
+        assert_replica_equals(a, b, vm_name)            # the whole cycle, nothing torn
+        p = b.run("failover", vm_name, "--test", "--point", "latest", check=False)
+        assert p.returncode == 0, p.stdout + p.stderr
+        b.run("failover", vm_name, "--stop-test")
+        # ...and the primary's next cycle completes; the two are equal.
         a.run("sync", vm_name)
         assert_replica_equals(a, b, vm_name)
     finally:

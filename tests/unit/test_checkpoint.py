@@ -1,6 +1,7 @@
 """The checkpoint after a delta's ack (replica.checkpoint): the staged cycle is kept
 until the heads and the index are synced, which happens by itself after the delay, or
-first thing when anything takes the VM's lock; a sync that fails keeps the stage."""
+first thing when anything takes the VM's lock; a sync that fails is a crash: the stage is
+kept and applied again, never the sync retried (replica.unapplied)."""
 
 from __future__ import annotations
 
@@ -19,10 +20,20 @@ from vmreplica.service.store import Store
 class _Host:
     """What the checkpoint and the VM lock use of a host, with a real state store."""
 
+    name = "site-b"
+
     def __init__(self, path):
         self.store = Store(path / "state.db")
         self.unsynced: dict = {}
+        self.unapplied: set = set()
         self._locks: dict = {}
+        self.events: list = []
+        self.store.add_relationship({"vm": "v1", "id": "r1", "role": "replica",
+                                     "peer": "site-a", "state": "replicating", "epoch": 1,
+                                     "storage": str(path)})
+
+    def event(self, kind, message, vm=None):
+        self.events.append((kind, message, vm))
 
     def lock_key(self, vm: str) -> str:
         return vm.split("@")[0]
@@ -78,27 +89,65 @@ def test_the_checkpoint_runs_by_itself_after_the_delay(tmp_path, monkeypatch):
     assert host.store.staged("v1") == [] and host.unsynced == {}
 
 
-def test_a_failed_sync_keeps_the_stage_and_frees_the_lock(tmp_path, monkeypatch):
+def test_a_failed_sync_is_a_crash_redone_from_the_stage_never_retried(tmp_path, monkeypatch):
+    """After Linux reports a failed writeback once, the failed pages are marked clean and
+    the next fdatasync returns 0 with the old data on the disk: a retried sync proves
+    nothing. The stage stays, the VM is marked unapplied (health critical), and the next
+    taker of the lock applies the staged cycles again (receiver.redo_unapplied)."""
     monkeypatch.setenv("VMREPLICA_CHECKPOINT_DELAY", "600")
     host = _Host(tmp_path)
     head, index, stage = _staged_cycle(host, tmp_path)
     with host.vm_lock("v1"):
         checkpoint.defer(host, "v1", 3, stage, [str(head)], [])
+    calls = []
 
     def broken(*paths):
+        calls.append(paths)
         raise OSError(errno.EIO, "Input/output error")
     monkeypatch.setattr(img, "sync_files", broken)
-    with pytest.raises(OSError):
+    from vmreplica.replica import receiver
+    redone = []
+
+    def redo(h, vm, at_start=False):
+        redone.append(vm)
+        raise OSError(errno.EIO, "Input/output error")      # the disk still fails
+    monkeypatch.setattr(receiver, "redo_unapplied", redo)
+    with pytest.raises(Exception, match="could not be applied.*Input/output error"):
         with host.vm_lock("v1"):
             pass
+    assert len(calls) == 1 and redone == ["v1"]          # synced once, then a redo
     assert stage.exists() and [r["cycle"] for r in host.store.staged("v1")] == [3]
-    # The lock was released: another thread takes it (and retries the checkpoint).
-    monkeypatch.setattr(img, "sync_files", lambda *paths: None)
+    assert host.unsynced == {} and host.unapplied == {"v1"}
+    pending = host.store.relationship("v1")["apply_pending"]
+    assert pending["cycle"] == 3 and "Input/output error" in pending["error"]
+    from vmreplica.domain.health import assess
+    health = assess(host.store.relationship("v1"), time.time())
+    assert health.level == "critical" and "Input/output error" in health.reasons[0]
+    # The lock was released; the next taker redoes again, never syncs again.
+    def fixed(h, vm, at_start=False):
+        redone.append(vm)
+        from vmreplica.replica import unapplied
+        unapplied.clear(h, vm, [3])
+        return [3]
+    monkeypatch.setattr(receiver, "redo_unapplied", fixed)
     took = []
     t = threading.Thread(target=lambda: took.append(host.vm_lock("v1").acquire(timeout=5)))
     t.start()
     t.join()
-    assert took == [True] and not stage.exists()
+    assert took == [True] and len(calls) == 1 and redone == ["v1", "v1"]
+    assert host.unapplied == set() and not host.store.relationship("v1").get("apply_pending")
+
+
+def test_a_lock_taken_as_is_does_not_wait_for_the_redo(tmp_path, monkeypatch):
+    """Removal, an initial copy and a resync rewrite or drop the heads: they take the
+    lock without the redo of a cycle that cannot be applied."""
+    host = _Host(tmp_path)
+    host.unapplied.add("v1")
+    from vmreplica.replica import receiver
+    monkeypatch.setattr(receiver, "redo_unapplied",
+                        lambda *a, **k: pytest.fail("redo attempted"))
+    with host.vm_lock("v1").as_is():
+        pass
 
 
 def test_a_file_deleted_since_is_skipped_any_other_error_is_raised(tmp_path):

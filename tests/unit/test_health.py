@@ -50,3 +50,37 @@ def test_fewer_points_than_asked():
            "point_interval": 60, "replicating_since": 0, "vm": "v"}
     h = health.assess(rel, 10_000)
     assert h.level == "warning" and "1 recovery point(s), 4 asked for" in h.reasons
+
+
+def test_every_error_code_comes_back_as_its_own_class():
+    """The client maps a daemon's error code back to its class: a full replica storage
+    reached the primary as a plain OperationError (issue 16, defect 10)."""
+    from vmreplica import errors
+
+    def every(cls):
+        return [cls] + [c for s in cls.__subclasses__() for c in every(s)]
+    for cls in every(errors.VmreplicaError):
+        if cls.__module__ != "vmreplica.errors":
+            continue
+        back = errors.from_json(cls("m", hint="h").to_json())
+        assert type(back) is cls and back.message == "m" and back.hint == "h"
+    assert isinstance(errors.from_json({"code": "storage_full", "message": "full"}),
+                      errors.StorageFull)
+
+
+def test_a_full_replica_storage_is_critical_at_once_on_the_primary():
+    rel = {"vm": "v", "role": "primary", "state": "replicating", "frequency": 30,
+           "consecutive_failures": 1, "last_error_code": "storage_full",
+           "last_error": "the replica storage /srv/b on site-b is full"}
+    h = health.assess(rel, 100.0)
+    assert h.level == "critical" and "storage is full" in h.reasons[0]
+    assert "/srv/b" in h.reasons[0]
+
+
+def test_a_staged_cycle_not_applied_is_critical_on_the_replica():
+    rel = {"vm": "v", "role": "replica", "state": "replicating", "frequency": 30,
+           "apply_pending": {"cycle": 4, "error": "the replica storage /srv/b on site-b is "
+                             "full: cycle 4 is staged but not applied (1.0 MiB free, about "
+                             "60.0 MiB needed for it)"}}
+    h = health.assess(rel, 100.0)
+    assert h.level == "critical" and "60.0 MiB needed" in h.reasons[0]

@@ -71,6 +71,11 @@ def assess(rel: dict, now: float, stats: dict | None = None,
     state = State(rel["state"])
     freq = int(rel.get("frequency") or 300)
     failures = int(rel.get("consecutive_failures") or 0)
+    pending = rel.get("apply_pending")
+    if pending:
+        # Replica side: a staged cycle not applied whole (replica.unapplied).
+        h.raise_to("critical", f"{pending.get('error') or 'a staged cycle is not applied'}; "
+                               "nothing reads the replica until it is applied")
     if rel.get("fenced"):
         h.raise_to("critical", f"fenced: {rel['fenced']}")
     elif state == State.ERROR:
@@ -95,7 +100,10 @@ def assess(rel: dict, now: float, stats: dict | None = None,
         h.raise_to("warning", f"continuous mode {rel['sync_state']}"
                               + (f": {rel['sync_reason']}" if rel.get("sync_reason") else ""))
     if rel.get("role") == "primary" and state == State.REPLICATING:
-        if failures:
+        if failures and rel.get("last_error_code") == "storage_full":
+            h.raise_to("critical", f"the replica's storage is full: "
+                                   f"{rel.get('last_error') or 'no space left'}")
+        elif failures:
             level = "critical" if failures >= int(t["failures_critical"]) else "warning"
             h.raise_to(level, f"last {failures} cycle(s) failed: "
                               f"{rel.get('last_error') or 'unknown error'}")

@@ -131,7 +131,8 @@ def run_cycle(host, vm: str, mode: str = "delta", verify: bool = False,
                                           bitmap_next=None,
                                           last_success_at=freeze_time,
                                           last_cycle_at=time.time(),
-                                          consecutive_failures=0, last_error=None)
+                                          consecutive_failures=0, last_error=None,
+                                          last_error_code=None, last_error_hint=None)
                 point.commit()
                 committed.append(True)
                 if mode != "delta":
@@ -402,6 +403,8 @@ def _failed(host, vm: str, cycle: int, row: int, e: Exception) -> None:
     rel = store.relationship(vm)
     failures = int(rel.get("consecutive_failures", 0)) + 1
     changes = {"consecutive_failures": failures, "last_error": msg,
+               "last_error_code": getattr(e, "code", "error"),
+               "last_error_hint": getattr(e, "hint", None),
                "last_attempt_at": time.time()}
     if isinstance(e, TrackingError):
         changes["state"] = "resync_required"

@@ -8,9 +8,10 @@ else takes the VM's lock (the next cycle, a recovery point, a failover, a remova
 daemon's shutdown), whichever comes first: fdatasync of each file, then the staged
 cycle is dropped. Until then a crash loses nothing: the staged copy is applied again at
 start-up (receiver.recover), and applying twice gives the same bytes (invariant 1).
-The head server does not flush in between, so after a power cut qcow2's metadata may
-have reached the disk out of order: the heads are repaired first (``qemu-img check -r
-all`` rebuilds their refcounts from the L2 tables, receiver._repair_heads).
+The head server keeps qcow2's flushes (heads.HeadServer), so its metadata is consistent
+whatever a power cut leaves, and the apply's last flush has made the heads' writes
+durable before the ack; what is left for here is the hash index and the store's record.
+A failed sync is a crash, never retried (replica.unapplied).
 
 Why after the ack: on a disk shared by the two hosts (this project's benchmark, a lab,
 a host replicating to itself), every fsync flushes the whole disk's cache, so the
@@ -26,6 +27,7 @@ import os
 import threading
 
 from ..qemutools import img
+from . import unapplied
 
 log = logging.getLogger("vmreplica.replica")
 
@@ -69,7 +71,19 @@ def settle(host, key: str) -> None:
         return
     heads = list(dict.fromkeys(h for _, _, _, hs, _ in pending for h in hs))
     index = list(dict.fromkeys(f for _, _, _, _, fs in pending for f in fs))
-    img.sync_files(*heads, *index)
+    try:
+        img.sync_files(*heads, *index)
+    except OSError as e:
+        # Linux reports a failed writeback once: the failed pages are then marked clean
+        # while the disk holds the old data, and a second fdatasync returns 0. So a failed
+        # sync is never retried: it is a crash. The stages stay, the VM is marked, and the
+        # lock's redo (service.host.VMLock) applies them again with O_DIRECT writes,
+        # synced, before anything reads the heads (replica.unapplied).
+        del host.unsynced[key]
+        vm, cycle, stage, _, _ = pending[-1]
+        log.error("the checkpoint of %s failed (%s): its staged cycles are applied again", key, e)
+        unapplied.mark(host, vm, cycle, stage, e)
+        return
     for vm, cycle, stage, _, _ in pending:
         # A synced commit: the cycle's "applied" row, committed unsynced before it (see
         # receiver._apply), becomes durable with it.

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..domain.patterns import find_authorization
 from ..domain.states import Role, State
 from ..errors import (Conflict, IntegrityError, NotFound, Refused, StorageFull, Superseded,
-                      UsageError)
+                      TrackingError, UsageError)
 from ..qemutools import img
 from ..qemutools.buffers import POOL
 from ..transport import wire
@@ -25,10 +25,74 @@ from ..transport.ahead import ahead
 from . import apply as applier
 from . import checkpoint
 from . import index as rindex
-from . import mirror, points
+from . import mirror, points, unapplied
 from . import store as rstore
 
 log = logging.getLogger("vmreplica.replica")
+
+
+def safe_name(value, what: str) -> str:
+    """A VM or disk name the primary sent, fit to be one component of a path here: no
+    separator, no NUL or control character, not ``.`` or ``..``, not empty, not huge."""
+    if (not isinstance(value, str) or not value or len(value) > 128 or value in (".", "..")
+            or value[0] == "-" or any(c in "/\\" or ord(c) < 32 or ord(c) == 127 for c in value)):
+        raise UsageError(f"invalid {what} name {str(value)[:80]!r} from the primary",
+                         hint="a name may not be empty, '.', '..' or hold '/', '\\' or "
+                              "control characters")
+    return value
+
+
+def _field(body: dict, key: str, kind, default=None, *, low=None, high=None):
+    """``body[key]`` (or ``default``) as ``kind``; a wrong type or range is a UsageError."""
+    value = body.get(key, default)
+    if value is None and default is None:
+        return None
+    try:
+        if kind is int and (isinstance(value, bool) or not isinstance(value, (int, str))):
+            raise TypeError
+        if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float, str))):
+            raise TypeError
+        out = kind(value)
+        if kind is float and out != out or out in (float("inf"), float("-inf")):
+            raise ValueError
+    except (TypeError, ValueError, OverflowError):
+        raise UsageError(f"{key} must be {'an integer' if kind is int else 'a number'}, "
+                         f"not {str(value)[:40]!r}") from None
+    if (low is not None and out < low) or (high is not None and out > high):
+        raise UsageError(f"{key} {out} is out of range")
+    return out
+
+
+_BIG = (1 << 63) - 1
+
+
+def _check_create_body(body: dict) -> tuple[str, list[dict]]:
+    """The VM name and disk list of a relationship request, checked before anything is
+    created from them (a VM named ``../x`` created its chains outside the storage)."""
+    vm = safe_name(body.get("vm", ""), "VM")
+    if not isinstance(body.get("id"), str) or not body["id"]:
+        raise UsageError("the relationship request has no id")
+    desc = body.get("description") or {}
+    if not isinstance(desc, dict):
+        raise UsageError("the VM description must be a JSON object")
+    disks = desc.get("disks") or []
+    if not isinstance(disks, list) or not all(isinstance(d, dict) for d in disks):
+        raise UsageError("the VM description's disks must be a list of objects")
+    names = [safe_name(d.get("name"), "disk") for d in disks]
+    if len(set(names)) != len(names):
+        raise UsageError("the VM description names a disk twice")
+    for d in disks:
+        _field(d, "virtual_size", int, 0, low=1, high=1 << 55)
+    for key in ("epoch", "frequency", "history", "point_interval"):
+        _field(body, key, int, 1, low=0, high=_BIG)
+    _field(body, "max_stall", float, 5, low=0)
+    holders = body.get("holders")
+    if holders is not None and not isinstance(holders, list):
+        raise UsageError("holders must be a list of host names")
+    for key in ("security_tag", "mode"):
+        if body.get(key) is not None and not isinstance(body[key], str):
+            raise UsageError(f"{key} must be a string")
+    return vm, disks
 
 
 def create_relationship(host, peer: dict, body: dict) -> dict:
@@ -48,6 +112,7 @@ def create_relationship(host, peer: dict, body: dict) -> dict:
         raise Refused(f"security tag mismatch: {host.name} allows {peer['name']} only with tag "
                       f"{entry['tag']!r}, the primary sent {tag!r}",
                       hint=f"enable replication with `--security-tag {entry['tag']}`")
+    vm, _ = _check_create_body(body)
     existing = host.store.relationship(vm)
     if existing is not None:
         if existing["id"] == body.get("id") and existing["peer"] == peer["name"]:
@@ -191,7 +256,10 @@ def receive_cycle(host, peer: dict, vm: str, body) -> dict:
     header = reader.start()
     cycle = _check_header(host, rel, header)
     kind = "initial" if header.get("initial") else "resync" if header.get("resync") else "delta"
-    with host.vm_lock(vm):
+    lock = host.vm_lock(vm)
+    # An initial copy or a resync rewrites the heads whatever they hold: it does not wait
+    # for a staged cycle that cannot be applied (it supersedes it, below).
+    with (lock if kind == "delta" else lock.as_is()):
         # A cycle means the primary is catching up (continuous mode dropped to cycles).
         mirror.close_target(host, vm)
         row = host.store.start_cycle(vm, cycle, kind)   # the replica's cycle history
@@ -235,6 +303,13 @@ def _receive_initial(host, vm: str, cycle: int, reader: wire.CycleReader) -> dic
                         direct=True)
     host.store.update_relationship(vm, index_valid=True)
     _applied(host, vm, cycle, reader.header, reader.trailer)
+    # Staged deltas that could not be applied are superseded: the heads now hold the
+    # primary's newer point whole.
+    stale = host.store.staged(vm)
+    for row in stale:
+        Path(row["path"]).unlink(missing_ok=True)
+        host.store.remove_staged(vm, row["cycle"])
+    unapplied.clear(host, vm, [])
     host.event("resync" if resync else "initial",
                f"{'resynchronisation' if resync else 'initial copy'} received: {stats['bytes']} "
                f"bytes in {stats['records']} records", vm)
@@ -291,8 +366,13 @@ def _receive_delta(host, vm: str, cycle: int, reader: wire.CycleReader, body) ->
     # (--verify reads the heads whole anyway.)
     trailer = reader.trailer or {}
     durable = bool(trailer.get("point") or trailer.get("final") or reader.header.get("verify"))
-    result = _apply(host, vm, cycle, final, kept, reader.trailer, reader.header,
-                    durable=durable)
+    try:
+        result = _apply(host, vm, cycle, final, kept, reader.trailer, reader.header,
+                        durable=durable)
+    except BaseException as e:
+        # The heads hold part of the cycle: nothing reads them until the staged copy has
+        # been applied whole (unapplied.mark; the VM's lock redoes it first).
+        raise unapplied.mark(host, vm, cycle, final, e) from None
     for rec in kept or ():
         POOL.put(rec.payload)      # applied and flushed: the next cycle's buffers
     result.update(receive_seconds=round(t_recv - t_start, 4),
@@ -305,8 +385,10 @@ def apply_settings(host, peer: dict, vm: str, body: dict) -> dict:
     """The primary changed settings that the replica applies (retention history)."""
     rel = _own_relationship(host, peer, vm)
     from ..domain import points as dp
-    history = dp.validate_history(int(body.get("history", rel.get("history", 4))))
-    interval = int(body.get("point_interval", rel.get("point_interval", 3600)))
+    history = dp.validate_history(_field(body, "history", int, rel.get("history", 4),
+                                         high=_BIG))
+    interval = _field(body, "point_interval", int, rel.get("point_interval", 3600), low=1,
+                      high=_BIG)
     with host.vm_lock(vm):
         host.store.update_relationship(vm, history=history, point_interval=interval)
         if rel["state"] == State.REPLICATING.value:
@@ -320,8 +402,15 @@ def change_disks(host, peer: dict, vm: str, body: dict) -> dict:
     point is still the same layer on every disk; the new disk reads as zeros in older
     points, which predate its replication)."""
     rel = _own_relationship(host, peer, vm)
-    wanted = list(body.get("disks") or [])
-    names = [d["name"] for d in wanted]
+    wanted = body.get("disks") or []
+    if not isinstance(wanted, list) or not all(isinstance(d, dict) for d in wanted):
+        raise UsageError("disks must be a list of objects")
+    names = [safe_name(d.get("name"), "disk") for d in wanted]
+    if not names or len(set(names)) != len(names):
+        raise UsageError("disks must name each replicated disk once")
+    for d in wanted:
+        if d["name"] not in rel["chains"]:
+            _field(d, "virtual_size", int, 0, low=1, high=1 << 55)
     with host.vm_lock(vm):
         host.heads.close(vm)
         chains = dict(rel["chains"])
@@ -346,11 +435,14 @@ def change_disks(host, peer: dict, vm: str, body: dict) -> dict:
 def point_now(host, peer: dict, vm: str, body: dict) -> dict:
     """Continuous mode: make a recovery point of what the mirror has written so far."""
     rel = _own_relationship(host, peer, vm)
-    _check_primary(host, rel, int(body.get("epoch", 0)))
+    _check_primary(host, rel, _field(body, "epoch", int, 0, high=_BIG))
+    kind = body.get("kind") or "crash"
+    if kind not in ("crash", "app"):
+        raise UsageError(f"unknown recovery point kind {str(kind)[:20]!r}")
+    when = _field(body, "time", float, 0, low=0) or time.time()
     with host.vm_lock(vm):
-        made = points.create(host, vm, str(body.get("kind") or "crash"),
-                             float(body.get("time") or time.time()))
-        host.store.update_relationship(vm, last_freeze_at=float(body.get("time") or time.time()))
+        made = points.create(host, vm, kind, when)
+        host.store.update_relationship(vm, last_freeze_at=when)
     return made
 
 
@@ -358,7 +450,7 @@ def final_marker(host, peer: dict, vm: str, body: dict) -> dict:
     """Continuous mode, planned failover: the primary's VM is off and every write it
     acknowledged reached this replica through the mirror — no final cycle needed."""
     rel = _own_relationship(host, peer, vm)
-    _check_primary(host, rel, int(body.get("epoch", 0)))
+    _check_primary(host, rel, _field(body, "epoch", int, 0, high=_BIG))
     with host.vm_lock(vm):
         mirror.close_target(host, vm)
         host.store.update_relationship(
@@ -401,6 +493,13 @@ def _check_header(host, rel: dict, header: dict) -> int:
     if not (header.get("initial") or header.get("resync")) and last < 0:
         raise Refused(f"cycle {cycle} refused: the initial copy has not been received",
                       hint="run `vmreplica initial VM` on the primary")
+    if not (header.get("initial") or header.get("resync")) and \
+            rel["state"] == State.RESYNC_REQUIRED.value:
+        # The replica lost what it had acknowledged (replica.unapplied.lost): a delta on
+        # top would hide it. The primary's change tracking cannot cover it: resync.
+        raise TrackingError(rel.get("resync_reason") or
+                            f"{host.name} needs a resynchronization of {rel['vm']}",
+                            hint="the primary resynchronises (`vmreplica resync VM`)")
     if list(header.get("disks", [])) != list(rel["disks"]):
         raise IntegrityError("cycle refused: its disk list does not match the replica's")
     return cycle
@@ -415,10 +514,10 @@ def _fsync_dir(d: Path) -> None:
 
 
 def _apply(host, vm: str, cycle: int, path: Path, records=None, trailer=None,
-           header: dict | None = None, durable: bool = True) -> dict:
+           header: dict | None = None, durable: bool = True, direct: bool = False) -> dict:
     """Apply staged cycle ``path`` (from ``records`` if they are still in memory). Not
-    ``durable``: the heads are synced and the stage dropped after the ack
-    (replica.checkpoint)."""
+    ``durable``: the hash index is synced and the stage dropped after the ack
+    (replica.checkpoint). ``direct``: O_DIRECT heads (a redo after a failure)."""
     rel = host.store.relationship(vm)
     heads = rstore.heads(rel["chains"], rel["disks"])
     if records is None:
@@ -426,11 +525,11 @@ def _apply(host, vm: str, cycle: int, path: Path, records=None, trailer=None,
             reader = wire.reader_for_file(f)
             header = reader.start()
             stats = _apply_with(host, vm, heads, reader.records(), bool(header.get("verify")),
-                                durable)
+                                durable, direct)
             trailer = reader.trailer
     else:
         stats = _apply_with(host, vm, heads, records, bool(header and header.get("verify")),
-                            durable)
+                            durable, direct)
     if durable:
         _applied(host, vm, cycle, header, trailer)
         host.store.remove_staged(vm, cycle)
@@ -505,24 +604,37 @@ def _apply_with(host, vm: str, heads: list[str], records, verify: bool,
 
 
 def recover(host) -> list[tuple[str, int]]:
-    """Start-up: re-apply every cycle that was staged but not recorded as applied."""
+    """Start-up: re-apply every cycle that was staged but not checkpointed, VM by VM. A VM
+    whose recovery fails is left in ``error`` with its reason (or, when its storage is
+    full, with its stage kept for a later redo): the others start regardless."""
     redone = []
-    for row in host.store.staged():
-        path = Path(row["path"])
-        if not path.exists() or host.store.relationship(row["vm"]) is None:
-            host.store.remove_staged(row["vm"], row["cycle"])
+    vms = list(dict.fromkeys(row["vm"] for row in host.store.staged()))
+    for vm in vms:
+        if host.store.relationship(vm) is None:
+            for row in host.store.staged(vm):
+                Path(row["path"]).unlink(missing_ok=True)
+                host.store.remove_staged(vm, row["cycle"])
             continue
-        log.warning("re-applying staged cycle %s of %s after an interrupted apply",
-                    row["cycle"], row["vm"])
-        _repair_heads(host, row["vm"])
-        _apply(host, row["vm"], row["cycle"], path)
-        host.event("recovery", f"re-applied staged cycle {row['cycle']} after a restart",
-                   row["vm"])
-        redone.append((row["vm"], row["cycle"]))
-    points.finish_merges(host)
+        try:
+            redone += [(vm, c) for c in redo_unapplied(host, vm, at_start=True)]
+        except Exception as e:  # noqa: BLE001 — one VM's failure stops no other
+            log.exception("start-up recovery of %s failed", vm)
+            unapplied.failed_at_start(host, vm, e)
     for rel in host.store.relationships():
-        if rel.get("pending_point"):
-            make_pending_point(host, rel["vm"])
+        if rel.get("apply_pending"):
+            host.unapplied.add(host.lock_key(rel["vm"]))
+    try:
+        points.finish_merges(host)
+    except Exception:  # noqa: BLE001
+        log.exception("finishing interrupted merges failed")
+    for rel in host.store.relationships():
+        if rel.get("pending_point") and rel["vm"] not in host.unapplied:
+            try:
+                make_pending_point(host, rel["vm"])
+            except Exception as e:  # noqa: BLE001
+                log.exception("the pending recovery point of %s failed", rel["vm"])
+                host.event("recovery", f"the recovery point recorded with the last cycle "
+                                       f"could not be made: {e}", rel["vm"])
     # Leftover partial uploads were never acknowledged: drop them.
     if host.home.staging.exists():
         for part in host.home.staging.glob("*/*.part"):
@@ -530,15 +642,50 @@ def recover(host) -> list[tuple[str, int]]:
     return redone
 
 
-def _repair_heads(host, vm: str) -> None:
-    """Before a staged cycle is applied again at start-up: the heads' qcow2 metadata made
-    consistent. The cycle may have been acknowledged with its head writes still in the
-    page cache (replica.checkpoint), and the head server does not flush in between, so
-    after a power cut qcow2's refcount blocks and L2 tables may have reached the disk in
-    any order. A refcount left behind an L2 entry would let a later allocation hand the
-    same cluster out twice; ``qemu-img check -r all`` rebuilds the refcounts from the L2
-    tables. What the tables lost (a new cluster or L2 table not on the disk) reads from
-    the layer below until the re-apply, which writes every extent of the cycle again."""
+def redo_unapplied(host, vm: str, at_start: bool = False) -> list[int]:
+    """Apply every staged cycle of ``vm`` again, whole, as after a crash (replica.unapplied):
+    heads closed, dropped from the page cache, repaired, then each cycle written with
+    O_DIRECT and synced before it is recorded. Under the VM's lock, or at start-up.
+    Returns the cycles applied; raises when one fails (its stage stays, the VM stays
+    marked). Stage files that went missing make the relationship need a resync."""
+    rows = host.store.staged(vm)
+    if any(not Path(r["path"]).exists() for r in rows):
+        # A later cycle cannot be applied over a lost one: the resync covers them all.
+        for r in rows:
+            Path(r["path"]).unlink(missing_ok=True)
+        unapplied.lost(host, vm, [r["cycle"] for r in rows])
+        unapplied.clear(host, vm, [])
+        return []
+    if not rows:
+        unapplied.clear(host, vm, [])
+        return []
+    rel = host.store.relationship(vm)
+    host.heads.close(vm)
+    img.drop_cached_pages(*rstore.heads(rel["chains"], rel["disks"]))
+    repair_heads(host, vm)
+    done = []
+    for row in rows:
+        log.warning("re-applying staged cycle %s of %s (%s)", row["cycle"], vm,
+                    "after a restart" if at_start else "after a failed apply or checkpoint")
+        _apply(host, vm, row["cycle"], Path(row["path"]), durable=True, direct=True)
+        done.append(row["cycle"])
+    host.event("recovery", f"re-applied staged cycle{'s' if len(done) > 1 else ''} "
+                           f"{', '.join(map(str, done))} "
+                           f"{'after a restart' if at_start else 'after a failed apply or sync'}",
+               vm)
+    unapplied.clear(host, vm, done)
+    return done
+
+
+def repair_heads(host, vm: str) -> None:
+    """Before a staged cycle is applied again (at start-up, or after a failed apply or
+    checkpoint): the heads' qcow2 metadata checked and made consistent. The head server
+    keeps qcow2's flushes, so qcow2's own write ordering holds whatever a power cut left
+    (heads.HeadServer); ``qemu-img check -r all`` then only frees leaked clusters (and
+    would rebuild refcounts left behind an L2 entry). What the tables lost (a new
+    cluster or L2 table not on the disk) reads from the layer below until the re-apply,
+    which writes every extent of the cycle again. A head ``qemu-img check`` cannot
+    repair raises (HypervisorError): that VM goes to ``error``."""
     rel = host.store.relationship(vm)
     host.heads.close(vm)
     for head in rstore.heads(rel["chains"], rel["disks"]):
@@ -553,9 +700,11 @@ def remove_relationship(host, vm: str, keep_replica: bool) -> dict:
     rel = host.store.relationship(vm)
     if rel is None or rel["role"] != Role.REPLICA.value:
         raise NotFound(f"{host.name} holds no replica of VM {vm}")
-    with host.vm_lock(vm):
+    with host.vm_lock(vm).as_is():      # whatever its heads hold, they go
         mirror.close_target(host, vm)
         host.heads.close(vm)
+        host.unsynced.pop(host.lock_key(vm), None)
+        host.unapplied.discard(host.lock_key(vm))
         removed_vm = False
         try:
             info = host.driver.inspect(vm)

@@ -28,6 +28,7 @@ class Host:
         self._driver = None
         self._locks: dict[str, VMLock] = {}
         self.unsynced: dict = {}   # lock key → cycles acknowledged, heads not yet synced
+        self.unapplied: set[str] = set()  # lock keys of VMs with a staged cycle not applied
         self._locks_guard = threading.Lock()
         self._tls_ctx = None
         self._tls_peers_key: tuple | None = None
@@ -118,25 +119,40 @@ class VMLock:
     """A VM's re-entrant lock. Whoever takes it (not again, from within) first finishes
     the checkpoint of the VM's acknowledged cycles (replica.checkpoint), so that no
     operation on the VM (the next cycle, a recovery point, a failover, a removal) starts
-    while a crash would still re-apply a cycle over what it does."""
+    while a crash would still re-apply a cycle over what it does; then applies again,
+    whole, any staged cycle whose apply or checkpoint failed (replica.unapplied), so that
+    nothing reads a head holding part of a cycle. If that fails the lock is not taken:
+    the taker gets the reason. ``whole=False`` (removal, an initial copy or resync that
+    rewrites the heads) takes it without the redo."""
 
     def __init__(self, host: Host, key: str):
         self._host, self._key = host, key
         self._lock = threading.RLock()
         self._depth = 0          # changed only by the thread that holds the lock
 
-    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+    def acquire(self, blocking: bool = True, timeout: float = -1, whole: bool = True) -> bool:
         if not self._lock.acquire(blocking, timeout):
             return False
         self._depth += 1
-        if self._depth == 1 and self._host.unsynced.get(self._key):
+        if self._depth == 1:
             try:
-                from ..replica import checkpoint
-                checkpoint.settle(self._host, self._key)
+                self._settle(whole)
             except BaseException:
                 self.release()
                 raise
         return True
+
+    def _settle(self, whole: bool) -> None:
+        host, key = self._host, self._key
+        if host.unsynced.get(key):
+            from ..replica import checkpoint
+            checkpoint.settle(host, key)
+        if whole and key in host.unapplied:
+            from ..replica import receiver, unapplied
+            try:
+                receiver.redo_unapplied(host, key)
+            except Exception as e:  # noqa: BLE001 — the reason goes to the taker
+                raise unapplied.refusal(host, key, e) from None
 
     def release(self) -> None:
         self._depth -= 1
@@ -148,6 +164,23 @@ class VMLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+    def as_is(self) -> "_AsIs":
+        """``with host.vm_lock(vm).as_is():`` the lock, without applying the VM's
+        unapplied staged cycles first (see the class)."""
+        return _AsIs(self)
+
+
+class _AsIs:
+    def __init__(self, lock: VMLock):
+        self._lock = lock
+
+    def __enter__(self) -> VMLock:
+        self._lock.acquire(whole=False)
+        return self._lock
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release()
 
 
 def staging_dir(host: Host, vm: str) -> Path:

@@ -18,6 +18,8 @@ from ..domain.states import CYCLING, State
 HEALTH_EVERY = 1.0           # seconds between health evaluations (changes become events)
 EVENT_RETENTION = 30 * 86400  # events older than this are purged
 SEED_POLL = 5  # seconds between asks whether an exported seed was imported
+REDO_EVERY = 5.0  # seconds between tries to apply a staged cycle that could not be
+                  # applied (replica.unapplied: a full storage, a failed sync)
 
 # States of a primary relationship that runs no cycles but must still learn of a takeover.
 WATCHED = {State.ERROR, State.READY_FOR_INITIAL}
@@ -35,6 +37,7 @@ class Scheduler:
         self._last_health = 0.0
         self._last_cluster = 0.0
         self._last_purge = 0.0
+        self._last_redo = 0.0
 
     def start(self) -> None:
         # After a (re)start every replicating relationship runs a cycle at once: it catches
@@ -65,6 +68,9 @@ class Scheduler:
                                      name="cluster", daemon=True).start() \
                         if not self._cluster_busy() else None
                 self.close_idle_heads()
+                if self.host.unapplied and now - self._last_redo >= REDO_EVERY:
+                    self._last_redo = now
+                    self.redo_unapplied()
                 if now - self._last_health >= HEALTH_EVERY:
                     self._last_health = now
                     from .monitor import record_health_changes
@@ -192,11 +198,33 @@ class Scheduler:
     def _cluster_busy(self) -> bool:
         return any(t.name == "cluster" and t.is_alive() for t in threading.enumerate())
 
+    def redo_unapplied(self) -> None:
+        """Replica side: a VM whose staged cycle could not be applied (replica.unapplied)
+        gets it applied as soon as that works, with nobody asking: taking the VM's lock
+        does it (service.host.VMLock)."""
+        for key in sorted(self.host.unapplied):
+            name = f"redo-{key}"
+            t = self._running.get(name)
+            if t is not None and t.is_alive():
+                continue
+
+            def run(key=key):
+                lock = self.host.vm_lock(key)
+                try:
+                    if lock.acquire(blocking=False):
+                        lock.release()
+                except Exception as e:  # noqa: BLE001 — still unapplied: the reason is kept
+                    log.info("staged cycle of %s still not applied: %s", key,
+                             getattr(e, "message", e))
+            t = threading.Thread(target=run, name=name, daemon=True)
+            self._running[name] = t
+            t.start()
+
     def close_idle_heads(self) -> None:
         """Replica side: close the head servers that no cycle used for a while."""
         for vm in self.host.heads.idle_vms():
             lock = self.host.vm_lock(vm)
-            if lock.acquire(blocking=False):
+            if lock.acquire(blocking=False, whole=False):
                 try:
                     if vm in self.host.heads.idle_vms():
                         self.host.heads.close(vm)

@@ -20,7 +20,8 @@ def register(sub) -> None:
     p = sub.add_parser("failover", help="test, planned or unplanned failover of a VM",
                        description="On the replica: `failover VM [--point ID]` starts the VM "
                        "here (planned if the primary ran --prepare, else unplanned: then "
-                       "--complete or --cancel); --test / --stop-test run a throw-away copy. "
+                       "--complete or --cancel; refused while the primary answers and runs "
+                       "the VM, unless --force); --test / --stop-test run a throw-away copy. "
                        "On the primary: --prepare [--shutdown] (and --cancel). Several VMs, "
                        "--all or --tag: a whole site at once.")
     bulk.add_targets(p)
@@ -37,6 +38,9 @@ def register(sub) -> None:
                    help="test failover: no NIC, or one on an isolated network")
     p.add_argument("--shutdown", action="store_true",
                    help="with --prepare: shut the running VM down cleanly first")
+    p.add_argument("--force", action="store_true",
+                   help="unplanned failover even though the primary answers and runs the VM "
+                        "(its writes since the point are lost at reverse)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=bulk.each(cmd_failover), action="start")
 
@@ -68,7 +72,7 @@ def cmd_points(args) -> int:
 
 def cmd_failover(args) -> int:
     body = {"action": args.action, "point": args.point, "network": args.network,
-            "shutdown": args.shutdown}
+            "shutdown": args.shutdown, "force": args.force}
     info = client_of(args).call("POST", f"/v1/relationships/{args.vm}/failover", body)
     if args.json:
         emit_json(info)
@@ -86,6 +90,11 @@ def cmd_failover(args) -> int:
         kind = "planned failover" if info["planned"] else "unplanned failover"
         print(f"{kind}: {info['vm']} started here from point {info['point']} "
               f"(state {info['state']})")
+        primary = info.get("primary") or {}
+        if info.get("warning"):
+            print(f"warning: {info['warning']}")
+        elif primary and not primary.get("reachable"):
+            print(f"the primary {primary['primary']} could not be reached: {primary['error']}")
     elif a in ("cancel", "complete"):
         print(f"{info['vm']}: {info['state']}")
     if info.get("next"):

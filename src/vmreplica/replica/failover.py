@@ -9,8 +9,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from ..domain.links import vm_name
 from ..domain.states import State
-from ..errors import Conflict, NotFound, UsageError
+from ..errors import Conflict, NotFound, Unreachable, UsageError, VmreplicaError
 from . import mirror, points
 from . import store as rstore
 
@@ -115,26 +116,138 @@ def test_stop(host, vm: str) -> dict:
 
 # -- failover --------------------------------------------------------------------------------
 
-def start(host, vm: str, point=None) -> dict:
+def _startable(host, vm: str) -> dict:
+    """The replica relationship of ``vm`` if a failover can start now; else the reason."""
+    rel = _replica_rel(host, vm)
+    if rel.get("test"):
+        raise Conflict(f"a test failover of {vm} is running",
+                       hint=f"stop it first: `vmreplica failover {vm} --stop-test`")
+    if rel["state"] == State.FAILOVER_IN_PROGRESS.value:
+        raise Conflict(f"a failover of {vm} is already in progress (point "
+                       f"{rel['failover']['point']})",
+                       hint=f"`vmreplica failover {vm} --complete` or `--cancel`")
+    if rel["state"] == State.FAILED_OVER.value:
+        raise Conflict(f"{vm} has already failed over to {host.name}",
+                       hint=f"next: `vmreplica reverse {vm}`")
+    if rel["state"] not in (State.REPLICATING.value, State.SUSPENDED.value, State.ERROR.value):
+        raise Conflict(f"{vm} cannot fail over in state {rel['state']}")
+    return rel
+
+
+def _is_planned(rel: dict, point) -> bool:
+    prepared = rel.get("primary_prepared")
+    return bool(prepared) and point in (None, "latest") and \
+        int(prepared["cycle"]) == int(rel.get("last_applied_cycle", -1))
+
+
+# -- the primary asked first (an unplanned failover while it still runs the VM) -------------
+
+PRIMARY_CHECK_TIMEOUT = 5.0   # seconds: a primary that takes longer counts as gone
+
+
+def _ask_primary(host, rel: dict) -> dict:
+    """What the primary says of the VM (api.primary_view): {"reachable": True, "view": ...},
+    or {"reachable": False, "error": ...} when it does not answer (the disaster case), or
+    {"reachable": True, "view": None, "error": ...} when it answered without telling."""
+    try:
+        view = host.client_for_peer(rel["peer"], timeout=PRIMARY_CHECK_TIMEOUT).request(
+            "GET", f"/v1/peer/relationships/{vm_name(rel['vm'])}/primary-state")
+    except Unreachable as e:
+        return {"reachable": False, "error": e.message}
+    except VmreplicaError as e:
+        return {"reachable": True, "view": None, "error": e.message}
+    return {"reachable": True, "view": view}
+
+
+def _primary_runs_it(view: dict | None) -> bool:
+    """Whether the primary's copy of the VM runs (or, when its power state is unknown,
+    whether its relationship still replicates and was not prepared for failover)."""
+    if not view or view.get("role") != "primary" or view.get("fenced"):
+        return False
+    if view.get("vm_state") is not None:
+        return view["vm_state"] != "stopped"
+    return view.get("state") in (State.REPLICATING.value, State.SUSPENDED.value,
+                                 State.RESYNC_REQUIRED.value, State.RESYNCHRONIZING.value)
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
+def _loss(host, rel: dict, point, view: dict) -> dict:
+    """Since when the primary's writes would be lost: the freeze time of the chosen point
+    (for the latest state: of the last applied cycle; now, for a continuous mirror in sync)."""
+    now = time.time()
+    if point in (None, "latest"):
+        if view.get("mode") == "continuous" and view.get("sync_state") == "in_sync":
+            since = now   # the mirror had every write; the primary's next ones are lost
+        else:
+            since = rel.get("last_freeze_at") or rel.get("last_applied_at") or now
+        label = "the latest state"
+    else:
+        since = points.find(host, rel["vm"], point)["time"]
+        label = f"point {point}"
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since))
+    return {"since": since, "seconds": round(now - since, 1),
+            "text": f"{label} (frozen at {when}, {_ago(now - since)} ago)"}
+
+
+def _guard(host, rel: dict, point, force: bool) -> dict:
+    """Before an unplanned failover: ask the primary. Refuse (Conflict) while it answers
+    and runs the VM, unless ``force``; return what the event log and the answer record."""
+    vm, peer = rel["vm"], rel["peer"]
+    asked = _ask_primary(host, rel)
+    if not asked["reachable"]:
+        return {"primary": peer, "reachable": False, "error": asked["error"],
+                "event": f"the primary {peer} could not be reached before the unplanned "
+                         f"failover ({asked['error']}): failing over as in a disaster"}
+    view = asked.get("view")
+    if not _primary_runs_it(view):
+        if view is None:
+            said = f"it answered but could not tell whether {vm} runs there ({asked['error']})"
+        else:
+            said = (f"{vm} is {view.get('vm_state') or 'not defined'} there (relationship "
+                    f"{view.get('state') or view.get('role')})")
+        return {"primary": peer, "reachable": True, "running": False,
+                "event": f"the primary {peer} answered before the unplanned failover: {said}"}
+    loss = _loss(host, rel, point, view)
+    state = view.get("state") or "unknown"
+    if view.get("last_cycle_at"):
+        state += f", its last cycle {_ago(time.time() - view['last_cycle_at'])} ago"
+    if not force:
+        raise Conflict(
+            f"{peer} answers and {vm} runs there (relationship {state}): an unplanned failover "
+            f"would start a second copy here from {loss['text']}, and every write {vm} made on "
+            f"{peer} since then would be discarded at `reverse`",
+            hint=f"for zero loss, prepare a planned failover on {peer}: `vmreplica failover "
+                 f"{vm} --prepare --shutdown`, then run `vmreplica failover {vm}` here; to fail "
+                 f"over anyway, pass --force")
+    lost = f"every write {vm} made on {peer} since {loss['text']} will be discarded at `reverse`"
+    return {"primary": peer, "reachable": True, "running": True, "forced": True,
+            "lost_since": loss["since"], "lost_seconds": loss["seconds"],
+            "warning": f"{vm} still runs on {peer}: power it off there; {lost}",
+            "event": f"unplanned failover forced while the primary {peer} answered and {vm} ran "
+                     f"there (relationship {state}): {lost}"}
+
+
+def start(host, vm: str, point=None, force: bool = False) -> dict:
     """Planned (the primary prepared: the latest state, zero loss, committed at once) or
-    unplanned (from the chosen point; cancel or complete it)."""
+    unplanned (from the chosen point; cancel or complete it). An unplanned one asks the
+    primary first and is refused while it answers and runs the VM, unless ``force``."""
+    # Asked before the VM's lock is taken: the primary may be shipping a cycle to this host
+    # meanwhile, and its receive must not wait for the answer.
+    rel = _startable(host, vm)
+    guard = None if _is_planned(rel, point) else _guard(host, rel, point, force)
     with host.vm_lock(vm):
-        rel = _replica_rel(host, vm)
-        if rel.get("test"):
-            raise Conflict(f"a test failover of {vm} is running",
-                           hint=f"stop it first: `vmreplica failover {vm} --stop-test`")
-        if rel["state"] == State.FAILOVER_IN_PROGRESS.value:
-            raise Conflict(f"a failover of {vm} is already in progress (point "
-                           f"{rel['failover']['point']})",
-                           hint=f"`vmreplica failover {vm} --complete` or `--cancel`")
-        if rel["state"] == State.FAILED_OVER.value:
-            raise Conflict(f"{vm} has already failed over to {host.name}",
-                           hint=f"next: `vmreplica reverse {vm}`")
-        if rel["state"] not in (State.REPLICATING.value, State.SUSPENDED.value, State.ERROR.value):
-            raise Conflict(f"{vm} cannot fail over in state {rel['state']}")
-        prepared = rel.get("primary_prepared")
-        planned = bool(prepared) and point in (None, "latest") and \
-            int(prepared["cycle"]) == int(rel.get("last_applied_cycle", -1))
+        rel = _startable(host, vm)
+        planned = _is_planned(rel, point)
+        if not planned and guard is None:     # a cycle since undid the primary's prepare
+            guard = _guard(host, rel, point, force)
         mirror.close_target(host, vm)   # no more mirrored writes...
         host.heads.close(vm)            # ...and no more cycles into the head from here on
         layer, label = _layer_of(host, rel, "latest" if point is None else point)
@@ -152,14 +265,20 @@ def start(host, vm: str, point=None) -> dict:
         if planned:
             _commit(host, vm)
     kind = "planned" if planned else "unplanned"
+    if not planned:
+        host.event("failover", guard["event"], vm)
     host.event("failover", f"{kind} failover: {vm} started from point {label}", vm)
     if planned:
         return {"vm": vm, "planned": True, "point": label, "state": State.FAILED_OVER.value,
                 "next": f"vmreplica reverse {vm}"}
-    return {"vm": vm, "planned": False, "point": label,
-            "state": State.FAILOVER_IN_PROGRESS.value,
-            "next": f"check the VM, then `vmreplica failover {vm} --complete` (or `--cancel` "
-                    "to discard what it wrote and try another point)"}
+    out = {"vm": vm, "planned": False, "point": label,
+           "state": State.FAILOVER_IN_PROGRESS.value,
+           "primary": {k: v for k, v in guard.items() if k not in ("event", "warning")},
+           "next": f"check the VM, then `vmreplica failover {vm} --complete` (or `--cancel` "
+                   "to discard what it wrote and try another point)"}
+    if guard.get("warning"):
+        out["warning"] = guard["warning"]
+    return out
 
 
 def _undo(host, vm: str, failover: dict) -> None:

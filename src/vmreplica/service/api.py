@@ -29,6 +29,14 @@ def _flag(req: Request, name: str) -> bool:
     return req.query.get(name, "") in ("1", "true", "yes")
 
 
+def _epoch(req: Request) -> int:
+    """The ``epoch`` query parameter of a peer's request (0 if absent)."""
+    text = req.query.get("epoch", "0")
+    if not text.isascii() or not text.isdigit() or len(text) > 19:
+        raise UsageError(f"epoch must be a whole number, not {text[:40]!r}")
+    return int(text)
+
+
 def management_routes(host, daemon) -> Router:
     r = Router()
 
@@ -406,12 +414,17 @@ def replication_routes(host) -> Router:
         peer = trust.require_peer(host, req.peer_fingerprint)
         return ops.handover(host, peer, req.params["vm"], req.json())
 
+    @r.route("GET", "/v1/peer/relationships/{vm}/primary-state")
+    def primary_state(req):
+        """The replica asks before an unplanned failover (replica.failover._guard)."""
+        peer = trust.require_peer(host, req.peer_fingerprint)
+        return primary_view(host, peer, req.params["vm"])
+
     @r.route("GET", "/v1/replica/relationships/{vm}/state")
     def replica_state(req):
         """The primary asks whether it still is one (see primary.relationship.check_peer)."""
         peer = trust.require_peer(host, req.peer_fingerprint)
-        return receiver.state_for_primary(host, peer, req.params["vm"],
-                                          int(req.query.get("epoch", 0)))
+        return receiver.state_for_primary(host, peer, req.params["vm"], _epoch(req))
 
     @r.route("GET", "/v1/replica/relationships/{vm}/points")
     def replica_points(req):
@@ -424,7 +437,7 @@ def replication_routes(host) -> Router:
     @r.route("GET", "/v1/replica/relationships/{vm}/manifest")
     def replica_manifest(req):
         peer = trust.require_peer(host, req.peer_fingerprint)
-        return rreverse.manifest(host, peer, req.params["vm"], int(req.query.get("epoch", 0)))
+        return rreverse.manifest(host, peer, req.params["vm"], _epoch(req))
 
     @r.route("POST", "/v1/replica/relationships/{vm}/reverse")
     def replica_reverse(req):
@@ -483,8 +496,32 @@ def recovery_points(host, vm: str) -> list[dict]:
     return out
 
 
+def primary_view(host, peer: dict, vm: str) -> dict:
+    """For ``peer``, the replica of ``vm``: whether the VM runs here, and this host's
+    relationship with that replica (its main one, or the DR link). Read only, no lock."""
+    from ..domain.links import dr_key
+    rel = None
+    for key in (vm, dr_key(vm)):
+        found = host.store.relationship(key)
+        if found is not None and found["peer"] == peer["name"]:
+            rel = found
+            break
+    try:
+        power = host.driver.inspect(vm).state
+    except Exception:  # noqa: BLE001 — the answer says "unknown"; the replica then goes by state
+        power = None          # not defined here, or the hypervisor cannot say
+    out = {"host": host.name, "vm": vm, "vm_state": power,
+           "role": rel["role"] if rel else "none"}
+    if rel is not None:
+        out.update({k: rel.get(k) for k in ("state", "epoch", "mode", "sync_state",
+                                            "last_cycle_at", "last_success_at")},
+                   fenced=bool(rel.get("fenced")),
+                   prepared=rel["state"] == "prepared_for_failover")
+    return out
+
+
 def failover(host, vm: str, body: dict) -> dict:
-    """`failover VM [--test|--stop-test|--prepare|--cancel|--complete] [--point ID]`."""
+    """`failover VM [--test|--stop-test|--prepare|--cancel|--complete] [--point ID] [--force]`."""
     action = body.get("action") or "start"
     rel = host.store.relationship(vm)
     if rel is None:
@@ -497,7 +534,7 @@ def failover(host, vm: str, body: dict) -> dict:
     actions = {
         "test": lambda: rfailover.test_start(host, vm, point, body.get("network") or "none"),
         "stop-test": lambda: rfailover.test_stop(host, vm),
-        "start": lambda: rfailover.start(host, vm, point),
+        "start": lambda: rfailover.start(host, vm, point, force=bool(body.get("force"))),
         "cancel": lambda: rfailover.cancel(host, vm),
         "complete": lambda: rfailover.complete(host, vm),
     }

@@ -262,7 +262,7 @@ def test_dashboard_in_a_browser(hosts, browser):
     driver.get(f"{base_b}/vm/{VM}")
     actions = {f.get_attribute("data-action") for f in driver.find_elements(
         By.CSS_SELECTOR, "form[data-action]")}
-    assert actions == {"test", "failover"}, actions
+    assert actions == {"test", "failover", "force-failover"}, actions
     point = driver.find_element(By.CSS_SELECTOR, 'form[data-action="test"] select[name=point]')
     assert point.get_attribute("value") == "latest"
     csrf = driver.find_element(By.CSS_SELECTOR, 'form[data-action="test"] input[name=csrf]')

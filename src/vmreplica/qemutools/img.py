@@ -127,6 +127,17 @@ def drop_cached_pages_later(*paths: Path | str, name: str = "uncache"):
     return t
 
 
+def sync_dirs(*paths: Path | str) -> None:
+    """fsync directories: the names of files created or renamed in them become durable
+    (a new layer recorded in the state store must still be there after a power cut)."""
+    for d in dict.fromkeys(str(p) for p in paths):
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def sync_files(*paths: Path | str) -> None:
     """fdatasync image files written by another process (a storage daemon whose files
     do not flush: ``qsd.qcow2_node(flush=False)``): the kernel writes back each file's

@@ -93,6 +93,10 @@ def freeze(storage: Path, vm: str, chains: dict[str, list[str]]) -> dict[str, li
             img.create(new, size, "qcow2", backing=chain[-1])
             made.append(new)
             out[disk] = chain + [str(new)]
+        # The caller records the new layers in the state store next: they must be on the
+        # disk first, names included (qemu-img flushes the file as it closes it).
+        img.sync_files(*made)
+        img.sync_dirs(*(p.parent for p in made))
     except Exception:
         for p in made:
             p.unlink(missing_ok=True)

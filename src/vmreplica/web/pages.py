@@ -414,8 +414,12 @@ def _actions(host, rel: dict) -> list[dict]:
         else:
             add("failover", "Fail over (unplanned)",
                 f"Fail {vm} over to {host.name} from point {{point}}? Do this when {peer} is "
-                f"lost: {vm} starts here; then Complete (commit) or Cancel.", "danger",
-                point=True)
+                f"lost: {vm} starts here; then Complete (commit) or Cancel. Refused while "
+                f"{peer} answers and runs {vm}.", "danger", point=True)
+            add("force-failover", "Force failover",
+                f"Fail {vm} over to {host.name} from point {{point}} even if {peer} still "
+                f"runs it? Every write made on {peer} since that point is discarded at "
+                "reverse.", "danger", point=True)
     if state == State.FAILOVER_IN_PROGRESS.value:
         add("complete", "Complete failover",
             f"Complete the failover of {vm}? The chosen point becomes its disk, the other "
@@ -630,9 +634,10 @@ def _run_action(host, rel: dict, action: str, point: str | None) -> tuple[str, s
     if action == "stop-test":
         r = api.failover(host, vm, {"action": "stop-test"})
         return "Test failover stopped", f"test failover stopped: {r['stopped']} and its files deleted"
-    if action == "failover":
+    if action in ("failover", "force-failover"):
         chosen = None if point in (None, "", "latest") else point
-        r = api.failover(host, vm, {"action": "start", "point": chosen})
+        r = api.failover(host, vm, {"action": "start", "point": chosen,
+                                    "force": action == "force-failover"})
         kind = "planned" if r.get("planned") else "unplanned"
         return f"Failed over ({kind})", (f"{vm} runs on {host.name} from point {r['point']} "
                                          f"(state {r['state']}); next: {r['next']}")

@@ -20,6 +20,14 @@ def active_mirror(disk: str, device: str, target: str) -> dict:
             "auto-dismiss": True, "auto-finalize": True}
 
 
+# MIRROR_DISCARDS: every node a mirrored discard crosses (the NBD client nodes on the
+# VM's QEMU and the libvirt relay, the replica's head nodes) has `discard: unmap`, QEMU's
+# default being `ignore`: a discard the mirror forwards (NBD TRIM) then reaches the
+# replica's head. QEMU 7.2's mirror filter itself (mirror_top, opened without
+# BDRV_O_UNMAP) drops the guest's discards before the disk while a mirror runs: they
+# reach neither the primary's disk nor the replica, which stay equal (checked by
+# tests/e2e/test_continuous_discard.py, which also sends a TRIM down the mirror's path).
+
 # QUIET_CANCEL: QEMU 7.2 (Debian 12) now and then corrupts its heap and aborts
 # ("malloc_consolidate(): unaligned fastbin chunk detected") when a write-blocking mirror
 # is cancelled while guest writes are in flight through it: on libvirt hosts 1 in 54

@@ -923,7 +923,7 @@ class LibvirtDriver:
                       "server": {"type": "inet", "host": target["host"],
                                  "port": str(target["port"])},
                       "tls-creds": "vmr-mtls", "tls-hostname": target["tls_hostname"],
-                      "reconnect-delay": 0} for d in disks]
+                      "reconnect-delay": 0, "discard": "unmap"} for d in disks]
         exports = [{"type": "nbd", "id": f"e-{d}", "node-name": f"r-{d}", "name": d,
                     "writable": True} for d in disks]
         # SIGKILL when this daemon dies: the relay holds nothing to flush, and a clean
@@ -969,7 +969,7 @@ class LibvirtDriver:
                 _passthrough(dom, "blockdev-add", {
                     "driver": "nbd", "node-name": f"vmr-mt-{d}", "export": d,
                     "server": {"type": "unix", "path": str(relay.nbd_socket)},
-                    "reconnect-delay": 0})
+                    "reconnect-delay": 0, "discard": "unmap"})   # (see base.MIRROR_DISCARDS)
             for d in disks:
                 _passthrough(dom, "blockdev-mirror", active_mirror(d, nodes[d], f"vmr-mt-{d}"))
         except BaseException:

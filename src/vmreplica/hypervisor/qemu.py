@@ -429,7 +429,7 @@ class QemuDriver:
                         "server": {"type": "inet", "host": target["host"],
                                    "port": str(target["port"])},
                         "tls-creds": "vmr-mtls", "tls-hostname": target["tls_hostname"],
-                        "reconnect-delay": 0})
+                        "reconnect-delay": 0, "discard": "unmap"})   # (see base.MIRROR_DISCARDS)
                 for disk in disks:
                     m.execute("blockdev-mirror", active_mirror(disk, disk, f"mt-{disk}"))
             except BaseException:

@@ -23,6 +23,12 @@ from ..transport import tls
 
 log = logging.getLogger("vmreplica.replica")
 
+# Every node of a head passes discards on (QEMU's default is `ignore`): an NBD TRIM from
+# the mirror is then applied to the head, where qcow2 (v3, a backing file below) makes
+# the clusters read as zeroes instead of the older layer's data; with `ignore` the head
+# kept showing what the layer below holds, a silent divergence from the primary.
+DISCARD = {"discard": "unmap"}
+
 
 def free_port(host: str) -> int:
     with socket.socket() as s:
@@ -83,10 +89,11 @@ class MirrorTarget:
             self.nodes[disk] = []
             for k, path in enumerate(self.chains[disk]):
                 node = self._new_node()
-                blockdevs += [{"driver": "file", "filename": path, "node-name": f"{node}f"},
+                blockdevs += [{"driver": "file", "filename": path, "node-name": f"{node}f",
+                               **DISCARD},
                               {"driver": "qcow2", "file": f"{node}f", "node-name": node,
                                "read-only": k < len(self.chains[disk]) - 1,
-                               "backing": self.nodes[disk][-1] if k else None}]
+                               "backing": self.nodes[disk][-1] if k else None, **DISCARD}]
                 self.nodes[disk].append(node)
         exports = [{"type": "nbd", "id": f"e{i}", "node-name": self.nodes[disk][-1],
                     "name": disk, "writable": True, "writethrough": True}
@@ -113,8 +120,8 @@ class MirrorTarget:
             node = self._new_node()
             q.execute("blockdev-add", {"driver": "qcow2", "node-name": node,
                                        "file": {"driver": "file", "filename": new_heads[disk],
-                                                "node-name": f"{node}f"},
-                                       "backing": None})
+                                                "node-name": f"{node}f", **DISCARD},
+                                       "backing": None, **DISCARD})
             added[disk] = node
         q.execute("transaction", {"actions": [
             {"type": "blockdev-snapshot", "data": {"node": self.nodes[d][-1], "overlay": added[d]}}

@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo demo-ha test bench clean unit
+.PHONY: setup demo demo-ha test bench clean unit chaos
 
 setup:
 	bash scripts/setup.sh
@@ -27,6 +27,10 @@ bench: setup
 	$(PY) bench/bench_continuous.py --work bench-run/continuous
 	$(PY) bench/bench_floor.py
 	$(PY) bench/soak_cycles.py --driver libvirt --minutes 3 --work bench-run/soak
+
+# Crash states of replica heads (issue 16): STATES=N (default 1000), bounded.
+chaos: setup
+	$(PY) bench/chaos_crash_states.py --states $${STATES:-1000}
 
 clean:
 	rm -rf $(VENV) guest build demo-run bench-run

@@ -297,7 +297,8 @@ PREALLOCATE = 128 << 20     # the preallocate filter's step (QEMU's default)
 
 def qcow2_node(path: Path | str, node: str, read_only: bool = False,
                backing: str | None | bool = True, preallocate: bool = False,
-               direct: bool = False, flush: bool = True) -> list[dict]:
+               direct: bool = False, flush: bool = True,
+               write_log: str | None = None) -> list[dict]:
     """The blockdevs (file + qcow2) that open ``path`` as node ``node``.
 
     With ``preallocate`` a ``preallocate`` filter sits between them: a write past the end
@@ -312,10 +313,18 @@ def qcow2_node(path: Path | str, node: str, read_only: bool = False,
     With ``direct`` the file is opened O_DIRECT (``cache.direct``, Linux native AIO): no
     copy into the page cache and nothing left dirty for the flush (see heads.py).
 
-    Without ``flush`` a flush request writes qcow2's cached metadata into the file (every
-    reader of the file sees what was written) but does not fdatasync it
-    (``cache.no-flush``): the caller makes the file durable itself, when it needs to
-    (heads.HeadServer.sync)."""
+    Without ``flush`` a flush request writes qcow2's cached metadata into the file but
+    does not fdatasync it (``cache.no-flush``). That also voids qcow2's own write order
+    (it flushes between dependent metadata writes), so a power cut can leave the image
+    corrupt: no product path uses it since issue 16 (heads.HeadServer); the crash-state
+    harness (tests/crashstates.py) uses it to show what it breaks.
+
+    With ``write_log`` (an existing, empty file; tests only) QEMU's ``blklogwrites``
+    filter sits right under the qcow2 node and records every write, zero write and
+    discard qcow2 sends to its file, and every flush that reaches the disk, in
+    dm-log-writes format (512-byte log sectors, see tests/crashstates.py): what a power
+    cut could have kept of them is rebuilt from it. Without ``flush`` the filter takes
+    ``cache.no-flush`` too, so no flush is logged: none reached the disk."""
     file_node = {"driver": "file", "filename": str(path), "node-name": f"{node}-file",
                  "read-only": read_only}
     cache = {}
@@ -332,6 +341,15 @@ def qcow2_node(path: Path | str, node: str, read_only: bool = False,
         child = f"{node}-prealloc"
         nodes.append({"driver": "preallocate", "node-name": child, "file": f"{node}-file",
                       "prealloc-size": PREALLOCATE})
+    if write_log and not read_only:
+        nodes.append({"driver": "file", "filename": str(write_log),
+                      "node-name": f"{node}-wlog"})
+        logged = {"driver": "blklogwrites", "node-name": f"{node}-logged", "file": child,
+                  "log": f"{node}-wlog", "log-sector-size": 512}
+        if not flush:
+            logged["cache"] = {"no-flush": True}
+        nodes.append(logged)
+        child = f"{node}-logged"
     fmt = {"driver": "qcow2", "file": child, "node-name": node, "read-only": read_only}
     if backing is None:
         fmt["backing"] = None

@@ -60,7 +60,9 @@ class Request:
         try:
             data = json.loads(body)
         except ValueError as e:
-            raise errors.UsageError(f"request body is not JSON: {e}")
+            raise errors.UsageError(f"request body is not JSON: {e}") from None
+        except RecursionError:
+            raise errors.UsageError("request body is not JSON: nested too deep") from None
         if not isinstance(data, dict):
             raise errors.UsageError("request body must be a JSON object")
         return data
@@ -88,7 +90,12 @@ class BodyReader:
     def __init__(self, rfile, headers):
         self.rfile = rfile
         self.chunked = headers.get("Transfer-Encoding", "").lower() == "chunked"
-        self.left = 0 if self.chunked else int(headers.get("Content-Length") or 0)
+        length = (headers.get("Content-Length") or "0").strip()
+        if not self.chunked and not (length.isascii() and length.isdigit()):
+            # (int() took "-1", and read(-1) waited for the client to close the connection)
+            self.done = True
+            raise errors.UsageError(f"malformed Content-Length {length[:40]!r}")
+        self.left = 0 if self.chunked else int(length)
         self.done = False
 
     def _cut(self):
@@ -101,10 +108,12 @@ class BodyReader:
             line = self.rfile.readline(1024)
             if not line:
                 self._cut()
-            try:
-                self.left = int(line.split(b";")[0].strip() or b"0", 16)
-            except ValueError:
-                raise errors.TransportError("malformed chunked request body") from None
+            size = line.split(b";")[0].strip() or b"0"
+            if len(size) > 16 or size.strip(b"0123456789abcdefABCDEF"):
+                # (int(x, 16) took "-1": read(-1) waited for the client to close)
+                self.done = True
+                raise errors.UsageError("malformed chunked request body")
+            self.left = int(size, 16)
             if self.left == 0:
                 while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
                     pass
@@ -226,6 +235,21 @@ class Handler(BaseHTTPRequestHandler):
         except Exception:  # noqa: BLE001
             pass
         self.close_connection = True
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own refusals (a malformed request line or header, an unsupported
+        method) as the same JSON errors as the routes', not an HTML page."""
+        self.close_connection = True
+        if self.request_version == "HTTP/0.9":   # an unparsable request line: still say why
+            self.request_version = "HTTP/1.0"
+        if code == 501:                            # a method no route has (PATCH, ...)
+            code = 405
+        try:
+            self._send_json(code, {"error": {"code": "usage" if code < 500 else "error",
+                                             "message": message or f"HTTP {code}",
+                                             "hint": explain}})
+        except OSError:
+            pass
 
     def _send_json(self, code: int, data) -> None:
         body = json.dumps(data).encode()

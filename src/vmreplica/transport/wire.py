@@ -32,6 +32,51 @@ PREAMBLE = struct.Struct(">4sBI")
 MAX_HEADER = 1 << 20
 MAX_RECORD = 64 << 20
 ZERO_CHECK = bytes(32)
+MAX_INT = (1 << 63) - 1     # cycle numbers and epochs go into SQLite INTEGER columns
+
+# The fields of the header and the trailer the replica reads, and the JSON types each may
+# have (when present). A stream whose fields have other types is rejected as malformed
+# here, so the code that uses them never meets a list where it expects an epoch.
+_INT, _NUM, _STR, _BOOL, _NONE = "int", "number", "str", "bool", "null"
+HEADER_FIELDS = {"vm": (_STR,), "relationship": (_STR,), "epoch": (_INT,), "cycle": (_INT,),
+                 "initial": (_BOOL,), "resync": (_BOOL,), "verify": (_BOOL,),
+                 "primary": (_STR,), "id": (_STR,), "freeze_time": (_NUM, _NONE),
+                 "disks": ("list[str]",)}
+TRAILER_FIELDS = {"cycle": (_INT,), "epoch": (_INT,), "freeze_time": (_NUM, _NONE),
+                  "initial": (_BOOL,), "final": (_BOOL,), "point": (_STR, _NONE),
+                  "records": (_INT,), "raw_bytes": (_INT,), "zero_bytes": (_INT,)}
+
+
+def _has_type(value, kind: str) -> bool:
+    if kind == _INT:
+        return type(value) is int and 0 <= value <= MAX_INT
+    if kind == _NUM:
+        import math
+        return type(value) in (int, float) and math.isfinite(value)
+    if kind == _STR:
+        return isinstance(value, str) and "\0" not in value
+    if kind == _BOOL:
+        return type(value) is bool
+    if kind == _NONE:
+        return value is None
+    if kind == "list[str]":
+        return isinstance(value, list) and all(_has_type(v, _STR) for v in value)
+    raise AssertionError(kind)
+
+
+def _parse_json(body: bytes, fields: dict, what: str) -> dict:
+    """``body`` as a JSON object whose known ``fields`` have their types."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):       # RecursionError: nested too deep
+        raise IntegrityError(f"the cycle {what} is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise IntegrityError(f"the cycle {what} is not a JSON object")
+    for key, kinds in fields.items():
+        if key in data and not any(_has_type(data[key], k) for k in kinds):
+            raise IntegrityError(f"the cycle {what} is malformed: {key} is "
+                                 f"{json.dumps(data[key])[:40]}, not a {' or '.join(kinds)}")
+    return data
 
 
 class Kind(enum.IntEnum):
@@ -200,12 +245,7 @@ class CycleReader:
         head = self._exact(hlen, "the header")
         self.head_bytes = pre + head
         self._digest.update(self.head_bytes)
-        try:
-            header = json.loads(head)
-        except ValueError:
-            raise IntegrityError("the cycle header is not valid JSON") from None
-        if not isinstance(header, dict):
-            raise IntegrityError("the cycle header is not a JSON object")
+        header = _parse_json(head, HEADER_FIELDS, "header")
         self.header = header
         return header
 
@@ -225,6 +265,8 @@ class CycleReader:
                     raise IntegrityError("cycle stream digest mismatch: records were lost, "
                                          "reordered or altered in transit")
                 self._finish(body)
+                if self._read(1):
+                    raise IntegrityError("the cycle stream goes on after its end")
                 return
             self._digest.update(frame)
             if kind not in (Kind.DATA, Kind.ZERO, Kind.TRIM) or codec not in (0, 1):
@@ -251,20 +293,27 @@ class CycleReader:
             self.raw_bytes += length
             yield Record(Kind.DATA, disk, offset, length, payload, check)
 
-    def _decompress(self, payload: bytes, length: int, n: int) -> bytes:
+    def _decompress(self, payload: bytes, length: int, n: int):
+        """``payload`` decompressed into a buffer of exactly ``length`` bytes (from the
+        pool if there is one). Never more: ``ZstdDecompressor.decompress`` allocates (and
+        fills) what the frame header claims, whatever ``max_output_size`` says, so a 32 KiB
+        frame that declares a GiB took a GiB of memory; the stream reader writes into our
+        buffer, and the window a frame may ask for is bounded by the largest record."""
         if self._zstd is None:
             import zstandard
-            self._zstd = zstandard.ZstdDecompressor()
+            self._zstd = zstandard.ZstdDecompressor(max_window_size=MAX_RECORD)
         try:
-            if self._pool is None:
-                out = self._zstd.decompress(payload, max_output_size=length)
-                got = len(out)
-            else:
-                out = self._pool.get(length)
-                stream = self._zstd.stream_reader(payload, read_across_frames=False)
-                got = stream.readinto(out)
-                if got == length and stream.read(1):
-                    got = length + 1          # more than the extent holds
+            out = self._pool.get(length) if self._pool is not None else bytearray(length)
+            view = out if isinstance(out, memoryview) else memoryview(out)
+            stream = self._zstd.stream_reader(payload, read_across_frames=False)
+            got = 0
+            while got < length:             # readinto may stop at a block's end
+                step = stream.readinto(view[got:])
+                if not step:
+                    break
+                got += step
+            if got == length and stream.read(1):
+                got = length + 1              # more than the extent holds
         except Exception as e:  # noqa: BLE001 — zstandard.ZstdError and friends
             raise IntegrityError(f"record {n}: payload does not decompress: {e}") from None
         if got != length:
@@ -273,10 +322,7 @@ class CycleReader:
         return out
 
     def _finish(self, body: bytes) -> None:
-        try:
-            trailer = json.loads(body)
-        except ValueError:
-            raise IntegrityError("the cycle trailer is not valid JSON") from None
+        trailer = _parse_json(body, TRAILER_FIELDS, "trailer")
         if (trailer.get("records") != self.records_seen
                 or trailer.get("raw_bytes") != self.raw_bytes
                 or trailer.get("zero_bytes") != self.zero_bytes):

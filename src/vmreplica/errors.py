@@ -80,6 +80,13 @@ class Superseded(Refused):
     code = "superseded"
 
 
+class Removed(Refused):
+    """The replica ended this relationship (`remove` ran there while this host, its
+    primary, could not be told): the primary ends its side too."""
+
+    code = "removed"
+
+
 class IntegrityError(OperationError):
     code = "integrity"
 

@@ -241,7 +241,14 @@ def cmd_remove(args) -> int:
     info = client_of(args).call("DELETE", f"/v1/relationships/{args.vm}"
                                 + ("?" + "&".join(q) if q else ""))
     print(f"replication of {args.vm} removed"
-          + (f"; replica side: {info['replica_side']}" if "replica_side" in info else ""))
+          + (f"; replica side: {info['replica_side']}" if "replica_side" in info else "")
+          + (f"; {info['primary_side']}" if info.get("primary_side") else ""))
+    if info.get("kept_copy"):
+        where = info.get("replica") or "this host"
+        print(f"the replica VM is kept; its disks are in {info['kept_copy']} on {where}: a "
+              f"later `vmreplica enable {args.vm} --replica HOST` and `vmreplica initial "
+              f"{args.vm} --method existing --path {info['kept_copy']}` move only the "
+              "differences")
     return 0
 
 

@@ -18,7 +18,8 @@ from typing import Iterator
 from ..domain import extents as ex
 from ..domain.links import is_dr, vm_name
 from ..domain import points as dp
-from ..errors import IntegrityError, OperationError, Superseded, TrackingError, Unreachable
+from ..errors import (IntegrityError, OperationError, Removed, Superseded, TrackingError,
+                      Unreachable)
 from ..qemutools.buffers import POOL
 from ..qemutools.qsd import QuitTimeout
 from ..tracking.bitmap import bitmap_prefix
@@ -401,6 +402,13 @@ def _failed(host, vm: str, cycle: int, row: int, e: Exception) -> None:
     msg = getattr(e, "message", None) or str(e)
     store.finish_cycle(row, False, error=msg)
     rel = store.relationship(vm)
+    if isinstance(e, Removed):
+        # The replica ended the relationship while this host could not be told: this
+        # side ends too (on a thread of its own: this one holds the VM's lock).
+        from .relationship import end_removed_later
+        host.event("cycle", f"cycle {cycle} refused: {msg}", vm)
+        end_removed_later(host, vm, rel["id"], rel["peer"])
+        return
     failures = int(rel.get("consecutive_failures", 0)) + 1
     changes = {"consecutive_failures": failures, "last_error": msg,
                "last_error_code": getattr(e, "code", "error"),

@@ -9,7 +9,8 @@ from ..domain import points as dp
 from ..domain.links import dr_key, is_dr, vm_name
 from ..domain.schedule import format_frequency, parse_frequency, parse_window
 from ..domain.states import Role, State, check_transition, next_step, suspend_allowed
-from ..errors import Conflict, NotFound, OperationError, Superseded, Unreachable, UsageError
+from ..errors import (Conflict, NotFound, OperationError, Refused, Removed, Superseded,
+                      Unreachable, UsageError)
 from .cycle import run_cycle
 
 COMPRESSIONS = ("zstd", "none")
@@ -117,6 +118,9 @@ def check_peer(host, vm: str, timeout: float = 10.0) -> dict:
     try:
         return host.client_for_peer(rel["peer"], timeout=timeout).request(
             "GET", f"/v1/replica/relationships/{vm_name(vm)}/state?epoch={rel['epoch']}")
+    except Removed:
+        end_removed_later(host, vm, rel["id"], rel["peer"])
+        raise
     except Superseded as e:
         if is_dr(vm):
             if rel["state"] != State.STANDBY.value:
@@ -230,17 +234,21 @@ def resume(host, vm: str) -> dict:
 def remove(host, vm: str, keep_replica: bool = False, force: bool = False) -> dict:
     rel = _rel(host, vm, role="")
     if rel["role"] == Role.REPLICA.value:
+        # Run on the replica: it tells the primary first (or keeps a tombstone for it).
         from ..replica.receiver import remove_relationship
-        return remove_relationship(host, vm, keep_replica)
+        return remove_relationship(host, vm, keep_replica, tell_primary=True)
     if rel.get("mode") == "continuous":
         host.continuous.stop(vm)            # the mirror ends before the replica goes
     remote = "removed"
+    answer: dict = {}
     try:
         if rel["state"] == State.STANDBY.value:
             raise Superseded("another host holds this DR link now")
         q = "?keep=1" if keep_replica else ""
-        host.client_for_peer(rel["peer"], timeout=120).request(
+        answer = host.client_for_peer(rel["peer"], timeout=120).request(
             "DELETE", f"/v1/replica/relationships/{vm_name(vm)}{q}")
+        if answer.get("already"):
+            remote = "already gone"
     except NotFound:
         remote = "already gone"
     except Superseded:
@@ -252,17 +260,85 @@ def remove(host, vm: str, keep_replica: bool = False, force: bool = False) -> di
                               f"remove {vm}` on {rel['peer']})") from None
         remote = "unreachable: not removed there"
     with host.vm_lock(vm):
-        try:
-            _drop_bitmaps(host, rel)
-        except OperationError as e:
-            if rel["state"] != State.STANDBY.value:
-                raise
-            # The VM is a replica here now: its disks belong to the replication into them.
-            host.event("relationship", f"the DR link's tracking bitmaps stay on the disks "
-                                       f"(they are in use: {e.message})", vm)
-        host.store.remove_relationship(vm)
+        _end_here(host, vm, rel)
     host.event("relationship", f"replication removed (replica: {remote})", vm)
-    return {"vm": vm, "replica": rel["peer"], "replica_side": remote}
+    return {"vm": vm, "replica": rel["peer"], "replica_side": remote,
+            "kept_copy": answer.get("kept_copy")}
+
+
+def _end_here(host, vm: str, rel: dict) -> None:
+    """This host's side of a relationship ends (under the VM's lock, the continuous
+    mirror already stopped): every tracking bitmap it made dropped, its rows deleted."""
+    try:
+        _drop_bitmaps(host, rel)
+    except OperationError as e:
+        if rel["state"] != State.STANDBY.value:
+            raise
+        # The VM is a replica here now: its disks belong to the replication into them.
+        host.event("relationship", f"the DR link's tracking bitmaps stay on the disks "
+                                   f"(they are in use: {e.message})", vm)
+    host.store.remove_relationship(vm)
+
+
+def removed_by_replica(host, peer: dict, vm: str, body: dict) -> dict:
+    """The replica ``peer`` runs `remove` and tells this host, its primary, first: this
+    side ends as `remove` here would end it (it does not call the replica back)."""
+    from ..domain.links import dr_key
+    rel_id = body.get("id")
+    found = None
+    for key in (vm, dr_key(vm)):
+        rel = host.store.relationship(key)
+        if rel is not None and rel["role"] == Role.PRIMARY.value and rel["peer"] == peer["name"]:
+            found = rel
+            break
+    if found is None:
+        raise NotFound(f"{host.name} does not replicate {vm} to {peer['name']}")
+    if rel_id and found["id"] != rel_id:
+        raise Refused(f"{host.name} replicates {vm} to {peer['name']} in another relationship "
+                      f"({found['id'][:8]}, not {str(rel_id)[:8]})")
+    end_removed(host, found["vm"], found["id"], peer["name"])
+    return {"vm": found["vm"], "removed": True}
+
+
+def end_removed(host, vm: str, rel_id: str, by: str, tell: bool = False) -> bool:
+    """End this side of relationship ``rel_id`` of ``vm``, which its replica ``by``
+    removed: as `remove` (mirror stopped, bitmaps dropped, rows deleted), with an event.
+    ``tell``: then say so to the replica, which drops its tombstone. False if that
+    relationship is no longer here."""
+    rel = host.store.relationship(vm)
+    if rel is None or rel["id"] != rel_id:
+        return False
+    if rel.get("mode") == "continuous":
+        host.continuous.stop(vm)
+    with host.vm_lock(vm):
+        rel = host.store.relationship(vm)
+        if rel is None or rel["id"] != rel_id:
+            return False
+        _end_here(host, vm, rel)
+    host.event("relationship", f"replication removed by its replica {by}", vm)
+    if tell:          # (only its tombstone goes: whatever else it holds now stays)
+        try:
+            host.client_for_peer(by, timeout=30).request(
+                "DELETE", f"/v1/replica/relationships/{vm_name(vm)}?ended=1")
+        except OperationError as e:   # the tombstone stays there: harmless, and a new
+            host.event("relationship", f"{by} was not told that this side ended too: "
+                                       f"{e.message}", vm)   # relationship drops it
+    return True
+
+
+def end_removed_later(host, vm: str, rel_id: str, by: str) -> None:
+    """``end_removed`` on a thread of its own: the caller (a cycle, a state check) may
+    hold the VM's lock or be the continuous mode's worker, and goes on with its error."""
+    import threading
+
+    def run():
+        try:
+            end_removed(host, vm, rel_id, by, tell=True)
+        except Exception:  # noqa: BLE001 — the next call is refused again and retries it
+            import logging
+            logging.getLogger("vmreplica.primary").exception(
+                "ending the relationship of %s its replica removed", vm)
+    threading.Thread(target=run, name=f"removed-{vm}", daemon=True).start()
 
 
 def _drop_bitmaps(host, rel: dict) -> None:

@@ -124,14 +124,19 @@ def create_relationship(host, peer: dict, body: dict) -> dict:
     disks = desc.get("disks") or []
     if not disks:
         raise UsageError("the relationship has no disks to replicate")
-    try:
-        host.driver.inspect(vm)
-        raise Conflict(f"{host.name} already has a VM named {vm}",
-                       hint=f"delete or rename it on {host.name}, then enable again")
-    except NotFound:
-        pass
+    from . import removal
+    # A VM of that name is refused, unless it is a kept replica of this same VM (`remove
+    # --keep-replica`): it steps aside, its folder stays for `initial --method existing`.
+    kept = removal.kept_replica(host, vm, desc.get("uuid"))
     storage = Path(entry["storage"] or settings.get("storage") or host.home.storage)
-    chains = rstore.create_chains(storage, vm, disks)
+    if kept is not None:
+        removal.release(host, vm, kept)
+    try:
+        chains = rstore.create_chains(storage, vm, disks)
+    except Exception:
+        if kept is not None:
+            removal.redefine(host, kept)
+        raise
     try:
         replica_desc = dict(desc)
         replica_desc["name"] = vm
@@ -161,8 +166,15 @@ def create_relationship(host, peer: dict, body: dict) -> dict:
         except Exception:  # noqa: BLE001
             pass
         rstore.delete_chains(storage, vm)
+        if kept is not None:
+            removal.redefine(host, kept)
         raise
-    host.event("relationship", f"replica of {vm} created for primary {peer['name']}", vm)
+    removal.forget(host, vm)             # a tombstone of an earlier relationship
+    if kept is not None:
+        host.driver.add_owned(vm, [str(kept)])      # removed with this replica from now on
+    host.event("relationship", f"replica of {vm} created for primary {peer['name']}"
+               + (f"; the kept replica in {kept} is ready for `initial {vm} --method existing "
+                  f"--path {kept}`" if kept is not None else ""), vm)
     return _describe(host, host.store.relationship(vm))
 
 
@@ -436,8 +448,9 @@ def point_now(host, peer: dict, vm: str, body: dict) -> dict:
     """Continuous mode: make a recovery point of what the mirror has written so far."""
     rel = _own_relationship(host, peer, vm)
     _check_primary(host, rel, _field(body, "epoch", int, 0, high=_BIG))
-    kind = body.get("kind") or "crash"
-    if kind not in ("crash", "app"):
+    from ..domain import points as dp
+    kind = body.get("kind") or dp.CRASH
+    if kind not in (dp.CRASH, dp.APP):
         raise UsageError(f"unknown recovery point kind {str(kind)[:20]!r}")
     when = _field(body, "time", float, 0, low=0) or time.time()
     with host.vm_lock(vm):
@@ -696,10 +709,24 @@ def repair_heads(host, vm: str) -> None:
                                    "error(s) left by an unclean stop", vm)
 
 
-def remove_relationship(host, vm: str, keep_replica: bool) -> dict:
+def remove_relationship(host, vm: str, keep_replica: bool, tell_primary: bool = False) -> dict:
+    """End the replica side. ``tell_primary`` (`remove` run here): the primary ends its
+    side first; if it cannot be reached a tombstone answers its next call (see
+    replica.removal). ``keep_replica``: the VM stays, on standalone copies of its disks in
+    ``STORAGE/VM.kept`` (the existing-copy seed of a later relationship)."""
+    from . import removal
     rel = host.store.relationship(vm)
     if rel is None or rel["role"] != Role.REPLICA.value:
         raise NotFound(f"{host.name} holds no replica of VM {vm}")
+    told, primary_side = removal.tell_primary(host, rel, keep_replica) if tell_primary \
+        else (True, None)
+    if keep_replica:
+        try:            # what it keeps holds no part of a cycle (the VM's lock redoes it)
+            with host.vm_lock(vm):
+                pass
+        except Exception as e:  # noqa: BLE001 — kept as is; the existing-copy seed evens it
+            log.warning("keeping the replica of %s without its unapplied cycle: %s", vm, e)
+    kept = None
     with host.vm_lock(vm).as_is():      # whatever its heads hold, they go
         mirror.close_target(host, vm)
         host.heads.close(vm)
@@ -710,12 +737,14 @@ def remove_relationship(host, vm: str, keep_replica: bool) -> dict:
             info = host.driver.inspect(vm)
             if info.state == "running":
                 host.driver.stop(vm, force=True)
-            if not keep_replica:
+            if keep_replica:
+                kept = removal.keep(host, vm, rel)
+            else:
                 host.driver.delete(vm)
                 removed_vm = True
         except NotFound:
             pass
-        if not keep_replica:
+        if not keep_replica or kept is not None:
             rstore.delete_chains(Path(rel["storage"]), vm)
         for p in (host.home.staging / vm).glob("*"):
             p.unlink(missing_ok=True)
@@ -724,6 +753,12 @@ def remove_relationship(host, vm: str, keep_replica: bool) -> dict:
         except OSError:
             pass
         host.store.remove_relationship(vm)
+        if not told:
+            removal.bury(host, rel)
     host.event("relationship", f"replica of {vm} removed"
-               + (" (VM and disks kept)" if keep_replica else ""), vm)
-    return {"vm": vm, "removed_vm": removed_vm, "kept": keep_replica}
+               + (f" (VM kept, its disks in {kept})" if kept is not None else
+                  " (VM and disks kept)" if keep_replica else "")
+               + (f"; {primary_side}" if primary_side else ""), vm)
+    return {"vm": vm, "removed_vm": removed_vm, "kept": keep_replica,
+            "kept_copy": str(kept) if kept is not None else None,
+            "primary_side": primary_side}

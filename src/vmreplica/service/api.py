@@ -20,7 +20,7 @@ from ..primary import relationship as prim
 from ..replica import failover as rfailover
 from ..replica import points as rpoints
 from ..replica import reverse as rreverse
-from ..replica import receiver
+from ..replica import receiver, removal
 from ..transport.http import Request, Router
 from . import monitor, trust, vms
 
@@ -351,6 +351,7 @@ def replication_routes(host) -> Router:
     @r.route("POST", "/v1/replica/relationships/{vm}/cycles")
     def cycle(req):
         peer = trust.require_peer(host, req.peer_fingerprint)
+        removal.refuse_if_removed(host, peer, req.params["vm"])
         return receiver.receive_cycle(host, peer, req.params["vm"], req.body())
 
     @r.route("POST", "/v1/replica/relationships/{vm}/adopt")
@@ -424,6 +425,7 @@ def replication_routes(host) -> Router:
     def replica_state(req):
         """The primary asks whether it still is one (see primary.relationship.check_peer)."""
         peer = trust.require_peer(host, req.peer_fingerprint)
+        removal.refuse_if_removed(host, peer, req.params["vm"])
         return receiver.state_for_primary(host, peer, req.params["vm"], _epoch(req))
 
     @r.route("GET", "/v1/replica/relationships/{vm}/points")
@@ -447,10 +449,22 @@ def replication_routes(host) -> Router:
     @r.route("DELETE", "/v1/replica/relationships/{vm}")
     def remove(req):
         peer = trust.require_peer(host, req.peer_fingerprint)
+        if _flag(req, "ended"):
+            # The primary ended its side after a "removed" refusal: only the tombstone goes.
+            return {"vm": req.params["vm"], "already": True,
+                    "tombstone": removal.forget(host, req.params["vm"], peer["name"])}
         rel = host.store.relationship(req.params["vm"])
         if rel is not None and rel["peer"] != peer["name"]:
             raise Refused(f"{req.params['vm']} on {host.name} is replicated from {rel['peer']}")
+        if rel is None and removal.forget(host, req.params["vm"], peer["name"]):
+            return {"vm": req.params["vm"], "already": True}   # removed here before
         return receiver.remove_relationship(host, req.params["vm"], _flag(req, "keep"))
+
+    @r.route("POST", "/v1/peer/relationships/{vm}/removed")
+    def peer_removed(req):
+        """The replica runs `remove` and tells its primary first."""
+        peer = trust.require_peer(host, req.peer_fingerprint)
+        return prim.removed_by_replica(host, peer, req.params["vm"], req.json())
 
     return r
 

@@ -31,9 +31,21 @@ def register(sub) -> None:
     p = sub.add_parser("shutdown", help="stop the host daemon cleanly")
     p.set_defaults(func=cmd_shutdown)
 
-    p = sub.add_parser("host", help="show this host's name, address and fingerprint")
+    p = sub.add_parser("host", help="show this host's name, address and fingerprint; "
+                                    "`host set` changes its addresses")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_host)
+    p.set_defaults(func=cmd_host, host_command=None)
+    hsub = p.add_subparsers(dest="host_command", metavar="ACTION")
+    s = hsub.add_parser(
+        "set", help="change this host's replication (listen) or web address",
+        description="Change the addresses of a host whose daemon is stopped (`shutdown` "
+                    "first; the VMs keep running); the next `serve` listens on them. The "
+                    "certificate, pairings, relationships and recovery points stay. The web "
+                    "address follows the listen port (+ 1) if it was that default. Paired "
+                    "hosts know this one by its old replication address: pair them again.")
+    s.add_argument("--listen", metavar="HOST:PORT", help="the new replication address")
+    s.add_argument("--web", metavar="HOST:PORT|off", help="the new dashboard and /metrics address")
+    s.add_argument("--json", action="store_true")
 
 
 def cmd_init(args) -> int:
@@ -88,6 +100,8 @@ def cmd_shutdown(args) -> int:
 
 
 def cmd_host(args) -> int:
+    if args.host_command == "set":
+        return cmd_host_set(args)
     info = client_of(args).call("GET", "/v1/host")
     if args.json:
         emit_json(info)
@@ -97,3 +111,21 @@ def cmd_host(args) -> int:
     return 0
 
 
+def cmd_host_set(args) -> int:
+    from ..service.home import Home, set_addresses
+    info = set_addresses(Home.resolve(args.home), listen=args.listen, web=args.web)
+    if args.json:
+        emit_json(info)
+        return 0
+    for what, old, new in (("replication address", info["old_listen"], info["listen"]),
+                           ("dashboard, /metrics", info["old_web"], info["web"])):
+        new, old = new or "off", old or "off"
+        print(f"  {what}  {new}" + (f"   (was {old})" if old != new else "   (unchanged)"))
+    print("  certificate, pairings, relationships and recovery points unchanged")
+    if info["peers_to_tell"]:
+        print(f"paired hosts know {info['name']} at {info['old_listen']}: "
+              f"{', '.join(info['peers_to_tell'])}. Once the daemon runs, on each of them pair "
+              f"again (same certificates; relationships go on): here `vmreplica trust token`, "
+              f"there `vmreplica trust pair {info['listen']} TOKEN`")
+    print(f"next: vmreplica --home {info['home']} serve --detach")
+    return 0

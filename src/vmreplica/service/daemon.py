@@ -70,6 +70,8 @@ class Daemon:
         redone = recover(host)
         if redone:
             log.warning("re-applied %d staged cycle(s) at start-up: %s", len(redone), redone)
+        for vm in getattr(host.driver, "drop_left_views", lambda: [])():
+            log.warning("removed the fleecing view a dead daemon left in %s's QEMU", vm)
         resumed = getattr(host.driver, "resume_left_paused", lambda: [])()
         for vm in resumed:
             log.warning("resumed %s: the previous daemon died while it held the VM paused "
@@ -80,14 +82,10 @@ class Daemon:
         try:
             repl = TLSHTTPServer((h, port), replication_routes(host), host.server_context)
         except OSError as e:
-            raise OperationError(f"cannot listen on {host.listen}: {e.strerror}",
-                                 hint="choose another port (`init --listen`) or stop what uses it")
-        sock = str(self.home.socket)
-        if os.path.exists(sock):
-            os.unlink(sock)
-        mgmt = UnixHTTPServer(sock, management_routes(host, self))
-        os.chmod(sock, 0o600)
-        self.servers = [repl, mgmt]
+            raise self._cannot_listen(host.listen, "its replication port", "--listen", e) from None
+        # Both TCP ports before the management socket: a port it cannot have leaves no
+        # socket behind for a client to find.
+        web = None
         web_listen = host.store.get_setting("web_listen")
         if web_listen:
             from ..transport import tls
@@ -97,8 +95,16 @@ class Daemon:
             try:
                 web = TLSHTTPServer((wh, wp), web_routes(host, self.sessions), lambda: web_ctx)
             except OSError as e:
-                raise OperationError(f"cannot listen on {web_listen} (dashboard): {e.strerror}",
-                                     hint="choose another address with `init --web`, or off")
+                repl.server_close()
+                raise self._cannot_listen(web_listen, "its web port (dashboard and /metrics)",
+                                          "--web", e) from None
+        sock = str(self.home.socket)
+        if os.path.exists(sock):
+            os.unlink(sock)
+        mgmt = UnixHTTPServer(sock, management_routes(host, self))
+        os.chmod(sock, 0o600)
+        self.servers = [repl, mgmt]
+        if web is not None:
             self.servers.append(web)
             serve_in_thread(web, "web")
         serve_in_thread(repl, "replication-api")
@@ -113,6 +119,22 @@ class Daemon:
         log.info("ready: management %s, replication %s", sock, host.listen)
         self._stopped.wait()
         log.info("stopped")
+
+    def _cannot_listen(self, address: str, what: str, flag: str, e: OSError) -> OperationError:
+        """The error of a port this daemon cannot listen on: which port, what it is to this
+        host, who holds it (when /proc tells), and the command that changes it."""
+        import errno
+        from .home import port_holder
+        port = parse_address(address)[1]
+        reason = e.strerror or str(e)
+        if e.errno == errno.EADDRINUSE:
+            holder = port_holder(port)
+            reason += f" (by {holder})" if holder else ""
+        alt = "HOST:PORT|off" if flag == "--web" else "HOST:PORT"
+        return OperationError(
+            f"cannot listen on port {port} ({address}), {what}: {reason}",
+            hint=f"stop what uses it, or give this host another port: "
+                 f"vmreplica --home {self.home.root} host set {flag} {alt}, then serve again")
 
     def stopping(self) -> bool:
         return self._stopping.is_set()

@@ -8,7 +8,18 @@ filter, the replica SIGKILLed after the ack), then checks crash states of that c
 each one written in place of the head, the replica's state store and stage restored as
 at the kill, the real start-up recovery run, the head compared with the cycle's source.
 
+The rounds take the three phases in turn (tests/crashstates.py): ``apply`` (the above),
+``resync`` (a hash resync at random places after the primary's tracking broke, the
+differing blocks written O_DIRECT into the head; each state: start-up recovery, no block
+outside the resync's changed, the primary's resync again, the head equal to the primary's
+disk) and ``rotation`` (a cycle that makes a recovery point; each state: a commit of the
+store from the pending point on, the new layer as a power cut can leave it, the VM's
+description old or new; start-up recovery, the replica opens and reads as the source,
+lists only points whose layers exist, once each, and takes the primary's next cycle).
+
     python bench/chaos_crash_states.py [--states 1000] [--per-round 200] [--seed S]
+                                       [--resync-per-round 40] [--rotation-per-round 30]
+                                       [--phases apply,resync,rotation]
                                        [--minutes 60] [--work DIR]
 
 Bounded: it stops after ``--states`` states or ``--minutes``, whichever comes first, and
@@ -36,6 +47,12 @@ def main() -> int:
     ap.add_argument("--states", type=int, default=1000)
     ap.add_argument("--per-round", type=int, default=200,
                     help="crash states per scenario (a new cycle layout each round)")
+    ap.add_argument("--resync-per-round", type=int, default=40,
+                    help="crash states per resync round (about 3 s each: a resync again)")
+    ap.add_argument("--rotation-per-round", type=int, default=30,
+                    help="crash states per rotation round (about 2.5 s each: a next cycle)")
+    ap.add_argument("--phases", default="apply,resync,rotation",
+                    help="the phases the rounds take in turn")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--minutes", type=float, default=60.0, help="stop after this long")
     ap.add_argument("--work", default=None, help="(default: a new directory under /tmp; "
@@ -49,25 +66,50 @@ def main() -> int:
     start = time.monotonic()
     deadline = start + args.minutes * 60
     outcomes, rounds = [], 0
+    phases = [x for x in args.phases.split(",") if x]
+    if not phases or set(phases) - {"apply", "resync", "rotation"}:
+        ap.error("--phases: a list of apply, resync, rotation")
     try:
         while len(outcomes) < args.states and time.monotonic() < deadline:
             rounds += 1
             where = root / f"r{rounds}"
             a, b = lab.two_sites(where, driver="qemu", names=("chaos-a", "chaos-b"))
+            phase = phases[(rounds - 1) % len(phases)]
+            say = lambda m: print(f"round {rounds} ({phase}): {m}", flush=True)  # noqa: E731
+            left = args.states - len(outcomes)
+            until = deadline - time.monotonic()
             try:
-                cycle = crashstates.random_cycle(rng)
-                sc = crashstates.prepare(a, b, f"chaos-{rounds}", where / "crash", cycle)
-                if not sc.l2_on_stale_bytes:
-                    print(f"round {rounds}: note: the new L2 table did not land on stale "
-                          "bytes", flush=True)
-                n = min(args.per_round, args.states - len(outcomes))
-                got = crashstates.run(sc, n, rng.randrange(1 << 32),
-                                      report=lambda m: print(f"round {rounds}: {m}", flush=True),
-                                      stop_after=deadline - time.monotonic())
+                if phase == "apply":
+                    cycle = crashstates.random_cycle(rng)
+                    sc = crashstates.prepare(a, b, f"chaos-{rounds}", where / "crash", cycle)
+                    if not sc.l2_on_stale_bytes:
+                        say("note: the new L2 table did not land on stale bytes")
+                    got = crashstates.run(sc, min(args.per_round, left), rng.randrange(1 << 32),
+                                          report=say, stop_after=until)
+                    what = (f"cycle={cycle} log_entries={sc.log_entries} "
+                            f"flushes={sc.flushes}")
+                elif phase == "resync":
+                    layout = crashstates.random_resync(rng)
+                    sc = crashstates.prepare_resync(a, b, f"chaos-{rounds}", where / "crash",
+                                                    layout)
+                    if not sc.l2_on_stale_bytes:
+                        say("note: the resync's new L2 table did not land on stale bytes")
+                    got = crashstates.run_resync(sc, min(args.resync_per_round, left),
+                                                 rng.randrange(1 << 32), a, b, report=say,
+                                                 stop_after=until)
+                    what = (f"resync={layout} log_entries={sc.log_entries} "
+                            f"flushes={sc.flushes} differing_blocks={len(sc.differing)}")
+                else:
+                    cycle = crashstates.random_cycle(rng)
+                    sc = crashstates.prepare_rotation(a, b, f"chaos-{rounds}", where / "crash",
+                                                      cycle)
+                    got = crashstates.run_rotation(sc, min(args.rotation_per_round, left),
+                                                   rng.randrange(1 << 32), a, b, report=say,
+                                                   stop_after=until)
+                    what = (f"cycle={cycle} store_commits={len(sc.store.states)} "
+                            f"classes={len(sc.classes())}")
                 outcomes += got
-                print(f"round {rounds}: cycle={cycle} log_entries={sc.log_entries} "
-                      f"flushes={sc.flushes} "
-                      f"{crashstates.summary(got, sum(o.seconds for o in got))}", flush=True)
+                say(f"{what} {crashstates.summary(got, sum(o.seconds for o in got))}")
             finally:
                 lab.teardown(a, b)
                 if not args.keep:

@@ -40,10 +40,15 @@ def create(host, vm: str, kind: str, point_time: float, apply_retention: bool = 
         target.snapshot({d: c[-1] for d, c in chains.items()})
     layer = len(next(iter(rel["chains"].values()))) - 1   # the old head's index
     point_id = int(rel.get("next_point_id", 1))
-    # The new layer is in the chain file-wise; record the point, then the chains.
-    host.store.add_point(vm, point_id, point_time, kind, layer)
-    _set_chains(host, vm, chains, next_point_id=point_id + 1, last_point_at=point_time,
-                points_count=len(host.store.points(vm)))
+    # The new layer is in the chain file-wise (synced, name included); the point, the
+    # chains and the end of a pending point are one commit. Apart, a power cut between
+    # the point's row and the chains left a point naming the head (start-up's redo made
+    # the point again: a duplicate id, the VM in error), and one between the chains and
+    # the pending point's end made the point twice (tests/crashstates.py, rotation).
+    with host.store.transaction():
+        host.store.add_point(vm, point_id, point_time, kind, layer)
+        _set_chains(host, vm, chains, next_point_id=point_id + 1, last_point_at=point_time,
+                    points_count=len(host.store.points(vm)), pending_point=None)
     host.event("point", f"recovery point {point_id} ({kind}) made", vm)
     if apply_retention:
         retain(host, vm)

@@ -393,9 +393,15 @@ def _receive_delta(host, vm: str, cycle: int, reader: wire.CycleReader, body) ->
     return {"vm": vm, "cycle": cycle, "applied": True, **result}
 
 
+SYNC_STATES = (None, "catching_up", "in_sync", "degraded", "idle")
+
+
 def apply_settings(host, peer: dict, vm: str, body: dict) -> dict:
-    """The primary changed settings that the replica applies (retention history)."""
+    """The primary changed settings that the replica applies (retention history), or
+    tells it its replication mode and continuous sub-state (shown here as they are there)."""
     rel = _own_relationship(host, peer, vm)
+    if "mode" in body:
+        return _apply_mode(host, vm, body)
     from ..domain import points as dp
     history = dp.validate_history(_field(body, "history", int, rel.get("history", 4),
                                          high=_BIG))
@@ -406,6 +412,24 @@ def apply_settings(host, peer: dict, vm: str, body: dict) -> dict:
         if rel["state"] == State.REPLICATING.value:
             points.retain(host, vm)
     return {"vm": vm, "history": history}
+
+
+def _apply_mode(host, vm: str, body: dict) -> dict:
+    mode = body.get("mode")
+    if mode not in ("periodic", "continuous"):
+        raise UsageError(f"unknown mode {str(mode)[:20]!r}")
+    sync = body.get("sync_state")
+    if sync not in SYNC_STATES or (sync is not None and mode != "continuous"):
+        raise UsageError(f"unknown continuous sub-state {str(sync)[:20]!r}")
+    reason = body.get("sync_reason")
+    if reason is not None and not isinstance(reason, str):
+        raise UsageError("sync_reason must be a string")
+    changes = {"mode": mode, "sync_state": sync, "sync_reason": reason and reason[:500],
+               "sync_since": _field(body, "sync_since", float, None, low=0)}
+    if body.get("max_stall") is not None:
+        changes["max_stall"] = _field(body, "max_stall", float, 5.0, low=0.5, high=120)
+    host.store.update_relationship(vm, **changes)
+    return {"vm": vm, "mode": mode, "sync_state": sync}
 
 
 def change_disks(host, peer: dict, vm: str, body: dict) -> dict:
@@ -636,6 +660,7 @@ def recover(host) -> list[tuple[str, int]]:
     for rel in host.store.relationships():
         if rel.get("apply_pending"):
             host.unapplied.add(host.lock_key(rel["vm"]))
+    _reconcile_disks(host)
     try:
         points.finish_merges(host)
     except Exception:  # noqa: BLE001
@@ -653,6 +678,31 @@ def recover(host) -> list[tuple[str, int]]:
         for part in host.home.staging.glob("*/*.part"):
             part.unlink(missing_ok=True)
     return redone
+
+
+def _reconcile_disks(host) -> None:
+    """Start-up: every replica VM's disks point at its chains' heads. The state store's
+    chains are the truth (committed with the point that changed them); the VM's own
+    definition is written after that commit (the qemu driver's vm.json, libvirt's domain
+    XML), so a power cut in between left it naming a frozen layer (found by the crash
+    states of a recovery point's rotation): a later `remove --keep-replica` would then
+    have kept the point and lost every cycle after it."""
+    for rel in host.store.relationships():
+        if rel["role"] != Role.REPLICA.value or not rel.get("chains") or rel.get("failover") \
+                or rel["state"] == State.FAILED_OVER.value:
+            continue
+        vm = rel["vm"]
+        want = {d: c[-1] for d, c in rel["chains"].items()}
+        try:
+            have = {d.name: d.path for d in host.driver.inspect(vm).disks}
+            wrong = {d: p for d, p in want.items() if d in have and have[d] != p}
+            if wrong:
+                host.driver.set_disks(vm, wrong)
+                host.event("recovery", "the replica VM's disks named older layers after an "
+                                       "unclean stop; they point at the heads again: " +
+                           ", ".join(f"{d} -> {p}" for d, p in wrong.items()), vm)
+        except Exception as e:  # noqa: BLE001 — one VM's trouble stops no other
+            log.warning("could not check the disks of replica VM %s: %s", vm, e)
 
 
 def redo_unapplied(host, vm: str, at_start: bool = False) -> list[int]:

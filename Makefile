@@ -28,9 +28,11 @@ bench: setup
 	$(PY) bench/bench_floor.py
 	$(PY) bench/soak_cycles.py --driver libvirt --minutes 3 --work bench-run/soak
 
-# Crash states of replica heads (issue 16): STATES=N (default 1000), bounded.
+# Crash states of replica heads (issue 16): STATES=N (default 1000), bounded; then the
+# randomized fault soak of a replicated running VM: FAULTS=N (default 1000), bounded.
 chaos: setup
 	$(PY) bench/chaos_crash_states.py --states $${STATES:-1000}
+	$(PY) bench/chaos_soak.py --faults $${FAULTS:-1000}
 
 clean:
 	rm -rf $(VENV) guest build demo-run bench-run

@@ -302,3 +302,35 @@ def test_a_genuine_large_zstd_record_still_decompresses_without_the_pool():
     for pool in (None, BufferPool()):
         _, got, err = consume(blob, pool)
         assert err is None and got[0][4] == data
+
+
+def test_a_tls_error_in_the_middle_of_a_body_is_a_transport_error_not_an_internal_one():
+    """A byte changed on the way fails the TLS record's check (ssl.SSLError) while the
+    replica reads a cycle: the request is refused like a cut connection (found by the
+    fault soak: it was logged as an internal error with a traceback)."""
+    import ssl
+
+    from vmreplica import errors
+    from vmreplica.transport.http import BodyReader
+
+    class Broken:
+        def __init__(self):
+            self.calls = 0
+
+        def read(self, n):
+            self.calls += 1
+            if self.calls > 1:
+                raise ssl.SSLError(1, "[SSL: DECRYPTION_FAILED_OR_BAD_RECORD_MAC]")
+            return b"x" * min(n, 10)
+
+        def readline(self, n):
+            raise ConnectionResetError(104, "Connection reset by peer")
+
+    body = BodyReader(Broken(), {"Content-Length": "100"})
+    assert body.read(10) == b"x" * 10
+    with pytest.raises(errors.TransportError, match="BAD_RECORD_MAC"):
+        body.read(10)
+    assert body.read(10) == b""
+    chunked = BodyReader(Broken(), {"Transfer-Encoding": "chunked"})
+    with pytest.raises(errors.TransportError, match="reset"):
+        chunked.read(10)

@@ -102,6 +102,16 @@ class BodyReader:
         raise errors.TransportError("the connection was cut in the middle of the request")
 
     def read(self, n: int) -> bytes:
+        try:
+            return self._read(n)
+        except (ssl.SSLError, OSError) as e:
+            # A TLS record that fails its check (bytes changed on the way) or a reset is a
+            # broken connection, refused like a cut one: not an internal error.
+            self.done = True
+            raise errors.TransportError(f"the connection failed in the middle of the "
+                                        f"request: {e}") from None
+
+    def _read(self, n: int) -> bytes:
         if self.done:
             return b""
         if self.chunked and self.left == 0:

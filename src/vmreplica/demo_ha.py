@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                  lambda: site.json(node, "status", key)[0]["state"] == "replicating",
                  timeout=180)
             moved = [e["message"] for e in site.json(node, "events", key)
-                     if "resynchronised" in e["message"]]
+                     if "resynchronized" in e["message"]]
             print(f"{node} took the DR link over: {moved[-1] if moved else ''}", flush=True)
             site.vmr(node, "status", key)
 
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         lab.wait_formed(90)
         poll("PRIM/SECOND", lambda: site.states(b) == {b: "PRIM", a: "SECOND"}, timeout=180)
         moved = [e["message"] for e in site.json(b, "events", site.vm)
-                 if "resynchronised" in e["message"]]
+                 if "resynchronized" in e["message"]]
         print(moved[-1] if moved else "", flush=True)
         site.vmr(b, "cluster", "status")
 

@@ -279,7 +279,7 @@ def test_verify_detects_a_replica_that_diverged(own_sites, vm_name):
     # It repairs itself: resync_required, then the scheduler's resynchronization (a 32 MiB
     # disk can be done before the next status call, so the events are what is checked).
     wait_until("the resynchronization", lambda: any(
-        e["message"].startswith("resynchronised") for e in a.json("events", vm_name)), 90)
+        e["message"].startswith("resynchronized") for e in a.json("events", vm_name)), 90)
     assert a.json("status", vm_name)[0]["state"] == "replicating"
     assert_replica_equals(a, b, vm_name)
     a.run("remove", vm_name)

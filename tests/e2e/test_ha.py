@@ -27,6 +27,12 @@ _LAB: list = []
 _HOMES: list = []
 
 
+def _size(text: str) -> int:
+    """The leading size of an event's text, as the size formatter wrote it ("3.5 MiB")."""
+    number, unit = text.split()[:2]
+    return int(float(number) * 1024 ** ("B", "KiB", "MiB", "GiB", "TiB").index(unit.strip(",;")))
+
+
 def _diagnosis() -> str:
     """What the cluster says, for a failure message: crm_mon with fail counts and the
     resource agents' complaints from each node's Pacemaker log."""
@@ -110,11 +116,11 @@ def test_node_power_off_fails_over_and_rejoins_as_second(cluster):
     c.lab.power_on(a)
     c.lab.wait_formed(90)
     _wait(f"{a} back as SECOND", lambda: c.states(b) == {b: "PRIM", a: "SECOND"}, timeout=180)
-    moved = [e["message"] for e in c.json(b, "events", VM) if "resynchronised" in e["message"]]
+    moved = [e["message"] for e in c.json(b, "events", VM) if "resynchronized" in e["message"]]
     print(f"resync after the rejoin: {moved[-1] if moved else '?'}")
     assert moved, "\n".join(e["message"] for e in c.json(b, "events", VM))
     disk_bytes = sum(d["virtual_size"] for d in c.json(b, "vm", "show", VM)["disks"])
-    nbytes = int(moved[-1].split("resynchronised ")[1].split()[0])
+    nbytes = _size(moved[-1].split("resynchronized ")[1])
     assert nbytes < disk_bytes / 10                      # the differences, not the disks
 
 
@@ -208,9 +214,9 @@ def test_planned_move_and_checker_maintenance(cluster):
     # left stands by.
     _wait("the DR link replicating from the new node",
           lambda: c.json(b, "status", key)[0]["state"] == "replicating", timeout=120)
-    moved = [e["message"] for e in c.json(b, "events", key) if "resynchronised" in e["message"]]
+    moved = [e["message"] for e in c.json(b, "events", key) if "resynchronized" in e["message"]]
     assert moved, c.json(b, "events", key)
-    nbytes = int(moved[-1].split("resynchronised: ")[1].split()[0])
+    nbytes = _size(moved[-1].split("resynchronized: ")[1])
     disk_bytes = sum(d["virtual_size"] for d in c.json(b, "vm", "show", VM)["disks"])
     print(f"DR link after the move: {b} took it over, {nbytes} bytes moved of {disk_bytes}")
     assert nbytes < disk_bytes / 10

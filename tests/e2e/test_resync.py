@@ -73,7 +73,7 @@ def test_deleted_bitmap_resync_moves_only_changes(sites, vm_name):
     _wait_state(a, vm_name, "replicating")
     assert_replica_equals(a, b, vm_name)
     events = [e["message"] for e in a.json("events", vm_name)]
-    assert any("resynchronised: 65536 bytes moved" in m for m in events), events
+    assert any("resynchronized: 64.0 KiB moved" in m for m in events), events
     a.run("remove", vm_name)
 
 
@@ -140,7 +140,7 @@ def test_set_changes_settings_and_disks_without_reseeding(sites, vm_name):
     assert [d["name"] for d in b.vm(n)["disks"]] == ["disk0", "disk1"]
     assert_replica_equals(a, b, n)
     events = [e["message"] for e in a.json("events", n)]
-    assert any("resynchronised: 1048576 bytes moved" in m for m in events), events
+    assert any("resynchronized: 1.0 MiB moved" in m for m in events), events
     a.run("set", n, "--exclude-disk", "disk0")
     assert [d["name"] for d in b.vm(n)["disks"]] == ["disk1"]
     qemu_io(d1, "write -P 10 2M 64k")

@@ -16,7 +16,11 @@ def test_health_levels_and_reasons():
     assert h.level == "warning" and "cannot reach site-b" in h.reasons[0]
     h = health.assess(_rel(consecutive_failures=2, last_error="cannot reach site-b"), 1010)
     assert h.level == "critical" and "cannot reach site-b" in " ".join(h.reasons)
-    assert health.assess(_rel(state="suspended"), 0).level == "critical"
+    # Suspended is the operator's choice, not a failure: a warning (issue 17: it was
+    # critical), with the reason and the way back.
+    h = health.assess(_rel(state="suspended"), 0)
+    assert h.level == "warning" and "suspended by the operator" in h.reasons[0]
+    assert "resume" in h.reasons[0]
     assert health.assess(_rel(state="resync_required"), 1010).level == "warning"
     h = health.assess(_rel(state="resync_required", resync_window="01:00-02:00",
                            resync_window_missed=True), 1010)
@@ -43,6 +47,34 @@ def test_missed_cycles_in_12h():
     assert stats["avg_cycle_seconds"] == 2.0 and stats["throughput_bps"] == 45000 // 20
     h = health.assess(rel, now, stats)
     assert h.level == "warning" and "cycles missed" in h.reasons[0]
+
+
+def test_a_good_cycle_clears_the_last_cycle_error():
+    """Issue 17: the dashboard's "last cycle error" stayed after a good cycle."""
+    now = 100_000.0
+    failed = {"started_at": now - 60, "finished_at": now - 59, "ok": 0, "error": "boom",
+              "kind": "delta"}
+    good = {"started_at": now - 30, "finished_at": now - 29, "ok": 1, "raw_bytes": 1,
+            "kind": "delta"}
+    rel = _rel(created_at=now - 600, last_success_at=now - 29)
+    stats = health.measure(rel, [failed], now)
+    assert stats["last_error"] == "boom"
+    stats = health.measure(rel, [good, failed], now)          # newest first, as stored
+    assert stats["last_error"] is None and stats["errors"] == 1
+    assert stats["last_failure"] == {"at": now - 60, "error": "boom"}
+
+
+def test_continuous_mode_has_no_schedule_to_miss():
+    now = 100_000.0
+    rel = _rel(mode="continuous", sync_state="in_sync", created_at=now - 3600,
+               last_success_at=now - 100)
+    stats = health.measure(rel, [], now)
+    assert stats["expected_cycles"] == 0 and stats["missed_cycles"] == 0
+    assert health.assess(rel, now, stats).level == "normal"     # no lag while in sync
+    rel = _rel(role="replica", mode="continuous", sync_state="degraded",
+               sync_reason="the replica went away", created_at=now - 3600)
+    h = health.assess(rel, now, health.measure(rel, [], now))
+    assert h.level == "warning" and "degraded: the replica went away" in h.reasons[0]
 
 
 def test_fewer_points_than_asked():

@@ -1,6 +1,11 @@
 """Bulk: every VM verb takes several names, `--all` or `--tag TAG`. One VM named: the
 command behaves as for one VM. Several: one line per VM, and a non-zero exit if any
-failed (Hyper-V's users script this per VM; here it is built in)."""
+failed (Hyper-V's users script this per VM; here it is built in).
+
+One rule for every verb: a VM chosen by `--all`/`--tag` that the verb has nothing to do
+for (already enabled, seeded, suspended, running, ...; or not replicated, for a
+replication verb) is reported `skipped` with why, and is no failure; a VM named on the
+command line gets the verb's own answer (enabling it twice fails)."""
 
 from __future__ import annotations
 
@@ -9,19 +14,34 @@ import sys
 from .. import errors
 from .main import client_of
 
+# Why a VM that --all/--tag chose is skipped (None: the verb applies to it). ``v`` is the
+# VM as `vm list` has it, ``r`` its relationship on this host as `status` has it, or None.
 SCOPES = {
-    "unreplicated": lambda v: v["role"] == "none",
-    "replicated": lambda v: v["role"] != "none",
-    "any": lambda v: True,
+    "replicated": lambda v, r: None if r else "not replicated",
+    "any": lambda v, r: None,
+}
+DONE = {
+    "enable": lambda v, r: r and f"already replicated ({r['role']}, peer {r['peer']}, "
+                                 f"{r['state']})",
+    "initial": lambda v, r: r and (f"{r['role']} here: `initial` runs on the primary"
+                                   if r["role"] != "primary" else
+                                   f"already seeded ({r['state']})"
+                                   if r["state"] != "ready_for_initial" else None),
+    "suspend": lambda v, r: r and r["state"] == "suspended" and "already suspended",
+    "resume": lambda v, r: r and r["state"] != "suspended" and f"not suspended ({r['state']})",
+    "start": lambda v, r: v.get("state") == "running" and "already running",
+    "stop": lambda v, r: v.get("state") == "stopped" and "already stopped",
 }
 
 
-def add_targets(p, scope: str = "replicated") -> None:
+def add_targets(p, scope: str = "replicated", done: str | None = None) -> None:
+    """``scope``: the VMs a verb is for; ``done``: the key in DONE saying which of those
+    it has nothing to do for (both only for --all/--tag: see the module's rule)."""
     p.add_argument("vms", nargs="*", metavar="VM")
     p.add_argument("--all", action="store_true", help="every VM this applies to")
     p.add_argument("--tag", action="append", default=[], metavar="TAG",
                    help="the VMs with this tag (`vm tag`); repeatable")
-    p.set_defaults(target_scope=scope)
+    p.set_defaults(target_scope=scope, target_done=done)
 
 
 def targets(args) -> list[str]:
@@ -29,14 +49,25 @@ def targets(args) -> list[str]:
         if not args.vms:
             raise errors.UsageError("name at least one VM, or use --all or --tag TAG")
         return list(dict.fromkeys(args.vms))
-    vms = client_of(args).call("GET", "/v1/vms")["vms"]
-    keep = SCOPES[args.target_scope]
-    chosen = [v["name"] for v in vms if keep(v) and
-              all(t in (v.get("tags") or []) for t in args.tag)]
-    chosen += [n for n in args.vms if n not in chosen]
-    if not chosen:
+    client = client_of(args)
+    vms = [v for v in client.call("GET", "/v1/vms")["vms"]
+           if all(t in (v.get("tags") or []) for t in args.tag)]
+    if not vms and not args.vms:
         raise errors.UsageError("no VM matches" + (f" tag {', '.join(args.tag)}" if args.tag
                                                    else ""))
+    rels = {r["vm"]: r for r in client.call("GET", "/v1/status")["relationships"]}
+    done = DONE.get(getattr(args, "target_done", None) or "", lambda v, r: None)
+    chosen, skipped = [], []
+    for v in vms:
+        r = rels.get(v["name"])
+        why = SCOPES[args.target_scope](v, r) or done(v, r)
+        if why:
+            skipped.append(v["name"])
+            print(f"{v['name']}: skipped: {why}", flush=True)
+        else:
+            chosen.append(v["name"])
+    chosen += [n for n in args.vms if n not in chosen]
+    args.skipped = skipped
     return chosen
 
 
@@ -61,7 +92,10 @@ def each(fn):
             if rc:
                 failed.append(name)
         done = len(names) - len(failed)
+        skipped = getattr(args, "skipped", [])
         print(f"{done} of {len(names)} VM(s) done" +
-              (f"; failed: {', '.join(failed)}" if failed else ""), flush=True)
+              (f"; failed: {', '.join(failed)}" if failed else "") +
+              (f"; {len(skipped)} skipped: {', '.join(skipped)}" if skipped else ""),
+              flush=True)
         return 1 if failed else 0
     return run

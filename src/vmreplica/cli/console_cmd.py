@@ -36,12 +36,13 @@ def _ask(prompt: str, default: str | None = None) -> str:
     return line.strip() or (default or "")
 
 
-def _run(args, *argv: str) -> None:
-    """Run one vmreplica command for this home, showing it first."""
+def _run(args, *argv: str) -> bool:
+    """Run one vmreplica command for this home, showing it first; True if it succeeded."""
     full = (["--home", args.home] if args.home else []) + list(argv)
     print(f"$ vmreplica {' '.join(argv)}", flush=True)
     rc = cli_main(full)
     print("(done)" if rc == 0 else f"(failed, exit {rc})", flush=True)
+    return rc == 0
 
 
 def cmd_console(args) -> int:
@@ -83,7 +84,9 @@ def _do(args, what: str) -> None:
         vm = _ask("VM")
         replica = _ask("replica HOST:PORT")
         freq = _ask("frequency (30s, 5m, 15m)", "5m")
-        _run(args, "enable", vm, "--replica", replica, "--frequency", freq)
+        if not _run(args, "enable", vm, "--replica", replica, "--frequency", freq):
+            print(f"replication of {vm} was not enabled: no initial copy to start")
+            return
         if _ask("start the initial copy now? (y/n)", "y").lower().startswith("y"):
             _run(args, "initial", vm)
     elif what == "test":

@@ -73,7 +73,14 @@ def cmd_points(args) -> int:
 def cmd_failover(args) -> int:
     body = {"action": args.action, "point": args.point, "network": args.network,
             "shutdown": args.shutdown, "force": args.force}
-    info = client_of(args).call("POST", f"/v1/relationships/{args.vm}/failover", body)
+    from .render import watch
+    client = client_of(args)
+    label = {"test": "test failover", "prepare": "prepare"}.get(args.action, "failover")
+    # On a terminal: the final cycle's progress (--prepare), or what it waits for (a
+    # running cycle, the KVM probe before the first VM start on this machine).
+    info = watch(client, f"{label} of {args.vm}", lambda: client.call(
+        "POST", f"/v1/relationships/{args.vm}/failover", body), vm=args.vm, own=("delta",),
+        show=not args.json)
     if args.json:
         emit_json(info)
         return 0

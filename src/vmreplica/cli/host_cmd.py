@@ -46,6 +46,14 @@ def register(sub) -> None:
     s.add_argument("--listen", metavar="HOST:PORT", help="the new replication address")
     s.add_argument("--web", metavar="HOST:PORT|off", help="the new dashboard and /metrics address")
     s.add_argument("--json", action="store_true")
+    s = hsub.add_parser(
+        "probe-kvm", help="probe again whether KVM can boot a guest on this machine (~20 s)",
+        description="`--accel auto` (the qemu driver) boots a guest under KVM once per "
+                    "machine to learn whether KVM works here, and remembers the answer for "
+                    "every host on the machine (/var/cache/vmreplica/kvm-probe.json as root, "
+                    "else ~/.cache/vmreplica), until the kernel, /dev/kvm or QEMU changes. "
+                    "This probes again now; the next VM start uses the new answer.")
+    s.add_argument("--json", action="store_true")
 
 
 def cmd_init(args) -> int:
@@ -102,12 +110,48 @@ def cmd_shutdown(args) -> int:
 def cmd_host(args) -> int:
     if args.host_command == "set":
         return cmd_host_set(args)
+    if args.host_command == "probe-kvm":
+        return cmd_probe_kvm(args)
     info = client_of(args).call("GET", "/v1/host")
     if args.json:
         emit_json(info)
     else:
         for k in ("name", "listen", "driver", "fingerprint", "home", "version"):
             print(f"{k:12} {info.get(k)}")
+        if info.get("accel"):
+            print(f"{'accelerator':12} {_accel_text(info['accel'])}")
+    return 0
+
+
+def _accel_text(a: dict) -> str:
+    if a["setting"] != "auto" or a["driver"] != "qemu":
+        return f"{a['answer']} ({a['setting']}: {a['reason']})"
+    if not a.get("answer"):
+        return ("auto: not probed on this machine yet (the first VM start probes whether "
+                "KVM boots a guest, ~20 s, once per machine)")
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(a["checked_at"])) \
+        if a.get("checked_at") else "?"
+    return (f"{a['answer']} (auto: {a['reason']}; probed {when}, remembered in {a['cache']}; "
+            "`vmreplica host probe-kvm` probes again)")
+
+
+def cmd_probe_kvm(args) -> int:
+    from .render import watch
+    client = client_of(args)
+    info = watch(client, "probe-kvm", lambda: client.call("POST", "/v1/host/probe-kvm"),
+                 show=not args.json)
+    if args.json:
+        emit_json(info)
+        return 0
+    if info.get("booted"):
+        print(f"KVM probe: {info['answer']} ({info['reason']}; {info['probe_seconds']:.1f} s)")
+        where = info.get("remembered_in") or "nowhere (the cache folder is not writable)"
+        print(f"remembered for this machine in {where}")
+    else:
+        print(f"KVM probe: {info['answer']} ({info['reason']}; known without booting a "
+              "guest, not remembered)")
+    if info["setting"] != "auto":
+        print(f"this host uses --accel {info['setting']} whatever the probe says")
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 from .. import errors
@@ -74,12 +75,19 @@ def _columns() -> int:
     return columns or 80
 
 
+_NEGATIVE_VALUE = re.compile(r"^-\.?\d")
+
+
 class _Parser(argparse.ArgumentParser):
     """Every parser of the command line (sub-parsers take their parent's class) formats
     with _Formatter unless told otherwise."""
 
     def __init__(self, *args, formatter_class=_Formatter, **kwargs):
         super().__init__(*args, formatter_class=formatter_class, **kwargs)
+        # A word that starts with '-' and a digit ("-1G", "-5m") is a value, not an
+        # option (no option of ours starts with a digit): `--disk -1G` reaches the check
+        # that says what is wrong with it instead of argparse's "expected one argument".
+        self._negative_number_matcher = _NEGATIVE_VALUE
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:

@@ -31,15 +31,20 @@ def cmd_measure(args) -> int:
     if args.json:
         emit_json(m)
         return 0
+    in_sync = m.get("mode") == "continuous" and m.get("sync_state") == "in_sync" and \
+        m["state"] == "replicating"
     rows = [
         ("role / peer", f"{m['role']} / {m['peer']}"), ("state", m["state"]),
         ("health", m["health"] + "".join(f"\n{'':22}{r}" for r in m["reasons"])),
-        ("frequency", m["frequency"]),
-        ("last cycle", ago(m["last_cycle_at"])), ("lag", duration(m["lag_seconds"])),
+        ("mode", _mode(m)),
+        ("last sync", ago(m["last_cycle_at"])),
+        ("lag", "0 (in sync)" if in_sync else duration(m["lag_seconds"])),
         ("pending", "-" if m["pending_bytes"] is None else format_size(m["pending_bytes"])),
-        ("cycles (12 h)", f"{m['cycles']} of {m['expected_cycles']} expected, "
-                          f"{m['missed_cycles']} missed ({m['missed_pct']} %), "
-                          f"{m['errors']} failed"),
+        ("cycles (12 h)", f"{m['cycles']} done, {m['errors']} failed (continuous: "
+                          "cycles only to catch up)" if m.get("mode") == "continuous" and
+         not m["expected_cycles"] else
+         f"{m['cycles']} of {m['expected_cycles']} expected, "
+         f"{m['missed_cycles']} missed ({m['missed_pct']} %), {m['errors']} failed"),
         ("cycle size", f"avg {format_size(m['avg_cycle_bytes'])}, "
                        f"max {format_size(m['max_cycle_bytes'])}"),
         ("cycle duration", f"avg {duration(m['avg_cycle_seconds'])}, "
@@ -50,10 +55,28 @@ def cmd_measure(args) -> int:
          f"{format_size(m['throughput_bps'])}/s"),
         ("last error", m["last_error"] or "-"),
     ]
+    if m.get("activity"):
+        from .render import progress_text
+        rows.insert(2, ("running", progress_text(m["activity"])))
     print(f"{m['vm']}")
     for k, v in rows:
         print(f"  {k:20}{v}")
     return 0
+
+
+def _mode(m: dict) -> str:
+    """The replication mode as status's MODE column says it, in words."""
+    if (m.get("mode") or "periodic") == "periodic":
+        return f"periodic, every {m['frequency']}"
+    sync = m.get("sync_state")
+    words = {"in_sync": "in sync (the replica has every acknowledged write)",
+             "catching_up": "catching up (cycles, then the mirror)",
+             "degraded": "degraded (the mirror stopped; changes are tracked)",
+             "idle": f"idle (the VM is off: cycles every {m['frequency']})"}
+    text = f"continuous, {words.get(sync, sync or 'starting')}"
+    if m.get("last_write_at"):
+        text += f"; last write {ago(m['last_write_at'])}"
+    return text
 
 
 def cmd_dashboard(args) -> int:

@@ -6,12 +6,12 @@ from .. import errors
 from ..domain.units import format_size
 from . import bulk
 from .main import client_of
-from .render import ago, duration, emit_json, table, with_progress
+from .render import ago, duration, emit_json, progress_text, table, watch
 
 
 def register(sub) -> None:
     p = sub.add_parser("enable", help="replicate VMs to a replica host")
-    bulk.add_targets(p, "unreplicated")
+    bulk.add_targets(p, "any", done="enable")
     p.add_argument("--replica", required=True, metavar="HOST:PORT")
     p.add_argument("--frequency", default="5m", choices=["30s", "5m", "15m"])
     p.add_argument("--compression", default="zstd", choices=["zstd", "none"])
@@ -25,7 +25,7 @@ def register(sub) -> None:
     p.add_argument("--app-consistent-every", type=int, default=0, metavar="N",
                    help="every Nth point is app-consistent (guest agent fsfreeze); 0: none")
     p.add_argument("--resync-window", metavar="HH:MM-HH:MM",
-                   help="automatic resynchronisations wait for this window (e.g. 18:30-06:00)")
+                   help="automatic resynchronizations wait for this window (e.g. 18:30-06:00)")
     p.add_argument("--mode", choices=["periodic", "continuous"], default="periodic",
                    help="continuous: a write-blocking mirror, zero data loss (qemu driver)")
     p.add_argument("--max-stall", type=float, default=5.0, metavar="SECONDS",
@@ -41,13 +41,13 @@ def register(sub) -> None:
     dsub.required = True
     d = dsub.add_parser("adopt", help="on the host that runs the VM now: take its DR link "
                                       "over (the DR host refuses the old one from then on) "
-                                      "and resynchronise only the differences")
+                                      "and resynchronize only the differences")
     d.add_argument("vm", metavar="VM")
     d.add_argument("--replica", metavar="HOST:PORT",
                    help="the DR host, when this host has never held the link and its "
                         "partner did not name it")
     d.add_argument("--no-resync", action="store_true",
-                   help="leave the resynchronisation to the scheduler")
+                   help="leave the resynchronization to the scheduler")
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_dr_adopt)
 
@@ -72,7 +72,7 @@ def register(sub) -> None:
     p = sub.add_parser("initial", help="seed the replica: the initial copy (allocated data "
                                        "only), an export for removable media, or a copy the "
                                        "replica already holds")
-    bulk.add_targets(p)
+    bulk.add_targets(p, done="initial")
     p.add_argument("--method", choices=["network", "export", "existing"], default="network")
     p.add_argument("--path", metavar="DIR", help="export: folder to write the seed to (on "
                    "this host); existing: folder of the VM copy on the replica host")
@@ -100,7 +100,7 @@ def register(sub) -> None:
     for verb, text in (("suspend", "pause replication (changes stay tracked)"),
                        ("resume", "resume replication")):
         p = sub.add_parser(verb, help=text)
-        bulk.add_targets(p)
+        bulk.add_targets(p, done=verb)
         p.set_defaults(func=bulk.each(cmd_simple), verb=verb)
 
     p = sub.add_parser("remove", help="remove replication on both hosts")
@@ -150,7 +150,7 @@ def cmd_dr_adopt(args) -> int:
     print(f"{info['vm']}: this host replicates to {info['replica']} now (epoch {info['epoch']}, "
           f"{info['state']})")
     if "bytes_moved" in info:
-        print(f"resynchronised: {format_size(info['bytes_moved'])} moved, "
+        print(f"resynchronized: {format_size(info['bytes_moved'])} moved, "
               f"{format_size(info.get('compared_bytes') or 0)} compared")
     return 0
 
@@ -169,10 +169,11 @@ def _cycle_report(args, kind: str, stats: dict) -> int:
 
 def cmd_initial(args) -> int:
     client = client_of(args)
-    info = with_progress(client, args.vm, f"initial copy of {args.vm}", lambda: client.call(
+    info = watch(client, f"initial copy of {args.vm}", lambda: client.call(
         "POST", f"/v1/relationships/{args.vm}/initial", {
             "method": args.method, "path": args.path, "at": args.at,
-            "import": args.import_dir, "verify": args.verify}))
+            "import": args.import_dir, "verify": args.verify}),
+        vm=args.vm, own=("initial", "resync"), show=not args.json)
     if args.json:
         emit_json(info)
         return 0
@@ -199,9 +200,13 @@ def cmd_initial(args) -> int:
 
 
 def cmd_sync(args) -> int:
-    return _cycle_report(args, "sync",
-                         client_of(args).call("POST", f"/v1/relationships/{args.vm}/sync"
-                                              + ("?verify=1" if args.verify else "")))
+    client = client_of(args)
+    path = f"/v1/relationships/{args.vm}/sync" + ("?verify=1" if args.verify else "")
+    # (its cycle, or the cycle running when it came, which it waits for: both are shown)
+    return _cycle_report(args, "sync", watch(client, f"sync of {args.vm}",
+                                             lambda: client.call("POST", path),
+                                             vm=args.vm, own=("delta",),
+                                             show=not args.json))
 
 
 def cmd_status(args) -> int:
@@ -215,10 +220,12 @@ def cmd_status(args) -> int:
         print(f"{info['host']}: no replicated VMs")
         return 0
     table([[r["vm"], r["role"], r["peer"], r["state"], r["health"],
-            r["frequency"] if r["mode"] == "periodic" else f"cont:{r.get('sync_state') or '-'}",
+            r.get("mode_label") or r["frequency"],
             ago(r["last_cycle_at"]), duration(r["lag_seconds"])] for r in rels],
           ["VM", "ROLE", "PEER", "STATE", "HEALTH", "MODE", "LAST SYNC", "LAG"])
     for r in rels:
+        if r.get("activity"):
+            print(f"  {r['vm']}: running: {progress_text(r['activity'])}")
         for reason in r["reasons"]:
             print(f"  {r['vm']}: {r['health']}: {reason}")
         if r.get("next"):
@@ -238,8 +245,10 @@ def cmd_remove(args) -> int:
         q.append("keep_replica=1")
     if args.force:
         q.append("force=1")
-    info = client_of(args).call("DELETE", f"/v1/relationships/{args.vm}"
-                                + ("?" + "&".join(q) if q else ""))
+    client = client_of(args)
+    path = f"/v1/relationships/{args.vm}" + ("?" + "&".join(q) if q else "")
+    info = watch(client, f"remove {args.vm}", lambda: client.call("DELETE", path),
+                 vm=args.vm)
     print(f"replication of {args.vm} removed"
           + (f"; replica side: {info['replica_side']}" if "replica_side" in info else "")
           + (f"; {info['primary_side']}" if info.get("primary_side") else ""))
@@ -265,9 +274,10 @@ def cmd_test_connection(args) -> int:
 
 def cmd_resync(args) -> int:
     client = client_of(args)
-    info = with_progress(client, args.vm, f"resync of {args.vm}",
-                         lambda: client.call("POST", f"/v1/relationships/{args.vm}/resync"
-                                             + ("?now=1" if args.now else "")))
+    info = watch(client, f"resync of {args.vm}",
+                 lambda: client.call("POST", f"/v1/relationships/{args.vm}/resync"
+                                     + ("?now=1" if args.now else "")),
+                 vm=args.vm, own=("resync",), show=not args.json)
     if args.json:
         emit_json(info)
         return 0

@@ -31,10 +31,10 @@ def register(sub) -> None:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_show)
     s = vsub.add_parser("start", help="start VMs")
-    bulk.add_targets(s, "any")
+    bulk.add_targets(s, "any", done="start")
     s.set_defaults(func=bulk.each(cmd_start))
     s = vsub.add_parser("stop", help="shut VMs down (--force: power off at once)")
-    bulk.add_targets(s, "any")
+    bulk.add_targets(s, "any", done="stop")
     s.add_argument("--force", action="store_true")
     s.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
                    help="how long a clean shutdown may take before power-off (default 60)")
@@ -130,7 +130,12 @@ def cmd_tag(args) -> int:
 
 
 def cmd_start(args) -> int:
-    vm = client_of(args).call("POST", f"/v1/vms/{args.vm}/start")
+    from .render import watch
+    client = client_of(args)
+    # On a terminal: what a slow start waits for (a cycle of the VM; on the first start
+    # on this machine, the KVM probe).
+    vm = watch(client, f"start {args.vm}",
+               lambda: client.call("POST", f"/v1/vms/{args.vm}/start"), vm=args.vm)
     print(f"{vm['name']}: {vm['state']}")
     return 0
 

@@ -92,8 +92,7 @@ def tick(host) -> None:
         try:
             info = prev.reverse(host, rel["vm"])
             host.event("cluster", f"{rel['peer']} is back: it is the replica again; "
-                                  f"resynchronised {info['bytes_moved']} bytes "
-                                  f"({format_size(info['bytes_moved'])}) of "
+                                  f"resynchronized {format_size(info['bytes_moved'])} of "
                                   f"{format_size(info['disk_bytes'])}", rel["vm"])
         except OperationError:
             pass                               # still away; tried again in a moment

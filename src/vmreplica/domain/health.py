@@ -41,6 +41,8 @@ def measure(rel: dict, cycles: list[dict], now: float) -> dict:
     freq = int(rel.get("frequency") or 300)
     since = max(now - WINDOW, float(rel.get("replicating_since") or rel.get("created_at") or now))
     expected = int((now - since) // freq)
+    if rel.get("mode") == "continuous" and rel.get("sync_state") != "idle":
+        expected = 0      # no schedule: cycles only catch up, then the mirror carries writes
     scheduled_ok = len([c for c in ok if c.get("kind") != "initial"])
     missed = max(0, expected - scheduled_ok)
     raw = sum(sizes)
@@ -59,7 +61,11 @@ def measure(rel: dict, cycles: list[dict], now: float) -> dict:
         "bytes_raw": raw, "bytes_sent": wire,
         "throughput_bps": int(raw / busy) if busy else None,
         "last_cycle_at": last, "lag_seconds": (now - last) if last else None,
-        "last_error": failed[0].get("error") if failed else None,
+        # The last cycle's error: a good cycle after it clears it (the failures stay
+        # counted in "errors", the newest one in "last_failure").
+        "last_error": recent[0].get("error") if recent and recent[0].get("ok") == 0 else None,
+        "last_failure": {"at": failed[0]["started_at"], "error": failed[0].get("error")}
+        if failed else None,
     }
 
 
@@ -81,7 +87,8 @@ def assess(rel: dict, now: float, stats: dict | None = None,
     elif state == State.ERROR:
         h.raise_to("critical", f"replication failing: {rel.get('last_error') or 'error'}")
     elif state == State.SUSPENDED:
-        h.raise_to("critical", "replication is suspended (stopped by the operator)")
+        h.raise_to("warning", "replication is suspended by the operator: changes are "
+                              "tracked, the replica falls behind until `resume`")
     elif state == State.RESYNC_REQUIRED:
         reason = rel.get("resync_reason") or rel.get("last_error") or "tracking was broken"
         window = parse_window(rel.get("resync_window"))
@@ -94,7 +101,7 @@ def assess(rel: dict, now: float, stats: dict | None = None,
         h.raise_to("warning", "resynchronizing")
     elif state in (State.READY_FOR_INITIAL, State.WAITING_FOR_INITIAL, State.INITIAL_IN_PROGRESS):
         h.raise_to("warning", "initial replication has not completed")
-    if rel.get("role") == "primary" and state == State.REPLICATING and \
+    if state == State.REPLICATING and \
             rel.get("mode") == "continuous" and rel.get("sync_state") in ("degraded",
                                                                            "catching_up"):
         h.raise_to("warning", f"continuous mode {rel['sync_state']}"
@@ -108,6 +115,8 @@ def assess(rel: dict, now: float, stats: dict | None = None,
             h.raise_to(level, f"last {failures} cycle(s) failed: "
                               f"{rel.get('last_error') or 'unknown error'}")
         last = rel.get("last_success_at")
+        if rel.get("mode") == "continuous" and rel.get("sync_state") == "in_sync":
+            last = None       # the mirror has every write: no lag
         if last is not None and now - last > float(t["lag_warning_factor"]) * freq:
             h.raise_to("warning", f"lag {now - last:.0f} s is over "
                                   f"{t['lag_warning_factor']:g} times the frequency ({freq} s)")

@@ -39,6 +39,79 @@ log = logging.getLogger("vmreplica.qemu")
 QEMU = "qemu-system-x86_64"
 
 
+def _read_from(path: Path, offset: int) -> str:
+    """What a log file gained after ``offset`` (at most its last 64 KiB)."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size < offset:       # emptied and written again meanwhile
+                offset = 0
+            f.seek(max(offset, size - 65536))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _written_since(path: Path, since: float) -> str:
+    """A log QEMU (re)wrote since ``since`` (its last 64 KiB), else ""."""
+    try:
+        if path.stat().st_mtime < since - 1.0:     # coarse timestamps
+            return ""
+    except OSError:
+        return ""
+    return _read_from(path, 0)
+
+
+def qemu_error(text: str, keep: int = 3) -> str:
+    """The last meaningful lines of QEMU's own error output, joined: its messages
+    ("qemu-system-x86_64: ...: reason") without the program name, blank lines and
+    repeats dropped; the lines of the last message block only."""
+    prog = QEMU + ":"
+    lines = []
+    for ln in (text or "").splitlines():
+        ln = ln.strip()
+        if ln.startswith(prog):
+            ln = ln[len(prog):].strip()
+        if ln and ln not in lines:
+            lines.append(ln)
+    return "; ".join(lines[-keep:])
+
+
+QEMU_IO = "qemu-io"
+# Failures a null device gives that the VM's disk may not (it reads zeros).
+_DRY_RUN_ONLY = ("Pattern verification failed",)
+
+
+def _check_qemu_io(command: str, size: int, where: str) -> None:
+    """Refuse a qemu-io command qemu-io itself rejects (unknown command, wrong
+    arguments, a range past the disk's end), by running it on a null device of the
+    same size."""
+    try:
+        proc = subprocess.run(
+            [QEMU_IO, "--image-opts", f"driver=null-co,size={size},read-zeroes=on",
+             "-c", command], capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        return       # no qemu-io here: nothing to check with; the VM's monitor decides
+    except subprocess.TimeoutExpired:
+        return
+    if proc.returncode == 0:
+        return
+    said = [ln.strip() for ln in (proc.stderr + "\n" + proc.stdout).splitlines()
+            if ln.strip()]
+    if said and all(any(ln.startswith(p) for p in _DRY_RUN_ONLY) or ln.startswith(
+            ("read ", "wrote ", "discard ")) or " ops; " in ln for ln in said):
+        return
+    reason = "; ".join(ln for ln in said if " ops; " not in ln)[:500] or \
+        f"exit {proc.returncode}"
+    raise UsageError(f"qemu-io rejects {command!r} on {where} ({_size_text(size)}): {reason}",
+                     hint='e.g. "write -P 1 0 4k"; `qemu-io -c help` lists the commands')
+
+
+def _size_text(n: int) -> str:
+    from ..domain.units import format_size
+    return format_size(n)
+
+
 class QemuDriver:
     name = "qemu"
 
@@ -47,7 +120,6 @@ class QemuDriver:
         self.vms_dir = self.home / "vms"
         self.run_dir = self.home / "run"
         self.accel_setting = config.get("accel") or "auto"
-        self._accel: str | None = None
 
     # -- files -----------------------------------------------------------------------
     def _dir(self, name: str) -> Path:
@@ -204,9 +276,9 @@ class QemuDriver:
 
     # -- power -----------------------------------------------------------------------
     def accelerator(self) -> str:
-        if self._accel is None:
-            self._accel = resolve_accel(self.accel_setting, self.home)
-        return self._accel
+        # Not memoized: the machine's remembered answer is read at each start (a stat and
+        # a small file), so `host probe-kvm` or a QEMU upgrade counts at the next start.
+        return resolve_accel(self.accel_setting, self.home)
 
     def _command(self, desc: dict) -> list[str]:
         accel = self.accelerator()
@@ -243,6 +315,12 @@ class QemuDriver:
                      "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0"]
         for d in desc["disks"]:
             node = d["name"]
+            chained = _collapsible_chain(d)     # a failed-over VM (see collapse_prepare)
+            if chained is not None:
+                args += chained + ["-device", f"virtio-blk-pci,drive={node}-top,id=vd-{node},"
+                                              f"serial={node}"
+                                   + (",share-rw=on" if desc.get("share_rw") else "")]
+                continue
             args += ["-blockdev", json.dumps({"driver": "file", "filename": d["path"],
                                               "node-name": f"{node}-file", "discard": "unmap"}),
                      "-blockdev", json.dumps({"driver": d["format"], "file": f"{node}-file",
@@ -267,18 +345,106 @@ class QemuDriver:
                 log_file.unlink()
         saved = self.saved_state(name)
         command = self._command(desc) + (["-incoming", "defer"] if saved else [])
+        qemu_log = self._dir(name) / "qemu.log"
+        started_at = time.time()
         proc = subprocess.run(command, capture_output=True, text=True)
         if proc.returncode != 0:
-            lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-            reason = lines[-1] if lines else f"exit {proc.returncode}"
+            # With -D, QEMU writes its own error to qemu.log (which it empties as it
+            # opens it), not to stderr.
+            reason = (qemu_error(proc.stderr) or qemu_error(_written_since(qemu_log, started_at))
+                      or f"exit {proc.returncode}")
             if "lock" in reason.lower():
                 reason += " (a replication cycle or another process holds the disk)"
-            raise HypervisorError(f"QEMU could not start {name}: {reason}")
+            raise HypervisorError(f"QEMU could not start {name}: {reason}",
+                                  hint=f"QEMU's messages are in {qemu_log}")
         if not self._pid(desc):
-            raise HypervisorError(f"QEMU started {name} but exited at once; see {console} "
-                                  f"and {self._dir(name) / 'qemu.log'}")
+            reason = qemu_error(_written_since(qemu_log, started_at))
+            raise HypervisorError(f"QEMU started {name} but exited at once"
+                                  + (f": {reason}" if reason else ""),
+                                  hint=f"see {console} and {qemu_log}")
         if saved:
             self._restore(name, saved)
+
+    # -- a failed-over VM's chain collapsed into its base, live (replica.collapse) -------
+    def collapse_prepare(self, name: str, bases: dict[str, str]) -> None:
+        """Before a failover starts ``name`` on a chain (overlay → layers → base): open each
+        disk in ``bases`` with its base as the node named after the disk (the overlay is
+        DISK-top, the layers between DISK-cN), so that once an active commit has merged
+        the chain into the base and pivoted, the disk keeps the node name change tracking
+        addresses it by. An empty ``bases`` clears it (a cancelled failover)."""
+        desc = self._load(name)
+        for d in desc["disks"]:
+            if bases.get(d["name"]):
+                d["collapse_base"] = str(bases[d["name"]])
+            else:
+                d.pop("collapse_base", None)
+        self._save(desc)
+
+    def collapse_live(self, name: str, bases: dict[str, str], timeout: float = 3600.0,
+                      poll: float = 0.05) -> dict[str, int]:
+        """Merge each disk's whole chain into its base while the VM runs: an active
+        ``block-commit`` (job collapse-DISK) from DISK-top into DISK, completed (the pivot)
+        once it is ready. Starts the jobs or takes over the ones running (a daemon that
+        died mid-job); a disk whose device already sits on its base is done. The monitor
+        is held only for each short look (cycles and checks use it too). Returns {disk:
+        bytes the job copied}. Raises Conflict if the VM stops meanwhile (the caller then
+        commits offline: what QEMU merged so far is merged again, the same bytes)."""
+        desc = self._load(name)
+        if not self._pid(desc):
+            raise Conflict(f"VM {name} is not running")
+        disks = sorted(bases)
+        copied = {d: 0 for d in disks}
+        deadline = time.monotonic() + timeout
+        started = False
+        while True:
+            if not self._pid(desc):
+                raise Conflict(f"VM {name} stopped while its disks were being collapsed")
+            with self.monitor(name, timeout=30) as m:
+                roots = _device_roots(m, disks)
+                jobs = {j.get("id") or j.get("device"): j for j in m.execute("query-jobs")}
+                bjobs = {j["device"]: j for j in m.execute("query-block-jobs")}
+                pending = [d for d in disks if roots.get(d) != d]
+                for d in disks:
+                    job = jobs.get(f"collapse-{d}")
+                    if job is not None and job.get("status") == "concluded":
+                        m.execute("job-dismiss", {"id": f"collapse-{d}"})
+                        if job.get("error"):
+                            raise HypervisorError(f"collapsing {name}/{d} failed: {job['error']}")
+                if not pending:
+                    return copied
+                for d in pending:
+                    if roots.get(d) != f"{d}-top":
+                        raise HypervisorError(
+                            f"{name}/{d} was not started for a live collapse (its device sits "
+                            f"on {roots.get(d)!r})", hint="stop the VM: it is then collapsed "
+                                                          "offline")
+                    job = bjobs.get(f"collapse-{d}")
+                    if job is None and f"collapse-{d}" not in jobs:
+                        if started:
+                            raise HypervisorError(f"the collapse job of {name}/{d} ended "
+                                                  "without merging the chain")
+                        m.execute("block-commit", {"job-id": f"collapse-{d}",
+                                                   "device": f"{d}-top", "base-node": d,
+                                                   "auto-dismiss": False})
+                    elif job is not None:
+                        copied[d] = max(copied[d], int(job.get("len", 0)))
+                        if job.get("ready") and job.get("status") == "ready":
+                            m.execute("job-complete", {"id": f"collapse-{d}"})
+                started = True
+            if time.monotonic() > deadline:
+                raise HypervisorError(f"collapsing the disks of {name} took over {timeout:.0f} s",
+                                      hint="the jobs go on in QEMU; the next attempt takes "
+                                           "them over")
+            time.sleep(poll)
+
+    def collapse_done(self, name: str, bases: dict[str, str]) -> None:
+        """The chains are merged: the VM's disks are their bases from now on."""
+        desc = self._load(name)
+        for d in desc["disks"]:
+            if d["name"] in bases:
+                d["path"] = str(bases[d["name"]])
+                d.pop("collapse_base", None)
+        self._save(desc)
 
     # -- save / restore (the cluster's `save` stop mode) -----------------------------
     def saved_state(self, name: str) -> Path | None:
@@ -384,10 +550,34 @@ class QemuDriver:
     # -- continuous mode: an active mirror into the replica's export ---------------------
     def io(self, name: str, disk: str, command: str) -> str:
         """Run a qemu-io command on a disk through the VM's own device (its guest-facing
-        path, mirror included): for benchmarks; the VM needs `share_rw`."""
+        path, mirror included): for benchmarks; the VM needs `share_rw`.
+
+        In the VM's monitor qemu-io prints its results and most of its complaints to
+        QEMU's stdout, which a daemonized QEMU sends to /dev/null: a command qemu-io
+        rejects would look like a success. So the command is first run by a qemu-io of
+        our own against a null device of the disk's size (it parses it the same way and
+        checks its ranges), and only an accepted one goes to the VM."""
+        desc = self._load(name)
+        disks = {d["name"]: d for d in desc["disks"]}
+        if disk not in disks:
+            raise NotFound(f"{name} has no disk {disk!r}",
+                           hint=f"its disks: {', '.join(disks)}")
+        command = command.strip()
+        if not command or '"' in command:
+            raise UsageError(f"not a qemu-io command: {command!r}",
+                             hint='e.g. "write -P 1 0 4k" (`qemu-io -c help` lists them)')
+        _check_qemu_io(command, int(disks[disk]["virtual_size"]), f"{name}/{disk}")
+        qemu_log = self._dir(name) / "qemu.log"
+        log_from = qemu_log.stat().st_size if qemu_log.exists() else 0
         with self.monitor(name, timeout=300) as m:
-            return m.execute("human-monitor-command", {
+            out = m.execute("human-monitor-command", {
                 "command-line": f'qemu-io -d vd-{disk}/virtio-backend "{command}"'})
+        said = qemu_error(_read_from(qemu_log, log_from), keep=5)
+        if out.strip().lower().startswith("error") or said:
+            reason = (out.strip().removeprefix("Error:").strip() if out.strip() else said)
+            raise HypervisorError(f"qemu-io failed on {name}/{disk}: {reason}",
+                                  hint=f"QEMU's messages are in {qemu_log}")
+        return out
 
     def watch_monitor(self, name: str) -> Monitor:
         """The second, out-of-band capable monitor: the watchdog's, kept open."""
@@ -591,9 +781,111 @@ class QemuDriver:
             mark.unlink(missing_ok=True)
         return done
 
+    def drop_left_views(self) -> list[str]:
+        """At daemon start: remove what a dead daemon's block session left in its running
+        VMs' QEMU — fleecing jobs and nodes, NBD exports and the NBD server (a daemon that
+        starts holds no session). Left there, every later cycle of the VM failed
+        ("Duplicate nodes with node-name='fleece-disk0'", "NBD server already running").
+        Active mirrors (continuous mode) are not touched."""
+        done = []
+        for info in self.list_vms():
+            if info.state != "running":
+                continue
+            try:
+                desc = self._load(info.name)
+                with self.monitor(info.name, timeout=30) as m:
+                    left = _drop_views(m)
+                for f in self.run_dir.glob(f"{desc['uuid'][:8]}-fleece-*.qcow2"):
+                    f.unlink(missing_ok=True)
+                if left:
+                    done.append(info.name)
+            except (HypervisorError, NotFound, OSError) as e:
+                log.warning("clearing what a dead daemon left in %s: %s", info.name, e)
+        return done
+
     def block_session(self, name: str) -> "QemuBlockSession":
         desc = self._load(name)
         return QemuBlockSession(self, desc)
+
+
+def _drop_views(m: Monitor) -> bool:
+    """Cancel fleecing jobs, delete exports, fleece nodes and the NBD server (see
+    QemuDriver.drop_left_views); True if anything was there."""
+    found = False
+    fleece_jobs = [j["device"] for j in m.execute("query-block-jobs") or []
+                   if str(j.get("device", "")).startswith("fleece-")]
+    for job in fleece_jobs:
+        found = True
+        try:
+            m.execute("block-job-cancel", {"device": job, "force": True})
+        except HypervisorError:
+            pass
+    for e in m.execute("query-block-exports") or []:
+        if str(e.get("id", "")).startswith("exp-"):
+            found = True
+            try:
+                m.execute("block-export-del", {"id": e["id"], "mode": "hard"})
+            except HypervisorError:
+                pass
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        jobs = {j.get("device") for j in m.execute("query-block-jobs") or []}
+        exports = {e.get("id") for e in m.execute("query-block-exports") or []}
+        if not jobs & set(fleece_jobs) and not any(str(x).startswith("exp-") for x in exports):
+            break
+        time.sleep(0.02)
+    for n in m.execute("query-named-block-nodes", {"flat": True}) or []:
+        name = str(n.get("node-name", ""))
+        if name.startswith("fleece-"):
+            found = True
+            m.execute("blockdev-del", {"node-name": name})
+    try:
+        m.execute("nbd-server-stop")
+        found = True
+    except HypervisorError:
+        pass                                   # (none ran)
+    return found
+
+
+def _collapsible_chain(d: dict) -> list[str] | None:
+    """-blockdev arguments opening disk ``d``'s chain with its base as node DISK (see
+    QemuDriver.collapse_prepare), or None: the disk is opened as usual."""
+    base = d.get("collapse_base")
+    if not base or d.get("format") != "qcow2":
+        return None
+    try:
+        chain = img.info(d["path"], backing_chain=True)
+    except HypervisorError as e:
+        log.warning("%s: cannot read its chain (%s): opened as usual", d["path"], e)
+        return None
+    chain = chain if isinstance(chain, list) else [chain]
+    if len(chain) < 2 or chain[-1]["filename"] != base:
+        return None
+    node, args, below = d["name"], [], None
+    for i, layer in enumerate(reversed(chain)):          # the base first
+        top = i == len(chain) - 1
+        name = node if i == 0 else f"{node}-top" if top else f"{node}-c{i}"
+        spec = {"driver": layer.get("format") or "qcow2", "node-name": name, "discard": "unmap",
+                "file": {"driver": "file", "filename": layer["filename"],
+                         "node-name": f"{name}-file", "discard": "unmap"}}
+        if not top:
+            spec["read-only"] = True                      # frozen layers, as when implicit
+        if below is not None:
+            spec["backing"] = below
+        args += ["-blockdev", json.dumps(spec)]
+        below = name
+    return args
+
+
+def _device_roots(m: Monitor, disks: list[str]) -> dict[str, str]:
+    """{disk: the node its guest device sits on} (devices vd-DISK)."""
+    out = {}
+    for b in m.execute("query-block"):
+        qdev, inserted = b.get("qdev") or "", b.get("inserted") or {}
+        for d in disks:
+            if qdev.startswith(f"/machine/peripheral/vd-{d}/") and inserted:
+                out[d] = inserted.get("node-name")
+    return out
 
 
 def _wait_gone(pid: int, timeout: float) -> bool:
@@ -934,73 +1226,14 @@ class QemuBlockSession:
 # -- accelerator -------------------------------------------------------------------------
 
 def resolve_accel(setting: str, home: Path) -> str:
-    if setting in ("kvm", "tcg"):
-        return setting
-    cache = Path(home) / "run" / "accel-probe.json"
-    key = {"kernel": os.uname().release, "qemu": _qemu_version()}
-    try:
-        cached = json.loads(cache.read_text())
-        if cached.get("key") == key:
-            return cached["accel"]
-    except (OSError, ValueError, KeyError):
-        pass
-    accel, reason = probe_kvm(Path(home) / "run")
-    log.info("accelerator auto: %s (%s)", accel, reason)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps({"key": key, "accel": accel, "reason": reason,
-                                 "checked_at": time.time()}))
-    return accel
-
-
-def _qemu_version() -> str:
-    try:
-        return subprocess.run([QEMU, "--version"], capture_output=True, text=True,
-                              timeout=10).stdout.split("\n")[0]
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
+    """``auto`` probes whether KVM boots a guest once per machine (hypervisor.kvmprobe)."""
+    from . import kvmprobe
+    return kvmprobe.resolve(setting, Path(home) / "run")
 
 
 def probe_kvm(work: Path, timeout: float = 20.0) -> tuple[str, str]:
-    """KVM only if a guest boots under it here: /dev/kvm opening is not enough (nested
-    virtualization can hang a Linux kernel right after the firmware)."""
-    try:
-        fd = os.open("/dev/kvm", os.O_RDWR)
-        os.close(fd)
-    except OSError as e:
-        return "tcg", f"/dev/kvm unusable: {e.strerror}"
-    try:
-        files = guest_files("demo")
-    except UsageError:
-        return "tcg", "no demo guest to prove KVM with"
-    work.mkdir(parents=True, exist_ok=True)
-    disk = work / "kvm-probe.qcow2"
-    log_path = work / "kvm-probe.log"
-    log_path.unlink(missing_ok=True)
-    img.create(disk, 16 << 20, "qcow2")
-    proc = subprocess.Popen(
-        [QEMU, "-machine", "pc,accel=kvm", "-cpu", "host", "-m", "256", "-nodefaults",
-         "-display", "none", "-no-user-config", "-serial", f"file:{log_path}", "-nic", "none",
-         "-kernel", str(files["kernel"]), "-initrd", str(files["initrd"]),
-         "-append", files["cmdline"], "-no-reboot",
-         "-drive", f"file={disk},if=virtio,format=qcow2"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                return "tcg", f"QEMU with KVM exited ({proc.returncode})"
-            try:
-                if files["ready_marker"] in log_path.read_text(errors="replace"):
-                    return "kvm", "a guest booted under KVM"
-            except OSError:
-                pass
-            time.sleep(0.2)
-        return "tcg", f"a guest did not boot under KVM within {timeout:.0f} s"
-    finally:
-        proc.kill()
-        proc.wait()
-        disk.unlink(missing_ok=True)
-        log_path.unlink(missing_ok=True)
+    from . import kvmprobe
+    return kvmprobe.probe_kvm(work, timeout)
 
 
 def _process_age(pid: int) -> float | None:

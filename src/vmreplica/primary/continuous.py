@@ -31,6 +31,7 @@ import threading
 import time
 
 from ..domain import points as dp
+from ..domain.units import format_size
 from ..errors import OperationError, Superseded, VmreplicaError
 from ..hypervisor.base import QUIET_CANCEL_GUARD
 from ..tracking.bitmap import bitmap_prefix
@@ -62,6 +63,8 @@ class _Mirror:
         self.yanked = False
         self.next_attempt = 0.0
         self.offsets: dict[str, int] = {}
+        self.job_bytes: int | None = None     # the mirror jobs' progress, last seen
+        self.last_write_at: float | None = None   # when that progress last moved
 
     def busy(self) -> bool:
         return self.worker is not None and self.worker.is_alive()
@@ -83,12 +86,18 @@ class Continuous:
         self.host = host
         self.mirrors: dict[str, _Mirror] = {}
         self._stopping: set[str] = set()   # VMs whose mirror is being ended on purpose
+        self._tellers: dict[str, threading.Thread] = {}
+        self._tell_after: dict[str, float] = {}
 
     # -- the scheduler calls this twice a second ---------------------------------------
     def tick(self, now: float) -> None:
         for rel in self.host.store.relationships():
-            if rel["role"] != "primary" or rel.get("mode") != "continuous":
-                continue
+            if rel["role"] == "primary" and told_is_stale(rel) and \
+                    now >= self._tell_after.get(rel["vm"], 0.0):
+                self._tell(rel["vm"])
+            if rel["role"] != "primary" or rel.get("mode") != "continuous" or \
+                    rel["vm"] in self._stopping:
+                continue          # (a mirror being ended on purpose is not watched)
             m = self.mirrors.setdefault(rel["vm"], _Mirror(rel["vm"]))
             if rel["state"] != "replicating" or rel.get("fenced") or rel.get("preparing"):
                 self._stand_down(m, rel)
@@ -107,15 +116,36 @@ class Continuous:
             try:
                 self._step(m, rel, now)
             except Exception as e:  # noqa: BLE001 — one VM's trouble must not stop the others
-                log.warning("continuous mode of %s: %s", rel["vm"], getattr(e, "message", e))
+                log.warning("continuous mode of %s: %s", rel["vm"], _why(e))
 
     def _set(self, vm: str, state: str, reason: str | None = None) -> None:
         rel = self.host.store.relationship(vm)
         if rel is None or rel.get("sync_state") == state or vm in self._stopping \
                 or rel.get("mode") != "continuous":
             return      # (a watchdog step that saw the mirror end on purpose says nothing)
-        self.host.store.update_relationship(vm, sync_state=state, sync_reason=reason)
+        self.host.store.update_relationship(vm, sync_state=state, sync_reason=reason,
+                                            sync_since=time.time())
         self.host.event("continuous", f"{state}" + (f": {reason}" if reason else ""), vm)
+        self._tell(vm)
+
+    # -- the replica shows what this side knows: mode and sub-state ------------------------
+    def _tell(self, vm: str) -> None:
+        """Tell the replica the mode and the sub-state, on a thread of its own (a replica
+        that hangs must not hold the watchdog); the tick tries again until it is told."""
+        t = self._tellers.get(vm)
+        if t is not None and t.is_alive():
+            return
+        self._tell_after[vm] = time.time() + 5      # the next try, if this one fails
+        t = threading.Thread(target=tell_replica, args=(self.host, vm),
+                             name=f"tell-{vm}", daemon=True)
+        self._tellers[vm] = t
+        t.start()
+
+    def last_write(self, vm: str) -> float | None:
+        """When the mirror last carried a guest write to the replica (seen by the
+        watchdog: the jobs' progress moved), or when it came in sync."""
+        m = self.mirrors.get(vm)
+        return m.last_write_at if m is not None else None
 
     def _spawn(self, m: _Mirror, fn, *args) -> None:
         m.worker = threading.Thread(target=fn, args=args, name=f"mirror-{m.vm}", daemon=True)
@@ -148,7 +178,9 @@ class Continuous:
     def _start(self, vm: str) -> None:
         from .cycle import run_cycle
         host = self.host
-        m = self.mirrors[vm]
+        m = self.mirrors.get(vm)
+        if m is None or vm in self._stopping:
+            return            # ended meanwhile
         m.close()
         self._set(vm, "catching_up")
         try:
@@ -178,6 +210,7 @@ class Continuous:
             _probe_connect(m, host, vm, str(creds), target, rel["disks"][0])
             m.last_rotation = m.healthy_since = time.monotonic()
             m.resume_tries, m.yanked = 0, False
+            m.job_bytes, m.last_write_at = None, time.time()   # the hand-over synced all
             host.store.update_relationship(vm, mirror_target=target, mirror_creds=str(creds))
             self._set(vm, "in_sync")
         except Superseded:
@@ -215,6 +248,12 @@ class Continuous:
                                       f"(the replica {rel['peer']} does not take writes)")
             m.next_attempt = now + 1
             return
+        moved = sum(int(jobs[d].get("offset") or 0) for d in rel["disks"])
+        if m.last_write_at is None:       # (a restarted daemon: since it came in sync)
+            m.last_write_at = rel.get("sync_since") or time.time()
+        elif m.job_bytes is not None and moved != m.job_bytes:
+            m.last_write_at = time.time()
+        m.job_bytes = moved
         mono = time.monotonic()
         if mono - m.last_rotation >= ROTATE_EVERY and m.healthy_since and \
                 mono - m.healthy_since >= ROTATE_EVERY:
@@ -289,7 +328,9 @@ class Continuous:
     # -- while in sync: rotate the tracking bitmap, make recovery points -------------------
     def _rotate(self, vm: str) -> None:
         host = self.host
-        m = self.mirrors[vm]
+        m = self.mirrors.get(vm)
+        if m is None:
+            return
         lock = host.vm_lock(vm)
         if not lock.acquire(timeout=2):
             return
@@ -337,11 +378,15 @@ class Continuous:
 
     # -- degraded → in sync ----------------------------------------------------------------
     def _recover(self, vm: str) -> None:
-        m = self.mirrors[vm]
+        m = self.mirrors.get(vm)
+        rel = self.host.store.relationship(vm)
+        if m is None or vm in self._stopping or rel is None or \
+                rel.get("mode") != "continuous" or rel["state"] != "replicating":
+            return            # ended meanwhile (back to periodic, removed, failed over)
         try:
             self._try_recover(m, vm)
         except Exception as e:  # noqa: BLE001 — the next attempt starts afresh
-            log.warning("bringing the mirror of %s back: %s", vm, getattr(e, "message", e))
+            log.warning("bringing the mirror of %s back: %s", vm, _why(e))
             m.yanked = True
             m.next_attempt = time.time() + 2
 
@@ -372,8 +417,17 @@ class Continuous:
                                                          tls_dir=rel.get("mirror_creds")))
         time.sleep(0.5)
         jobs = host.driver.mirror_status(vm)
+        gone = [d for d in rel["disks"] if d not in jobs]
+        if gone:
+            # A job that ended while being resumed cannot come back: the next attempt
+            # starts afresh from the tracking bitmap.
+            m.yanked = True
+            m.next_attempt = time.time() + 1
+            log.warning("bringing the mirror of %s back: the mirror job of %s ended while "
+                        "it was resumed; starting a new mirror", vm, ", ".join(gone))
+            return
         if all(jobs[d].get("io-status") == "ok" and not jobs[d].get("paused") and
-               jobs[d].get("offset") == jobs[d].get("len") for d in rel["disks"] if d in jobs):
+               jobs[d].get("offset") == jobs[d].get("len") for d in rel["disks"]):
             moved = sum(int(jobs[d]["offset"]) - m.offsets.get(d, 0) for d in rel["disks"])
             m.resume_tries = 0
             if m.probe is not None:       # a fresh probe (libvirt: through the new relay)
@@ -381,9 +435,10 @@ class Continuous:
                 nbdio.close(m.probe)
             m.probe, m.probe_cookie, m.probe_pending = None, None, None
             m.healthy_since = time.monotonic()
+            m.job_bytes, m.last_write_at = None, time.time()   # caught up: the replica has all
             host.store.update_relationship(vm, last_catch_up_bytes=moved)
-            self._set(vm, "in_sync", f"the replica is back; {moved} bytes that changed "
-                                     "meanwhile were copied")
+            self._set(vm, "in_sync", f"the replica is back; {format_size(moved)} that "
+                                     "changed meanwhile were copied")
         else:
             m.next_attempt = time.time() + 1
 
@@ -436,6 +491,46 @@ class Continuous:
     def status(self, vm: str) -> str | None:
         rel = self.host.store.relationship(vm)
         return rel.get("sync_state") if rel else None
+
+
+def _why(e: BaseException) -> str:
+    """A reason worth logging: our own errors' message, else the kind of error too (a
+    bare KeyError says only 'disk0')."""
+    return getattr(e, "message", None) or f"{type(e).__name__}: {e}"
+
+
+def told_is_stale(rel: dict) -> bool:
+    """Whether the replica has not been told this side's mode and sub-state yet (a
+    relationship made before there was anything to tell counts as told while periodic)."""
+    told = rel.get("peer_told")
+    if told is None:
+        return rel.get("mode") == "continuous" or rel.get("sync_state") is not None
+    return told != {"mode": rel.get("mode") or "periodic", "sync_state": rel.get("sync_state")}
+
+
+def tell_replica(host, vm: str) -> bool:
+    """Send the relationship's mode and continuous sub-state to the replica (its status
+    then shows the same MODE); True once the replica has the current ones."""
+    for _ in range(3):                     # the state may change while it is being told
+        rel = host.store.relationship(vm)
+        if rel is None or rel["role"] != "primary":
+            return False
+        told = {"mode": rel.get("mode") or "periodic", "sync_state": rel.get("sync_state")}
+        try:
+            host.client_for_peer(rel["peer"], timeout=10).request(
+                "POST", f"/v1/replica/relationships/{vm}/settings",
+                dict(told, sync_reason=rel.get("sync_reason"),
+                     sync_since=rel.get("sync_since"), max_stall=rel.get("max_stall", 5.0)))
+        except VmreplicaError as e:
+            log.info("telling the replica of %s its mode: %s", vm, getattr(e, "message", e))
+            return False
+        now = host.store.relationship(vm)
+        if now is None:
+            return False
+        host.store.update_relationship(vm, peer_told=told)
+        if not told_is_stale(dict(now, peer_told=told)):
+            return True
+    return False
 
 
 def _close_target(host, rel: dict) -> None:

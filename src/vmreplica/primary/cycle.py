@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import time
 import uuid
 from typing import Iterator
 
 from ..domain import extents as ex
 from ..domain.links import is_dr, vm_name
+from ..domain.units import format_size
 from ..domain import points as dp
 from ..errors import (IntegrityError, OperationError, Removed, Superseded, TrackingError,
                       Unreachable)
@@ -55,10 +55,11 @@ def run_cycle(host, vm: str, mode: str = "delta", verify: bool = False,
     """
     store = host.store
     name = vm_name(vm)        # ``vm`` is the relationship's key: NAME, or NAME@dr
-    with host.vm_lock(vm):
+    with host.vm_lock(vm), _running(host, vm, mode) as op:
         rel = store.relationship(vm)
         initial = mode == "initial"
         cycle = int(rel.get("cycle", -1)) + 1
+        op.label = _label(mode, cycle, final, export_to)
         since = rel.get("bitmap") if mode == "delta" else None
         new = bitmap_name(rel, cycle)
         tracker = host.tracker(rel.get("tracker", "bitmap"))
@@ -71,7 +72,9 @@ def run_cycle(host, vm: str, mode: str = "delta", verify: bool = False,
                 raise TrackingError(f"{vm} has no change-tracking point")
             remote = None
             if mode == "resync":
+                op.phase = f"{rel['peer']} reads its copy for the block digests"
                 remote, stats["replica_read_bytes"] = _remote_manifest(host, rel, name)
+            op.phase = "freezing the disks"
             committed: list[bool] = []
             client = None
             if export_to is None:
@@ -101,10 +104,12 @@ def run_cycle(host, vm: str, mode: str = "delta", verify: bool = False,
                 try:
                     if mode == "delta":
                         _check_bound(point, rel)
-                    with _Progress(host, vm, point) if mode != "delta" else _nothing():
-                        answer, writer = _ship(host, rel, name, cycle, mode, disks, point,
-                                               freeze_time, verify, kind, final, export_to,
-                                               client)
+                    _measure(op, point, export_to is None)
+                    answer, writer = _ship(host, rel, name, cycle, mode, disks, point,
+                                           freeze_time, verify, kind, final, export_to,
+                                           client)
+                    if verify:
+                        op.phase = "verifying the replica"
                     differs = _verify(point, disks, answer) if verify else []
                     if hasattr(session, "end_pause"):
                         session.end_pause()
@@ -177,7 +182,7 @@ def _session(host, vm: str, cycle: int, name: str, committed: list):
             raise               # (before the commit, or beside another error: not hidden)
         log.warning("cycle %d of %s: %s", cycle, vm, e.message)
         host.event("cycle", f"cycle {cycle} reached the replica, but {e.message}: its "
-                            "change-tracking bitmaps are lost, the next cycle resynchronises",
+                            "change-tracking bitmaps are lost, the next cycle resynchronizes",
                    vm)
 
 
@@ -208,46 +213,51 @@ def _check_bound(point, rel: dict) -> None:
     total = sum(e.size for e in point.exports.values())
     bound = float(rel.get("pending_bound", PENDING_BOUND)) * total
     if point.dirty_bytes() > bound:
-        raise TrackingError(f"pending changes ({point.dirty_bytes()} bytes) are over the bound "
-                            f"({int(bound)} bytes, {rel.get('pending_bound', PENDING_BOUND):.0%} "
+        raise TrackingError(f"pending changes ({format_size(point.dirty_bytes())}) are over the "
+                            f"bound ({format_size(int(bound))}, {rel.get('pending_bound', PENDING_BOUND):.0%} "
                             "of the disks)")
 
 
-class _nothing:
-    def __enter__(self):
-        return self
+class _NoOperation:
+    """Where the host keeps no registry of running operations: records nothing."""
 
-    def __exit__(self, *exc):
-        return False
+    def measure(self, *args) -> None:
+        pass
+
+    def __setattr__(self, name, value) -> None:
+        pass
 
 
-class _Progress:
-    """Publishes a long cycle's progress (bytes compared or read) once a second."""
+def _running(host, vm: str, mode: str):
+    """The cycle, as a running operation of the host (``host.activity``): what `status`,
+    the dashboard and the CLI's progress lines show while it runs."""
+    registry = getattr(host, "activity", None)
+    if registry is None:
+        return contextlib.nullcontext(_NoOperation())
+    return registry.running(vm, mode, _label(mode, None))
 
-    def __init__(self, host, vm: str, point):
-        self.host, self.vm, self.point = host, vm, point
-        self.total = sum(e.size for e in point.exports.values()) \
-            if hasattr(point, "compared") else point.data_bytes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"progress-{vm}", daemon=True)
 
-    def _run(self) -> None:
-        while not self._stop.wait(1.0):
-            done = getattr(self.point, "compared", None)
-            if done is None:
-                done = getattr(self.point, "read_bytes", 0)
-            self.host.store.update_relationship(self.vm, progress={"done": done,
-                                                                   "total": self.total})
+def _label(mode: str, cycle: int | None, final: bool = False, export_to=None) -> str:
+    if export_to is not None:
+        return "seed export"
+    if mode == "initial":
+        return "initial copy"
+    if mode == "resync":
+        return "resync"
+    word = "final cycle" if final else "cycle"
+    return word if cycle is None else f"{word} {cycle}"
 
-    def __enter__(self):
-        self._thread.start()
-        return self
 
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(5)
-        self.host.store.update_relationship(self.vm, progress=None)
-        return False
+def _measure(op, point, to_replica: bool) -> None:
+    """The operation's progress from now on: bytes compared of the disks (a resync's
+    digest comparison) or bytes read of the data to ship."""
+    then = "the replica stores and applies it" if to_replica else "writing the seed"
+    if hasattr(point, "compared"):
+        op.phase = "comparing block digests and shipping the blocks that differ"
+        op.measure(point, "compared", sum(e.size for e in point.exports.values()), then)
+    else:
+        op.phase = "reading and shipping"
+        op.measure(point, "read_bytes", point.data_bytes(), then)
 
 
 def _recovery_point_kind(rel: dict, now: float) -> str | None:

@@ -11,6 +11,7 @@ import time
 
 from ..domain.schedule import in_window, parse_window
 from ..domain.states import State
+from ..domain.units import format_size
 from ..errors import Conflict
 from .cycle import run_cycle
 
@@ -30,7 +31,7 @@ def request(host, vm: str, now: bool = False) -> dict:
     if rel.get("fenced"):
         raise Conflict(f"{vm} is fenced: {rel['fenced']}")
     if rel["state"] not in RESYNCABLE:
-        raise Conflict(f"{vm} cannot be resynchronised in state {rel['state']}",
+        raise Conflict(f"{vm} cannot be resynchronized in state {rel['state']}",
                        hint="it needs its initial copy first" if "initial" in rel["state"]
                        else None)
     if not now and not window_open(rel):
@@ -60,7 +61,7 @@ def resync(host, vm: str) -> dict:
                                    resync_window_missed=False,
                                    replicating_since=rel.get("replicating_since") or time.time())
     moved = stats["raw_bytes"] + stats["zero_bytes"]
-    host.event("resync", f"resynchronised: {moved} bytes moved, {stats.get('compared_bytes')} "
-                         "bytes compared", vm)
+    host.event("resync", f"resynchronized: {format_size(moved)} moved, "
+                         f"{format_size(stats.get('compared_bytes') or 0)} compared", vm)
     stats["bytes_moved"] = moved
     return stats

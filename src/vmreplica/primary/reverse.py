@@ -24,6 +24,9 @@ def reverse(host, vm: str) -> dict:
         raise Conflict(f"{vm} has not failed over to {host.name} (state {rel['state']})",
                        hint=f"fail over first: `vmreplica failover {vm}` (then --complete for "
                             "an unplanned failover)")
+    # The failed-over VM runs on plain disks of its own before it is replicated from.
+    from ..replica import collapse
+    collapse.ensure(host, vm)
     info = host.driver.inspect(vm)
     desc = host.driver.describe(vm)
     desc["disks"] = [d for d in desc["disks"] if d["name"] in rel["disks"]]
@@ -36,7 +39,7 @@ def reverse(host, vm: str) -> dict:
         tracker="bitmap", consecutive_failures=0, last_error=None, last_point_at=None,
         points_made=0, failover=None, test=None, compression=rel.get("compression", "zstd"),
         point_interval=rel.get("point_interval", 3600), app_every=rel.get("app_every", 0),
-        reversed_at=time.time())
+        reversed_at=time.time(), sync_state=None, sync_reason=None, peer_told=None)
     host.event("relationship", f"reverse replication: {host.name} is the primary of {vm}, "
                                f"{rel['peer']} its replica (epoch {rel['epoch']})", vm)
     stats = resync(host, vm)

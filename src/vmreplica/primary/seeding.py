@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..domain.schedule import parse_when
 from ..domain.states import State
+from ..domain.units import format_size
 from ..errors import Conflict, UsageError
 from .cycle import run_cycle
 
@@ -61,7 +62,7 @@ def _network(host, vm: str, verify: bool) -> dict:
         raise
     host.store.update_relationship(vm, state=State.REPLICATING.value,
                                    replicating_since=time.time())
-    host.event("initial", f"initial replication done: {stats.get('raw_bytes', 0)} bytes", vm)
+    host.event("initial", f"initial replication done: {format_size(stats.get('raw_bytes', 0))}", vm)
     return stats
 
 
@@ -81,7 +82,7 @@ def _export(host, vm: str, folder: Path) -> dict:
     (folder / "seed.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
     host.store.update_relationship(vm, state=State.INITIAL_IN_PROGRESS.value,
                                    seed={"cycle": stats["cycle"], "path": str(folder)})
-    host.event("initial", f"seed exported to {folder} ({stats['raw_bytes']} bytes of data); "
+    host.event("initial", f"seed exported to {folder} ({format_size(stats['raw_bytes'])} of data); "
                           f"import it on {rel['peer']}", vm)
     stats.update(exported=str(folder),
                  next=f"carry {folder} to {rel['peer']}, there: vmreplica initial {vm} "
@@ -102,7 +103,7 @@ def _existing(host, vm: str, path: str) -> dict:
                                    resync_reason="seeded from a copy on the replica")
     stats = resync(host, vm)
     host.event("initial", f"seeded from the copy in {path} on {rel['peer']}: "
-                          f"{stats['bytes_moved']} bytes moved", vm)
+                          f"{format_size(stats['bytes_moved'])} moved", vm)
     return stats
 
 

@@ -46,6 +46,15 @@ def info(path: Path | str, backing_chain: bool = False) -> dict:
     return json.loads(proc.stdout)
 
 
+def own_data(path: Path | str) -> int:
+    """Bytes of guest data this image itself holds: the extents `qemu-img map` finds
+    allocated with data at depth 0 (not its backing files'; not zero clusters; not the
+    file's preallocated growth, which `actual-size` counts). ``-U`` as for ``info``."""
+    proc = _run(["qemu-img", "map", "-U", "--output=json", str(path)], f"mapping image {path}")
+    return sum(int(e["length"]) for e in json.loads(proc.stdout)
+               if e.get("depth") == 0 and e.get("data"))
+
+
 def repair(path: Path | str) -> dict:
     """``qemu-img check -r all`` of a closed qcow2 image: refcounts rebuilt from the L1/L2
     tables, leaked clusters freed. Returns what the check found and fixed; raises an

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..domain.patterns import find_authorization
 from ..domain.states import Role, State
+from ..domain.units import format_size
 from ..errors import (Conflict, IntegrityError, NotFound, Refused, StorageFull, Superseded,
                       TrackingError, UsageError)
 from ..qemutools import img
@@ -323,8 +324,8 @@ def _receive_initial(host, vm: str, cycle: int, reader: wire.CycleReader) -> dic
         host.store.remove_staged(vm, row["cycle"])
     unapplied.clear(host, vm, [])
     host.event("resync" if resync else "initial",
-               f"{'resynchronisation' if resync else 'initial copy'} received: {stats['bytes']} "
-               f"bytes in {stats['records']} records", vm)
+               f"{'resynchronization' if resync else 'initial copy'} received: "
+               f"{format_size(stats['bytes'])} in {stats['records']} records", vm)
     return {"vm": vm, "cycle": cycle, "applied": True, "records": stats["records"],
             "apply_seconds": round(time.monotonic() - t0, 4),
             **_manifest(rel, stats)}
@@ -536,7 +537,7 @@ def _check_header(host, rel: dict, header: dict) -> int:
         # top would hide it. The primary's change tracking cannot cover it: resync.
         raise TrackingError(rel.get("resync_reason") or
                             f"{host.name} needs a resynchronization of {rel['vm']}",
-                            hint="the primary resynchronises (`vmreplica resync VM`)")
+                            hint="the primary resynchronizes (`vmreplica resync VM`)")
     if list(header.get("disks", [])) != list(rel["disks"]):
         raise IntegrityError("cycle refused: its disk list does not match the replica's")
     return cycle

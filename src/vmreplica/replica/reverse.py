@@ -59,7 +59,7 @@ def become_replica(host, peer: dict, vm: str, body: dict) -> dict:
             index_valid=False)
         host.driver.set_disks(vm, {d: c[-1] for d, c in chains.items()})
     host.event("relationship", f"now the replica of {vm} (epoch {epoch}, primary "
-                               f"{peer['name']}); resynchronising the differences", vm)
+                               f"{peer['name']}); resynchronizing the differences", vm)
     return {"vm": vm, "replica": host.name, "epoch": epoch}
 
 
@@ -87,6 +87,10 @@ def manifest(host, peer: dict, vm: str, epoch: int) -> dict:
     _check_primary(host, rel, epoch)
     out, read_bytes = {}, 0
     with host.vm_lock(vm):
+        # A resync means the primary's mirror is gone (its QEMU died, say): a mirror
+        # target left open holds the heads, and no head server could open them.
+        from . import mirror
+        mirror.close_target(host, vm)
         server = host.heads.get(vm, rstore.heads(rel["chains"], rel["disks"]),
                                 direct=True)   # a resync follows (its writes: direct)
         for i, d in enumerate(rel["disks"]):

@@ -24,6 +24,17 @@ def _replica_rel(host, vm: str) -> dict:
 
 def import_seed(host, vm: str, folder: str) -> dict:
     from .receiver import _check_header, _receive_initial
+    rel = host.store.relationship(vm)
+    if rel is not None and rel["role"] == Role.PRIMARY.value:
+        # The operator ran the import where the seed was exported: say where it runs.
+        raise UsageError(f"{host.name} is the primary of {vm}: a seed is imported on its "
+                         f"replica, {rel['peer']}",
+                         hint=f"take the folder to {rel['peer']} and run `vmreplica initial "
+                              f"{vm} --import DIR` there")
+    if rel is None:
+        raise NotFound(f"{host.name} holds no replica of {vm}",
+                       hint=f"a seed is imported on the replica host, after `vmreplica enable "
+                            f"{vm} --replica {host.listen}` on the primary")
     rel = _replica_rel(host, vm)
     folder = Path(folder).absolute()
     try:
@@ -103,7 +114,7 @@ def adopt(host, peer: dict, vm: str, body: dict) -> dict:
         host.driver.set_disks(vm, {d: c[-1] for d, c in chains.items()})
         host.driver.add_owned(vm, [str(folder)])
         rstore.drop_layers(old)
-    host.event("initial", f"adopted the copy in {folder} (same VM identity); resynchronising "
+    host.event("initial", f"adopted the copy in {folder} (same VM identity); resynchronizing "
                           "the differences", vm)
     return {"vm": vm, "adopted": str(folder)}
 

@@ -139,9 +139,10 @@ def drop_layers(paths: list[str]) -> None:
 
 
 def layer_size(path: str) -> int:
-    """Bytes the layer holds (allocated in its file)."""
+    """Bytes of data the layer holds (its own allocated data clusters, as `qemu-img map`
+    says: not the file's size, which a preallocating head grows ahead of the data)."""
     try:
-        return int(img.info(path).get("actual-size") or 0)
+        return img.own_data(path)
     except Exception:  # noqa: BLE001 — a listing must not fail over a size
         return 0
 

@@ -64,7 +64,28 @@ def management_routes(host, daemon) -> Router:
         return {"name": host.name, "listen": host.listen, "fingerprint": host.fingerprint,
                 "driver": host.store.get_setting("driver"), "home": str(host.home.root),
                 "web": host.store.get_setting("web_listen"),
-                "version": __version__}
+                "version": __version__, "accel": _accel_info(host)}
+
+    @r.route("POST", "/v1/host/probe-kvm")
+    def probe_kvm(req):
+        """Probe again whether KVM boots a guest on this machine (`host probe-kvm`)."""
+        from ..hypervisor import kvmprobe
+        if host.store.get_setting("driver", "qemu") != "qemu":
+            raise UsageError("the KVM probe is the qemu driver's (`--accel auto`); libvirt "
+                             "chooses its domain type itself")
+        found = kvmprobe.answer(host.home.run, reprobe=True)
+        # (an answer that needed no boot, e.g. no /dev/kvm, has no key and is not stored)
+        return {**_accel_info(host), "answer": found["accel"], "reason": found["reason"],
+                "booted": found.get("key") is not None,
+                "remembered_in": found.get("path"),
+                "probe_seconds": found.get("probe_seconds")}
+
+    @r.route("GET", "/v1/activity")
+    def activity(req):
+        """What runs now: each VM's operation (phase, bytes done of total, rate, ETA)
+        and host-wide waits such as the KVM probe; ``?vm=NAME`` for one VM."""
+        return {"host": host.name,
+                "operations": host.activity.listing(req.query.get("vm") or None)}
 
     # -- trust -------------------------------------------------------------------
     @r.route("POST", "/v1/trust/token")
@@ -492,13 +513,39 @@ def _follow(host, daemon, vm, first: list[dict]):
     return gen()
 
 
+def _accel_info(host) -> dict:
+    """The accelerator setting and, for `auto` on the qemu driver, the machine's
+    remembered probe answer (never probes)."""
+    from ..hypervisor import kvmprobe
+    setting = host.store.get_setting("accel", "auto")
+    driver = host.store.get_setting("driver", "qemu")
+    out = {"setting": setting, "driver": driver, "answer": None, "reason": None,
+           "checked_at": None, "cache": str(kvmprobe.cache_path())}
+    if driver != "qemu":
+        out["reason"] = "libvirt's domain type: kvm only with --accel kvm"
+        out["answer"] = "kvm" if setting == "kvm" else "tcg"
+    elif setting != "auto":
+        out["answer"], out["reason"] = setting, "set with --accel"
+    else:
+        found = kvmprobe.read_cache()
+        if found:
+            out.update(answer=found["accel"], reason=found.get("reason"),
+                       checked_at=found.get("checked_at"))
+    return out
+
+
 def recovery_points(host, vm: str) -> list[dict]:
-    """Points held here, and (for a primary) the ones its replica holds."""
+    """The recovery points of ``vm``: the ones its replica holds, listed on either host.
+    A primary lists its replica's only: layers it kept from when it was the replica
+    itself (before a reverse, a failback) are no recovery points any more — no failover
+    can start from them, the VM runs on them — and listing them beside the replica's
+    gave two points numbered 1 (`1 site-a`, `1 site-b`) where `failover --point 1` on
+    the replica means only its own."""
     rel = host.store.relationship(vm)
     if rel is None:
         prim._rel(host, vm, role="")  # the clear "unknown VM / not replicated" error
     out = []
-    if rel.get("chains"):
+    if rel.get("chains") and rel["role"] != "primary":
         out += rpoints.listing(host, vm)
     if rel["role"] == "primary":
         from ..errors import OperationError

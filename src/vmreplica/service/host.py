@@ -33,6 +33,8 @@ class Host:
         self._tls_ctx = None
         self._tls_peers_key: tuple | None = None
         self.stopping = threading.Event()
+        from .activity import Activity
+        self.activity = Activity()   # what runs now (cycles, probes): for progress
         from ..replica.heads import HeadServers
         self.heads = HeadServers(home.run)
         self.mirror_targets: dict = {}     # vm → replica.mirror.MirrorTarget

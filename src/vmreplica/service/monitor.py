@@ -16,24 +16,81 @@ def thresholds(host) -> dict:
     return dict(DEFAULT_THRESHOLDS, **(host.store.get_setting("health_thresholds") or {}))
 
 
+def mode_label(rel: dict) -> str:
+    """The MODE column, the same on both hosts: the frequency, or `cont:` and the
+    continuous sub-state (the replica has it from the primary)."""
+    if (rel.get("mode") or "periodic") == "periodic":
+        return format_frequency(int(rel.get("frequency", 300)))
+    return f"cont:{rel.get('sync_state') or '-'}"
+
+
+def _heads_written_at(rel: dict) -> float | None:
+    """Replica side: when a head file last changed (the mirror writes straight into them)."""
+    import os
+    times = []
+    for chain in (rel.get("chains") or {}).values():
+        try:
+            times.append(os.stat(chain[-1]).st_mtime)
+        except (OSError, IndexError):
+            pass
+    return max(times, default=None)
+
+
+def continuous_figures(host, rel: dict, stats: dict, now: float) -> None:
+    """Continuous mode: what the mirror means for last sync, lag and pending, the same
+    on both hosts. In sync, the replica holds every write the guest saw acknowledged: lag
+    0, nothing pending, and the last sync is the last write the mirror carried (the
+    primary's watchdog sees the mirror's progress move; the replica, its heads change).
+    Degraded, the replica has what it had when the mirror stopped. Catching up or idle
+    (the VM off), cycles run: their figures stand."""
+    stats["last_write_at"] = None
+    if (rel.get("mode") or "periodic") != "continuous" or rel["state"] != "replicating":
+        return
+    sync = rel.get("sync_state")
+    if rel["role"] == "primary":
+        written = host.continuous.last_write(rel["vm"]) if sync == "in_sync" else None
+    else:
+        written = _heads_written_at(rel)
+    stats["last_write_at"] = written
+    if sync == "in_sync":
+        written = written or rel.get("sync_since")
+        stats["last_cycle_at"] = max(written or 0, stats.get("last_cycle_at") or 0) or None
+        stats["lag_seconds"] = 0.0
+        stats["pending_bytes"] = 0
+    elif sync == "degraded" and rel.get("sync_since"):
+        stats["lag_seconds"] = max(0.0, now - float(rel["sync_since"]))
+
+
 def view(host, rel: dict, now: float | None = None) -> dict:
     now = time.time() if now is None else now
     stats = measure(rel, host.store.cycles(rel["vm"], limit=5000), now)
+    continuous_figures(host, rel, stats, now)
     health = assess(rel, now, stats, thresholds(host))
     return {
         "vm": rel["vm"], "role": rel["role"], "peer": rel["peer"], "state": rel["state"],
         "health": health.level, "reasons": health.reasons,
         "frequency": format_frequency(int(rel.get("frequency", 300))),
         "mode": rel.get("mode") or "periodic", "sync_state": rel.get("sync_state"),
-        "sync_reason": rel.get("sync_reason"),
+        "sync_reason": rel.get("sync_reason"), "mode_label": mode_label(rel),
         "last_cycle_at": stats["last_cycle_at"], "lag_seconds": stats["lag_seconds"],
+        "last_write_at": stats["last_write_at"],
         "cycle": rel.get("cycle") if rel["role"] == "primary" else rel.get("last_applied_cycle"),
         "epoch": rel["epoch"], "last_error": rel.get("last_error"),
         "disks": rel["disks"], "fenced": rel.get("fenced"), "next": next_step(rel),
         "test_vm": (rel.get("test") or {}).get("vm"),
-        "progress": rel.get("progress"), "resync_window": rel.get("resync_window"),
+        **_running(host, rel["vm"]), "resync_window": rel.get("resync_window"),
         "tags": rel.get("tags") or [],
     }
+
+
+def _running(host, vm: str) -> dict:
+    """``activity``: the operation running on relationship ``vm`` now (kind, label,
+    phase, seconds, and while it moves data: done, total, percent, rate_bps,
+    eta_seconds), else None; ``progress``: its {done, total}, else None."""
+    registry = getattr(host, "activity", None)
+    op = registry.of(vm) if registry is not None else None
+    progress = {"done": op["done"], "total": op["total"]} if op and "done" in op else None
+    return {"activity": op, "progress": progress}
 
 
 def status(host, vm: str | None = None) -> list[dict]:
@@ -58,10 +115,15 @@ def measure_vm(host, vm: str) -> dict:
     now = time.time()
     out = {"vm": vm, "role": rel["role"], "peer": rel["peer"], "state": rel["state"],
            "frequency": format_frequency(int(rel.get("frequency", 300))),
+           "mode": rel.get("mode") or "periodic", "sync_state": rel.get("sync_state"),
+           "sync_reason": rel.get("sync_reason"), "mode_label": mode_label(rel),
            **measure(rel, host.store.cycles(vm, limit=5000), now)}
     health = assess(rel, now, out, thresholds(host))
-    out.update(health=health.level, reasons=health.reasons, pending_bytes=None)
-    if rel["role"] == "primary" and rel.get("bitmap") and rel["state"] == "replicating":
+    out.update(health=health.level, reasons=health.reasons, pending_bytes=None,
+               **_running(host, vm))
+    continuous_figures(host, rel, out, now)
+    if out["pending_bytes"] is None and rel["role"] == "primary" and rel.get("bitmap") and \
+            rel["state"] == "replicating" and out["activity"] is None:  # (a cycle holds them)
         out["pending_bytes"] = _pending(host, rel)
     return out
 

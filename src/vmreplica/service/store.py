@@ -140,6 +140,11 @@ class Store:
         self._exec("INSERT INTO pair_tokens(id, secret_hash, expires_at) VALUES(?,?,?)",
                    (token_id, secret_hash, expires_at))
 
+    def token(self, token_id: str) -> dict | None:
+        """A pairing token as it stands (not marked used)."""
+        rows = self._all("SELECT * FROM pair_tokens WHERE id=?", (token_id,))
+        return rows[0] if rows else None
+
     def use_token(self, token_id: str) -> dict | None:
         """Mark a token used and return it, or None if unknown. Single use: atomic."""
         with self.transaction():

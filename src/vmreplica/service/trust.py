@@ -64,10 +64,16 @@ def pair(host, address: str, token: str) -> dict:
     # token's secret (its TLS server verifies every certificate it is shown).
     client = PeerClient(h, port, None, None, pinned_pem=None,
                         expect_fingerprint=fingerprint, timeout=30)
-    answer = client.request("POST", "/v1/pair", {
-        "token_id": token_id, "secret": secret.hex(), "name": host.name,
-        "cert_pem": host.cert_pem, "address": host.listen,
-    })
+    try:
+        answer = client.request("POST", "/v1/pair", {
+            "token_id": token_id, "secret": secret.hex(), "name": host.name,
+            "cert_pem": host.cert_pem, "address": host.listen,
+        })
+    except NotTrusted as e:
+        if getattr(e, "presented", None):
+            raise token_mismatch(f"{h}:{port}", client.server_name, e.presented,
+                                 fingerprint) from None
+        raise
     peer_pem = answer.get("cert_pem", "")
     if tls.fingerprint_pem(peer_pem) != fingerprint:
         raise NotTrusted(f"{address} answered with a certificate that does not match the token")
@@ -80,6 +86,38 @@ def pair(host, address: str, token: str) -> dict:
     return {"peer": name, "address": f"{h}:{port}", "fingerprint": fingerprint}
 
 
+# A typo in the token's last part changes one or two characters of the fingerprint it
+# carries; a token made on another host differs in nearly all 64.
+TYPO_MAX_CHARS = 4
+
+
+def token_mismatch(address: str, peer_name: str | None, presented: str,
+                   expected: str) -> NotTrusted:
+    """The host at ``address`` is not the one the token was made on: show both
+    fingerprints in full with the differing characters marked, and say what is likelier,
+    a mistyped token or a token from another host."""
+    who = f"{address} ({peer_name})" if peer_name else address
+    there = peer_name or address
+    shown, ndiff = tls.compare_fingerprints(
+        presented, expected, (f"{there} presents", "the token expects"))
+    retype = (f"copy the whole last line printed by `vmreplica trust token` on {there} "
+              "again")
+    if ndiff <= TYPO_MAX_CHARS:
+        return NotTrusted(
+            f"the pairing token does not match {who}: the certificate fingerprint it carries "
+            f"differs from {there}'s in {ndiff} character(s) (marked), so the token is "
+            f"probably mistyped:\n{shown}",
+            hint=f"the address is right; the token may be wrong: {retype}, or make a new "
+                 f"one there")
+    return NotTrusted(
+        f"the pairing token does not match {who}: the certificate fingerprint it carries "
+        f"differs from {there}'s in {ndiff} of its {len(expected.split(':')[-1])} characters "
+        f"(marked), so the token was made on another host, or is mistyped:\n{shown}",
+        hint=f"pair with the address of the host that printed this token, or run "
+             f"`vmreplica trust token` on {there} and pair with the token it prints "
+             "(check that it was copied whole)")
+
+
 def accept_pairing(host, body: dict) -> dict:
     """Replica side of /v1/pair: check the token, pin the caller, answer with our cert."""
     token_id = str(body.get("token_id", ""))
@@ -87,16 +125,27 @@ def accept_pairing(host, body: dict) -> dict:
         secret = bytes.fromhex(str(body.get("secret", "")))
     except ValueError:
         secret = b""
-    row = host.store.use_token(token_id)
+    # The messages travel to the primary's terminal: they name this host (where a new
+    # token is made), never "this host".
+    where = f"{host.name} ({host.listen})"
+    new_one = (f"run `vmreplica trust token` on {where} and pair with the token it prints")
+    row = host.store.token(token_id)
     if row is None or not hmac.compare_digest(row["secret_hash"], _hash(secret)):
-        raise Refused("pairing refused: unknown token",
-                      hint="make a new one with `vmreplica trust token` on this host")
-    if row["used_at"] is not None:
-        raise Refused("pairing refused: this token was already used",
-                      hint="tokens are single use: make a new one with `vmreplica trust token`")
+        # A wrong secret does not use the token up: a mistyped copy can be corrected.
+        why = ("it issued no such token: the token may be mistyped, or it was made on "
+               "another host") if row is None else (
+               "the token's secret does not match the token of that id it issued: the "
+               "token is probably mistyped")
+        raise Refused(f"pairing refused by {host.name}: {why}",
+                      hint=f"copy the whole last line printed by `vmreplica trust token` on "
+                           f"{host.name} again, or {new_one}")
+    row = host.store.use_token(token_id)
+    if row is None or row["used_at"] is not None:
+        raise Refused(f"pairing refused by {host.name}: this token was already used",
+                      hint=f"tokens are single use: {new_one}")
     if row["expires_at"] < time.time():
-        raise Refused("pairing refused: the token has expired (tokens last 15 minutes)",
-                      hint="make a new one with `vmreplica trust token`")
+        raise Refused(f"pairing refused by {host.name}: the token has expired (tokens last "
+                      "15 minutes)", hint=new_one)
     name = validate_host_name(str(body.get("name", "")))
     if name == host.name:
         raise UsageError(f"the pairing host uses this host's own name ({name})")

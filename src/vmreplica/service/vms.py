@@ -29,23 +29,57 @@ def create(host, body: dict) -> dict:
     except UsageError:
         raise UsageError(f"invalid VM name {name!r}",
                          hint="use letters, digits, '-' and '.'") from None
-    sizes = [parse_size(s) for s in body.get("disks") or []]
+    sizes = [_disk_size(s) for s in body.get("disks") or []]
     if not sizes:
         raise UsageError("a VM needs at least one disk", hint="add --disk SIZE, e.g. --disk 1G")
     memory = int(body.get("memory_mb") or 256)
     if memory < 32:
         raise UsageError("memory must be at least 32 MB")
+    total = host_memory_mb()
+    if total and memory > total:
+        raise UsageError(f"memory {memory} MB is more than {host.name} has ({total} MB in all)",
+                         hint=f"give --memory at most {total} (in MB); QEMU would refuse "
+                              "to start the VM")
     guest = body.get("guest")
     if guest not in (None, "demo"):
         raise UsageError(f"unknown guest {guest!r}", hint="the only built-in guest is 'demo'")
-    if host.store.relationship(name) is not None:
-        raise Conflict(f"a replication relationship named {name} exists on {host.name}")
+    # The VM first: a replicated VM has a relationship too, and "a relationship exists"
+    # hid that the name is simply taken.
+    rel = host.store.relationship(name)
+    if host.driver.exists(name):
+        what = f" (the {rel['role']} side of its replication with {rel['peer']})" if rel else ""
+        raise Conflict(f"a VM named {name} exists on {host.name}{what}",
+                       hint="choose another name (`vmreplica vm list` shows the VMs)")
+    if rel is not None:
+        raise Conflict(f"{host.name} has a replication relationship named {name} "
+                       f"({rel['role']} side, peer {rel['peer']}) without its VM",
+                       hint=f"choose another name, or end it with `vmreplica remove {name}`")
     with host.vm_lock(name):
         extra = {"share_rw": True} if body.get("share_rw") else {}
         info = host.driver.create_vm(name, sizes, memory_mb=memory, guest=guest,
                                      disk_format=body.get("format") or "qcow2", **extra)
     host.event("vm", f"VM created with {len(sizes)} disk(s)", name)
     return vm_json(host, info)
+
+
+def _disk_size(text) -> int:
+    """A disk size from the command line; a negative one gets a plain refusal."""
+    t = str(text).strip()
+    if t.startswith("-"):
+        raise UsageError(f"disk size must be positive (got {t!r})", hint="e.g. --disk 1G")
+    return parse_size(t)
+
+
+def host_memory_mb() -> int | None:
+    """This machine's memory in MB (MemTotal), or None if it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def show(host, name: str) -> dict:

@@ -31,6 +31,7 @@ class PeerClient:
         self.peer_name = peer_name
         self.timeout = timeout
         self.server_fingerprint: str | None = None
+        self.server_name: str | None = None     # the common name of its certificate
         self._ahead: threading.Thread | None = None
         self._ahead_result: tuple = ()
 
@@ -107,11 +108,19 @@ class PeerClient:
         self.server_fingerprint = tls.fingerprint_der(der) if der else None
         if self.expect_fingerprint and self.server_fingerprint != self.expect_fingerprint:
             conn.close()
-            raise errors.NotTrusted(
-                f"{self.where} presented certificate {self.server_fingerprint[:23]}…, which does "
-                f"not match the one expected ({self.expect_fingerprint[:23]}…)",
-                hint="check the address: a pairing token works only with the host that "
-                     "printed it")
+            self.server_name = tls.name_of_der(der)
+            # Both in full, the differing characters marked: cut short, two fingerprints
+            # that differ in one character look identical.
+            shown, _ = tls.compare_fingerprints(str(self.server_fingerprint),
+                                                self.expect_fingerprint,
+                                                ("presented", "expected"))
+            err = errors.NotTrusted(
+                f"{self.where} presented a certificate that does not match the one expected "
+                f"(the characters that differ are marked):\n{shown}",
+                hint="check the address; if the peer was re-initialised, pair again: "
+                     "`vmreplica trust token` there, `vmreplica trust pair HOST:PORT TOKEN` here")
+            err.presented, err.expected = self.server_fingerprint, self.expect_fingerprint
+            raise err
         return conn
 
     def request(self, method: str, path: str, body: dict | Iterable[bytes] | None = None,
@@ -141,8 +150,8 @@ class PeerClient:
                 cause = sent_error or e
                 raise errors.Unreachable(
                     f"connection to {self.where} was cut: {cause}",
-                    hint="nothing was applied on the replica; the changes are kept for the "
-                         "next cycle") from None
+                    hint="the changes are kept and sent again (a cycle or a resync runs "
+                         "again); the replica never exposes part of one") from None
         finally:
             conn.close()
         try:

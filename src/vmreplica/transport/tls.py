@@ -69,6 +69,35 @@ def fingerprint_pem(pem: str) -> str:
     return fingerprint_der(ssl.PEM_cert_to_DER_cert(pem.strip() + "\n"))
 
 
+def compare_fingerprints(presented: str, expected: str,
+                         labels: tuple[str, str] = ("presented", "expected")) -> tuple[str, int]:
+    """Both fingerprints in full, one under the other, with a line of carets under the
+    characters that differ (two fingerprints cut short look identical when they differ
+    further on); and how many characters differ."""
+    width = max(len(label) for label in labels)
+    diff = [i for i in range(max(len(presented), len(expected)))
+            if presented[i:i + 1] != expected[i:i + 1]]
+    marks = "".join("^" if i in diff else " " for i in range(max(diff, default=-1) + 1))
+    lines = [f"  {labels[0]:<{width}}  {presented}",
+             f"  {labels[1]:<{width}}  {expected}",
+             f"  {'':<{width}}  {marks}".rstrip()]
+    return "\n".join(lines), len(diff)
+
+
+def name_of_der(der: bytes | None) -> str | None:
+    """The common name a host's certificate was made for (its host name), if readable."""
+    if not der:
+        return None
+    try:
+        from cryptography import x509
+        from cryptography.x509.oid import NameOID
+        cn = x509.load_der_x509_certificate(der).subject.get_attributes_for_oid(
+            NameOID.COMMON_NAME)
+        return str(cn[0].value) if cn else None
+    except Exception:  # noqa: BLE001 — a name for a message, nothing depends on it
+        return None
+
+
 def peer_fingerprint(sock: ssl.SSLSocket) -> str | None:
     der = sock.getpeercert(binary_form=True)
     return fingerprint_der(der) if der else None

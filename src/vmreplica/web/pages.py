@@ -152,6 +152,25 @@ def _tags(tags) -> str:
     return "".join(f' <span class="tag">{e(t)}</span>' for t in tags or [])
 
 
+def _running(op: dict | None) -> str:
+    """The operation running on a VM now (a cycle, an initial copy, a resync): its phase,
+    or bytes done of total with the percentage, rate and time left."""
+    if not op:
+        return ""
+    if "done" not in op:
+        text = f'{op["label"]}: {op.get("phase") or "starting"}'
+        bar = ""
+    else:
+        rate = f', {format_size(op["rate_bps"])}/s' if op.get("rate_bps") else ""
+        left = (f', ETA {format_duration(op["eta_seconds"])}'
+                if op.get("eta_seconds") is not None else "")
+        after = f'; {op["phase"]}' if op["done"] >= op["total"] and op.get("phase") else ""
+        text = (f'{op["label"]}: {op["percent"]:.1f} % ({format_size(op["done"])} of '
+                f'{format_size(op["total"])}{rate}{left}){after}')
+        bar = f'<progress max="100" value="{op["percent"]:.1f}"></progress> '
+    return f'<div class="small running" data-kind="{e(op["kind"])}">{bar}{e(text)}</div>'
+
+
 def _vm_link(name: str) -> str:
     return f'<a href="/vm/{quote(name, safe="")}">{e(name)}</a>'
 
@@ -227,7 +246,7 @@ def _index_live(host) -> str:
     else:
         out.append('<table class="vms" id="replicated"><thead><tr><th>Health</th><th>VM</th>'
                    '<th>Power</th><th>Role</th><th>Peer</th><th>State</th><th>Mode</th>'
-                   '<th>Frequency</th><th>Last sync</th><th class="num">Lag</th><th>Reasons / next step</th>'
+                   '<th>Schedule</th><th>Last sync</th><th class="num">Lag</th><th>Reasons / next step</th>'
                    '</tr></thead><tbody>')
         for v in views:
             nxt = (f'<div class="small muted">next: <code>{e(v["next"])}</code></div>'
@@ -241,8 +260,9 @@ def _index_live(host) -> str:
                 f'<td><strong>{_vm_link(v["vm"])}</strong>{_tags(v.get("tags"))}</td>'
                 f'<td>{_power(power.get(v["vm"]))}</td>'
                 f'<td><span class="pill role">{e(v["role"])}</span></td>'
-                f'<td>{e(v["peer"])}</td><td class="state">{e(v["state"])}</td>'
-                f'<td>{e(v["mode"])}</td><td>{e(v["frequency"])}</td>'
+                f'<td>{e(v["peer"])}</td><td class="state">{e(v["state"])}'
+                f'{_running(v.get("activity"))}</td>'
+                f'<td>{e(v["mode"])}</td><td>{e(v["mode_label"])}</td>'
                 f'<td class="nowrap">{_when(v["last_cycle_at"])}</td>'
                 f'<td class="num">{e(format_duration(v["lag_seconds"]))}</td>'
                 f'<td class="why">{reasons}{nxt}</td></tr>')
@@ -492,9 +512,11 @@ def _vm_live(host, name: str, session: dict) -> str:
     status_rows = [
         ("health", _health(v["health"], v["reasons"]) + _reasons(v["health"], v["reasons"])),
         ("role / peer", f'{e(v["role"])} &middot; {e(v["peer"])}'),
-        ("state", f'<span class="state">{e(v["state"])}</span>'),
+        ("state", f'<span class="state">{e(v["state"])}</span>'
+                  f'{_running(v.get("activity"))}'),
         ("power", _power(info["state"] if info else None)),
-        ("mode / frequency", f'{e(v["mode"])} &middot; every {e(v["frequency"])}'),
+        ("mode / frequency", e(v["mode"]) + " &middot; " +
+         (f'every {e(v["frequency"])}' if v["mode"] == "periodic" else e(v["mode_label"]))),
         ("last sync", _when(v["last_cycle_at"])),
         ("lag", e(format_duration(v["lag_seconds"]))),
         ("cycle / epoch", f'{e(v["cycle"])} &middot; epoch {e(v["epoch"])}'),

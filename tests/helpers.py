@@ -132,3 +132,24 @@ def recent_events(host, vm: str, n: int = 12) -> str:
     """The VM's last events on ``host``, one per line (for failure messages)."""
     return "\n".join(f"  {host.name}: {e['kind']}: {e['message']}"
                       for e in host.json("events", vm)[-n:])
+
+
+def replica_row(home, vm: str) -> dict:
+    """A VM's relationship row as the home's state store holds it (read only)."""
+    import json
+    import sqlite3
+    db = sqlite3.connect(f"file:{home / 'state.db'}?mode=ro", uri=True)
+    try:
+        row = db.execute("SELECT state, data FROM relationships WHERE vm=?", (vm,)).fetchone()
+        return {"state": row[0], **json.loads(row[1])}
+    finally:
+        db.close()
+
+
+def seeded(a, b, vm: str, size: str = "256M"):
+    """A powered-off VM on ``a`` replicated to ``b``, its initial copy done; its disk."""
+    a.run("vm", "create", vm, "--disk", size)
+    disk = a.vm(vm)["disks"][0]["path"]
+    a.run("enable", vm, "--replica", b.address)
+    a.run("initial", vm)
+    return disk

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from helpers import (CuttingProxy, assert_replica_equals, images_identical, qemu_io,
-                     random_file, wait_until)
+                     random_file, replica_row, seeded, wait_until)
 from vmreplica import lab
 from vmreplica.errors import IntegrityError
 from vmreplica.transport import wire
@@ -24,21 +24,8 @@ from vmreplica.transport.client import PeerClient
 pytestmark = pytest.mark.e2e
 
 
-def _replica_row(home: Path, vm: str) -> dict:
-    db = sqlite3.connect(f"file:{home / 'state.db'}?mode=ro", uri=True)
-    try:
-        row = db.execute("SELECT state, data FROM relationships WHERE vm=?", (vm,)).fetchone()
-        return {"state": row[0], **json.loads(row[1])}
-    finally:
-        db.close()
-
-
-def _seeded(a, b, vm, size="256M"):
-    a.run("vm", "create", vm, "--disk", size)
-    disk = a.vm(vm)["disks"][0]["path"]
-    a.run("enable", vm, "--replica", b.address)
-    a.run("initial", vm)
-    return disk
+_replica_row = replica_row
+_seeded = seeded
 
 
 def test_replica_sigkill_mid_apply_is_redone_at_restart(own_sites, vm_name, fresh_dir):

@@ -5,35 +5,23 @@ and the primary's next cycle turns into one."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import sqlite3
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from helpers import assert_replica_equals, qemu_io, wait_until
+from helpers import assert_replica_equals, qemu_io, replica_row, seeded, wait_until
 
 pytestmark = pytest.mark.e2e
 
 
-def _row(home: Path, vm: str) -> dict:
-    db = sqlite3.connect(f"file:{home / 'state.db'}?mode=ro", uri=True)
-    try:
-        row = db.execute("SELECT state, data FROM relationships WHERE vm=?", (vm,)).fetchone()
-        return {"state": row[0], **json.loads(row[1])}
-    finally:
-        db.close()
+_row = replica_row
 
 
 def _seeded(a, b, vm, size="128M"):
-    a.run("vm", "create", vm, "--disk", size)
-    disk = a.vm(vm)["disks"][0]["path"]
-    a.run("enable", vm, "--replica", b.address)
-    a.run("initial", vm)
-    return disk
+    return seeded(a, b, vm, size)
 
 
 def _kill_with_staged_cycles(a, b, vms_disks, monkeypatch):

@@ -38,6 +38,7 @@ class Scheduler:
         self._last_cluster = 0.0
         self._last_purge = 0.0
         self._last_redo = 0.0
+        self._last_revive = 0.0
 
     def start(self) -> None:
         # After a (re)start every replicating relationship runs a cycle at once: it catches
@@ -68,6 +69,9 @@ class Scheduler:
                                      name="cluster", daemon=True).start() \
                         if not self._cluster_busy() else None
                 self.close_idle_heads()
+                if self.host.mirror_targets and now - self._last_revive >= 1.0:
+                    self._last_revive = now
+                    self._revive_targets()
                 if self.host.unapplied and now - self._last_redo >= REDO_EVERY:
                     self._last_redo = now
                     self.redo_unapplied()
@@ -197,6 +201,24 @@ class Scheduler:
 
     def _cluster_busy(self) -> bool:
         return any(t.name == "cluster" and t.is_alive() for t in threading.enumerate())
+
+    def _revive_targets(self) -> None:
+        """Replica side: mirror targets whose storage daemon died (replica.mirror)."""
+        if not any(not t.alive() for t in list(self.host.mirror_targets.values())):
+            return
+        t = self._running.get("revive-targets")
+        if t is not None and t.is_alive():
+            return
+        from ..replica.mirror import revive_dead_targets
+
+        def run():
+            try:
+                revive_dead_targets(self.host)
+            except Exception:  # noqa: BLE001 — tried again next second
+                log.exception("reviving mirror targets failed")
+        t = threading.Thread(target=run, name="revive-targets", daemon=True)
+        self._running["revive-targets"] = t
+        t.start()
 
     def redo_unapplied(self) -> None:
         """Replica side: a VM whose staged cycle could not be applied (replica.unapplied)

@@ -92,7 +92,8 @@ def test_suspend_keeps_tracking_and_resume_ships_it(sites, vm_name):
     proc = a.run("sync", vm_name, check=False)
     assert proc.returncode != 0 and "resume" in proc.stderr
     qemu_io(disk, "write -P 9 1M 128k")
-    assert a.json("status", vm_name)[0]["health"] == "critical"
+    view = a.json("status", vm_name)[0]       # the operator's choice: a warning, with why
+    assert view["health"] == "warning" and "suspended" in " ".join(view["reasons"]), view
     a.run("resume", vm_name)            # (the scheduler may run the catch-up cycle first)
     a.json("sync", vm_name)
     assert_replica_equals(a, b, vm_name)

@@ -77,7 +77,7 @@ def test_vm_lifecycle(sites, vm_name):
     p = a.run("vm", "delete", vm_name, check=False)
     assert p.returncode == 2 and "running" in p.stderr
     p = a.run("vm", "create", vm_name, "--disk", "1G", check=False)
-    assert p.returncode == 2 and "already exists" in p.stderr
+    assert p.returncode == 2 and f"a VM named {vm_name} exists" in p.stderr, p.stderr
     a.run("vm", "stop", vm_name, "--force")
     assert a.vm(vm_name)["state"] == "stopped"
     a.run("vm", "delete", vm_name)

@@ -78,7 +78,7 @@ def watch_line(label: str, op: dict, own: tuple[str, ...], vm: str | None) -> st
 
 
 def watch(client, label: str, call, vm: str | None = None, own: tuple[str, ...] = (),
-          interval: float = 0.5, show: bool = True):
+          interval: float = 0.25, show: bool = True):
     """Run ``call()`` (one long request to the daemon); meanwhile, on a terminal, show
     on stderr what the daemon is doing for it, redrawn in place: the progress of the
     operation it runs (kinds ``own``, on ``vm``), or what it waits for (another

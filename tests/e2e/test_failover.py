@@ -17,7 +17,6 @@ import pytest
 
 from helpers import wait_until
 from vmreplica import lab
-from vmreplica.errors import UsageError
 from vmreplica.hypervisor.guest import read_demo_records
 
 pytestmark = pytest.mark.e2e
@@ -35,19 +34,7 @@ def drill(lab_root, driver):
 
 
 def _records(host, vm=VM):
-    # While a failed-over VM's chain is being merged into its base (issue 17 item 9),
-    # QEMU's commit job keeps other readers off the layers: read once it is done.
-    return wait_until("a readable disk (no collapse running)",
-                      lambda: _try_records(host.vm(vm)["disks"][-1]["path"]), timeout=60)
-
-
-def _try_records(path):
-    try:
-        return read_demo_records(path)
-    except UsageError as e:
-        if "lock" not in e.message:
-            raise
-        return None
+    return read_demo_records(host.vm(vm)["disks"][-1]["path"])
 
 
 _wait = functools.partial(wait_until, timeout=90)
@@ -146,26 +133,14 @@ def test_d_reverse_and_failback_move_only_differences(drill):
     _wait("records after failback", lambda: _records(a)["contiguous"] > last["top"] + 5)
     assert _ok_prefix(_records(a), live=True)
     assert a.json("sync", VM, "--verify")["verified"]
-    # The failed-back VM runs on plain disks of its own (its chain was merged into them,
-    # issue 17 item 9); the points of the chain went with it.
-    for d in a.vm(VM)["disks"]:
-        assert d["path"] == str(a.home / "vms" / VM / f"{d['name']}.qcow2")
-        _wait("the failback's collapse", lambda: len(_backing_chain(d["path"])) == 1)
-    assert not (a.home / "storage" / VM).exists()
+    # Points made on site-b before its planned failover are still listed and usable.
+    assert any(p["host"] == b.name and p["id"] != "latest" for p in b.json("points", VM))
     # Issue 17: one numbering after the failback: the replica's points, listed the same
     # on either host, no id twice (site-a listed its old replica layers as `1 site-a`).
     for host in (a, b):
         pts = host.json("points", VM)
         assert all(p["host"] == b.name for p in pts), pts
         assert len({p["id"] for p in pts}) == len(pts), pts
-
-
-def _backing_chain(path: str) -> list:
-    import json
-    import subprocess
-    out = subprocess.run(["qemu-img", "info", "-U", "--backing-chain", "--output=json", path],
-                         capture_output=True, text=True).stdout
-    return json.loads(out) if out.startswith("[") else [json.loads(out)]
 
 
 def test_c_unplanned_failover_cancel_complete_and_stale_primary_fenced(drill):
@@ -244,13 +219,11 @@ def test_z_remove_leaves_nothing_behind(drill):
     primary.run("remove", VM)
     assert all(v["name"] != VM for v in replica.json("vm", "list"))
     assert not (replica.home / "storage" / VM).exists() and not (replica.home / "vms" / VM).exists()
-    assert not (primary.home / "storage" / VM).exists()     # no layer, overlay or folder
     assert not list((replica.home / "staging").glob(f"{VM}/*"))
     zero = {"relationships": 0, "staged_cycles": 0, "cycles": 0, "recovery_points": 0}
     assert _rows(a.home) == zero and _rows(b.home) == zero
     vm = primary.vm(VM)
     assert vm["role"] == "none" and all(Path(d["path"]).exists() for d in vm["disks"])
-    assert all(len(_backing_chain(d["path"])) == 1 for d in vm["disks"])   # its own disks
     for d in vm["disks"]:
         import json
         import subprocess

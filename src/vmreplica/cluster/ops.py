@@ -51,7 +51,8 @@ def take_over(host, vm: str) -> dict:
     except VmreplicaError as e:
         log.warning("planned hand-over of %s refused by %s: %s; failing over unplanned",
                     vm, rel["peer"], e.message)
-    info = rfo.start(host, vm)
+    # Pacemaker decided (with fencing): no asking the peer whether it still runs the VM.
+    info = rfo.start(host, vm, force=True)
     if not info["planned"]:
         rfo.complete(host, vm)
     host.event("cluster", f"took over {vm} ({how} failover)", vm)

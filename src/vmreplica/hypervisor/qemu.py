@@ -315,12 +315,6 @@ class QemuDriver:
                      "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0"]
         for d in desc["disks"]:
             node = d["name"]
-            chained = _collapsible_chain(d)     # a failed-over VM (see collapse_prepare)
-            if chained is not None:
-                args += chained + ["-device", f"virtio-blk-pci,drive={node}-top,id=vd-{node},"
-                                              f"serial={node}"
-                                   + (",share-rw=on" if desc.get("share_rw") else "")]
-                continue
             args += ["-blockdev", json.dumps({"driver": "file", "filename": d["path"],
                                               "node-name": f"{node}-file", "discard": "unmap"}),
                      "-blockdev", json.dumps({"driver": d["format"], "file": f"{node}-file",
@@ -364,87 +358,6 @@ class QemuDriver:
                                   hint=f"see {console} and {qemu_log}")
         if saved:
             self._restore(name, saved)
-
-    # -- a failed-over VM's chain collapsed into its base, live (replica.collapse) -------
-    def collapse_prepare(self, name: str, bases: dict[str, str]) -> None:
-        """Before a failover starts ``name`` on a chain (overlay → layers → base): open each
-        disk in ``bases`` with its base as the node named after the disk (the overlay is
-        DISK-top, the layers between DISK-cN), so that once an active commit has merged
-        the chain into the base and pivoted, the disk keeps the node name change tracking
-        addresses it by. An empty ``bases`` clears it (a cancelled failover)."""
-        desc = self._load(name)
-        for d in desc["disks"]:
-            if bases.get(d["name"]):
-                d["collapse_base"] = str(bases[d["name"]])
-            else:
-                d.pop("collapse_base", None)
-        self._save(desc)
-
-    def collapse_live(self, name: str, bases: dict[str, str], timeout: float = 3600.0,
-                      poll: float = 0.05) -> dict[str, int]:
-        """Merge each disk's whole chain into its base while the VM runs: an active
-        ``block-commit`` (job collapse-DISK) from DISK-top into DISK, completed (the pivot)
-        once it is ready. Starts the jobs or takes over the ones running (a daemon that
-        died mid-job); a disk whose device already sits on its base is done. The monitor
-        is held only for each short look (cycles and checks use it too). Returns {disk:
-        bytes the job copied}. Raises Conflict if the VM stops meanwhile (the caller then
-        commits offline: what QEMU merged so far is merged again, the same bytes)."""
-        desc = self._load(name)
-        if not self._pid(desc):
-            raise Conflict(f"VM {name} is not running")
-        disks = sorted(bases)
-        copied = {d: 0 for d in disks}
-        deadline = time.monotonic() + timeout
-        started = False
-        while True:
-            if not self._pid(desc):
-                raise Conflict(f"VM {name} stopped while its disks were being collapsed")
-            with self.monitor(name, timeout=30) as m:
-                roots = _device_roots(m, disks)
-                jobs = {j.get("id") or j.get("device"): j for j in m.execute("query-jobs")}
-                bjobs = {j["device"]: j for j in m.execute("query-block-jobs")}
-                pending = [d for d in disks if roots.get(d) != d]
-                for d in disks:
-                    job = jobs.get(f"collapse-{d}")
-                    if job is not None and job.get("status") == "concluded":
-                        m.execute("job-dismiss", {"id": f"collapse-{d}"})
-                        if job.get("error"):
-                            raise HypervisorError(f"collapsing {name}/{d} failed: {job['error']}")
-                if not pending:
-                    return copied
-                for d in pending:
-                    if roots.get(d) != f"{d}-top":
-                        raise HypervisorError(
-                            f"{name}/{d} was not started for a live collapse (its device sits "
-                            f"on {roots.get(d)!r})", hint="stop the VM: it is then collapsed "
-                                                          "offline")
-                    job = bjobs.get(f"collapse-{d}")
-                    if job is None and f"collapse-{d}" not in jobs:
-                        if started:
-                            raise HypervisorError(f"the collapse job of {name}/{d} ended "
-                                                  "without merging the chain")
-                        m.execute("block-commit", {"job-id": f"collapse-{d}",
-                                                   "device": f"{d}-top", "base-node": d,
-                                                   "auto-dismiss": False})
-                    elif job is not None:
-                        copied[d] = max(copied[d], int(job.get("len", 0)))
-                        if job.get("ready") and job.get("status") == "ready":
-                            m.execute("job-complete", {"id": f"collapse-{d}"})
-                started = True
-            if time.monotonic() > deadline:
-                raise HypervisorError(f"collapsing the disks of {name} took over {timeout:.0f} s",
-                                      hint="the jobs go on in QEMU; the next attempt takes "
-                                           "them over")
-            time.sleep(poll)
-
-    def collapse_done(self, name: str, bases: dict[str, str]) -> None:
-        """The chains are merged: the VM's disks are their bases from now on."""
-        desc = self._load(name)
-        for d in desc["disks"]:
-            if d["name"] in bases:
-                d["path"] = str(bases[d["name"]])
-                d.pop("collapse_base", None)
-        self._save(desc)
 
     # -- save / restore (the cluster's `save` stop mode) -----------------------------
     def saved_state(self, name: str) -> Path | None:
@@ -845,47 +758,6 @@ def _drop_views(m: Monitor) -> bool:
     except HypervisorError:
         pass                                   # (none ran)
     return found
-
-
-def _collapsible_chain(d: dict) -> list[str] | None:
-    """-blockdev arguments opening disk ``d``'s chain with its base as node DISK (see
-    QemuDriver.collapse_prepare), or None: the disk is opened as usual."""
-    base = d.get("collapse_base")
-    if not base or d.get("format") != "qcow2":
-        return None
-    try:
-        chain = img.info(d["path"], backing_chain=True)
-    except HypervisorError as e:
-        log.warning("%s: cannot read its chain (%s): opened as usual", d["path"], e)
-        return None
-    chain = chain if isinstance(chain, list) else [chain]
-    if len(chain) < 2 or chain[-1]["filename"] != base:
-        return None
-    node, args, below = d["name"], [], None
-    for i, layer in enumerate(reversed(chain)):          # the base first
-        top = i == len(chain) - 1
-        name = node if i == 0 else f"{node}-top" if top else f"{node}-c{i}"
-        spec = {"driver": layer.get("format") or "qcow2", "node-name": name, "discard": "unmap",
-                "file": {"driver": "file", "filename": layer["filename"],
-                         "node-name": f"{name}-file", "discard": "unmap"}}
-        if not top:
-            spec["read-only"] = True                      # frozen layers, as when implicit
-        if below is not None:
-            spec["backing"] = below
-        args += ["-blockdev", json.dumps(spec)]
-        below = name
-    return args
-
-
-def _device_roots(m: Monitor, disks: list[str]) -> dict[str, str]:
-    """{disk: the node its guest device sits on} (devices vd-DISK)."""
-    out = {}
-    for b in m.execute("query-block"):
-        qdev, inserted = b.get("qdev") or "", b.get("inserted") or {}
-        for d in disks:
-            if qdev.startswith(f"/machine/peripheral/vd-{d}/") and inserted:
-                out[d] = inserted.get("node-name")
-    return out
 
 
 def _wait_gone(pid: int, timeout: float) -> bool:

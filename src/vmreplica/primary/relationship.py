@@ -259,8 +259,6 @@ def remove(host, vm: str, keep_replica: bool = False, force: bool = False) -> di
                               "back, or use --force to remove it here only (then run `vmreplica "
                               f"remove {vm}` on {rel['peer']})") from None
         remote = "unreachable: not removed there"
-    from ..replica import collapse
-    collapse.ensure(host, vm)       # a failed-over VM's chain: merged, its layers gone
     with host.vm_lock(vm):
         _end_here(host, vm, rel)
     host.event("relationship", f"replication removed (replica: {remote})", vm)

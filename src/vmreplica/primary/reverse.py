@@ -24,9 +24,6 @@ def reverse(host, vm: str) -> dict:
         raise Conflict(f"{vm} has not failed over to {host.name} (state {rel['state']})",
                        hint=f"fail over first: `vmreplica failover {vm}` (then --complete for "
                             "an unplanned failover)")
-    # The failed-over VM runs on plain disks of its own before it is replicated from.
-    from ..replica import collapse
-    collapse.ensure(host, vm)
     info = host.driver.inspect(vm)
     desc = host.driver.describe(vm)
     desc["disks"] = [d for d in desc["disks"] if d["name"] in rel["disks"]]

@@ -12,7 +12,7 @@ from pathlib import Path
 from ..domain.links import vm_name
 from ..domain.states import State
 from ..errors import Conflict, NotFound, Unreachable, UsageError, VmreplicaError
-from . import collapse, mirror, points
+from . import mirror, points
 from . import store as rstore
 
 
@@ -250,11 +250,6 @@ def start(host, vm: str, point=None, force: bool = False) -> dict:
             guard = _guard(host, rel, point, force)
         mirror.close_target(host, vm)   # no more mirrored writes...
         host.heads.close(vm)            # ...and no more cycles into the head from here on
-        # The bases move into the VM's folder (O(1)) and the VM opens its chains so that
-        # they can be merged into them live once the failover is committed (collapse).
-        bases = collapse.relocate_bases(host, vm)
-        host.driver.collapse_prepare(vm, bases)
-        rel = host.store.relationship(vm)
         layer, label = _layer_of(host, rel, "latest" if point is None else point)
         overlays = _overlays(rel, layer, f"failover-{int(time.time())}")
         failover = {"point": label, "layer": layer, "overlays": overlays, "planned": planned,
@@ -269,8 +264,6 @@ def start(host, vm: str, point=None, force: bool = False) -> dict:
             raise
         if planned:
             _commit(host, vm)
-    if planned:
-        collapse.start(host, vm)        # the VM ends on plain disks of its own
     kind = "planned" if planned else "unplanned"
     if not planned:
         host.event("failover", guard["event"], vm)
@@ -295,7 +288,6 @@ def _undo(host, vm: str, failover: dict) -> None:
         pass
     rel = host.store.relationship(vm)
     host.driver.set_disks(vm, {d: c[-1] for d, c in rel["chains"].items()})
-    host.driver.collapse_prepare(vm, {})
     rstore.drop_layers(list(failover["overlays"].values()))
     host.store.update_relationship(vm, state=State.REPLICATING.value, failover=None)
 
@@ -318,7 +310,6 @@ def complete(host, vm: str) -> dict:
             raise Conflict(f"no failover of {vm} is in progress (state {rel['state']})")
         _commit(host, vm)
         rel = host.store.relationship(vm)
-    collapse.start(host, vm)            # the VM ends on plain disks of its own
     host.event("failover", f"failover completed: epoch {rel['epoch']}; point "
                            f"{rel['failover']['point']} is now the VM's disk", vm)
     return {"vm": vm, "state": State.FAILED_OVER.value, "epoch": rel["epoch"],
@@ -327,9 +318,7 @@ def complete(host, vm: str) -> dict:
 
 def _commit(host, vm: str) -> None:
     """The failover's overlay becomes the top of the VM's chain; the epoch goes up, so
-    the old primary can never ship into this VM again. The chain is then merged into
-    its base (replica.collapse: the caller starts it), so the points go: their layers
-    stop being frozen."""
+    the old primary can never ship into this VM again."""
     rel = host.store.relationship(vm)
     fo = rel["failover"]
     layer = int(fo["layer"])
@@ -337,10 +326,14 @@ def _commit(host, vm: str) -> None:
     for disk, chain in rel["chains"].items():
         chains[disk] = chain[:layer + 1] + [fo["overlays"][disk]]
         dropped += chain[layer + 1:]
+    pts = host.store.points(vm)
+    if fo["planned"]:
+        kept = pts  # made before a planned failover: they stay listed and usable
+    else:
+        kept = []   # the chosen point is now the VM's disk; the other points go
     with host.store.transaction():
-        host.store.replace_points(vm, [])   # the VM's disk now; merged into the base next
+        host.store.replace_points(vm, kept)
         host.store.update_relationship(vm, chains=chains, state=State.FAILED_OVER.value,
                                        epoch=int(rel["epoch"]) + 1, primary_prepared=None,
-                                       failed_over_at=time.time(),
-                                       **collapse.begin(host, vm, chains))
+                                       failed_over_at=time.time())
     rstore.drop_layers(dropped)

@@ -111,8 +111,6 @@ class Daemon:
         serve_in_thread(mgmt, "management-api")
         from ..replica.mirror import reopen_targets
         reopen_targets(host)
-        from ..replica.collapse import resume as resume_collapses
-        resume_collapses(host)     # a failed-over VM's chain merge a dead daemon left
         self.scheduler = Scheduler(host)
         self.scheduler.start()
         host.event("daemon", f"daemon started (pid {os.getpid()}), listening on {host.listen}")

@@ -64,6 +64,15 @@ def driver(request):
     return request.param
 
 
+@pytest.fixture
+def qemu_driver_only(driver):
+    """For a module whose logic does not depend on the hypervisor driver (the replica's
+    recovery, the peer API, the CLI's progress and messages): run it once, on the
+    embedded driver, so the suite keeps its time."""
+    if driver != "qemu":
+        pytest.skip("the same on both drivers: run on the qemu driver")
+
+
 @pytest.fixture(scope="session")
 def sites(lab_root, driver):
     """A primary (site-a) and a replica (site-b), paired both ways; shared by the session."""

@@ -11,7 +11,7 @@ import pytest
 
 from vmreplica import lab
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("qemu_driver_only")]
 
 
 def _fails(host, *args, code=None, says=()):

@@ -19,7 +19,7 @@ from vmreplica import lab
 from helpers import qemu_io
 
 pexpect = pytest.importorskip("pexpect")
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("qemu_driver_only")]
 
 BIG = 512 << 20
 

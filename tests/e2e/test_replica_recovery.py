@@ -14,7 +14,7 @@ import pytest
 
 from helpers import assert_replica_equals, qemu_io, replica_row, seeded, wait_until
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("qemu_driver_only")]
 
 
 _row = replica_row

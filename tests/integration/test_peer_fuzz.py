@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from helpers import assert_replica_equals, qemu_io
 from vmreplica.transport import tls, wire
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("qemu_driver_only")]
 
 MARK = "fuzzmark"      # in every hostile name: found anywhere afterwards, it escaped
 

@@ -24,9 +24,21 @@ class CommandFailed(Exception):
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port whose next one is free too: a host listens on both (replication on
+    PORT, its web port on PORT + 1), and `init` refuses a port pair in use."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            if port >= 65535:
+                continue
+            with socket.socket() as t:
+                try:
+                    t.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+            return port
+    raise OSError("no free pair of ports on 127.0.0.1")
 
 
 def cli_path() -> list[str]:

@@ -153,3 +153,18 @@ def seeded(a, b, vm: str, size: str = "256M"):
     a.run("enable", vm, "--replica", b.address)
     a.run("initial", vm)
     return disk
+
+
+def fails(host, *args, code=None, says=()):
+    """Run a command that must fail: a non-zero exit (``code`` if given), one `error:`
+    line first, no traceback, each of ``says`` in its output. Returns stderr."""
+    proc = host.run(*args, check=False)
+    assert proc.returncode != 0, proc.stdout
+    if code is not None:
+        assert proc.returncode == code, (proc.returncode, proc.stderr)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for text in says:
+        assert text in proc.stderr, proc.stderr
+    return proc.stderr

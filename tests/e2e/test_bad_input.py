@@ -5,22 +5,13 @@ from __future__ import annotations
 
 import pytest
 
+from helpers import fails
 from vmreplica import lab
 
 pytestmark = pytest.mark.e2e
 
 
-def _fails(host, *args, code=None, says=()):
-    proc = host.run(*args, check=False)
-    assert proc.returncode != 0, proc.stdout
-    if code is not None:
-        assert proc.returncode == code, (proc.returncode, proc.stderr)
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert lines and lines[0].startswith("error: "), proc.stderr
-    assert "Traceback" not in proc.stderr
-    for text in says:
-        assert text in proc.stderr, proc.stderr
-    return proc.stderr
+_fails = fails
 
 
 def _nothing_replicated(a, b, vm):

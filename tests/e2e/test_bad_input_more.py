@@ -9,23 +9,13 @@ import sys
 
 import pytest
 
+from helpers import fails
 from vmreplica import lab
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("qemu_driver_only")]
 
 
-def _fails(host, *args, code=None, says=()):
-    """As in test_bad_input: a non-zero exit, one `error:` line first, each text said."""
-    proc = host.run(*args, check=False)
-    assert proc.returncode != 0, proc.stdout
-    if code is not None:
-        assert proc.returncode == code, (proc.returncode, proc.stderr)
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert lines and lines[0].startswith("error: "), proc.stderr
-    assert "Traceback" not in proc.stderr
-    for text in says:
-        assert text in proc.stderr, proc.stderr
-    return proc.stderr
+_fails = fails
 
 
 def _retyped(token: str, at: int) -> str:

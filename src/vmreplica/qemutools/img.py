@@ -148,9 +148,8 @@ def sync_dirs(*paths: Path | str) -> None:
 
 
 def sync_files(*paths: Path | str) -> None:
-    """fdatasync image files written by another process (a storage daemon whose files
-    do not flush: ``qsd.qcow2_node(flush=False)``): the kernel writes back each file's
-    dirty pages and flushes the disk's cache, whoever asks. A file that is gone (its
+    """fdatasync image files written by another process (a storage daemon): the kernel
+    writes back each file's dirty pages and flushes the disk's cache, whoever asks. A file that is gone (its
     chain was deleted) has nothing left to make durable; any other error is raised."""
     for fd in _opened(paths, missing_only=True):
         os.fdatasync(fd)

@@ -5,19 +5,29 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo demo-ha test bench clean unit chaos
+.PHONY: setup demo demo-ha test lint bench clean unit chaos
 
 setup:
 	bash scripts/setup.sh
 
+# The demos are not part of the package: demo/ (run from here) over the test harness,
+# tests/harness.
 demo: setup
-	$(PY) -m vmreplica.demo
+	$(PY) -m demo.replication
 
 demo-ha: setup
-	$(PY) -m vmreplica.demo_ha
+	$(PY) -m demo.ha
 
-test: setup
+# The static checks first (seconds): a lint or type error fails before the long suite.
+test: lint
 	bash scripts/run-tests.sh $(PYTEST_ARGS)
+
+# ruff (rules in pyproject.toml) over the package, its tests (and their harness), the
+# benchmarks and the demos; mypy over the package, the harness and the demos (its
+# settings, and which files, in pyproject.toml).
+lint: setup
+	$(PY) -m ruff check src tests bench demo
+	$(PY) -m mypy
 
 unit: setup
 	$(PY) -m pytest -q tests/unit

@@ -22,8 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-from vmreplica import lab
 from vmreplica.qemutools.qmp import Monitor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))   # the harness
+from harness import lab  # noqa: E402
 
 MiB = 1 << 20
 
@@ -41,7 +43,7 @@ class VMIO:
             self.dom = self.conn.lookupByName(f"vmr-{a.name}-{vm}")
             self.cmd = 'qemu-io -d virtio-disk0/virtio-backend "{}"'
         else:
-            uuid = a.vm(vm)["uuid"] if "uuid" in a.vm(vm) else None
+            uuid = a.vm(vm).get("uuid")
             sock = next(p for p in (a.home / "run").glob("*.qmp")
                         if uuid is None or p.name.startswith(uuid[:8]))
             self.mon = Monitor(sock, timeout=600)

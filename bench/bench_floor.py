@@ -28,7 +28,6 @@ import mmap
 import random
 import shutil
 import socket
-import ssl
 import statistics
 import subprocess
 import sys

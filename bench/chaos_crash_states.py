@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 import crashstates  # noqa: E402
-from vmreplica import lab  # noqa: E402
+from harness import lab  # noqa: E402
 
 
 def main() -> int:
@@ -75,7 +75,7 @@ def main() -> int:
             where = root / f"r{rounds}"
             a, b = lab.two_sites(where, driver="qemu", names=("chaos-a", "chaos-b"))
             phase = phases[(rounds - 1) % len(phases)]
-            say = lambda m: print(f"round {rounds} ({phase}): {m}", flush=True)  # noqa: E731
+            say = lambda m: print(f"round {rounds} ({phase}): {m}", flush=True)  # noqa: E731, B023 — used in this round only
             left = args.states - len(outcomes)
             until = deadline - time.monotonic()
             try:

@@ -52,8 +52,10 @@ import threading
 import time
 from pathlib import Path
 
-from vmreplica import lab
 from vmreplica.hypervisor.guest import read_demo_records
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))   # the harness
+from harness import lab  # noqa: E402
 
 DISK0_FILL_MIB = 40                  # data on the first disk before protection
 FULL_COPY_MIB = 32                   # a cycle moving more than this is a full copy
@@ -586,7 +588,7 @@ class Soak:
 
     def count_copies(self, before: int) -> tuple[int, int]:
         moved, full = 0, 0
-        for cid, kind, ok, raw, wire in self.cycles_since(before):
+        for cid, kind, _ok, raw, _wire in self.cycles_since(before):
             moved += int(raw or 0)
             if kind == "initial" or int(raw or 0) > FULL_COPY_MIB << 20:
                 full += 1
@@ -638,7 +640,8 @@ class Soak:
                 # The guest writes again (a restarted QEMU: booted) before the check, so
                 # that new records must have reached the replica through the mirror.
                 if not wait_for("new records", lambda: self.records_a()["contiguous"]
-                                >= top_before + 5, max(1.0, deadline - time.monotonic())):
+                                >= top_before + 5,  # noqa: B023 — polled before the loop goes on
+                                max(1.0, deadline - time.monotonic())):
                     ok, why = False, "the guest wrote no new record"
                 else:
                     ok, why = self.check_acked(deadline)
@@ -676,8 +679,8 @@ class Soak:
         except Exception as e:  # noqa: BLE001
             log(f"rescue: {e}")
         t = time.monotonic()
-        ok, why = (self.recover_continuous(t, t + 180) if self.mode == "continuous"
-                   else self.recover_periodic(t, t + 180))
+        ok, _why = (self.recover_continuous(t, t + 180) if self.mode == "continuous"
+                    else self.recover_periodic(t, t + 180))
         return ok
 
     def daemon_warnings(self) -> list[str]:
@@ -761,8 +764,8 @@ def main() -> int:
     ap.add_argument("--recover-timeout", type=float, default=180.0)
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     args = ap.parse_args()
-    line, soak = run(args.faults, args.seed, args.minutes, args.work, args.compare_every,
-                     args.quick, args.recover_timeout, args.keep)
+    _line, soak = run(args.faults, args.seed, args.minutes, args.work, args.compare_every,
+                      args.quick, args.recover_timeout, args.keep)
     ok = (soak.mismatches == soak.lost_acked == soak.full_copies == 0
           and not soak.aborted and not soak.problems and soak.results
           and all(r["recovered"] for r in soak.results) and len(soak.results) == args.faults)

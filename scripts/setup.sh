@@ -49,11 +49,19 @@ if [ ! -f guest/demo/initramfs.img ] || [ scripts/build-guest.sh -nt guest/demo/
     echo "setup: building the demo guest"
     bash scripts/build-guest.sh guest/demo
 fi
+# The guest is installed data: the daemon looks for it under its installation's prefix
+# (PREFIX/share/vmreplica/guests/NAME, see src/vmreplica/hypervisor/guest.py), not in
+# this clone. Link the one just built into the virtual environment's.
+mkdir -p .venv/share/vmreplica/guests
+ln -sfn "$PWD/guest/demo" .venv/share/vmreplica/guests/demo
 # Pacemaker finds resource agents under /usr/lib/ocf/resource.d and fence agents in
-# /usr/sbin: install ours there (ocf:vmreplica:vm, ocf:vmreplica:daemon, fence_vmreplica).
+# /usr/sbin: install the product's resource agents there (ocf:vmreplica:vm,
+# ocf:vmreplica:daemon) and the test harness's fence agent for the namespace lab's PDU
+# (fence_vmreplica, tests/harness/fence_vmreplica.py).
 if [ "$(id -u)" -eq 0 ]; then
-    .venv/bin/python -c 'from vmreplica.cluster import agent, fence_vmreplica
-agent.install(); fence_vmreplica.install_fence_agent()'
+    .venv/bin/python -c 'from vmreplica.cluster import agent; agent.install()'
+    .venv/bin/python -c 'import sys; sys.path.insert(0, "tests")
+from harness import fence_vmreplica; fence_vmreplica.install_fence_agent()'
 else
     echo "setup: not root: the OCF and fence agents are not installed (run as root for HA)"
 fi

@@ -1,4 +1,5 @@
-"""Shared fixtures: real hosts (homes, daemons, TLS on loopback) built with `vmreplica.lab`.
+"""Shared fixtures: real hosts (homes, daemons, TLS on loopback) built with `harness.lab`
+(tests/harness: the test and demo harness, outside the package).
 
 Homes live under a short /tmp path (unix socket paths are limited to 107 bytes) that is
 traversable by other users (libvirt's qemu user, later). Hosts that tests only read from
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from vmreplica import lab
+from harness import lab
 
 
 @pytest.fixture(scope="session")

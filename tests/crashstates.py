@@ -19,7 +19,7 @@ bench/chaos_crash_states.py (long run):
   subset of dirty pages, in any order, at any time). ``i == len(entries)`` is a crash
   during the checkpoint's fdatasync, after the last write.
 
-And the scenario (``Scenario``): real daemons (vmreplica.lab), a 1.5 GiB disk, and the
+And the scenario (``Scenario``): real daemons (harness.lab), a 1.5 GiB disk, and the
 check of each state through the real start-up recovery (receiver.recover).
 
 Limits of the model: the file's size is taken as durable (the preallocate filter
@@ -165,8 +165,7 @@ class CrashStates:
                 written += 1
                 fh.seek(p * PAGE)
                 fh.write(rng.choice(versions[p]))
-            if fh.tell() > size:
-                size = fh.tell()
+            size = max(size, fh.tell())
         os.truncate(out, max(size, len(self._durable)))
         return {"i": i, "after_flush": f, "dirty_pages": len(versions),
                 "written_back": written, "left_stale": stale}
@@ -326,8 +325,8 @@ def _kill(b, *images: Path) -> None:
           or Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] == "Z")
     for image in images:
         _wait(f"{image} to be free of its server",
-              lambda: subprocess.run(["qemu-img", "info", str(image)],
-                                     capture_output=True).returncode == 0)
+              lambda image=image: subprocess.run(["qemu-img", "info", str(image)],
+                                                 capture_output=True).returncode == 0)
 
 
 def prepare(a, b, vm: str, work: Path, cycle: list | None = None) -> Scenario:
@@ -652,10 +651,10 @@ def _recover_in_process(home: Path, vm: str, inspect=None) -> tuple[list, str, o
     try:
         redone = recover(host)
         rel = host.store.relationship(vm)
-        if rel.get("state") == "error" or rel.get("apply_pending"):
-            problem = (f"{vm} left in {rel.get('state')}"
-                       f"{' with apply_pending' if rel.get('apply_pending') else ''}: "
-                       f"{rel.get('last_error') or errors.first or 'no error logged'}")
+        if rel.state == "error" or rel.apply_pending:
+            problem = (f"{vm} left in {rel.state}"
+                       f"{' with apply_pending' if rel.apply_pending else ''}: "
+                       f"{rel.last_error or errors.first or 'no error logged'}")
         elif errors.first:
             problem = f"the recovery logged an error: {errors.first}"
         if inspect is not None and not problem:
@@ -1118,7 +1117,7 @@ def check_rotation_state(sc: RotationScenario, k: int, variant: str, old_json: b
         out.ok, out.refused = False, problem
     if out.ok:
         rel, listing, info = seen
-        chain = next(iter(rel["chains"].values()))
+        chain = next(iter(rel.chains.values()))
         problems = []
         for layer in chain:
             if subprocess.run(["qemu-img", "info", "-U", layer],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import time
 
-from vmreplica import lab
+from harness import lab
 
 
 def qemu_io(path, *commands: str, force_share: bool = False) -> str:

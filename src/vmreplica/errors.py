@@ -36,6 +36,13 @@ class Conflict(UsageError):
     code = "conflict"
 
 
+class Unsupported(UsageError):
+    """This host's hypervisor driver lacks the capability asked for (its interface,
+    hypervisor/base.py, says which parts a driver may lack); the message names it."""
+
+    code = "unsupported"
+
+
 class OperationError(VmreplicaError):
     exit_code = 1
     code = "operation"
@@ -66,6 +73,10 @@ class Unreachable(TransportError):
 
 class NotTrusted(TransportError):
     code = "not_trusted"
+    # A pinned peer that presented another certificate: both fingerprints
+    # (transport.client), for the message that compares them (service.trust).
+    presented: str | None = None
+    expected: str | None = None
 
 
 class Refused(OperationError):
@@ -95,7 +106,7 @@ class DaemonNotRunning(OperationError):
     code = "daemon_not_running"
 
 
-def _every(cls: type) -> list[type]:
+def _every(cls: type[VmreplicaError]) -> list[type[VmreplicaError]]:
     return [cls] + [c for sub in cls.__subclasses__() for c in _every(sub)]
 
 

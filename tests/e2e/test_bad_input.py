@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from harness import lab
 from helpers import fails
-from vmreplica import lab
 
 pytestmark = pytest.mark.e2e
 

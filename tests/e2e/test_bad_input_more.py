@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
+from harness import lab
 from helpers import fails
-from vmreplica import lab
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("qemu_driver_only")]
 

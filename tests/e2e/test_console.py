@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from vmreplica import lab
+from harness import lab
 
 pexpect = pytest.importorskip("pexpect")
 pytestmark = pytest.mark.e2e

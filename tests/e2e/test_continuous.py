@@ -3,7 +3,7 @@ replica's head. The guest never waits longer than --max-stall for a replica that
 or dies; the relationship goes degraded and back to in_sync by itself; an unplanned
 failover after the primary's QEMU is killed loses nothing the guest saw acknowledged;
 a planned failover needs no final cycle; recovery points and test failover keep working.
-(Both drivers; on libvirt the mirror goes through a relay, see hypervisor/libvirt.py.)"""
+(Both drivers; on libvirt the mirror goes through a relay, see hypervisor/libvirt/mirror.py.)"""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import time
 
 import pytest
 
+from harness import lab
 from helpers import images_identical, recent_events, wait_until
-from vmreplica import lab
 from vmreplica.hypervisor.base import QUIET_CANCEL_GUARD
 from vmreplica.hypervisor.guest import parse_record, read_demo_records
 from vmreplica.hypervisor.qemu import QemuDriver
@@ -62,7 +62,7 @@ class StallMeter:
         self.path = path
         self.samples: list[tuple[float, int]] = []
         self._stop = threading.Event()
-        self._tmp = tempfile.NamedTemporaryFile(prefix="vmr-top-")
+        self._tmp = tempfile.NamedTemporaryFile(prefix="vmr-top-")  # noqa: SIM115 — the meter's
         threading.Thread(target=self._run, daemon=True).start()
 
     def _run(self):
@@ -305,8 +305,10 @@ def test_primary_killed_unplanned_failover_loses_nothing(pair, driver):
     a, b = pair
     vm = "cont-kill"
     _mirrored_vm(a, b, vm)
-    time.sleep(3)
     disk = a.vm(vm)["disks"][-1]["path"]
+    top = read_demo_records(disk)["top"] or 0
+    _wait("the guest writing through the mirror",
+          lambda: (read_demo_records(disk)["top"] or 0) > top + 10, timeout=60)
     os.kill(a.vm(vm)["pid"], signal.SIGKILL)            # the primary host "dies"
     on_a = read_demo_records(disk)
     b.run("failover", vm)

@@ -18,8 +18,8 @@ import subprocess
 
 import pytest
 
+from harness import lab
 from helpers import assert_replica_equals, recent_events, wait_until
-from vmreplica import lab
 from vmreplica.hypervisor.guest import read_demo_records
 from vmreplica.hypervisor.qemu import QemuDriver
 

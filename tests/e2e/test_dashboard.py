@@ -6,7 +6,6 @@ A screenshot of the running test failover goes to build/screenshots/."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import ssl
 import time
@@ -16,13 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from vmreplica import lab
+from harness import lab
 
 pytestmark = pytest.mark.e2e
 
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.common.exceptions import (  # noqa: E402
-    NoAlertPresentException, NoSuchElementException, StaleElementReferenceException)
+    NoAlertPresentException,
+    NoSuchElementException,
+    StaleElementReferenceException,
+)
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 

@@ -14,8 +14,8 @@ import threading
 
 import pytest
 
+from harness import lab
 from helpers import recent_events, wait_until
-from vmreplica import lab
 from vmreplica.hypervisor.guest import read_demo_records
 from vmreplica.hypervisor.qemu import QemuDriver
 

@@ -14,9 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from helpers import (CuttingProxy, assert_replica_equals, images_identical, qemu_io,
-                     random_file, replica_row, seeded, wait_until)
-from vmreplica import lab
+from harness import lab
+from helpers import (
+    CuttingProxy,
+    assert_replica_equals,
+    images_identical,
+    qemu_io,
+    random_file,
+    replica_row,
+    seeded,
+    wait_until,
+)
 from vmreplica.errors import IntegrityError
 from vmreplica.transport import wire
 from vmreplica.transport.client import PeerClient

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from vmreplica import lab
+from harness import lab
 
 pytestmark = pytest.mark.e2e
 
@@ -57,9 +57,9 @@ def test_init_refuses_a_taken_port_and_says_which_and_by_what(fresh_dir):
         assert not (fresh_dir / "site-b").exists()
         # Another program: named by its pid and command line.
         holder = subprocess.Popen([sys.executable, "-c",
-                                   "import socket,sys,time; s=socket.socket(); "
-                                   "s.bind(('127.0.0.1',0)); s.listen(); "
-                                   "print(s.getsockname()[1], flush=True); time.sleep(120)"],
+                                   ("import socket,sys,time; s=socket.socket(); "
+                                    "s.bind(('127.0.0.1',0)); s.listen(); "
+                                    "print(s.getsockname()[1], flush=True); time.sleep(120)")],
                                   stdout=subprocess.PIPE, text=True)
         try:
             port = int(holder.stdout.readline())

@@ -12,8 +12,8 @@ import urllib.request
 
 import pytest
 
+from harness import lab
 from helpers import qemu_io
-from vmreplica import lab
 
 pytestmark = pytest.mark.e2e
 

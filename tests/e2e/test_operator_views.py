@@ -11,8 +11,8 @@ import time
 
 import pytest
 
+from harness import lab
 from helpers import recent_events, wait_until
-from vmreplica import lab
 from vmreplica.hypervisor.guest import read_demo_records
 
 pytestmark = pytest.mark.e2e

@@ -14,8 +14,7 @@ import time
 
 import pytest
 
-from vmreplica import lab
-
+from harness import lab
 from helpers import qemu_io
 
 pexpect = pytest.importorskip("pexpect")
@@ -38,8 +37,7 @@ def _change(disk: str, tmp_path, size: int = BIG) -> None:
     keeps the disk's dirty bitmaps)."""
     src = tmp_path / "random.bin"
     with open(src, "wb") as f:
-        for _ in range(size >> 20):
-            f.write(os.urandom(1 << 20))
+        f.writelines(os.urandom(1 << 20) for _ in range(size >> 20))
     qemu_io(disk, f"write -s {src} 0 {size}")
     src.unlink()
 

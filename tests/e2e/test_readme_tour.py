@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from vmreplica import lab
+from harness import lab
 
 pytestmark = pytest.mark.e2e
 
@@ -38,7 +38,7 @@ def tour_block(text: str) -> str:
     assert text.count(BEGIN) == 1 and text.count(END) == 1, \
         f"README.md must mark its runnable tour once with {BEGIN} ... {END}"
     part = text.split(BEGIN, 1)[1].split(END, 1)[0]
-    blocks = re.findall(r"^```sh\n(.*?)^```", part, flags=re.S | re.M)
+    blocks = re.findall(r"^```sh\n(.*?)^```", part, flags=re.DOTALL | re.MULTILINE)
     assert len(blocks) == 1, f"expected one ```sh block between the tour markers, got {len(blocks)}"
     return blocks[0]
 
@@ -133,7 +133,7 @@ def test_the_readme_tour_runs_as_written(fresh_dir):
     commands = tour_commands(tour_block((REPO / "README.md").read_text()))
     pa, pb = fresh_ports()
     homes = {HOMES[0]: str(fresh_dir / "site-a"), HOMES[1]: str(fresh_dir / "site-b")}
-    ports = dict(zip(PORTS, (pa, pa + 1, pb, pb + 1)))
+    ports = dict(zip(PORTS, (pa, pa + 1, pb, pb + 1), strict=True))
     commands = [substitute(c, homes, ports) for c in commands]
     for c in commands:           # nothing of the tour may reach a real /srv or a fixed port
         assert "/srv/" not in c, c

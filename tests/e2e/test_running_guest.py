@@ -6,7 +6,6 @@ last cycle the replica is identical."""
 from __future__ import annotations
 
 import functools
-import time
 
 import pytest
 
@@ -33,7 +32,9 @@ def test_running_demo_guest_is_replicated(sites, vm_name):
     assert stats["verified"]
     seen = []
     for _ in range(3):
-        time.sleep(1)
+        top = _records(a, vm_name)["top"] or 0       # the guest writes more before each
+        _wait("the guest's next records",
+              lambda top=top: (_records(a, vm_name)["top"] or 0) > top + 2)
         stats = a.json("sync", vm_name, "--verify")   # head == frozen point, byte for byte
         assert stats["verified"] and stats["raw_bytes"] > 0
         rec = _records(b, vm_name)

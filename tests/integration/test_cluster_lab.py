@@ -15,11 +15,12 @@ import signal
 import subprocess
 import time
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 
-from vmreplica.cluster import nslab
-from vmreplica.cluster.fence_vmreplica import METADATA
+from harness import nslab
+from harness.fence_vmreplica import METADATA
 
 pytestmark = pytest.mark.integration
 
@@ -105,7 +106,7 @@ def _lab_leftovers(lab):
 def test_fence_agent_metadata_and_cli(namespaces, tmp_path):
     """The agent's metadata is valid XML that Pacemaker reads (parameters, actions), its
     exit codes follow the fence-agents API, and it reports an absent PDU as an error."""
-    from vmreplica.cluster import fence_vmreplica as fa
+    from harness import fence_vmreplica as fa
     root = ET.fromstring(METADATA)
     assert root.tag == "resource-agent" and root.get("name") == "fence_vmreplica"
     params = {p.get("name") for p in root.iter("parameter")}
@@ -210,7 +211,7 @@ def test_cluster_lab_life(namespaces, fresh_dir, capsys):
         since = time.time()
         old_init = lab.pid(holder)
         coro = [p for p in lab.processes(holder)
-                if open(f"/proc/{p}/comm").read().strip() == "corosync"]
+                if Path(f"/proc/{p}/comm").read_text().strip() == "corosync"]
         assert len(coro) == 1
         t = time.monotonic()
         os.kill(coro[0], signal.SIGKILL)
@@ -268,7 +269,7 @@ def test_cluster_lab_life(namespaces, fresh_dir, capsys):
                     or views[lose].quorate:
                 return None
             return win, lose, views
-        win, lose, views = nslab.wait_for(split_settled, 60, 0.5, what="one quorate partition")
+        win, lose, _views = nslab.wait_for(split_settled, 60, 0.5, what="one quorate partition")
         split = time.monotonic() - t
         assert _pdu_did(lab, "off", lose, since) and _pdu_did(lab, "on", lose, since)
         ev = nslab.wait_for(lambda: _fenced_off(lab, win, lose, since), 15,

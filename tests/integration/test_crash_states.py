@@ -29,7 +29,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 import crashstates  # noqa: E402
-from vmreplica import lab  # noqa: E402
+from harness import lab  # noqa: E402
 
 pytestmark = pytest.mark.integration
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vmreplica import lab
+from harness import lab
 
 pytestmark = pytest.mark.integration
 
@@ -86,17 +86,22 @@ def test_vm_lifecycle(sites, vm_name):
     assert p.returncode == 2 and f"no VM named {vm_name}" in p.stderr
 
 
-def test_vm_save_resumes_without_a_reboot_and_check(sites, vm_name, driver):
-    """`vm save` (the cluster's `save` stop mode) ends QEMU with the memory state on disk;
-    the next `vm start` resumes it: the guest's records continue and it does not boot
-    again (the serial console, rewritten at each start, does not show its init starting,
-    where the cold boot before it did). `vm check` is the VM checker's view."""
-    if driver != "qemu":
-        pytest.skip("save/resume is the qemu driver's (the cluster runs on it)")
+def test_vm_save_resumes_without_a_reboot_and_check(sites, vm_name, monkeypatch):
+    """`vm save` (the cluster's `save` stop mode) ends QEMU with the memory state on disk
+    (libvirt: its managed save); the next `vm start` resumes it: the guest's records
+    continue and it does not boot again (the serial console, rewritten at each start,
+    does not show its init starting, where the cold boot before it did). `vm check` is
+    the VM checker's view; the cluster's resource agent (its monitor, and its stop in
+    `save` mode) runs against the host as Pacemaker runs it, on both drivers."""
     import time
+
+    from vmreplica.cluster import agent
     from vmreplica.hypervisor.guest import read_demo_records
 
     a, _ = sites
+    monkeypatch.setenv("OCF_RESKEY_vm", vm_name)
+    monkeypatch.setenv("OCF_RESKEY_homes", f"{agent.node_name()}={a.home}")
+    monkeypatch.setenv("OCF_RESKEY_stop_mode", "save")
     a.run("vm", "create", vm_name, "--disk", "32M", "--guest", "demo")
     disk = a.vm(vm_name)["disks"][-1]["path"]
 
@@ -113,11 +118,15 @@ def test_vm_save_resumes_without_a_reboot_and_check(sites, vm_name, driver):
     cold = resumed_after(["vm", "start", vm_name])
     assert "writer on" in console.read_text(errors="replace")      # the guest's init ran
     chk = a.json("vm", "check", vm_name)
-    assert chk["process"] and chk["qmp"] == "running" and chk["uptime"] >= 0
-    a.run("vm", "save", vm_name)
+    assert chk["process"] and chk["qmp"] == "running" and chk["uptime"] >= 0, chk
+    assert agent.vm_monitor(vm_name) == agent.OCF_SUCCESS
+    assert agent.vm_stop(vm_name) == agent.OCF_SUCCESS          # stop mode save: `vm save`
     assert a.vm(vm_name)["state"] == "stopped"
+    assert any("VM state saved" in e["message"] for e in a.json("events", vm_name))
     assert not a.json("vm", "check", vm_name)["process"]
+    assert agent.vm_monitor(vm_name) == agent.OCF_NOT_RUNNING
     warm = resumed_after(["vm", "start", vm_name])
+    assert agent.vm_monitor(vm_name) == agent.OCF_SUCCESS
     print(f"cold boot to the next record {cold:.2f} s, resume from the saved state {warm:.2f} s")
     assert "writer on" not in console.read_text(errors="replace")  # no second boot
     rec = read_demo_records(disk)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from itertools import pairwise
 
 import pytest
 
@@ -192,7 +193,7 @@ def _pieces(a, b):
 
     def kind_at(runs, pos):
         return next((k for k, o, n in runs if o <= pos < o + n), None)
-    for lo, hi in zip(cuts, cuts[1:]):
+    for lo, hi in pairwise(cuts):
         ka, kb = kind_at(a, lo), kind_at(b, lo)
         if ka is not None or kb is not None:
             yield (ka, kb), lo, hi - lo

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from vmreplica.errors import Conflict, HypervisorError, NotFound, TrackingError
+from vmreplica.errors import Conflict, HypervisorError, NotFound, TrackingError, Unsupported
 
 pytestmark = pytest.mark.integration
 
@@ -69,7 +69,7 @@ def _home(root: Path, sub: str, name: str | None = None) -> Path:
 @pytest.fixture
 def hosts(libvirtd, root):
     """Two hosts on the one libvirtd: A names itself in config, B in its state.db."""
-    from vmreplica.hypervisor.base import get_driver
+    from vmreplica.hypervisor.factory import get_driver
     tag = secrets.token_hex(3)
     ha, hb = f"lvt{tag}-a", f"lvt{tag}-b"
     a = get_driver("libvirt", _home(root, f"{tag}-a"),
@@ -237,11 +237,27 @@ def test_inventory_two_hosts_one_libvirtd(hosts, root, libvirtd):
         libvirtd.lookupByName(f"vmr-{b.host_name}-vm1")
 
     # A VM without a guest agent: ACPI first (nothing answers it), powered off after timeout.
+    # The VM checker's view (libvirt's state and reason; no agent: None, not an error).
     a.create_vm("blank", [MiB])
+    with pytest.raises(Unsupported, match="qemu driver"):
+        a.create_vm("shared", [MiB], share_rw=True)
+    assert a.check("blank") == {"process": False, "qmp": None, "agent": None,
+                                "uptime": None, "state": "shut off (unknown)"}
     a.start("blank")
+    chk = a.check("blank")
+    assert chk["process"] and chk["qmp"] == "running" and chk["agent"] is None, chk
+    assert chk["state"] == "running (booted)" and 0 <= chk["uptime"] < 60, chk
+    a.pause("blank")
+    assert (a.check("blank")["qmp"], a.check("blank")["state"]) == ("paused", "paused (user)")
+    a.resume("blank")
+    assert a.check("blank")["state"] == "running (unpaused)"
+    with pytest.raises(Unsupported, match="`vm io` needs the qemu driver"):
+        a.io("blank", "disk0", "read 0 512")
+    assert a.saved_state("blank") is None
     t0 = time.monotonic()
     a.stop("blank", timeout=1.5)
     assert a.inspect("blank").state == "stopped" and time.monotonic() - t0 < 15
+    assert a.check("blank")["state"] == "shut off (destroyed)"
     a.delete("blank")
 
     # A disk QEMU (libvirt-qemu) cannot reach: a clear error before libvirt's own.
@@ -298,6 +314,7 @@ def test_change_tracking_running_and_shut_off(hosts, libvirtd):
     assert a.agent_command("trk", "guest-fsfreeze-status") == "frozen"
     a.thaw_filesystems("trk")
     assert a.agent_command("trk", "guest-fsfreeze-status") == "thawed"
+    assert a.check("trk")["agent"] == "ok"
     with pytest.raises(HypervisorError, match="guest-nonesuch"):
         a.agent_command("trk", "guest-nonesuch")
 

@@ -7,7 +7,6 @@ replica's own directories of that VM."""
 from __future__ import annotations
 
 import http.client
-import io
 import json
 import os
 import socket
@@ -155,7 +154,7 @@ def test_the_peer_api_refuses_malformed_requests(own_sites, vm_name, lab_root):
     bodies = [{"vm": n, "id": "r1", "description": good_desc} for n in hostile]
     bodies += [{"vm": f"{MARK}-d{i}", "id": "r2",
                 "description": {"disks": [{"name": d, "virtual_size": 1 << 20}]}}
-               for i, d in enumerate([f"../../{MARK}-4", str(lab_root / f"{MARK}-abs"), "..", f"a\0b", 7, None, ""])]
+               for i, d in enumerate([f"../../{MARK}-4", str(lab_root / f"{MARK}-abs"), "..", "a\0b", 7, None, ""])]
     bodies += [{"vm": f"{MARK}-t", "id": "r3", "description": good_desc, k: v}
                for k, v in [("epoch", "x"), ("epoch", [1]), ("epoch", 1 << 70),
                             ("history", "lots"), ("frequency", {}), ("point_interval", 1e400),

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -38,7 +39,7 @@ def test_a_daemon_that_does_not_quit_is_killed_within_the_bound(qsd, caplog):
     assert "did not exit within 3 s of quit and was killed" in info.value.message
     assert qsd.proc.returncode == -9
     assert not os.path.exists(f"/proc/{pid}/status") or \
-        "zombie" in open(f"/proc/{pid}/status").read()
+        "zombie" in Path(f"/proc/{pid}/status").read_text()
     warned = " ".join(r.getMessage() for r in caplog.records)
     assert "its threads:" in warned and "[qemu-storage-d" in warned, warned
 

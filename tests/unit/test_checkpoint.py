@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from vmreplica.domain.relationship import Relationship
 from vmreplica.qemutools import img
 from vmreplica.replica import checkpoint
 from vmreplica.service.host import VMLock
@@ -28,9 +29,9 @@ class _Host:
         self.unapplied: set = set()
         self._locks: dict = {}
         self.events: list = []
-        self.store.add_relationship({"vm": "v1", "id": "r1", "role": "replica",
-                                     "peer": "site-a", "state": "replicating", "epoch": 1,
-                                     "storage": str(path)})
+        self.store.add_relationship(Relationship(vm="v1", id="r1", role="replica",
+                                                 peer="site-a", state="replicating",
+                                                 epoch=1, storage=str(path)))
 
     def event(self, kind, message, vm=None):
         self.events.append((kind, message, vm))
@@ -96,7 +97,7 @@ def test_a_failed_sync_is_a_crash_redone_from_the_stage_never_retried(tmp_path, 
     taker of the lock applies the staged cycles again (receiver.redo_unapplied)."""
     monkeypatch.setenv("VMREPLICA_CHECKPOINT_DELAY", "600")
     host = _Host(tmp_path)
-    head, index, stage = _staged_cycle(host, tmp_path)
+    head, _index, stage = _staged_cycle(host, tmp_path)
     with host.vm_lock("v1"):
         checkpoint.defer(host, "v1", 3, stage, [str(head)], [])
     calls = []
@@ -118,7 +119,7 @@ def test_a_failed_sync_is_a_crash_redone_from_the_stage_never_retried(tmp_path, 
     assert len(calls) == 1 and redone == ["v1"]          # synced once, then a redo
     assert stage.exists() and [r["cycle"] for r in host.store.staged("v1")] == [3]
     assert host.unsynced == {} and host.unapplied == {"v1"}
-    pending = host.store.relationship("v1")["apply_pending"]
+    pending = host.store.relationship("v1").apply_pending
     assert pending["cycle"] == 3 and "Input/output error" in pending["error"]
     from vmreplica.domain.health import assess
     health = assess(host.store.relationship("v1"), time.time())
@@ -135,7 +136,7 @@ def test_a_failed_sync_is_a_crash_redone_from_the_stage_never_retried(tmp_path, 
     t.start()
     t.join()
     assert took == [True] and len(calls) == 1 and redone == ["v1", "v1"]
-    assert host.unapplied == set() and not host.store.relationship("v1").get("apply_pending")
+    assert host.unapplied == set() and not host.store.relationship("v1").apply_pending
 
 
 def test_a_lock_taken_as_is_does_not_wait_for_the_redo(tmp_path, monkeypatch):
@@ -174,7 +175,7 @@ def test_the_operation_that_deferred_does_not_settle_by_taking_the_lock_again(tm
                                                                               monkeypatch):
     monkeypatch.setenv("VMREPLICA_CHECKPOINT_DELAY", "600")
     host = _Host(tmp_path)
-    head, index, stage = _staged_cycle(host, tmp_path)
+    head, _index, stage = _staged_cycle(host, tmp_path)
     with host.vm_lock("v1"):
         checkpoint.defer(host, "v1", 3, stage, [str(head)], [])
         with host.vm_lock("v1"):            # the same thread, within: nothing synced

@@ -34,9 +34,10 @@ def test_a_kill_after_the_commit_costs_the_tracking_not_the_cycle():
     host = _Host()
     with _session(host, "vm1", 7, "vm1", [True]) as s:
         assert isinstance(s, _Session)
-    assert host.events == [("cycle", "cycle 7 reached the replica, but qemu-storage-daemon x "
-                            "did not exit within 60 s of quit and was killed: its change-"
-                            "tracking bitmaps are lost, the next cycle resynchronizes", "vm1")]
+    assert host.events == [("cycle", ("cycle 7 reached the replica, but qemu-storage-daemon x "
+                                      "did not exit within 60 s of quit and was killed: its "
+                                      "change-tracking bitmaps are lost, the next cycle "
+                                      "resynchronizes"), "vm1")]
 
 
 def test_a_kill_before_the_commit_fails_the_cycle():

@@ -1,6 +1,6 @@
 import pytest
 
-from vmreplica.domain import health, patterns, schedule, states, units
+from vmreplica.domain import patterns, schedule, states, units
 from vmreplica.errors import Conflict, UsageError
 
 
@@ -71,8 +71,12 @@ def test_dr_link_keys_and_where_the_vm_runs():
     assert links.vm_name("web1") == "web1"
     assert links.is_dr("web1@dr") and not links.is_dr("web1")
     assert links.runs_here(None)                                  # DR-protected only
-    assert links.runs_here({"role": "primary", "state": "replicating"})
-    assert not links.runs_here({"role": "primary", "state": "error", "fenced": "x"})
-    assert links.runs_here({"role": "replica", "state": "failed_over"})   # ALONE
-    assert not links.runs_here({"role": "replica", "state": "replicating"})
-    assert not links.runs_here({"role": "replica", "state": "failover_in_progress"})
+    from vmreplica.domain.relationship import Relationship
+
+    def rel(role, state, **kw):
+        return Relationship(vm="web1", id="r1", peer="b", role=role, state=state, **kw)
+    assert links.runs_here(rel("primary", "replicating"))
+    assert not links.runs_here(rel("primary", "error", fenced="x"))
+    assert links.runs_here(rel("replica", "failed_over"))                 # ALONE
+    assert not links.runs_here(rel("replica", "replicating"))
+    assert not links.runs_here(rel("replica", "failover_in_progress"))

@@ -1,11 +1,17 @@
 from vmreplica.domain import health
+from vmreplica.domain.relationship import Relationship
+
+
+def _cycle(**kw):
+    return health.CycleRecord(**{"id": 0, "vm": "v", "cycle": 0, **kw})
 
 
 def _rel(**kw):
-    rel = {"role": "primary", "state": "replicating", "frequency": 30, "last_success_at": 1000,
-           "consecutive_failures": 0, "created_at": 0, "vm": "v"}
-    rel.update(kw)
-    return rel
+    fields = {"role": "primary", "state": "replicating", "frequency": 30,
+              "last_success_at": 1000, "consecutive_failures": 0, "created_at": 0, "vm": "v",
+              "id": "r1", "peer": "site-b"}
+    fields.update(kw)
+    return Relationship(**fields)
 
 
 def test_health_levels_and_reasons():
@@ -36,10 +42,10 @@ def test_thresholds_are_configurable():
 
 def test_missed_cycles_in_12h():
     now = 100_000.0
-    cycles = [{"started_at": now - 60 * i, "finished_at": now - 60 * i + 2, "ok": 1,
-               "raw_bytes": 1000 * i, "wire_bytes": 10 * i, "kind": "delta"} for i in range(10)]
-    cycles.append({"started_at": now - 30, "finished_at": now - 29, "ok": 0, "error": "boom",
-                   "kind": "delta"})
+    cycles = [_cycle(started_at=now - 60 * i, finished_at=now - 60 * i + 2, ok=1,
+                     raw_bytes=1000 * i, wire_bytes=10 * i, kind="delta") for i in range(10)]
+    cycles.append(_cycle(started_at=now - 30, finished_at=now - 29, ok=0, error="boom",
+                         kind="delta"))
     rel = _rel(frequency=30, created_at=now - 600, last_success_at=now)
     stats = health.measure(rel, cycles, now)
     assert stats["expected_cycles"] == 20 and stats["missed_cycles"] == 10
@@ -52,10 +58,9 @@ def test_missed_cycles_in_12h():
 def test_a_good_cycle_clears_the_last_cycle_error():
     """Issue 17: the dashboard's "last cycle error" stayed after a good cycle."""
     now = 100_000.0
-    failed = {"started_at": now - 60, "finished_at": now - 59, "ok": 0, "error": "boom",
-              "kind": "delta"}
-    good = {"started_at": now - 30, "finished_at": now - 29, "ok": 1, "raw_bytes": 1,
-            "kind": "delta"}
+    failed = _cycle(started_at=now - 60, finished_at=now - 59, ok=0, error="boom",
+                    kind="delta")
+    good = _cycle(started_at=now - 30, finished_at=now - 29, ok=1, raw_bytes=1, kind="delta")
     rel = _rel(created_at=now - 600, last_success_at=now - 29)
     stats = health.measure(rel, [failed], now)
     assert stats["last_error"] == "boom"
@@ -78,8 +83,8 @@ def test_continuous_mode_has_no_schedule_to_miss():
 
 
 def test_fewer_points_than_asked():
-    rel = {"role": "replica", "state": "replicating", "history": 4, "points_count": 1,
-           "point_interval": 60, "replicating_since": 0, "vm": "v"}
+    rel = _rel(role="replica", history=4, points_count=1, point_interval=60,
+               replicating_since=0)
     h = health.assess(rel, 10_000)
     assert h.level == "warning" and "1 recovery point(s), 4 asked for" in h.reasons
 
@@ -101,18 +106,18 @@ def test_every_error_code_comes_back_as_its_own_class():
 
 
 def test_a_full_replica_storage_is_critical_at_once_on_the_primary():
-    rel = {"vm": "v", "role": "primary", "state": "replicating", "frequency": 30,
-           "consecutive_failures": 1, "last_error_code": "storage_full",
-           "last_error": "the replica storage /srv/b on site-b is full"}
+    rel = _rel(consecutive_failures=1, last_error_code="storage_full",
+               last_success_at=None,
+               last_error="the replica storage /srv/b on site-b is full")
     h = health.assess(rel, 100.0)
     assert h.level == "critical" and "storage is full" in h.reasons[0]
     assert "/srv/b" in h.reasons[0]
 
 
 def test_a_staged_cycle_not_applied_is_critical_on_the_replica():
-    rel = {"vm": "v", "role": "replica", "state": "replicating", "frequency": 30,
-           "apply_pending": {"cycle": 4, "error": "the replica storage /srv/b on site-b is "
-                             "full: cycle 4 is staged but not applied (1.0 MiB free, about "
-                             "60.0 MiB needed for it)"}}
+    rel = _rel(role="replica", last_success_at=None,
+               apply_pending={"cycle": 4, "error": "the replica storage /srv/b on site-b is "
+                              "full: cycle 4 is staged but not applied (1.0 MiB free, about "
+                              "60.0 MiB needed for it)"})
     h = health.assess(rel, 100.0)
     assert h.level == "critical" and "60.0 MiB needed" in h.reasons[0]

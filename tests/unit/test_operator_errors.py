@@ -13,7 +13,8 @@ import pytest
 from vmreplica.cli import console_cmd
 from vmreplica.cli import main as cli_main
 from vmreplica.errors import UsageError
-from vmreplica.hypervisor import qemu
+from vmreplica.hypervisor.qemu import block as qemu_block
+from vmreplica.hypervisor.qemu import cmdline as qemu_cmdline
 from vmreplica.service import trust, vms
 from vmreplica.transport import tls
 
@@ -74,10 +75,10 @@ def test_options_still_parse_around_a_negative_value():
 def test_qemu_error_keeps_qemus_last_words():
     log = ("\nqemu-system-x86_64: cannot set up guest memory 'pc.ram': "
            "Cannot allocate memory\n\n")
-    assert qemu.qemu_error(log) == "cannot set up guest memory 'pc.ram': Cannot allocate memory"
-    assert qemu.qemu_error("") == ""
+    assert qemu_cmdline.qemu_error(log) == "cannot set up guest memory 'pc.ram': Cannot allocate memory"
+    assert qemu_cmdline.qemu_error("") == ""
     many = "\n".join(f"qemu-system-x86_64: line {i}" for i in range(10))
-    assert qemu.qemu_error(many) == "line 7; line 8; line 9"
+    assert qemu_cmdline.qemu_error(many) == "line 7; line 8; line 9"
 
 
 # -- 7. `vm io` with a command qemu-io rejects ---------------------------------------
@@ -93,7 +94,7 @@ needs_qemu_io = pytest.mark.skipif(shutil.which("qemu-io") is None, reason="no q
 ])
 def test_a_command_qemu_io_rejects_is_refused(command, says):
     with pytest.raises(UsageError, match="qemu-io rejects") as e:
-        qemu._check_qemu_io(command, 32 << 20, "vm1/disk0")
+        qemu_block.check_qemu_io(command, 32 << 20, "vm1/disk0")
     assert says in e.value.message and "32.0 MiB" in e.value.message
 
 
@@ -101,7 +102,7 @@ def test_a_command_qemu_io_rejects_is_refused(command, says):
 @pytest.mark.parametrize("command", ["write -P 1 0 4k", "read -P 7 0 4k", "discard 0 4k",
                                      "flush", "write -z 31M 1M"])
 def test_a_command_qemu_io_accepts_passes(command):
-    qemu._check_qemu_io(command, 32 << 20, "vm1/disk0")   # read -P: data is not checked
+    qemu_block.check_qemu_io(command, 32 << 20, "vm1/disk0")   # read -P: data is not checked
 
 
 # -- 7. the console after a failed enable --------------------------------------------

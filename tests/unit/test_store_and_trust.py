@@ -2,6 +2,7 @@ import time
 
 import pytest
 
+from vmreplica.domain.relationship import Relationship
 from vmreplica.errors import UsageError
 from vmreplica.service import trust
 from vmreplica.service.home import parse_address, validate_host_name
@@ -16,14 +17,13 @@ def store(tmp_path):
 
 
 def test_relationship_round_trip(store):
-    store.add_relationship({"vm": "a", "id": "x" * 32, "role": "primary", "peer": "r",
-                            "state": "ready_for_initial", "epoch": 1, "disks": ["disk0"],
-                            "bitmap": None})
+    store.add_relationship(Relationship(vm="a", id="x" * 32, role="primary", peer="r",
+                                        state="ready_for_initial", disks=["disk0"]))
     rel = store.relationship("a")
-    assert rel["disks"] == ["disk0"] and rel["bitmap"] is None
-    store.update_relationship("a", state="replicating", bitmap="b1", cycle=3)
+    assert rel.disks == ["disk0"] and rel.bitmap is None
+    store.set_state("a", "initial_in_progress", bitmap="b1", cycle=3)
     rel = store.relationship("a")
-    assert (rel["state"], rel["bitmap"], rel["cycle"]) == ("replicating", "b1", 3)
+    assert (rel.state, rel.bitmap, rel.cycle) == ("initial_in_progress", "b1", 3)
     store.remove_relationship("a")
     assert store.relationship("a") is None
 

@@ -52,7 +52,7 @@ def test_round_trip(compression, pooled):
 def test_incompressible_data_is_sent_plain_and_skipped_for_a_while():
     recs = [("data", 0, i * 65536, os.urandom(65536)) for i in range(10)]
     blob, w = _stream("zstd", recs)
-    r, out = _read(blob)
+    _r, out = _read(blob)
     assert [x.payload for x in out] == [d for *_, d in recs]
     assert w.wire_bytes > 10 * 65536
 

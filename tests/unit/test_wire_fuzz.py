@@ -12,9 +12,8 @@ import struct
 import tracemalloc
 
 import pytest
-import zstandard
 from blake3 import blake3
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vmreplica.errors import IntegrityError, VmreplicaError

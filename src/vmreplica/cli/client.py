@@ -37,7 +37,7 @@ class Client:
                 if not piece:
                     break
                 chunks.append(piece)
-        except socket.timeout:
+        except TimeoutError:
             raise errors.OperationError("the daemon did not answer in time") from None
         except (ConnectionResetError, BrokenPipeError):
             # A daemon that closed its socket under us: one stopping, or the previous
@@ -99,7 +99,8 @@ class Client:
 
 
 def _dechunk(data: bytes) -> bytes:
-    out, pos = [], 0
+    out: list[bytes] = []
+    pos = 0
     while True:
         eol = data.index(b"\r\n", pos)
         size = int(data[pos:eol].split(b";")[0], 16)

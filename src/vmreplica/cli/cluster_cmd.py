@@ -34,8 +34,9 @@ def register(sub) -> None:
     s.add_argument("--stop-mode", choices=["stop", "save", "off"], default="stop")
     s.add_argument("--stop-timeout", type=int, default=60)
     s.add_argument("--prefer", metavar="NODE")
-    s.add_argument("--max-stall", type=float, default=5.0)
-    s.add_argument("--point-interval", default="1h")
+    # (the daemon's defaults: domain.relationship)
+    s.add_argument("--max-stall", type=float)
+    s.add_argument("--point-interval")
     s.set_defaults(func=cmd_protect)
 
     s = c.add_parser("status", help="each protected VM's state on each node "

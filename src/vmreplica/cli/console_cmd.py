@@ -7,7 +7,8 @@ from __future__ import annotations
 import sys
 
 from .. import errors
-from .main import client_of, main as cli_main
+from .main import client_of
+from .main import main as cli_main
 
 MENU = [
     ("status", "Status of replicated VMs"),
@@ -83,7 +84,8 @@ def _do(args, what: str) -> None:
     elif what == "enable":
         vm = _ask("VM")
         replica = _ask("replica HOST:PORT")
-        freq = _ask("frequency (30s, 5m, 15m)", "5m")
+        from ..domain.relationship import FREQUENCY_TEXT
+        freq = _ask("frequency (30s, 5m, 15m)", FREQUENCY_TEXT)
         if not _run(args, "enable", vm, "--replica", replica, "--frequency", freq):
             print(f"replication of {vm} was not enabled: no initial copy to start")
             return

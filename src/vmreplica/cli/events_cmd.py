@@ -23,6 +23,7 @@ def _since(text: str | None) -> float:
         return 0.0
     import datetime
     import re
+
     from ..domain.units import parse_duration
     from ..errors import UsageError
     if re.fullmatch(r"\d+[smhd]?", text.strip()):

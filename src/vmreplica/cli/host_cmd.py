@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
-
 import time
 
 from .. import errors
 from .main import client_of, home_of
 from .render import emit_json
+
+TYPE_CHECKING = False      # (typing itself is 3 ms of import: see service.home)
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from ..service.home import Home
 
 
 def register(sub) -> None:
@@ -74,15 +79,59 @@ def cmd_init(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from ..service.daemon import Daemon, setup_logging, spawn_detached
+    from ..service.daemon import Daemon, setup_logging
+    from ..web.app import Dashboard
     home = home_of(args)
     if args.detach:
         pid = spawn_detached(home)
         print(f"daemon running (pid {pid}); log: {home.log}")
         return 0
     setup_logging(home, foreground=True)
-    Daemon(home).run()
+    Daemon(home, web=Dashboard).run()
     return 0
+
+
+def spawn_detached(home: Home, timeout: float = 30.0) -> int:
+    """Start `serve` in the background and return its pid once it answers on its socket."""
+    import subprocess
+    import sys
+
+    from .client import Client
+    home.require()
+    log_f = open(home.root / "daemon.out", "ab")  # noqa: SIM115 — the daemon's stdout and stderr
+    proc = subprocess.Popen([sys.executable, "-m", "vmreplica.cli.main", "--home", str(home.root),
+                             "serve"], stdin=subprocess.DEVNULL, stdout=log_f, stderr=log_f,
+                            start_new_session=True, close_fds=True)
+    client = Client(home)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            message, hint = _startup_error(home.root / "daemon.out")
+            raise errors.OperationError(f"the daemon exited during start-up: {message}", hint=hint)
+        try:
+            info = client.call("GET", "/v1/ping")
+            if info.get("pid") == proc.pid:
+                return proc.pid
+        except errors.OperationError:
+            pass
+        time.sleep(0.05)
+    proc.terminate()
+    raise errors.OperationError(f"the daemon did not become ready within {timeout:.0f} s",
+                         hint=f"see {home.log}")
+
+
+def _startup_error(path: Path) -> tuple[str, str | None]:
+    """The last `error:` line (and its hint) the failed daemon printed."""
+    try:
+        lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        lines = []
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("error: "):
+            hint = lines[i + 1][len("hint: "):] if i + 1 < len(lines) and \
+                lines[i + 1].startswith("hint: ") else None
+            return lines[i][len("error: "):], hint
+    return (lines[-1] if lines else "no message"), f"see {path}"
 
 
 def cmd_shutdown(args) -> int:

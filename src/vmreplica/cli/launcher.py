@@ -45,7 +45,7 @@ class SiteOnDemand:
     path that makes."""
 
     loaded = False
-    paths: list[str] = []
+    paths: list[str] = []  # noqa: RUF012 — the class is the finder (no typing import here)
 
     @classmethod
     def find_spec(cls, name, path=None, target=None):
@@ -71,11 +71,14 @@ class SiteOnDemand:
 
 
 def boot(site_paths: list[str]) -> None:
-    """The installed command's entry: as ``vmreplica.cli.main:run``, site on demand."""
+    """The installed command's entry: as ``vmreplica.cli.main:run``, site on demand
+    (`serve`, the daemon, loads it at once)."""
     if sys.flags.no_site and SiteOnDemand not in sys.meta_path:
         SiteOnDemand.paths = list(site_paths)
         sys.meta_path.append(SiteOnDemand)
-    from .main import run
+    from .main import command_word, run
+    if command_word(sys.argv[1:]) == "serve":
+        SiteOnDemand.load()       # the daemon: its whole environment, from the start
     run()
 
 

@@ -35,7 +35,7 @@ COMMANDS = {
 }
 
 
-def _command_word(argv: list[str]) -> str | None:
+def command_word(argv: list[str]) -> str | None:
     """The command a command line names (the first word after the global options)."""
     i = 0
     while i < len(argv):
@@ -69,7 +69,7 @@ def _columns() -> int:
         columns = 0
     if columns <= 0:
         try:
-            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]  # None: AttributeError
         except (AttributeError, ValueError, OSError):
             columns = 0
     return columns or 80
@@ -82,8 +82,9 @@ class _Parser(argparse.ArgumentParser):
     """Every parser of the command line (sub-parsers take their parent's class) formats
     with _Formatter unless told otherwise."""
 
-    def __init__(self, *args, formatter_class=_Formatter, **kwargs):
-        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
         # A word that starts with '-' and a digit ("-1G", "-5m") is a value, not an
         # option (no option of ours starts with a digit): `--disk -1G` reaches the check
         # that says what is wrong with it instead of argparse's "expected one argument".
@@ -99,9 +100,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version="vmreplica 0.1.0")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    word = _command_word(sys.argv[1:] if argv is None else argv)
+    word = command_word(sys.argv[1:] if argv is None else argv)
     groups = [g for g in GROUPS if word in COMMANDS[g]]
-    target = _Only(sub, word) if groups else sub
+    target = _Only(sub, word) if word is not None and groups else sub
     for g in groups or GROUPS:
         importlib.import_module(f".{g}", __package__).register(target)
     return p
@@ -154,11 +155,8 @@ def run() -> None:
     """The console script. A client command leaves without the interpreter's teardown
     (its output flushed first): nothing it opened needs it, and it cost 4-5 ms of every
     call. `serve` (the daemon) exits the ordinary way."""
-    if _command_word(sys.argv[1:]) == "serve":
-        from .launcher import SiteOnDemand
-        SiteOnDemand.load()       # the daemon: its whole environment, from the start
     rc = main()
-    if _command_word(sys.argv[1:]) == "serve":
+    if command_word(sys.argv[1:]) == "serve":
         sys.exit(rc)
     try:
         sys.stdout.flush()

@@ -45,12 +45,12 @@ def cmd_measure(args) -> int:
          not m["expected_cycles"] else
          f"{m['cycles']} of {m['expected_cycles']} expected, "
          f"{m['missed_cycles']} missed ({m['missed_pct']} %), {m['errors']} failed"),
-        ("cycle size", f"avg {format_size(m['avg_cycle_bytes'])}, "
-                       f"max {format_size(m['max_cycle_bytes'])}"),
-        ("cycle duration", f"avg {duration(m['avg_cycle_seconds'])}, "
-                           f"max {duration(m['max_cycle_seconds'])}"),
-        ("bytes (12 h)", f"{format_size(m['bytes_raw'])} changed, "
-                         f"{format_size(m['bytes_sent'])} sent"),
+        ("cycle size", (f"avg {format_size(m['avg_cycle_bytes'])}, "
+                        f"max {format_size(m['max_cycle_bytes'])}")),
+        ("cycle duration", (f"avg {duration(m['avg_cycle_seconds'])}, "
+                            f"max {duration(m['max_cycle_seconds'])}")),
+        ("bytes (12 h)", (f"{format_size(m['bytes_raw'])} changed, "
+                          f"{format_size(m['bytes_sent'])} sent")),
         ("throughput", "-" if not m["throughput_bps"] else
          f"{format_size(m['throughput_bps'])}/s"),
         ("last error", m["last_error"] or "-"),
@@ -69,10 +69,11 @@ def _mode(m: dict) -> str:
     if (m.get("mode") or "periodic") == "periodic":
         return f"periodic, every {m['frequency']}"
     sync = m.get("sync_state")
-    words = {"in_sync": "in sync (the replica has every acknowledged write)",
-             "catching_up": "catching up (cycles, then the mirror)",
-             "degraded": "degraded (the mirror stopped; changes are tracked)",
-             "idle": f"idle (the VM is off: cycles every {m['frequency']})"}
+    words: dict[str | None, str] = {
+        "in_sync": "in sync (the replica has every acknowledged write)",
+        "catching_up": "catching up (cycles, then the mirror)",
+        "degraded": "degraded (the mirror stopped; changes are tracked)",
+        "idle": f"idle (the VM is off: cycles every {m['frequency']})"}
     text = f"continuous, {words.get(sync, sync or 'starting')}"
     if m.get("last_write_at"):
         text += f"; last write {ago(m['last_write_at'])}"

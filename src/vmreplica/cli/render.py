@@ -30,7 +30,7 @@ def table(rows: list[list], headers: list[str]) -> None:
     tty = sys.stdout.isatty()
     for n, r in enumerate(cells):
         line = "  ".join((_colour(c) + " " * (w - len(c))) if tty and n else c.ljust(w)
-                         for c, w in zip(r, widths))
+                         for c, w in zip(r, widths, strict=False))
         print(line.rstrip())
         if n == 0:
             print("  ".join("-" * w for w in widths))

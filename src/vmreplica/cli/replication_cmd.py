@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .. import errors
+import argparse
+
 from ..domain.units import format_size
 from . import bulk
 from .main import client_of
@@ -11,30 +12,8 @@ from .render import ago, duration, emit_json, progress_text, table, watch
 
 def register(sub) -> None:
     p = sub.add_parser("enable", help="replicate VMs to a replica host")
-    bulk.add_targets(p, "any", done="enable")
-    p.add_argument("--replica", required=True, metavar="HOST:PORT")
-    p.add_argument("--frequency", default="5m", choices=["30s", "5m", "15m"])
-    p.add_argument("--compression", default="zstd", choices=["zstd", "none"])
-    p.add_argument("--exclude-disk", action="append", default=[], metavar="NAME")
-    p.add_argument("--security-tag", default="", metavar="TAG",
-                   help="the tag the replica's authorization entry requires")
-    p.add_argument("--recovery-history", type=int, default=4, metavar="N",
-                   help="recovery points kept on the replica, 0-24 (default 4)")
-    p.add_argument("--point-interval", default="1h", metavar="DURATION",
-                   help="time between recovery points (default 1h; e.g. 15m, 30s)")
-    p.add_argument("--app-consistent-every", type=int, default=0, metavar="N",
-                   help="every Nth point is app-consistent (guest agent fsfreeze); 0: none")
-    p.add_argument("--resync-window", metavar="HH:MM-HH:MM",
-                   help="automatic resynchronizations wait for this window (e.g. 18:30-06:00)")
-    p.add_argument("--mode", choices=["periodic", "continuous"], default="periodic",
-                   help="continuous: a write-blocking mirror, zero data loss (qemu driver)")
-    p.add_argument("--max-stall", type=float, default=5.0, metavar="SECONDS",
-                   help="continuous: longest a guest write may wait for the replica")
-    p.add_argument("--dr", action="store_true",
-                   help="a disaster-recovery link (NAME@dr) to a third host, beside the "
-                        "VM's main relationship; it follows the VM to that relationship's "
-                        "other host")
-    p.set_defaults(func=bulk.each(cmd_enable))
+    if isinstance(p, argparse.ArgumentParser):    # (not the stand-in of another command)
+        _enable_options(p)
 
     p = sub.add_parser("dr", help="disaster-recovery links that follow the VM")
     dsub = p.add_subparsers(dest="dr_command", metavar="ACTION")
@@ -123,6 +102,39 @@ def register(sub) -> None:
     p.add_argument("address", metavar="HOST:PORT")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_test_connection)
+
+
+def _enable_options(p) -> None:
+    """`enable`'s options, their defaults those of domain.relationship (imported here:
+    every other command line would pay for the module, and a client command is
+    milliseconds; see tests/unit/test_launcher.py)."""
+    from ..domain.relationship import DEFAULTS, FREQUENCY_TEXT, POINT_INTERVAL_TEXT
+    bulk.add_targets(p, "any", done="enable")
+    p.add_argument("--replica", required=True, metavar="HOST:PORT")
+    p.add_argument("--frequency", default=FREQUENCY_TEXT, choices=["30s", "5m", "15m"])
+    p.add_argument("--compression", default=DEFAULTS.compression, choices=["zstd", "none"])
+    p.add_argument("--exclude-disk", action="append", default=[], metavar="NAME")
+    p.add_argument("--security-tag", default=DEFAULTS.security_tag, metavar="TAG",
+                   help="the tag the replica's authorization entry requires")
+    p.add_argument("--recovery-history", type=int, default=DEFAULTS.history, metavar="N",
+                   help=f"recovery points kept on the replica, 0-24 (default "
+                        f"{DEFAULTS.history})")
+    p.add_argument("--point-interval", default=POINT_INTERVAL_TEXT, metavar="DURATION",
+                   help=f"time between recovery points (default {POINT_INTERVAL_TEXT}; "
+                        "e.g. 15m, 30s)")
+    p.add_argument("--app-consistent-every", type=int, default=DEFAULTS.app_every, metavar="N",
+                   help="every Nth point is app-consistent (guest agent fsfreeze); 0: none")
+    p.add_argument("--resync-window", metavar="HH:MM-HH:MM",
+                   help="automatic resynchronizations wait for this window (e.g. 18:30-06:00)")
+    p.add_argument("--mode", choices=["periodic", "continuous"], default=DEFAULTS.mode,
+                   help="continuous: a write-blocking mirror, zero data loss (qemu driver)")
+    p.add_argument("--max-stall", type=float, default=DEFAULTS.max_stall, metavar="SECONDS",
+                   help="continuous: longest a guest write may wait for the replica")
+    p.add_argument("--dr", action="store_true",
+                   help="a disaster-recovery link (NAME@dr) to a third host, beside the "
+                        "VM's main relationship; it follows the VM to that relationship's "
+                        "other host")
+    p.set_defaults(func=bulk.each(cmd_enable))
 
 
 def cmd_enable(args) -> int:

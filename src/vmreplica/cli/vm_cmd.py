@@ -105,7 +105,8 @@ def cmd_check(args) -> int:
         emit_json(c)
     else:
         print(f"{args.name}: process {'up' if c['process'] else 'DOWN'}, QMP {c['qmp'] or '-'}, "
-              f"guest agent {c['agent'] or '-'}")
+              f"guest agent {c['agent'] or '-'}"
+              + (f" (hypervisor: {c['state']})" if c.get("state") else ""))
     return 0
 
 

@@ -107,7 +107,7 @@ replication, runs the cycles and mirrors, and serves the management API the vm a
 """
 
 
-def _param(name: str, default: str | None = None) -> str | None:
+def _param(name: str, default: str = "") -> str:
     return os.environ.get(f"OCF_RESKEY_{name}", default)
 
 

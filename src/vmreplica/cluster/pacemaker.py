@@ -44,7 +44,7 @@ def nodes_and_resources() -> dict:
     root = status_xml()
     nodes = {n.get("name"): n.get("online") == "true" for n in root.iter("node")
              if n.get("name") and n.get("online") is not None}
-    resources: dict[str, list[str]] = {}
+    resources: dict[str, list[str | None]] = {}
     for r in root.iter("resource"):
         rid = r.get("id")
         if not rid:
@@ -57,8 +57,9 @@ def nodes_and_resources() -> dict:
     fails = {}
     for node in root.iter("node"):
         for h in node.findall("resource_history"):
-            if h.get("fail-count"):
-                fails[(h.get("id"), node.get("name"))] = int(h.get("fail-count"))
+            count = h.get("fail-count")
+            if count:
+                fails[(h.get("id"), node.get("name"))] = int(count)
     return {"nodes": nodes, "resources": resources, "quorum": quorum, "failcounts": fails}
 
 
@@ -199,7 +200,7 @@ def cib_bootstrap(name: str, nodes: list[str], fence_agent: str | None,
             attrs.setdefault("pcmk_delay_base", "2s")
         ia = "".join(f'          <nvpair id="fence-{n}-{k}" name="{k}" value={quoteattr(v)}/>\n'
                      for k, v in attrs.items())
-        prims += (f'      <primitive id="fence-{n}" class="stonith" type={quoteattr(fence_agent)}>\n'
+        prims += (f'      <primitive id="fence-{n}" class="stonith" type={quoteattr(fence_agent or "")}>\n'
                   f'        <instance_attributes id="fence-{n}-ia">\n{ia}'
                   f'        </instance_attributes>\n'
                   f'        <operations>\n'

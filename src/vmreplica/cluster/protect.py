@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from ..domain.relationship import DEFAULTS, POINT_INTERVAL_TEXT
 from ..errors import UsageError
 from . import pacemaker
 
@@ -23,11 +24,13 @@ def protect(host, body: dict) -> dict:
     rel = host.store.relationship(vm)
     if rel is None:
         prim.enable(host, vm, str(body.get("peer") or ""), frequency="30s",
-                    mode="continuous", max_stall=float(body.get("max_stall") or 5.0),
-                    history=int(body.get("history", 4)),
-                    point_interval=body.get("point_interval") or "1h", cluster=True)
+                    mode="continuous",
+                    max_stall=float(body.get("max_stall") or DEFAULTS.max_stall),
+                    history=int(body.get("history", DEFAULTS.history)),
+                    point_interval=body.get("point_interval") or POINT_INTERVAL_TEXT,
+                    cluster=True)
         seeding.initial(host, vm)
-    elif rel["role"] != "primary":
+    elif rel.role != "primary":
         raise UsageError(f"run `cluster protect` on the node where {vm} runs (its primary)")
     else:
         host.store.update_relationship(vm, cluster=True, mode="continuous")

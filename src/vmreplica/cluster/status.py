@@ -13,18 +13,18 @@ def local_view(host, vm: str) -> dict:
     rel = host.store.relationship(vm)
     if rel is None:
         return {"vm": vm, "role": "none"}
-    return {"vm": vm, "role": rel["role"], "state": rel["state"],
-            "sync_state": rel.get("sync_state"), "peer": rel["peer"], "epoch": rel["epoch"],
-            "fenced": rel.get("fenced")}
+    return {"vm": vm, "role": rel.role, "state": rel.state,
+            "sync_state": rel.sync_state, "peer": rel.peer, "epoch": rel.epoch,
+            "fenced": rel.fenced}
 
 
 def cluster_status(host) -> dict:
     pm = pacemaker.nodes_and_resources()
     out = {"quorum": pm["quorum"], "nodes": pm["nodes"], "vms": []}
     for rel in host.store.relationships():
-        if not rel.get("cluster"):
+        if not rel.cluster:
             continue
-        vm = rel["vm"]
+        vm = rel.vm
         running_on = pm["resources"].get(pacemaker.rsc(vm), [])
         # The replication as the node that runs the VM sees it: in sync only when that node
         # is the primary and its mirror has every write (a node that failed over and has
@@ -34,7 +34,7 @@ def cluster_status(host) -> dict:
             active = local_view(host, vm)
         elif len(running_on) == 1:
             try:
-                active = host.client_for_peer(rel["peer"], timeout=5).request(
+                active = host.client_for_peer(rel.peer, timeout=5).request(
                     "GET", f"/v1/cluster/relationships/{vm}")
             except VmreplicaError:
                 active = {}

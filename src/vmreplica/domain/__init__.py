@@ -1,4 +1,5 @@
-"""The nouns and rules of replication: relationships, states, schedules, sizes, patterns, health.
+"""The nouns and rules of replication: relationships (typed: `relationship`), recovery
+points, cycle records, states, schedules, sizes, patterns, health.
 
-Pure Python: imports nothing from vmreplica but `errors`, does no I/O, reads no clock.
+Pure Python, no I/O, no clock. May import `errors` only.
 """

@@ -7,7 +7,7 @@ A *status run* is (offset, length, flags) as NBD block status reports it: for
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 HOLE = 1
 ZERO = 2

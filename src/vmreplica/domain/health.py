@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .relationship import Relationship
 from .schedule import parse_window
 from .states import State
 
@@ -20,6 +21,23 @@ DEFAULT_THRESHOLDS = {
 LEVELS = ("normal", "warning", "critical")
 
 
+@dataclass(frozen=True, kw_only=True)
+class CycleRecord:
+    """One cycle in the history (a row of the store's ``cycles``): started, then
+    finished with its outcome; ``ok`` is None while it runs (1 done, 0 failed)."""
+    id: int
+    vm: str
+    cycle: int
+    kind: str                            # initial | delta | resync | ...
+    started_at: float
+    finished_at: float | None = None
+    ok: int | None = None
+    raw_bytes: int = 0
+    wire_bytes: int = 0
+    extents: int = 0
+    error: str | None = None
+
+
 @dataclass
 class Health:
     level: str = "normal"
@@ -31,24 +49,24 @@ class Health:
         self.reasons.append(reason)
 
 
-def measure(rel: dict, cycles: list[dict], now: float) -> dict:
-    """Statistics of the last 12 hours of cycles (rows of the cycles table)."""
-    recent = [c for c in cycles if c["started_at"] >= now - WINDOW]
-    ok = [c for c in recent if c.get("ok")]
-    failed = [c for c in recent if c.get("ok") == 0]
-    sizes = [int(c.get("raw_bytes") or 0) for c in ok]
-    durations = [c["finished_at"] - c["started_at"] for c in ok if c.get("finished_at")]
-    freq = int(rel.get("frequency") or 300)
-    since = max(now - WINDOW, float(rel.get("replicating_since") or rel.get("created_at") or now))
+def measure(rel: Relationship, cycles: list[CycleRecord], now: float) -> dict:
+    """Statistics of the last 12 hours of cycles (newest first, as the store lists them)."""
+    recent = [c for c in cycles if c.started_at >= now - WINDOW]
+    ok = [c for c in recent if c.ok]
+    failed = [c for c in recent if c.ok == 0]
+    sizes = [int(c.raw_bytes or 0) for c in ok]
+    durations = [c.finished_at - c.started_at for c in ok if c.finished_at]
+    freq = rel.frequency
+    since = max(now - WINDOW, float(rel.replicating_since or rel.created_at or now))
     expected = int((now - since) // freq)
-    if rel.get("mode") == "continuous" and rel.get("sync_state") != "idle":
+    if rel.mode == "continuous" and rel.sync_state != "idle":
         expected = 0      # no schedule: cycles only catch up, then the mirror carries writes
-    scheduled_ok = len([c for c in ok if c.get("kind") != "initial"])
+    scheduled_ok = len([c for c in ok if c.kind != "initial"])
     missed = max(0, expected - scheduled_ok)
     raw = sum(sizes)
-    wire = sum(int(c.get("wire_bytes") or 0) for c in ok)
+    wire = sum(int(c.wire_bytes or 0) for c in ok)
     busy = sum(durations)
-    last = rel.get("last_success_at") if rel.get("role") == "primary" else rel.get("last_freeze_at")
+    last = rel.last_success_at if rel.role == "primary" else rel.last_freeze_at
     return {
         "cycles": len(ok), "errors": len(failed), "expected_cycles": expected,
         "missed_cycles": missed,
@@ -63,38 +81,38 @@ def measure(rel: dict, cycles: list[dict], now: float) -> dict:
         "last_cycle_at": last, "lag_seconds": (now - last) if last else None,
         # The last cycle's error: a good cycle after it clears it (the failures stay
         # counted in "errors", the newest one in "last_failure").
-        "last_error": recent[0].get("error") if recent and recent[0].get("ok") == 0 else None,
-        "last_failure": {"at": failed[0]["started_at"], "error": failed[0].get("error")}
+        "last_error": recent[0].error if recent and recent[0].ok == 0 else None,
+        "last_failure": {"at": failed[0].started_at, "error": failed[0].error}
         if failed else None,
     }
 
 
-def assess(rel: dict, now: float, stats: dict | None = None,
+def assess(rel: Relationship, now: float, stats: dict | None = None,
            thresholds: dict | None = None) -> Health:
     """Health of one relationship, seen from this side, with the reasons."""
     t = dict(DEFAULT_THRESHOLDS, **(thresholds or {}))
     h = Health()
-    state = State(rel["state"])
-    freq = int(rel.get("frequency") or 300)
-    failures = int(rel.get("consecutive_failures") or 0)
-    pending = rel.get("apply_pending")
+    state = State(rel.state)
+    freq = rel.frequency
+    failures = rel.consecutive_failures
+    pending = rel.apply_pending
     if pending:
         # Replica side: a staged cycle not applied whole (replica.unapplied).
         h.raise_to("critical", f"{pending.get('error') or 'a staged cycle is not applied'}; "
                                "nothing reads the replica until it is applied")
-    if rel.get("fenced"):
-        h.raise_to("critical", f"fenced: {rel['fenced']}")
+    if rel.fenced:
+        h.raise_to("critical", f"fenced: {rel.fenced}")
     elif state == State.ERROR:
-        h.raise_to("critical", f"replication failing: {rel.get('last_error') or 'error'}")
+        h.raise_to("critical", f"replication failing: {rel.last_error or 'error'}")
     elif state == State.SUSPENDED:
         h.raise_to("warning", "replication is suspended by the operator: changes are "
                               "tracked, the replica falls behind until `resume`")
     elif state == State.RESYNC_REQUIRED:
-        reason = rel.get("resync_reason") or rel.get("last_error") or "tracking was broken"
-        window = parse_window(rel.get("resync_window"))
-        if window is not None and rel.get("resync_window_missed"):
+        reason = rel.resync_reason or rel.last_error or "tracking was broken"
+        window = parse_window(rel.resync_window)
+        if window is not None and rel.resync_window_missed:
             h.raise_to("critical", f"resynchronization required and its window "
-                                   f"{rel['resync_window']} passed without it: {reason}")
+                                   f"{rel.resync_window} passed without it: {reason}")
         else:
             h.raise_to("warning", f"resynchronization required: {reason}")
     elif state == State.RESYNCHRONIZING:
@@ -102,20 +120,19 @@ def assess(rel: dict, now: float, stats: dict | None = None,
     elif state in (State.READY_FOR_INITIAL, State.WAITING_FOR_INITIAL, State.INITIAL_IN_PROGRESS):
         h.raise_to("warning", "initial replication has not completed")
     if state == State.REPLICATING and \
-            rel.get("mode") == "continuous" and rel.get("sync_state") in ("degraded",
-                                                                           "catching_up"):
-        h.raise_to("warning", f"continuous mode {rel['sync_state']}"
-                              + (f": {rel['sync_reason']}" if rel.get("sync_reason") else ""))
-    if rel.get("role") == "primary" and state == State.REPLICATING:
-        if failures and rel.get("last_error_code") == "storage_full":
+            rel.mode == "continuous" and rel.sync_state in ("degraded", "catching_up"):
+        h.raise_to("warning", f"continuous mode {rel.sync_state}"
+                              + (f": {rel.sync_reason}" if rel.sync_reason else ""))
+    if rel.role == "primary" and state == State.REPLICATING:
+        if failures and rel.last_error_code == "storage_full":
             h.raise_to("critical", f"the replica's storage is full: "
-                                   f"{rel.get('last_error') or 'no space left'}")
+                                   f"{rel.last_error or 'no space left'}")
         elif failures:
             level = "critical" if failures >= int(t["failures_critical"]) else "warning"
             h.raise_to(level, f"last {failures} cycle(s) failed: "
-                              f"{rel.get('last_error') or 'unknown error'}")
-        last = rel.get("last_success_at")
-        if rel.get("mode") == "continuous" and rel.get("sync_state") == "in_sync":
+                              f"{rel.last_error or 'unknown error'}")
+        last = rel.last_success_at
+        if rel.mode == "continuous" and rel.sync_state == "in_sync":
             last = None       # the mirror has every write: no lag
         if last is not None and now - last > float(t["lag_warning_factor"]) * freq:
             h.raise_to("warning", f"lag {now - last:.0f} s is over "
@@ -124,13 +141,13 @@ def assess(rel: dict, now: float, stats: dict | None = None,
                 stats["missed_pct"] >= float(t["missed_warning_pct"]):
             h.raise_to("warning", f"{stats['missed_cycles']} of {stats['expected_cycles']} "
                                   f"cycles missed in the last 12 h ({stats['missed_pct']:g} %)")
-    if rel.get("role") == "replica" and state == State.REPLICATING:
-        history = int(rel.get("history", 0))
-        have = rel.get("points_count")
-        interval = int(rel.get("point_interval") or 3600)
-        since = rel.get("replicating_since")
+    if rel.role == "replica" and state == State.REPLICATING:
+        history = rel.history
+        have = rel.points_count
+        interval = rel.point_interval
+        since = rel.replicating_since
         if since is None:
-            since = rel.get("created_at")
+            since = rel.created_at or None
         if have is not None and history and have < history and since is not None and \
                 now - since > (history + 1) * interval:
             h.raise_to("warning", f"{have} recovery point(s), {history} asked for")

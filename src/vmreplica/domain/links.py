@@ -11,6 +11,8 @@ is in doubt with a hash resync; the side it left stands by. VM names never conta
 
 from __future__ import annotations
 
+from .relationship import Relationship
+
 DR = "dr"
 SEP = "@"
 
@@ -28,12 +30,12 @@ def is_dr(key: str) -> bool:
     return key.endswith(SEP + DR)
 
 
-def runs_here(main: dict | None) -> bool:
+def runs_here(main: Relationship | None) -> bool:
     """Whether this host holds the authoritative, running copy of the VM, judged by the
     VM's main relationship: none (the VM is only DR-protected), the unfenced primary, or
     a replica that has failed over (it runs the VM alone until it reverses)."""
     if main is None:
         return True
-    if main["role"] == "primary":
-        return not main.get("fenced")
-    return main["state"] == "failed_over"
+    if main.role == "primary":
+        return not main.fenced
+    return main.state == "failed_over"

@@ -8,11 +8,26 @@ oldest point's successor down into the base, so the remaining points keep their 
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 from ..errors import UsageError
 from .units import parse_duration
 
 MAX_HISTORY = 24
 CRASH, APP, LATEST = "crash", "app", "latest"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Point:
+    """A recovery point as the host that holds the chains records it (a row of the
+    store's ``recovery_points``): layer ``layer`` of every disk's chain is its top."""
+    vm: str
+    id: int
+    point_time: float                    # the primary's freeze time of its cycle
+    kind: str                            # CRASH | APP
+    layer: int
+    created_at: float = 0.0              # set by the store
 
 
 def validate_history(n: int) -> int:
@@ -49,10 +64,8 @@ def merges_needed(point_count: int, history: int, pinned: bool = False) -> int:
     return max(0, point_count - history)
 
 
-def after_merge(points: list[dict]) -> list[dict]:
+def after_merge(points: list[Point]) -> list[Point]:
     """The point list once the oldest point is merged away: every other point's top
     layer moves down by one (layer 1 was committed into layer 0 and removed)."""
-    rest = [dict(p) for p in sorted(points, key=lambda p: p["id"])[1:]]
-    for p in rest:
-        p["layer"] -= 1
-    return rest
+    return [dataclasses.replace(p, layer=p.layer - 1)
+            for p in sorted(points, key=lambda p: p.id)[1:]]

@@ -14,7 +14,7 @@ def parse_frequency(text: str) -> int:
         seconds = parse_duration(text)
     except UsageError:
         seconds = None
-    if seconds not in FREQUENCIES.values():
+    if seconds is None or seconds not in FREQUENCIES.values():
         raise UsageError(f"unsupported frequency {text!r}", hint="choose 30s, 5m or 15m")
     return seconds
 

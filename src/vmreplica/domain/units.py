@@ -23,7 +23,7 @@ def parse_size(text: str) -> int:
     return size
 
 
-def format_size(n: int | float) -> str:
+def format_size(n: float) -> str:
     n = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":

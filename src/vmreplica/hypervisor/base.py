@@ -1,42 +1,23 @@
-"""The driver protocol every hypervisor implements, and the registry that picks one by name."""
+"""The interface every hypervisor driver implements (its parts as Protocols, combined in
+``Driver``), the records it returns, and helpers both drivers share. The registry that
+picks a driver by name is hypervisor.factory."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
-
-from ..errors import UsageError
-
-
-def active_mirror(disk: str, device: str, target: str) -> dict:
-    """`blockdev-mirror` arguments of continuous mode: job ``mirror-<disk>`` from node
-    ``device`` into ``target``; nothing copied at start (the replica already equals the
-    disk), every later guest write acknowledged only once the target has it, and a
-    target that fails stops the job instead of the guest."""
-    return {"job-id": f"mirror-{disk}", "device": device, "target": target,
-            "sync": "none", "copy-mode": "write-blocking",
-            "on-target-error": "stop", "on-source-error": "stop",
-            "auto-dismiss": True, "auto-finalize": True}
-
-
-# MIRROR_DISCARDS: every node a mirrored discard crosses (the NBD client nodes on the
-# VM's QEMU and the libvirt relay, the replica's head nodes) has `discard: unmap`, QEMU's
-# default being `ignore`: a discard the mirror forwards (NBD TRIM) then reaches the
-# replica's head. QEMU 7.2's mirror filter itself (mirror_top, opened without
-# BDRV_O_UNMAP) drops the guest's discards before the disk while a mirror runs: they
-# reach neither the primary's disk nor the replica, which stay equal (checked by
-# tests/e2e/test_continuous_discard.py, which also sends a TRIM down the mirror's path).
+from typing import NotRequired, Protocol, TypedDict
 
 # QUIET_CANCEL: QEMU 7.2 (Debian 12) now and then corrupts its heap and aborts
 # ("malloc_consolidate(): unaligned fastbin chunk detected") when a write-blocking mirror
 # is cancelled while guest writes are in flight through it: on libvirt hosts 1 in 54
 # switches to periodic in a loop here, 3 in 44 runs of a test that switches modes, none
 # in 160 with the pause (docs/architecture.md, continuous mode). Both drivers end mirror
-# jobs with the guest paused (its I/O drained), for as long as the cancel takes.
-# A pause that waits longer than this on a replica that hangs has its connection cut
-# (the waiting writes complete on the disk, the jobs stop with an error, the
-# tracking bitmap has those writes).
+# jobs with the guest paused (its I/O drained), for as long as the cancel takes
+# (qemutools.qmpsteps.quiet_guest). A pause that waits longer than this on a replica
+# that hangs has its connection cut (the waiting writes complete on the disk, the jobs
+# stop with an error, the tracking bitmap has those writes).
 QUIET_CANCEL_GUARD = 3.0
 
 
@@ -69,24 +50,45 @@ class BitmapInfo:
     count: int = 0       # dirty bytes
     granularity: int = 65536
 
+    @classmethod
+    def from_qmp(cls, name: str, b: dict) -> BitmapInfo:
+        """From an entry of a node's ``dirty-bitmaps`` (query-named-block-nodes)."""
+        return cls(name, bool(b.get("recording")), bool(b.get("persistent")),
+                   bool(b.get("inconsistent")), int(b.get("count", 0)),
+                   int(b.get("granularity", 65536)))
+
 
 class BlockSession(Protocol):
     """Access to a VM's disks for change tracking, whether the VM runs or not.
 
     ``freeze`` atomically (one transaction over all disks) starts bitmap ``new``,
     stops bitmap ``since`` and fixes a point-in-time view of every disk; the view is
-    exported over NBD (with ``since`` as its dirty-bitmap context) until ``close``.
+    exported over NBD (with ``since`` as its dirty-bitmap context) until ``unexport``
+    or ``close``. Where a frozen view is refused (beside continuous mode's mirror) a
+    session with live views (BlockAccess.live_views) exports a live one and sets
+    ``live``; ``settle`` then pauses the guest and exports what changed meanwhile,
+    ``end_pause`` resumes it, ``paused_seconds`` says for how long. A session without
+    live views never sets ``live``: its ``settle`` raises Unsupported, its
+    ``end_pause`` does nothing.
     """
 
     running: bool
     per_disk_bitmaps: bool    # False: release() drops a bitmap on every disk it covers
+    live: bool
+    paused_seconds: float
 
     def bitmaps(self, disk: str) -> list[BitmapInfo]: ...
-    def freeze(self, disks: list[str], since: str | None, new: str | None) -> dict[str, "Export"]: ...
+    def freeze(self, disks: list[str], since: str | None, new: str | None) -> dict[str, Export]: ...
+    def settle(self, disks: list[str], new: str, tail: str) -> dict[str, Export]: ...
+    def end_pause(self) -> None: ...
+    def unexport(self) -> None: ...
+    def add_bitmap(self, disks: list[str], name: str) -> None: ...
     def release(self, disks: list[str], names: list[str]) -> None: ...
     def restore(self, disks: list[str], since: str, new: str) -> None: ...
     def merge(self, disks: list[str], target: str, sources: list[str]) -> None: ...
     def close(self) -> None: ...
+    def __enter__(self): ...
+    def __exit__(self, *exc): ...
 
 
 @dataclass
@@ -102,43 +104,143 @@ class Export:
     image_format: str | None = None
 
 
-class Driver(Protocol):
-    """Optional: ``set_title(name, title, description=None)`` labels a VM in the
-    hypervisor's own tools (libvirt's <title>, e.g. "replica of web1 on site-a"); drivers
-    without labels do not have it, so callers use ``getattr(driver, "set_title", None)``.
+# -- the driver's interface ----------------------------------------------------------------
+# A driver is one class implementing every Protocol below (``Driver`` combines them);
+# tests/unit/test_driver_interface.py checks that each driver class has every method
+# with a compatible signature. Callers call the methods plainly, never probe with
+# hasattr/getattr. A driver that lacks a capability still has the method and raises
+# ``errors.Unsupported`` with a message the user reads; what a caller must know before
+# it starts something (continuous mode, a DR link beside it) is a declared boolean.
 
-    Continuous mode (both drivers; primary/continuous.py checks for ``mirror_start``):
-    ``pause``/``resume`` the VM; ``watch_monitor(name)`` → a monitor with ``execute``,
-    ``wait_event`` (QEMU's events until it exits) and ``close``; ``mirror_start(name,
-    disks, target)`` (a write-blocking mirror, see ``active_mirror``), ``mirror_status(name,
-    mon=None)`` → {disk: job}, ``mirror_yank(mon, disks)`` → True if the jobs can be
-    resumed afterwards, ``mirror_resume(name, disks, target=None)``, ``mirror_stop(name,
-    disks)``; optionally ``mirror_relay_socket(name)``, where the watchdog's probe goes
-    instead of straight to the replica (libvirt's relay)."""
+
+class VMCheck(TypedDict):
+    """The VM checker's view (`vmreplica vm check`, the cluster agent's monitor)."""
+
+    process: bool            # the hypervisor's process of the VM exists
+    qmp: str | None          # its run state in QMP's words (running, paused, io-error,
+                             # shutdown, guest-panicked, inmigrate, ...); None without a process
+    agent: str | None        # "ok", "error: ..." or None (the VM has no guest agent)
+    uptime: float | None     # seconds since the process started
+    state: NotRequired[str]  # the hypervisor's own words when they say more (libvirt:
+                             # its state and reason, e.g. "paused (user)")
+
+
+class Inventory(Protocol):
+    """Inventory and power: the VMs of this host, their definitions, start/stop/pause."""
 
     name: str
 
     def list_vms(self) -> list[VMInfo]: ...
     def inspect(self, name: str) -> VMInfo: ...
-    def create_vm(self, name: str, sizes: list[int], memory_mb: int, guest: str | None,
-                  disk_format: str) -> VMInfo: ...
-    def define_vm(self, desc: dict) -> VMInfo: ...
     def describe(self, name: str) -> dict: ...
-    def start(self, name: str) -> None: ...
-    def stop(self, name: str, force: bool = False, timeout: float = 60.0) -> None: ...
+    def exists(self, name: str) -> bool: ...
+    def create_vm(self, name: str, sizes: list[int], memory_mb: int = 256,
+                  guest: str | None = None, disk_format: str = "qcow2",
+                  share_rw: bool = False) -> VMInfo: ...
+    def define_vm(self, desc: dict) -> VMInfo: ...
     def delete(self, name: str) -> None: ...
+    def set_disks(self, name: str, disks: dict[str, str]) -> None: ...
+    def replace_disks(self, name: str, disks: list[dict]) -> None: ...
+    def add_owned(self, name: str, paths: list[str]) -> None: ...
+    def set_title(self, name: str, title: str, description: str | None = None) -> None:
+        """Label the VM in the hypervisor's own tools (libvirt's <title>, e.g. "replica
+        of web1 on site-a"; the qemu driver keeps it in the VM's description)."""
+    def start(self, name: str) -> None:
+        """Power on; a VM with a saved state (SaveRestore.save) resumes from it."""
+    def stop(self, name: str, force: bool = False, timeout: float = 60.0) -> None: ...
+    def pause(self, name: str) -> None: ...
+    def resume(self, name: str) -> None: ...
+    def resume_left_paused(self) -> list[str]:
+        """At daemon start: resume the VMs a dead daemon left paused; their names."""
+    def check(self, name: str) -> VMCheck: ...
+
+
+class GuestAgent(Protocol):
+    """Calls into the guest agent (qemu-guest-agent); HypervisorError when it has none."""
+
+    def agent_command(self, name: str, command: str, arguments: dict | None = None,
+                      timeout: float = 10.0, expect_reply: bool = True): ...
+    def freeze_filesystems(self, name: str, timeout: float = 15.0) -> None: ...
+    def thaw_filesystems(self, name: str) -> None: ...
+
+
+class BlockAccess(Protocol):
+    """Block sessions for change tracking, and direct disk I/O.
+
+    ``live_views``: its block sessions can read a live view that converges (settle)
+    where a frozen one is refused, i.e. beside continuous mode's mirror (a DR link
+    beside continuous mode needs it). ``io`` runs a qemu-io command through the VM's
+    own device (benchmarks; Unsupported where the driver cannot)."""
+
+    live_views: bool
+
     def block_session(self, name: str) -> BlockSession: ...
+    def drop_left_views(self) -> list[str]:
+        """At daemon start: remove what a dead daemon's block session left in running
+        VMs; the names of the VMs it cleaned."""
+    def io(self, name: str, disk: str, command: str) -> str: ...
 
 
-def get_driver(name: str, home: Path, config: dict) -> Driver:
-    """Drivers are chosen by name from the host's configuration."""
-    if name == "qemu":
-        from .qemu import QemuDriver
-        return QemuDriver(home, config)
-    if name == "libvirt":
-        try:
-            from .libvirt import LibvirtDriver
-        except ImportError as e:
-            raise UsageError(f"the libvirt driver is not available: {e}") from None
-        return LibvirtDriver(home, config)
-    raise UsageError(f"unknown hypervisor driver {name!r}", hint="choose qemu or libvirt")
+class Collapse(Protocol):
+    """A failed-over VM's chain (overlay → layers → base) merged into its base while the
+    VM runs (replica.collapse)."""
+
+    def collapse_prepare(self, name: str, bases: dict[str, str]) -> None: ...
+    def collapse_live(self, name: str, bases: dict[str, str], timeout: float = 3600.0,
+                      poll: float = 0.05) -> dict[str, int]: ...
+    def collapse_done(self, name: str, bases: dict[str, str]) -> None: ...
+
+
+class Mirror(Protocol):
+    """Continuous mode: a write-blocking mirror of the VM's disks
+    (qemutools.qmpsteps.active_mirror).
+
+    ``continuous``: the mirror_* methods work (False: they raise Unsupported, and
+    enabling continuous mode is refused up front). ``watch_monitor(name)`` → a monitor
+    with ``execute``, ``wait_event`` (QEMU's events until it exits) and ``close``;
+    ``mirror_status(name, mon=None)`` → {disk: job}; ``mirror_yank(mon, disks)`` → True
+    if the jobs can be resumed afterwards; ``mirror_relay_socket(name)`` → where the
+    watchdog's probe goes instead of straight to the replica (libvirt's relay), or None."""
+
+    continuous: bool
+
+    def watch_monitor(self, name: str): ...
+    def mirror_start(self, name: str, disks: list[str], target: dict) -> None: ...
+    def mirror_status(self, name: str, mon=None) -> dict[str, dict]: ...
+    def mirror_yank(self, mon, disks: list[str]) -> bool: ...
+    def mirror_resume(self, name: str, disks: list[str], target: dict | None = None) -> None: ...
+    def mirror_stop(self, name: str, disks: list[str]) -> None: ...
+    def mirror_relay_socket(self, name: str) -> str | None: ...
+
+
+class SaveRestore(Protocol):
+    """The cluster's `save` stop mode: the running VM's memory and device state to disk,
+    the VM stopped; the next start resumes from it."""
+
+    def save(self, name: str, timeout: float = 300.0) -> Path:
+        """Save and stop; the saved state's file."""
+    def saved_state(self, name: str) -> Path | None:
+        """The saved state the next start resumes from, or None."""
+    def discard_saved(self, name: str) -> None:
+        """Forget the saved state (its disks are about to change under it)."""
+
+
+class Driver(Inventory, GuestAgent, BlockAccess, Collapse, Mirror, SaveRestore, Protocol):
+    """A hypervisor driver: every part above. Chosen by name from the host's
+    configuration (hypervisor.factory.get_driver)."""
+
+
+INTERFACES: tuple[type, ...] = (Inventory, GuestAgent, BlockAccess, Collapse, Mirror,
+                                SaveRestore)
+
+
+def process_age(pid: int) -> float | None:
+    """Seconds since process `pid` started (/proc), None when it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))

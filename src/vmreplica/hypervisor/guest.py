@@ -1,12 +1,22 @@
 """Built-in guests: the demo guest (Debian's kernel + a busybox initramfs built by
-`scripts/build-guest.sh` at set-up) that writes numbered records to its last disk.
+`scripts/build-guest.sh`) that writes numbered records to its last disk.
 
-Found in $VMREPLICA_GUEST_DIR/<name>, else in the source tree's guest/<name>.
+A guest is installed data, not part of the package: a directory NAME/ holding `vmlinuz`
+and `initramfs.img`, found (by the daemon, which boots it) in
+
+1. ``$VMREPLICA_GUEST_DIR/NAME`` when that is set (the operator's choice: only there);
+2. else ``PREFIX/share/vmreplica/guests/NAME`` for the installation's prefix (its
+   virtual environment's; `make setup` builds the demo guest and links it into
+   ``.venv/share/vmreplica/guests/demo``), then ``/usr/local/share/...`` and
+   ``/usr/share/...`` (a system-wide installation).
+
+Absent, `vm create --guest` says where it looked and how to build it.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from ..errors import UsageError
@@ -14,24 +24,50 @@ from ..errors import UsageError
 GUESTS = ("demo",)
 CMDLINE = "console=ttyS0 quiet panic=-1"
 READY_MARKER = "vmreplica-demo"
+ENV = "VMREPLICA_GUEST_DIR"
+DATA = ("share", "vmreplica", "guests")          # under an installation prefix
+BUILD_HINT = ("build it: `make setup` in a vmreplica clone, or `scripts/build-guest.sh "
+              f"DIR/{{name}}` and give the daemon {ENV}=DIR")
 
 
-def guest_dir(name: str) -> Path:
-    env = os.environ.get("VMREPLICA_GUEST_DIR")
+def _prefixes() -> list[str]:
+    """The installation prefixes to look under, most specific first."""
+    out = [sys.prefix]
+    # Started without site processing (the installed command runs `python -S`), a virtual
+    # environment's prefix is not sys.prefix yet: it is the directory of its pyvenv.cfg.
+    venv = os.path.dirname(os.path.dirname(os.path.abspath(sys.executable)))
+    if os.path.isfile(os.path.join(venv, "pyvenv.cfg")):
+        out.append(venv)
+    out += ["/usr/local", "/usr"]
+    return list(dict.fromkeys(out))
+
+
+def guest_dirs(name: str) -> list[Path]:
+    """Where guest ``name`` is looked for, in order."""
+    env = os.environ.get(ENV)
     if env:
-        return Path(env) / name
-    return Path(__file__).resolve().parents[3] / "guest" / name
+        return [Path(env) / name]
+    return [Path(p).joinpath(*DATA, name) for p in _prefixes()]
+
+
+def guest_dir(name: str) -> Path | None:
+    """The first directory that holds guest ``name`` (symbolic links resolved), or None."""
+    for d in guest_dirs(name):
+        if (d / "vmlinuz").is_file() and (d / "initramfs.img").is_file():
+            return d.resolve()
+    return None
 
 
 def guest_files(name: str) -> dict:
     if name not in GUESTS:
         raise UsageError(f"unknown guest {name!r}", hint=f"built-in guests: {', '.join(GUESTS)}")
     d = guest_dir(name)
-    kernel, initrd = d / "vmlinuz", d / "initramfs.img"
-    if not (kernel.exists() and initrd.exists()):
-        raise UsageError(f"the {name} guest is not built ({d})",
-                         hint="run `make setup` (it runs scripts/build-guest.sh)")
-    return {"kernel": kernel, "initrd": initrd, "cmdline": CMDLINE, "ready_marker": READY_MARKER}
+    if d is None:
+        raise UsageError(f"the {name} guest is not installed (looked in "
+                         f"{', '.join(str(p) for p in guest_dirs(name))})",
+                         hint=BUILD_HINT.format(name=name))
+    return {"kernel": d / "vmlinuz", "initrd": d / "initramfs.img", "cmdline": CMDLINE,
+            "ready_marker": READY_MARKER}
 
 
 RECORD = b"vmreplica-demo seq="

@@ -205,7 +205,7 @@ def _machine_lock(path: Path):
     """An exclusive lock beside the cache file (none if its folder cannot be made)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(path.with_name(path.name + ".lock"), "a+")
+        f = open(path.with_name(path.name + ".lock"), "a+")  # noqa: SIM115 — closed in the finally
     except OSError:
         yield
         return

@@ -26,11 +26,14 @@ Recovery points are taken on the replica, live, at each point interval.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
+from typing import Any
 
 from ..domain import points as dp
+from ..domain.relationship import Relationship
 from ..domain.units import format_size
 from ..errors import OperationError, Superseded, VmreplicaError
 from ..hypervisor.base import QUIET_CANCEL_GUARD
@@ -51,7 +54,7 @@ class _Mirror:
     def __init__(self, vm: str):
         self.vm = vm
         self.mon = None               # the VM's out-of-band monitor
-        self.probe = None             # libnbd handle on the replica's export
+        self.probe: Any = None        # libnbd handle on the replica's export
         self.probe_cookie = None
         self.probe_pending: dict | None = None   # a connection being made (see _probe_connect)
         self.probe_sent = 0.0
@@ -92,36 +95,36 @@ class Continuous:
     # -- the scheduler calls this twice a second ---------------------------------------
     def tick(self, now: float) -> None:
         for rel in self.host.store.relationships():
-            if rel["role"] == "primary" and told_is_stale(rel) and \
-                    now >= self._tell_after.get(rel["vm"], 0.0):
-                self._tell(rel["vm"])
-            if rel["role"] != "primary" or rel.get("mode") != "continuous" or \
-                    rel["vm"] in self._stopping:
+            if rel.role == "primary" and told_is_stale(rel) and \
+                    now >= self._tell_after.get(rel.vm, 0.0):
+                self._tell(rel.vm)
+            if rel.role != "primary" or rel.mode != "continuous" or \
+                    rel.vm in self._stopping:
                 continue          # (a mirror being ended on purpose is not watched)
-            m = self.mirrors.setdefault(rel["vm"], _Mirror(rel["vm"]))
-            if rel["state"] != "replicating" or rel.get("fenced") or rel.get("preparing"):
+            m = self.mirrors.setdefault(rel.vm, _Mirror(rel.vm))
+            if rel.state != "replicating" or rel.fenced or rel.preparing:
                 self._stand_down(m, rel)
                 continue
             if m.busy():
                 # A worker (bitmap rotation, recovery point) may wait on QEMU, which waits
                 # on a replica that hangs (a bitmap change drains the disk's I/O): the
                 # guard against the hang must not wait for the worker.
-                if rel.get("sync_state") == "in_sync":
+                if rel.sync_state == "in_sync":
                     try:
                         self._guard(m, rel, now)
                     except Exception as e:  # noqa: BLE001 — as below
-                        log.warning("continuous mode of %s: %s", rel["vm"],
+                        log.warning("continuous mode of %s: %s", rel.vm,
                                     getattr(e, "message", e))
                 continue
             try:
                 self._step(m, rel, now)
             except Exception as e:  # noqa: BLE001 — one VM's trouble must not stop the others
-                log.warning("continuous mode of %s: %s", rel["vm"], _why(e))
+                log.warning("continuous mode of %s: %s", rel.vm, _why(e))
 
     def _set(self, vm: str, state: str, reason: str | None = None) -> None:
         rel = self.host.store.relationship(vm)
-        if rel is None or rel.get("sync_state") == state or vm in self._stopping \
-                or rel.get("mode") != "continuous":
+        if rel is None or rel.sync_state == state or vm in self._stopping \
+                or rel.mode != "continuous":
             return      # (a watchdog step that saw the mirror end on purpose says nothing)
         self.host.store.update_relationship(vm, sync_state=state, sync_reason=reason,
                                             sync_since=time.time())
@@ -151,16 +154,16 @@ class Continuous:
         m.worker = threading.Thread(target=fn, args=args, name=f"mirror-{m.vm}", daemon=True)
         m.worker.start()
 
-    def _step(self, m: _Mirror, rel: dict, now: float) -> None:
-        vm = rel["vm"]
+    def _step(self, m: _Mirror, rel: Relationship, now: float) -> None:
+        vm = rel.vm
         running = self.host.driver.inspect(vm).state == "running"
-        state = rel.get("sync_state")
+        state = rel.sync_state
         if not running:
             # Nothing writes: periodic cycles (the scheduler) keep the replica current.
             m.close()
             if state != "idle":
                 try:        # what the mirror left (the libvirt driver's relay)
-                    self.host.driver.mirror_stop(vm, rel["disks"])
+                    self.host.driver.mirror_stop(vm, rel.disks)
                 except Exception as e:  # noqa: BLE001
                     log.warning("ending the mirror of %s: %s", vm, getattr(e, "message", e))
             self._set(vm, "idle", "the VM is not running")
@@ -185,7 +188,7 @@ class Continuous:
         self._set(vm, "catching_up")
         try:
             rel = host.store.relationship(vm)
-            host.driver.mirror_stop(vm, rel["disks"])
+            host.driver.mirror_stop(vm, rel.disks)
             _close_target(host, rel)
             for _ in range(5):                        # catch up with bitmap cycles
                 stats = run_cycle(host, vm)
@@ -196,18 +199,18 @@ class Continuous:
                 try:
                     run_cycle(host, vm)
                     rel = host.store.relationship(vm)
-                    target = host.client_for_peer(rel["peer"], timeout=60).request(
+                    target = host.client_for_peer(rel.peer, timeout=60).request(
                         "POST", f"/v1/replica/relationships/{vm}/mirror", {"action": "open"})
-                    from ..replica.mirror import creds_dir
-                    creds = creds_dir(host, host.store.peer(rel["peer"]), "client",
-                                      f"mc-{rel['id'][:8]}")
-                    host.driver.mirror_start(vm, rel["disks"], {
+                    from ..transport.tls import creds_dir
+                    creds = creds_dir(host, host.store.peer(rel.peer), "client",
+                                      f"mc-{rel.id[:8]}")
+                    host.driver.mirror_start(vm, rel.disks, {
                         "host": target["host"], "port": target["port"], "tls_dir": creds,
                         "tls_hostname": target["tls_hostname"]})
                 finally:
                     host.driver.resume(vm)
             m.mon = host.driver.watch_monitor(vm)
-            _probe_connect(m, host, vm, str(creds), target, rel["disks"][0])
+            _probe_connect(m, host, vm, str(creds), target, rel.disks[0])
             m.last_rotation = m.healthy_since = time.monotonic()
             m.resume_tries, m.yanked = 0, False
             m.job_bytes, m.last_write_at = None, time.time()   # the hand-over synced all
@@ -222,17 +225,17 @@ class Continuous:
                                       f"{getattr(e, 'message', None) or e}")
 
     # -- watching ------------------------------------------------------------------------
-    def _watch(self, m: _Mirror, rel: dict, now: float) -> None:
-        vm = rel["vm"]
+    def _watch(self, m: _Mirror, rel: Relationship, now: float) -> None:
+        vm = rel.vm
         # The probe first: it never waits, while asking QEMU for its jobs waits for a
         # main loop that a hung replica may hold (a drain).
-        if m.probe is None and m.probe_pending is None and rel.get("mirror_target"):
+        if m.probe is None and m.probe_pending is None and rel.mirror_target:
             try:
-                _probe_connect(m, self.host, vm, rel["mirror_creds"], rel["mirror_target"],
-                               rel["disks"][0])
+                _probe_connect(m, self.host, vm, rel.mirror_creds or "", rel.mirror_target,
+                               rel.disks[0])
             except Exception:  # noqa: BLE001
                 m.healthy_since = 0.0
-                self._set(vm, "degraded", f"cannot reach the replica {rel['peer']}'s export")
+                self._set(vm, "degraded", f"cannot reach the replica {rel.peer}'s export")
                 m.next_attempt = now + 1
                 return
         if self._guard(m, rel, now):
@@ -240,17 +243,17 @@ class Continuous:
         if m.mon is None:
             m.mon = self.host.driver.watch_monitor(vm)
         jobs = self.host.driver.mirror_status(vm, mon=m.mon)
-        bad = [d for d in rel["disks"] if d not in jobs or jobs[d].get("io-status") != "ok"
+        bad = [d for d in rel.disks if d not in jobs or jobs[d].get("io-status") != "ok"
                or jobs[d].get("paused") or jobs[d].get("status") not in ("ready", "running")]
         if bad:
             m.healthy_since = 0.0
             self._set(vm, "degraded", f"the mirror of {', '.join(bad)} stopped "
-                                      f"(the replica {rel['peer']} does not take writes)")
+                                      f"(the replica {rel.peer} does not take writes)")
             m.next_attempt = now + 1
             return
-        moved = sum(int(jobs[d].get("offset") or 0) for d in rel["disks"])
+        moved = sum(int(jobs[d].get("offset") or 0) for d in rel.disks)
         if m.last_write_at is None:       # (a restarted daemon: since it came in sync)
-            m.last_write_at = rel.get("sync_since") or time.time()
+            m.last_write_at = rel.sync_since or time.time()
         elif m.job_bytes is not None and moved != m.job_bytes:
             m.last_write_at = time.time()
         m.job_bytes = moved
@@ -258,33 +261,33 @@ class Continuous:
         if mono - m.last_rotation >= ROTATE_EVERY and m.healthy_since and \
                 mono - m.healthy_since >= ROTATE_EVERY:
             self._spawn(m, self._rotate, vm)
-        elif dp.point_due(rel.get("last_point_at"), int(rel.get("point_interval", 3600)), now,
-                          int(rel.get("history", 4))):
+        elif dp.point_due(rel.last_point_at, rel.point_interval, now,
+                          rel.history):
             self._spawn(m, self._point, vm)
 
-    def _guard(self, m: _Mirror, rel: dict, now: float) -> bool:
+    def _guard(self, m: _Mirror, rel: Relationship, now: float) -> bool:
         """The probe's verdict: a replica that stopped answering is cut (True), one whose
         export went away makes the mode degraded (True); False if all is well."""
-        vm = rel["vm"]
-        hung = self._probe(m, rel, float(rel.get("max_stall", 5.0)))
+        vm = rel.vm
+        hung = self._probe(m, rel, rel.max_stall)
         if hung < 0:
             m.healthy_since = 0.0
-            self._set(vm, "degraded", f"lost the connection to the replica {rel['peer']}'s "
+            self._set(vm, "degraded", f"lost the connection to the replica {rel.peer}'s "
                                       "export")
             m.next_attempt = now + 1
             return True
         if hung:
             # (qemu: a yanked job cannot be resumed; libvirt: it can, through a new relay)
-            m.yanked = not self.host.driver.mirror_yank(m.mon, rel["disks"])
+            m.yanked = not self.host.driver.mirror_yank(m.mon, rel.disks)
             m.healthy_since = 0.0
-            self._set(vm, "degraded", f"the replica {rel['peer']} stopped answering for "
+            self._set(vm, "degraded", f"the replica {rel.peer} stopped answering for "
                                       f"{hung:.1f} s: mirror connection cut so the guest "
                                       "does not wait")
             m.next_attempt = now + 1
             return True
         return False
 
-    def _probe(self, m: _Mirror, rel: dict, stall: float) -> float:
+    def _probe(self, m: _Mirror, rel: Relationship, stall: float) -> float:
         """Seconds the replica has left a probe unanswered once that is past the bound
         (a fraction of --max-stall, so the yank comes in time), 0 if all is well, -1 if
         the connection to its export broke (the replica went away)."""
@@ -307,6 +310,7 @@ class Continuous:
                 waited = now - pending["since"]
                 return waited if waited > stall * 0.6 else 0.0
         try:
+            assert m.probe is not None          # (connected above, or returned)
             m.probe.poll(0)
             if m.probe_cookie is not None and m.probe.aio_command_completed(m.probe_cookie):
                 m.probe_cookie = None
@@ -336,16 +340,16 @@ class Continuous:
             return
         try:
             rel = host.store.relationship(vm)
-            cycle = int(rel.get("cycle", 0)) + 1
-            new = f"{bitmap_prefix(rel['id'])}{cycle}"
+            cycle = rel.cycle + 1
+            new = f"{bitmap_prefix(rel.id)}{cycle}"
             with host.driver.block_session(vm) as session:
-                session.add_bitmap(rel["disks"], new)
-                older = rel.get("bitmap")
-                keep = rel.get("bitmap_next") or older
+                session.add_bitmap(rel.disks, new)
+                older = rel.bitmap
+                keep = rel.bitmap_next or older
                 # The oldest generation goes only after a whole healthy period: any write
                 # it recorded has reached the replica (or its failure was seen).
                 if older and keep != older:
-                    session.release(rel["disks"], [older])
+                    session.release(rel.disks, [older])
             host.store.update_relationship(vm, cycle=cycle, bitmap=keep, bitmap_next=new,
                                            last_success_at=time.time())
             m.last_rotation = time.monotonic()
@@ -355,33 +359,33 @@ class Continuous:
             lock.release()
 
     def _point(self, vm: str) -> None:
-        from .cycle import _freeze_guest, _thaw_guest
+        from .cycle import freeze_guest, thaw_guest
         host = self.host
         rel = host.store.relationship(vm)
-        kind = dp.kind_for(int(rel.get("points_made", 0)), int(rel.get("app_every", 0)))
-        thaw = kind == dp.APP and _freeze_guest(host, vm, True)
+        kind = dp.kind_for(rel.points_made, rel.app_every)
+        thaw = kind == dp.APP and freeze_guest(host, vm, True)
         if kind == dp.APP and not thaw:
             kind = dp.CRASH
         t = time.time()
         try:
-            host.client_for_peer(rel["peer"], timeout=120).request(
+            host.client_for_peer(rel.peer, timeout=120).request(
                 "POST", f"/v1/replica/relationships/{vm}/point",
-                {"kind": kind, "time": t, "epoch": rel["epoch"]})
+                {"kind": kind, "time": t, "epoch": rel.epoch})
             host.store.update_relationship(vm, last_point_at=t, last_success_at=t,
-                                           points_made=int(rel.get("points_made", 0)) + 1)
+                                           points_made=rel.points_made + 1)
         except OperationError as e:
             log.warning("recovery point of %s: %s", vm, e.message)
             host.store.update_relationship(vm, last_point_at=t)   # next interval
         finally:
             if thaw:
-                _thaw_guest(host, vm)
+                thaw_guest(host, vm)
 
     # -- degraded → in sync ----------------------------------------------------------------
     def _recover(self, vm: str) -> None:
         m = self.mirrors.get(vm)
         rel = self.host.store.relationship(vm)
         if m is None or vm in self._stopping or rel is None or \
-                rel.get("mode") != "continuous" or rel["state"] != "replicating":
+                rel.mode != "continuous" or rel.state != "replicating":
             return            # ended meanwhile (back to periodic, removed, failed over)
         try:
             self._try_recover(m, vm)
@@ -397,27 +401,27 @@ class Continuous:
             jobs = host.driver.mirror_status(vm)
         except Exception:  # noqa: BLE001
             jobs = {}
-        if m.yanked or not all(d in jobs for d in rel["disks"]) or \
+        if m.yanked or not all(d in jobs for d in rel.disks) or \
                 m.resume_tries >= RESUME_TRIES:
             # The jobs cannot come back: start afresh from the tracking bitmap (the
             # watchdog's monitor closed first: ending the jobs may need it, see
             # hypervisor/base.py QUIET_CANCEL).
             m.close()
             try:
-                host.driver.mirror_stop(vm, rel["disks"])
+                host.driver.mirror_stop(vm, rel.disks)
             except Exception:  # noqa: BLE001
                 pass
             self._start(vm)
             return
         if m.resume_tries == 0:
-            m.offsets = {d: int(jobs[d].get("offset", 0)) for d in rel["disks"]}
+            m.offsets = {d: int(jobs[d].get("offset", 0)) for d in rel.disks}
         m.resume_tries += 1
         # (the target as recorded: a daemon that restarted knows it from the store)
-        host.driver.mirror_resume(vm, rel["disks"], dict(rel.get("mirror_target") or {},
-                                                         tls_dir=rel.get("mirror_creds")))
+        host.driver.mirror_resume(vm, rel.disks, dict(rel.mirror_target or {},
+                                                         tls_dir=rel.mirror_creds))
         time.sleep(0.5)
         jobs = host.driver.mirror_status(vm)
-        gone = [d for d in rel["disks"] if d not in jobs]
+        gone = [d for d in rel.disks if d not in jobs]
         if gone:
             # A job that ended while being resumed cannot come back: the next attempt
             # starts afresh from the tracking bitmap.
@@ -427,8 +431,8 @@ class Continuous:
                         "it was resumed; starting a new mirror", vm, ", ".join(gone))
             return
         if all(jobs[d].get("io-status") == "ok" and not jobs[d].get("paused") and
-               jobs[d].get("offset") == jobs[d].get("len") for d in rel["disks"]):
-            moved = sum(int(jobs[d]["offset"]) - m.offsets.get(d, 0) for d in rel["disks"])
+               jobs[d].get("offset") == jobs[d].get("len") for d in rel.disks):
+            moved = sum(int(jobs[d]["offset"]) - m.offsets.get(d, 0) for d in rel.disks)
             m.resume_tries = 0
             if m.probe is not None:       # a fresh probe (libvirt: through the new relay)
                 from ..qemutools import nbdio
@@ -443,7 +447,7 @@ class Continuous:
             m.next_attempt = time.time() + 1
 
     # -- stopping --------------------------------------------------------------------------
-    def _stand_down(self, m: _Mirror, rel: dict) -> None:
+    def _stand_down(self, m: _Mirror, rel: Relationship) -> None:
         if m.mon is not None or m.probe is not None:
             m.close()
 
@@ -466,7 +470,7 @@ class Continuous:
                         m.worker.join(60)
                 m.close()
             try:
-                host.driver.mirror_stop(vm, rel["disks"])
+                host.driver.mirror_stop(vm, rel.disks)
             except Exception as e:  # noqa: BLE001
                 log.warning("stopping the mirror of %s: %s", vm, e)
             _close_target(host, rel)
@@ -474,12 +478,12 @@ class Continuous:
         finally:
             self._stopping.discard(vm)
 
-    def _cut(self, m: _Mirror, vm: str, rel: dict) -> None:
+    def _cut(self, m: _Mirror, vm: str, rel: Relationship) -> None:
         mon = m.mon
         try:
             if mon is None:
                 mon = self.host.driver.watch_monitor(vm)
-            self.host.driver.mirror_yank(mon, rel["disks"])
+            self.host.driver.mirror_yank(mon, rel.disks)
             log.warning("ending the mirror of %s: a worker waited %.0f s on the replica; "
                         "the mirror was cut", vm, QUIET_CANCEL_GUARD)
         except Exception as e:  # noqa: BLE001 — the paused cancel has its own guard
@@ -490,7 +494,7 @@ class Continuous:
 
     def status(self, vm: str) -> str | None:
         rel = self.host.store.relationship(vm)
-        return rel.get("sync_state") if rel else None
+        return rel.sync_state if rel else None
 
 
 def _why(e: BaseException) -> str:
@@ -499,13 +503,13 @@ def _why(e: BaseException) -> str:
     return getattr(e, "message", None) or f"{type(e).__name__}: {e}"
 
 
-def told_is_stale(rel: dict) -> bool:
+def told_is_stale(rel: Relationship) -> bool:
     """Whether the replica has not been told this side's mode and sub-state yet (a
     relationship made before there was anything to tell counts as told while periodic)."""
-    told = rel.get("peer_told")
+    told = rel.peer_told
     if told is None:
-        return rel.get("mode") == "continuous" or rel.get("sync_state") is not None
-    return told != {"mode": rel.get("mode") or "periodic", "sync_state": rel.get("sync_state")}
+        return rel.mode == "continuous" or rel.sync_state is not None
+    return told != {"mode": rel.mode, "sync_state": rel.sync_state}
 
 
 def tell_replica(host, vm: str) -> bool:
@@ -513,14 +517,14 @@ def tell_replica(host, vm: str) -> bool:
     then shows the same MODE); True once the replica has the current ones."""
     for _ in range(3):                     # the state may change while it is being told
         rel = host.store.relationship(vm)
-        if rel is None or rel["role"] != "primary":
+        if rel is None or rel.role != "primary":
             return False
-        told = {"mode": rel.get("mode") or "periodic", "sync_state": rel.get("sync_state")}
+        told = {"mode": rel.mode, "sync_state": rel.sync_state}
         try:
-            host.client_for_peer(rel["peer"], timeout=10).request(
+            host.client_for_peer(rel.peer, timeout=10).request(
                 "POST", f"/v1/replica/relationships/{vm}/settings",
-                dict(told, sync_reason=rel.get("sync_reason"),
-                     sync_since=rel.get("sync_since"), max_stall=rel.get("max_stall", 5.0)))
+                dict(told, sync_reason=rel.sync_reason,
+                     sync_since=rel.sync_since, max_stall=rel.max_stall))
         except VmreplicaError as e:
             log.info("telling the replica of %s its mode: %s", vm, getattr(e, "message", e))
             return False
@@ -528,16 +532,16 @@ def tell_replica(host, vm: str) -> bool:
         if now is None:
             return False
         host.store.update_relationship(vm, peer_told=told)
-        if not told_is_stale(dict(now, peer_told=told)):
+        if not told_is_stale(dataclasses.replace(now, peer_told=told)):
             return True
     return False
 
 
-def _close_target(host, rel: dict) -> None:
+def _close_target(host, rel: Relationship) -> None:
     """Best effort: a replica that is gone or no longer holds the VM has nothing open."""
     try:
-        host.client_for_peer(rel["peer"], timeout=30).request(
-            "POST", f"/v1/replica/relationships/{rel['vm']}/mirror", {"action": "close"})
+        host.client_for_peer(rel.peer, timeout=30).request(
+            "POST", f"/v1/replica/relationships/{rel.vm}/mirror", {"action": "close"})
     except VmreplicaError:
         pass
 
@@ -548,11 +552,12 @@ def _probe_connect(m: _Mirror, host, vm: str, creds: str, target: dict, export: 
     watchdog must not wait for it: ``_probe`` times the attempt like a probe read):
     through the driver's relay when it has one (libvirt: so a relay that hangs is caught
     too), else straight to the replica's export over TLS."""
-    relay = getattr(host.driver, "mirror_relay_socket", lambda _vm: None)(vm)
-    pending = {"since": time.monotonic()}
+    relay = host.driver.mirror_relay_socket(vm)
+    pending: dict = {"since": time.monotonic()}
 
     def connect():
         import nbd
+
         from ..qemutools import nbdio
         try:
             h = nbd.NBD()

@@ -12,19 +12,28 @@ import contextlib
 import logging
 import time
 import uuid
-from typing import Iterator
+from collections.abc import Iterator
 
 from ..domain import extents as ex
-from ..domain.links import is_dr, vm_name
-from ..domain.units import format_size
 from ..domain import points as dp
-from ..errors import (IntegrityError, OperationError, Removed, Superseded, TrackingError,
-                      Unreachable)
+from ..domain.links import is_dr, vm_name
+from ..domain.relationship import Relationship
+from ..domain.states import State
+from ..domain.units import format_size
+from ..errors import (
+    IntegrityError,
+    OperationError,
+    Removed,
+    Superseded,
+    TrackingError,
+    Unreachable,
+)
 from ..qemutools.buffers import POOL
 from ..qemutools.qsd import QuitTimeout
 from ..tracking.bitmap import bitmap_prefix
 from ..transport import wire
 from ..transport.ahead import ahead
+from .standing import check_peer, end_removed_later, fence
 
 log = logging.getLogger("vmreplica.primary")
 
@@ -33,8 +42,8 @@ SEND_RAW = 1 << 20        # ...or this much disk data covered, so well-compresse
                           # streams while it is read instead of arriving all at the end
 
 
-def bitmap_name(rel: dict, cycle: int) -> str:
-    return f"{bitmap_prefix(rel['id'])}{cycle}"
+def bitmap_name(rel: Relationship, cycle: int) -> str:
+    return f"{bitmap_prefix(rel.id)}{cycle}"
 
 
 MODES = ("initial", "delta", "resync")
@@ -58,12 +67,12 @@ def run_cycle(host, vm: str, mode: str = "delta", verify: bool = False,
     with host.vm_lock(vm), _running(host, vm, mode) as op:
         rel = store.relationship(vm)
         initial = mode == "initial"
-        cycle = int(rel.get("cycle", -1)) + 1
+        cycle = rel.cycle + 1
         op.label = _label(mode, cycle, final, export_to)
-        since = rel.get("bitmap") if mode == "delta" else None
+        since = rel.bitmap if mode == "delta" else None
         new = bitmap_name(rel, cycle)
-        tracker = host.tracker(rel.get("tracker", "bitmap"))
-        disks = list(rel["disks"])
+        tracker = host.tracker(rel.tracker)
+        disks = list(rel.disks)
         row = store.start_cycle(vm, cycle, mode)
         t0 = time.monotonic()
         stats: dict = {"vm": vm, "cycle": cycle, "initial": initial, "mode": mode}
@@ -72,20 +81,20 @@ def run_cycle(host, vm: str, mode: str = "delta", verify: bool = False,
                 raise TrackingError(f"{vm} has no change-tracking point")
             remote = None
             if mode == "resync":
-                op.phase = f"{rel['peer']} reads its copy for the block digests"
+                op.phase = f"{rel.peer} reads its copy for the block digests"
                 remote, stats["replica_read_bytes"] = _remote_manifest(host, rel, name)
             op.phase = "freezing the disks"
             committed: list[bool] = []
             client = None
             if export_to is None:
                 # Connected while the disks freeze: the handshakes cost the cycle nothing.
-                client = host.client_for_peer(rel["peer"], timeout=600)
+                client = host.client_for_peer(rel.peer, timeout=600)
                 client.connect_ahead()
             with _session(host, vm, cycle, name, committed) as session, _discard(client):
                 if since:
-                    tracker.prepare(session, disks, since, bitmap_prefix(rel["id"]))
+                    tracker.prepare(session, disks, since, bitmap_prefix(rel.id))
                 kind = _recovery_point_kind(rel, time.time())
-                thaw = kind == dp.APP and _freeze_guest(host, name, session.running)
+                thaw = kind == dp.APP and freeze_guest(host, name, session.running)
                 if kind == dp.APP and not thaw:
                     kind = dp.CRASH
                 try:
@@ -98,7 +107,7 @@ def run_cycle(host, vm: str, mode: str = "delta", verify: bool = False,
                     freeze_time = time.time()
                 finally:
                     if thaw:
-                        _thaw_guest(host, name)
+                        thaw_guest(host, name)
                 stats["freeze_seconds"] = round(time.monotonic() - t0, 4)
                 t_ship = time.monotonic()
                 try:
@@ -111,8 +120,7 @@ def run_cycle(host, vm: str, mode: str = "delta", verify: bool = False,
                     if verify:
                         op.phase = "verifying the replica"
                     differs = _verify(point, disks, answer) if verify else []
-                    if hasattr(session, "end_pause"):
-                        session.end_pause()
+                    session.end_pause()
                 except BaseException:
                     point.close()
                     try:
@@ -121,7 +129,7 @@ def run_cycle(host, vm: str, mode: str = "delta", verify: bool = False,
                         log.exception("could not fold the tracking point back for %s", vm)
                     raise
                 point.close()
-                paused = getattr(session, "paused_seconds", 0.0)
+                paused = session.paused_seconds
                 if paused:
                     # (continuous mode holds the disks: the frozen view was the paused guest)
                     stats["guest_paused_seconds"] = round(paused, 4)
@@ -132,7 +140,7 @@ def run_cycle(host, vm: str, mode: str = "delta", verify: bool = False,
                 # leaves an extra bitmap (folded in by the next cycle), never a lost write.
                 if kind:
                     store.update_relationship(vm, last_point_at=freeze_time,
-                                              points_made=int(rel.get("points_made", 0)) + 1)
+                                              points_made=rel.points_made + 1)
                 store.update_relationship(vm, cycle=cycle, bitmap=point.tracking,
                                           bitmap_next=None,
                                           last_success_at=freeze_time,
@@ -143,12 +151,12 @@ def run_cycle(host, vm: str, mode: str = "delta", verify: bool = False,
                 committed.append(True)
                 if mode != "delta":
                     # A fresh start: whatever tracking this relationship had is superseded.
-                    stale = tracker.owned(session, disks, bitmap_prefix(rel["id"])) - \
+                    stale = tracker.owned(session, disks, bitmap_prefix(rel.id)) - \
                         {point.tracking}
                     if stale:
                         session.release(disks, sorted(stale))
             if differs:
-                store.update_relationship(vm, state="resync_required")
+                store.set_state(vm, State.RESYNC_REQUIRED, why="verification failed")
                 raise IntegrityError(
                     f"verification failed: the replica differs from the frozen point in "
                     f"{len(differs)} block(s) ({', '.join(differs[:5])})",
@@ -204,17 +212,14 @@ def _verify(point, disks: list[str], answer: dict) -> list[str]:
     return differs
 
 
-PENDING_BOUND = 0.5   # of the replicated disks' size, like Hyper-V's log overflow
-
-
-def _check_bound(point, rel: dict) -> None:
+def _check_bound(point, rel: Relationship) -> None:
     """Pending changes over the bound: a resync (digest compare) ships less than the
     extents of such a bitmap would, and is what Hyper-V does on a log overflow."""
     total = sum(e.size for e in point.exports.values())
-    bound = float(rel.get("pending_bound", PENDING_BOUND)) * total
+    bound = rel.pending_bound * total
     if point.dirty_bytes() > bound:
         raise TrackingError(f"pending changes ({format_size(point.dirty_bytes())}) are over the "
-                            f"bound ({format_size(int(bound))}, {rel.get('pending_bound', PENDING_BOUND):.0%} "
+                            f"bound ({format_size(int(bound))}, {rel.pending_bound:.0%} "
                             "of the disks)")
 
 
@@ -260,15 +265,15 @@ def _measure(op, point, to_replica: bool) -> None:
         op.measure(point, "read_bytes", point.data_bytes(), then)
 
 
-def _recovery_point_kind(rel: dict, now: float) -> str | None:
+def _recovery_point_kind(rel: Relationship, now: float) -> str | None:
     """Whether this cycle makes a recovery point on the replica, and of which kind."""
-    if not dp.point_due(rel.get("last_point_at"), int(rel.get("point_interval", 3600)), now,
-                        int(rel.get("history", 4))):
+    if not dp.point_due(rel.last_point_at, rel.point_interval, now,
+                        rel.history):
         return None
-    return dp.kind_for(int(rel.get("points_made", 0)), int(rel.get("app_every", 0)))
+    return dp.kind_for(rel.points_made, rel.app_every)
 
 
-def _freeze_guest(host, vm: str, running: bool) -> bool:
+def freeze_guest(host, vm: str, running: bool) -> bool:
     """Ask the guest agent to quiesce the file systems; False (and an event) if it can't."""
     if not running:
         host.event("point", "the VM is off: the recovery point is crash-consistent", vm)
@@ -282,20 +287,21 @@ def _freeze_guest(host, vm: str, running: bool) -> bool:
         return False
 
 
-def _thaw_guest(host, vm: str) -> None:
+def thaw_guest(host, vm: str) -> None:
+    """Thaw what ``freeze_guest`` froze (an event if the agent does not answer)."""
     try:
         host.driver.thaw_filesystems(vm)
     except OperationError as e:  # the guest thaws by itself after its timeout
         host.event("point", f"the guest agent did not thaw: {e.message}", vm)
 
 
-def _remote_manifest(host, rel: dict, vm: str) -> tuple[dict[str, bytes], int]:
+def _remote_manifest(host, rel: Relationship, vm: str) -> tuple[dict[str, bytes], int]:
     """The replica's block digests (from its hash index), and how much it had to read."""
     from ..tracking import scan
-    answer = host.client_for_peer(rel["peer"], timeout=3600).request(
-        "GET", f"/v1/replica/relationships/{vm}/manifest?epoch={rel['epoch']}")
+    answer = host.client_for_peer(rel.peer, timeout=3600).request(
+        "GET", f"/v1/replica/relationships/{vm}/manifest?epoch={rel.epoch}")
     if int(answer.get("block", 0)) != scan.BLOCK:
-        raise OperationError(f"{rel['peer']} hashes blocks of {answer.get('block')} bytes, "
+        raise OperationError(f"{rel.peer} hashes blocks of {answer.get('block')} bytes, "
                              f"this host {scan.BLOCK}", hint="run the same vmreplica version")
     return {d: scan.decode(v) for d, v in answer["disks"].items()}, int(answer.get("read_bytes", 0))
 
@@ -309,19 +315,19 @@ def _discard(client):
             client.discard()
 
 
-def _ship(host, rel: dict, vm: str, cycle: int, mode: str, disks: list[str], point,
+def _ship(host, rel: Relationship, vm: str, cycle: int, mode: str, disks: list[str], point,
           freeze_time: float, verify: bool = False, recovery_point: str | None = None,
           final: bool = False, export_to=None, client=None):
     writer = wire.CycleWriter(
-        {"vm": vm, "relationship": rel["id"], "epoch": rel["epoch"], "cycle": cycle,
+        {"vm": vm, "relationship": rel.id, "epoch": rel.epoch, "cycle": cycle,
          "initial": mode == "initial", "resync": mode == "resync", "disks": disks,
          "primary": host.name, "verify": verify,
          "id": uuid.uuid4().hex, "freeze_time": freeze_time},
-        compression=rel.get("compression", "zstd"))
+        compression=rel.compression)
     if client is None and export_to is None:
-        client = host.client_for_peer(rel["peer"], timeout=600)
+        client = host.client_for_peer(rel.peer, timeout=600)
     times = {"start": time.monotonic()}
-    body = _produce(writer, point, disks, {"cycle": cycle, "epoch": rel["epoch"],
+    body = _produce(writer, point, disks, {"cycle": cycle, "epoch": rel.epoch,
                                            "freeze_time": freeze_time,
                                            "initial": mode == "initial",
                                            "point": recovery_point, "final": final},
@@ -343,8 +349,7 @@ def _write_seed(path, body, cycle: int) -> dict:
     import os
     tmp = f"{path}.part"
     with open(tmp, "wb") as f:
-        for piece in body:
-            f.write(piece)
+        f.writelines(body)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -394,19 +399,6 @@ def _produce(writer, point, disks, trailer, times: dict) -> Iterator[bytes]:
     return ahead(encoded(), depth=8, name="cycle-reader")
 
 
-def _fence(host, vm: str) -> None:
-    """This host learnt it is a stale primary: its copy of the VM must not run (two
-    copies on one network). Power it off at once; `vm start` refuses it from now on."""
-    try:
-        if host.driver.inspect(vm).state == "running":
-            host.driver.stop(vm, force=True)
-    except Exception:  # noqa: BLE001 — keep the fence in the store regardless
-        log.exception("could not stop the fenced VM %s", vm)
-    host.event("fence", "this host is no longer the primary: the VM was powered off and "
-                        "fenced", vm)
-    log.warning("%s fenced: another host is its primary now", vm)
-
-
 def _failed(host, vm: str, cycle: int, row: int, e: Exception) -> None:
     store = host.store
     msg = getattr(e, "message", None) or str(e)
@@ -415,33 +407,40 @@ def _failed(host, vm: str, cycle: int, row: int, e: Exception) -> None:
     if isinstance(e, Removed):
         # The replica ended the relationship while this host could not be told: this
         # side ends too (on a thread of its own: this one holds the VM's lock).
-        from .relationship import end_removed_later
         host.event("cycle", f"cycle {cycle} refused: {msg}", vm)
-        end_removed_later(host, vm, rel["id"], rel["peer"])
+        end_removed_later(host, vm, rel.id, rel.peer)
         return
-    failures = int(rel.get("consecutive_failures", 0)) + 1
+    failures = rel.consecutive_failures + 1
     changes = {"consecutive_failures": failures, "last_error": msg,
                "last_error_code": getattr(e, "code", "error"),
                "last_error_hint": getattr(e, "hint", None),
                "last_attempt_at": time.time()}
+    state = None
     if isinstance(e, TrackingError):
-        changes["state"] = "resync_required"
+        state = State.RESYNC_REQUIRED
         changes["resync_reason"] = msg
+        if not e.hint:      # what the operator sees next: it mends by itself
+            window = " (in its resync window)" if rel.resync_window else ""
+            e.hint = (f"{vm} needs a resynchronization (only the blocks that differ move): "
+                      f"it starts by itself{window}, or run `vmreplica resync {vm} --now`")
         host.event("tracking", f"change tracking broken: {msg}; resynchronization required", vm)
     elif isinstance(e, Superseded) and is_dr(vm):
         # Another host took the DR link over (the VM moved there): stand by, nothing fenced
         # (where the VM runs is its main relationship's business, or the cluster's).
-        changes.update(state="standby")
+        state = State.STANDBY
         host.event("dr", f"the DR link was taken over by another host: standing by ({msg})", vm)
     elif isinstance(e, Superseded):
-        changes.update(state="error", fenced=f"{rel['peer']} has become the primary ({msg})")
-    store.update_relationship(vm, **changes)    # the fence is recorded before the power-off
+        state = State.ERROR
+        changes["fenced"] = f"{rel.peer} has become the primary ({msg})"
+    if state is None:
+        store.update_relationship(vm, **changes)
+    else:                                       # the fence is recorded before the power-off
+        store.set_state(vm, state, why=msg, **changes)
     if isinstance(e, Superseded) and not is_dr(vm):
-        _fence(host, vm)
+        fence(host, vm)
     if not isinstance(e, (Superseded, Unreachable)):
         # The cycle may have failed before it reached the replica (a broken bitmap after a
         # crash, say): ask it whether this host is still the primary.
-        from .relationship import check_peer
         try:
             check_peer(host, vm, timeout=5)
         except OperationError:

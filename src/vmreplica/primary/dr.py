@@ -20,52 +20,53 @@ import logging
 import time
 
 from ..domain.links import dr_key, runs_here
+from ..domain.relationship import Relationship
 from ..domain.states import State
 from ..errors import Conflict, NotFound, UsageError, VmreplicaError
 
 log = logging.getLogger("vmreplica.dr")
 
 
-def holders_for(host, vm: str, main: dict | None, mode: str) -> list[str]:
+def holders_for(host, vm: str, main: Relationship | None, mode: str) -> list[str]:
     """`enable --dr`: the hosts that may hold the link (this one and the partner of the
     VM's main relationship), after checking that a DR link fits here."""
     if mode != "periodic":
         raise UsageError("a DR link replicates periodically (--mode periodic)")
     if main is None:
         return [host.name]
-    if main["role"] != "primary":
+    if main.role != "primary":
         raise Conflict(f"{vm} is a replica on {host.name}: enable its DR link where it "
-                       f"runs ({main['peer']})")
-    if main.get("mode") == "continuous" and not getattr(host.driver, "live_views", False):
+                       f"runs ({main.peer})")
+    if main.mode == "continuous" and not host.driver.live_views:
         # libvirt's backup job (its only frozen view) is refused beside its mirror.
         raise UsageError(f"a DR link beside continuous mode needs the qemu driver "
                          f"({vm} runs on {host.driver.name})",
                          hint=f"switch {vm} to periodic mode first (`vmreplica set {vm} "
                               "--mode periodic`)")
-    return [host.name, main["peer"]]
+    return [host.name, main.peer]
 
 
-def tell_partner(host, vm: str, main: dict, dr_peer: dict) -> None:
+def tell_partner(host, vm: str, main: Relationship, dr_peer: dict) -> None:
     """Tell the partner of ``vm``'s main relationship where its DR host is, after
     checking that it trusts that host (it could not take the link over otherwise)."""
-    if dr_peer["address"] == main.get("peer_address"):
+    if dr_peer["address"] == main.peer_address:
         raise Conflict(f"{dr_peer['name']} already holds {vm}'s main replica: a DR link goes "
                        "to a third host")
-    answer = host.client_for_peer(main["peer"], timeout=30).request(
+    answer = host.client_for_peer(main.peer, timeout=30).request(
         "POST", f"/v1/peer/relationships/{vm}/dr",
         {"peer": dr_peer["name"], "address": dr_peer["address"],
          "fingerprint": dr_peer["fingerprint"]})
     if not answer.get("trusted"):
-        raise Conflict(f"{main['peer']} is not paired with {dr_peer['name']}: it could not take "
+        raise Conflict(f"{main.peer} is not paired with {dr_peer['name']}: it could not take "
                        f"the DR link of {vm} over when the VM moves there",
                        hint=f"on {dr_peer['name']} run `vmreplica trust token`, then on "
-                            f"{main['peer']} `vmreplica trust pair {dr_peer['address']} TOKEN`")
+                            f"{main.peer} `vmreplica trust pair {dr_peer['address']} TOKEN`")
 
 
 def remember(host, peer: dict, vm: str, body: dict) -> dict:
     """On the partner: note ``vm``'s DR host; say whether this host trusts it."""
     main = host.store.relationship(vm)
-    if main is None or main["peer"] != peer["name"]:
+    if main is None or main.peer != peer["name"]:
         raise NotFound(f"{host.name} holds no relationship of {vm} with {peer['name']}")
     mine = host.store.peer_by_fingerprint(str(body.get("fingerprint", "")))
     host.store.update_relationship(vm, dr_peer=body.get("peer"), dr_address=body.get("address"))
@@ -77,21 +78,21 @@ def adopt(host, vm: str, replica: str | None = None, resync: bool = True) -> dic
     main = host.store.relationship(vm)
     if not runs_here(main):
         raise Conflict(f"{vm} does not run on {host.name} (its relationship here is "
-                       f"{main['role']}, {main['state']}): the DR link stays where the VM runs",
-                       hint=f"adopt it on {main['peer']}")
+                       f"{main.role}, {main.state}): the DR link stays where the VM runs",
+                       hint=f"adopt it on {main.peer}")
     info = host.driver.inspect(vm)                     # NotFound: no such VM
     key = dr_key(vm)
     rel = host.store.relationship(key)
     if rel is not None:
-        client = host.client_for_peer(rel["peer"], timeout=60)
+        client = host.client_for_peer(rel.peer, timeout=60)
     else:
-        address = replica or (main or {}).get("dr_address")
+        address = replica or (main.dr_address if main else None)
         if not address:
             raise UsageError(f"{vm} has no DR link on {host.name} and its partner named no "
                              "DR host", hint=f"vmreplica dr adopt {vm} --replica HOST:PORT")
         client = host.client_for_address(address, timeout=60)
     answer = client.request("POST", f"/v1/replica/relationships/{vm}/transfer",
-                            {"id": rel["id"] if rel else None})
+                            {"id": rel.id if rel else None})
     disks = {d.name for d in info.disks}
     missing = [d for d in answer["disks"] if d not in disks]
     if missing:
@@ -99,7 +100,7 @@ def adopt(host, vm: str, replica: str | None = None, resync: bool = True) -> dic
                        "replica holds")
     reason = f"the VM moved to {host.name}: a hash resync settles what is in doubt"
     if rel is None:
-        from .relationship import primary_row
+        from .common import primary_row
         peer = host.store.peer_by_address(f"{client.host}:{client.port}")
         row = primary_row(key, answer["id"], peer, State.RESYNC_REQUIRED, int(answer["epoch"]),
                           list(answer["disks"]), frequency=int(answer["frequency"]),
@@ -107,24 +108,24 @@ def adopt(host, vm: str, replica: str | None = None, resync: bool = True) -> dic
                           history=int(answer["history"]),
                           point_interval=int(answer["point_interval"]),
                           holders=list(answer.get("holders") or []),
-                          resync_reason=reason, replicating_since=time.time())
-        row["cycle"] = int(answer.get("last_applied_cycle", -1))
+                          resync_reason=reason, replicating_since=time.time(),
+                          cycle=int(answer.get("last_applied_cycle", -1)))
         host.store.add_relationship(row)
     else:
-        host.store.update_relationship(key, state=State.RESYNC_REQUIRED.value,
-                                       epoch=int(answer["epoch"]), resync_reason=reason,
-                                       cycle=max(int(rel.get("cycle", -1)),
-                                                 int(answer.get("last_applied_cycle", -1))),
-                                       consecutive_failures=0, last_error=None, fenced=None,
-                                       last_resync_attempt_at=None)
+        host.store.set_state(key, State.RESYNC_REQUIRED.value,
+                             epoch=int(answer["epoch"]), resync_reason=reason,
+                             cycle=max(rel.cycle, int(answer.get("last_applied_cycle", -1))),
+                             consecutive_failures=0, last_error=None, fenced=None,
+                             last_resync_attempt_at=None)
     rel = host.store.relationship(key)
-    host.event("dr", f"took the DR link to {rel['peer']} over (epoch {rel['epoch']}); {reason}",
+    host.event("dr", f"took the DR link to {rel.peer} over (epoch {rel.epoch}); {reason}",
                key)
-    out = {"vm": key, "replica": rel["peer"], "epoch": rel["epoch"], "state": rel["state"]}
+    out = {"vm": key, "replica": rel.peer, "epoch": rel.epoch, "state": rel.state}
     if resync:
         from .resync import resync as run_resync
         stats = run_resync(host, key)
-        out.update(state=State.REPLICATING.value, bytes_moved=stats["bytes_moved"],
+        out = dict(out, state=host.store.relationship(key).state,
+                   bytes_moved=stats["bytes_moved"],
                    compared_bytes=stats.get("compared_bytes"), seconds=stats.get("seconds"))
     return out
 
@@ -141,9 +142,9 @@ def adopt_quietly(host, vm: str) -> None:
 def _adopt_quietly(host, vm: str) -> None:
     main = host.store.relationship(vm)
     rel = host.store.relationship(dr_key(vm))
-    if rel is None and not (main or {}).get("dr_address"):
+    if rel is None and not (main and main.dr_address):
         return
-    if rel is not None and rel["state"] != State.STANDBY.value:
+    if rel is not None and rel.state != State.STANDBY.value:
         return                                  # the link is here already
     try:
         adopt(host, vm, resync=False)
@@ -153,14 +154,14 @@ def _adopt_quietly(host, vm: str) -> None:
         log.warning("DR link of %s not taken over: %s", vm, e.message)
 
 
-def stand_by_if_moved(host, rel: dict) -> bool:
+def stand_by_if_moved(host, rel: Relationship) -> bool:
     """Scheduler: a DR link whose VM no longer runs here stands by (True)."""
     from ..domain.links import vm_name
-    if rel["state"] == State.STANDBY.value:
+    if rel.state == State.STANDBY.value:
         return True
-    if runs_here(host.store.relationship(vm_name(rel["vm"]))):
+    if runs_here(host.store.relationship(vm_name(rel.vm))):
         return False
-    host.store.update_relationship(rel["vm"], state=State.STANDBY.value)
+    host.store.set_state(rel.vm, State.STANDBY.value)
     host.event("dr", "the VM no longer runs here: the DR link stands by until it returns",
-               rel["vm"])
+               rel.vm)
     return True

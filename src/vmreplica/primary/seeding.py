@@ -19,6 +19,7 @@ from ..domain.schedule import parse_when
 from ..domain.states import State
 from ..domain.units import format_size
 from ..errors import Conflict, UsageError
+from .common import relationship_of
 from .cycle import run_cycle
 
 METHODS = ("network", "export", "existing")
@@ -26,12 +27,11 @@ METHODS = ("network", "export", "existing")
 
 def initial(host, vm: str, method: str = "network", path: str | None = None,
             at: str | None = None, verify: bool = False) -> dict:
-    from .relationship import _rel
-    rel = _rel(host, vm)
+    rel = relationship_of(host, vm)
     if method not in METHODS:
         raise UsageError(f"unknown initial method {method!r}", hint="choose " + ", ".join(METHODS))
-    if rel["state"] not in (State.READY_FOR_INITIAL.value, State.INITIAL_IN_PROGRESS.value):
-        raise Conflict(f"initial replication of {vm} is already done (state {rel['state']})",
+    if rel.state not in (State.READY_FOR_INITIAL.value, State.INITIAL_IN_PROGRESS.value):
+        raise Conflict(f"initial replication of {vm} is already done (state {rel.state})",
                        hint=f"`vmreplica sync {vm}` runs a cycle now")
     if method != "network" and "@" in vm:
         raise UsageError(f"a DR link is seeded over the network (`vmreplica initial {vm}`)")
@@ -47,20 +47,22 @@ def initial(host, vm: str, method: str = "network", path: str | None = None,
     host.store.update_relationship(vm, initial_at=None, initial_plan=None)
     if method == "network":
         return _network(host, vm, verify)
+    assert path is not None                     # (export and existing: checked above)
     if method == "export":
         return _export(host, vm, Path(path))
     return _existing(host, vm, path)
 
 
 def _network(host, vm: str, verify: bool) -> dict:
-    host.store.update_relationship(vm, state=State.INITIAL_IN_PROGRESS.value)
+    host.store.set_state(vm, State.INITIAL_IN_PROGRESS.value)
     host.event("initial", "initial replication started", vm)
     try:
         stats = run_cycle(host, vm, mode="initial", verify=verify)
     except Exception:
-        host.store.update_relationship(vm, state=State.READY_FOR_INITIAL.value)
+        if host.store.relationship(vm).state == State.INITIAL_IN_PROGRESS.value:
+            host.store.set_state(vm, State.READY_FOR_INITIAL.value)   # not a fence, say
         raise
-    host.store.update_relationship(vm, state=State.REPLICATING.value,
+    host.store.set_state(vm, State.REPLICATING.value,
                                    replicating_since=time.time())
     host.event("initial", f"initial replication done: {format_size(stats.get('raw_bytes', 0))}", vm)
     return stats
@@ -75,17 +77,17 @@ def _export(host, vm: str, folder: Path) -> dict:
     stats = run_cycle(host, vm, mode="initial", export_to=folder / "seed.vmrc")
     desc = host.driver.describe(vm)
     meta = {"format": "vmreplica-seed", "version": 1, "vm": vm, "identity": desc["uuid"],
-            "relationship": rel["id"], "epoch": rel["epoch"], "cycle": stats["cycle"],
-            "primary": host.name, "replica": rel["peer"], "created_at": time.time(),
-            "disks": [d for d in desc["disks"] if d["name"] in rel["disks"]],
+            "relationship": rel.id, "epoch": rel.epoch, "cycle": stats["cycle"],
+            "primary": host.name, "replica": rel.peer, "created_at": time.time(),
+            "disks": [d for d in desc["disks"] if d["name"] in rel.disks],
             "stream_bytes": os.path.getsize(folder / "seed.vmrc")}
     (folder / "seed.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-    host.store.update_relationship(vm, state=State.INITIAL_IN_PROGRESS.value,
+    host.store.set_state(vm, State.INITIAL_IN_PROGRESS.value,
                                    seed={"cycle": stats["cycle"], "path": str(folder)})
     host.event("initial", f"seed exported to {folder} ({format_size(stats['raw_bytes'])} of data); "
-                          f"import it on {rel['peer']}", vm)
+                          f"import it on {rel.peer}", vm)
     stats.update(exported=str(folder),
-                 next=f"carry {folder} to {rel['peer']}, there: vmreplica initial {vm} "
+                 next=f"carry {folder} to {rel.peer}, there: vmreplica initial {vm} "
                       f"--import DIR")
     return stats
 
@@ -96,13 +98,13 @@ def _existing(host, vm: str, path: str) -> dict:
     from .resync import resync
     rel = host.store.relationship(vm)
     desc = host.driver.describe(vm)
-    host.client_for_peer(rel["peer"], timeout=300).request(
+    host.client_for_peer(rel.peer, timeout=300).request(
         "POST", f"/v1/replica/relationships/{vm}/adopt",
         {"path": path, "identity": desc["uuid"]})
-    host.store.update_relationship(vm, state=State.RESYNC_REQUIRED.value,
+    host.store.set_state(vm, State.RESYNC_REQUIRED.value,
                                    resync_reason="seeded from a copy on the replica")
     stats = resync(host, vm)
-    host.event("initial", f"seeded from the copy in {path} on {rel['peer']}: "
+    host.event("initial", f"seeded from the copy in {path} on {rel.peer}: "
                           f"{format_size(stats['bytes_moved'])} moved", vm)
     return stats
 
@@ -110,10 +112,10 @@ def _existing(host, vm: str, path: str) -> dict:
 def imported(host, vm: str, answer: dict) -> bool:
     """The replica reports the seed applied: replication proper begins."""
     rel = host.store.relationship(vm)
-    seed = rel.get("seed")
+    seed = rel.seed
     if not seed or int(answer.get("last_applied_cycle", -1)) < int(seed["cycle"]):
         return False
-    host.store.update_relationship(vm, state=State.REPLICATING.value, seed=None,
+    host.store.set_state(vm, State.REPLICATING.value, seed=None,
                                    replicating_since=time.time())
-    host.event("initial", f"{rel['peer']} imported the seed: replicating", vm)
+    host.event("initial", f"{rel.peer} imported the seed: replicating", vm)
     return True

@@ -7,14 +7,14 @@ from __future__ import annotations
 from ..domain import points as dp
 from ..domain.schedule import format_frequency, parse_frequency, parse_window
 from ..errors import UsageError
-from .relationship import COMPRESSIONS, _rel
+from .common import COMPRESSIONS, check_disk, check_mode, relationship_of
 
 FIELDS = ("frequency", "history", "point_interval", "app_every", "compression",
           "resync_window", "mode", "max_stall")
 
 
 def validate(changes: dict) -> dict:
-    out = {}
+    out: dict = {}
     for key, value in changes.items():
         if value is None:
             continue
@@ -55,11 +55,10 @@ def change_disks(host, vm: str, exclude: list[str], include: list[str]) -> dict:
     resynchronisation: the disks already replicated match and move nothing)."""
     from ..domain.states import State
     from ..tracking.bitmap import bitmap_prefix
-    from .relationship import _check_disk
-    rel = _rel(host, vm)
+    rel = relationship_of(host, vm)
     info = host.driver.inspect(vm)
     by_name = {d.name: d for d in info.disks}
-    disks = list(rel["disks"])
+    disks = list(rel.disks)
     for name in exclude + include:
         if name not in by_name:
             raise UsageError(f"VM {vm} has no disk {name!r}", hint=f"its disks are "
@@ -71,20 +70,20 @@ def change_disks(host, vm: str, exclude: list[str], include: list[str]) -> dict:
     for name in include:
         if name in disks:
             raise UsageError(f"disk {name} of {vm} is already replicated")
-        _check_disk(vm, by_name[name])
+        check_disk(vm, by_name[name])
     order = [d.name for d in info.disks]
     disks = sorted(disks + include, key=order.index)
     if not disks:
         raise UsageError(f"every disk of {vm} would be excluded: use `vmreplica remove {vm}`")
     with host.vm_lock(vm):
         desc = host.driver.describe(vm)
-        host.client_for_peer(rel["peer"], timeout=120).request(
+        host.client_for_peer(rel.peer, timeout=120).request(
             "POST", f"/v1/replica/relationships/{vm}/disks",
             {"disks": [d for d in desc["disks"] if d["name"] in disks]})
         if exclude:
             with host.driver.block_session(vm) as session:
                 names = {b.name for d in exclude for b in session.bitmaps(d)
-                         if b.name.startswith(bitmap_prefix(rel["id"]))}
+                         if b.name.startswith(bitmap_prefix(rel.id))}
                 # Where a bitmap spans disks (libvirt checkpoints) it goes with the next
                 # cycle's release instead.
                 if names and session.per_disk_bitmaps:
@@ -92,25 +91,26 @@ def change_disks(host, vm: str, exclude: list[str], include: list[str]) -> dict:
         changes = {"disks": disks,
                    "excluded": [d for d in order if d not in disks]}
         if include:
-            changes.update(state=State.RESYNC_REQUIRED.value,
-                           resync_reason=f"disk(s) {', '.join(include)} added")
-        host.store.update_relationship(vm, **changes)
+            host.store.set_state(vm, State.RESYNC_REQUIRED,
+                                 resync_reason=f"disk(s) {', '.join(include)} added",
+                                 **changes)
+        else:
+            host.store.update_relationship(vm, **changes)
     host.event("relationship", "replicated disks now: " + ", ".join(disks), vm)
     return {"vm": vm, "disks": ", ".join(disks)}
 
 
 def apply(host, vm: str, changes: dict) -> dict:
-    rel = _rel(host, vm)
-    if changes.get("mode") == "continuous" and rel.get("mode") != "continuous":
-        from .relationship import _check_mode
-        _check_mode(host, "continuous", changes.get("max_stall", rel.get("max_stall", 5.0)))
-    if changes.get("mode") == "periodic" and rel.get("mode") == "continuous":
+    rel = relationship_of(host, vm)
+    if changes.get("mode") == "continuous" and rel.mode != "continuous":
+        check_mode(host, "continuous", changes.get("max_stall", rel.max_stall))
+    if changes.get("mode") == "periodic" and rel.mode == "continuous":
         # The watchdog leaves it first (it follows continuous relationships only), then
         # the mirror ends; the bitmap carries on: no re-seeding either way.
         host.store.update_relationship(vm, mode="periodic")
         host.continuous.stop(vm)
     if "history" in changes or "point_interval" in changes:
-        host.client_for_peer(rel["peer"], timeout=60).request(
+        host.client_for_peer(rel.peer, timeout=60).request(
             "POST", f"/v1/replica/relationships/{vm}/settings",
             {k: changes[k] for k in ("history", "point_interval") if k in changes})
     host.store.update_relationship(vm, **changes)

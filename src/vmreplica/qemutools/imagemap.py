@@ -34,7 +34,7 @@ from __future__ import annotations
 import itertools
 import os
 import struct
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from ..errors import HypervisorError
 
@@ -49,7 +49,7 @@ _ZERO_FLAG = 1
 HOLE, ZERO = 1, 2                  # NBD base:allocation flags (domain.extents)
 
 
-def open_image(path: str, fmt: str) -> "ImageReader | None":
+def open_image(path: str, fmt: str) -> ImageReader | None:
     """A reader for ``path`` if its data can be read directly, else None (use NBD)."""
     try:
         fd = os.open(str(path), os.O_RDONLY | os.O_CLOEXEC)
@@ -94,7 +94,7 @@ class _Qcow2Map:
         self._l2: dict[int, bytes] = {}
 
     @classmethod
-    def load(cls, fd: int) -> "_Qcow2Map | None":
+    def load(cls, fd: int) -> _Qcow2Map | None:
         head = os.pread(fd, 112, 0)
         if len(head) < _HEADER.size:
             return None
@@ -253,7 +253,7 @@ class ImageReader:
 
 
 def read_extents(reader: ImageReader, extents: Iterable[tuple[int, int]], nbd_read,
-                 pool=None, batch: int = 4096) -> Iterator[tuple[int, int, object]]:
+                 pool=None, batch: int = 4096) -> Iterator[tuple[int, int, bytearray | memoryview]]:
     """Like ``nbdio.read_extents``: (offset, length, buffer) for each extent, in order.
     Extents the image stores plainly are read from its file; the others go to
     ``nbd_read`` (a function of a list of extents returning such a generator),
@@ -268,7 +268,7 @@ def read_extents(reader: ImageReader, extents: Iterable[tuple[int, int]], nbd_re
 
 
 def _read_batch(reader: ImageReader, extents: list[tuple[int, int]], nbd_read,
-                pool) -> Iterator[tuple[int, int, object]]:
+                pool) -> Iterator[tuple[int, int, bytearray | memoryview]]:
     plan = [(off, ln, reader.pieces(off, ln)) for off, ln in extents]
     remote = nbd_read([(off, ln) for off, ln, p in plan if p is None])
     ahead = 0          # plan index up to which read-ahead was asked for

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 from pathlib import Path
+from typing import Literal, overload
 
 from ..errors import HypervisorError, OperationError
 
@@ -37,8 +38,13 @@ def create(path: Path | str, size: int | None, fmt: str = "qcow2", backing: Path
     _run(args, f"creating image {path}")
 
 
-def info(path: Path | str, backing_chain: bool = False) -> dict:
-    """Image metadata; ``-U`` so it works while a VM or daemon has the image open."""
+@overload
+def info(path: Path | str, backing_chain: Literal[False] = False) -> dict: ...
+@overload
+def info(path: Path | str, backing_chain: Literal[True]) -> list[dict]: ...
+def info(path: Path | str, backing_chain: bool = False) -> dict | list[dict]:
+    """Image metadata; ``-U`` so it works while a VM or daemon has the image open. With
+    ``backing_chain``, a list: the image's, then each backing file's."""
     args = ["qemu-img", "info", "-U", "--output=json"]
     if backing_chain:
         args.append("--backing-chain")

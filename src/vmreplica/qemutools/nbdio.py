@@ -13,9 +13,10 @@ for its fast ``is_zero`` (``is_zero`` below).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from ..errors import OperationError, StorageFull
 
@@ -25,7 +26,7 @@ IN_FLIGHT = 16
 STATUS_CHUNK = 1 << 30
 
 
-def connect(socket_path: str, export: str, contexts: Iterable[str] = ()):
+def connect(socket_path: str | os.PathLike[str], export: str, contexts: Iterable[str] = ()):
     import nbd
     h = nbd.NBD()
     h.set_export_name(export)
@@ -85,7 +86,7 @@ def block_status(h, context: str, size: int | None = None) -> list[tuple[int, in
 
 
 def read_extents(h, extents: Iterable[tuple[int, int]], depth: int = IN_FLIGHT,
-                 pool=None) -> Iterator[tuple[int, int, "object"]]:
+                 pool=None) -> Iterator[tuple[int, int, bytearray | memoryview]]:
     """Yield (offset, length, buffer) for each extent, in order, ``depth`` in flight.
 
     ``buffer`` is what the data was read into (no copy): a new bytearray, or a view from

@@ -28,6 +28,15 @@ class QMPError(HypervisorError):
 _IDS = itertools.count(1)
 
 
+def result(command: str, reply: dict):
+    """What QEMU's ``reply`` to ``command`` returns; QMPError if it refused. (The libvirt
+    driver reads the replies libvirt passes through with it too.)"""
+    if "error" in reply:
+        err = reply["error"]
+        raise QMPError(command, err.get("class", ""), err.get("desc", ""))
+    return reply.get("return")
+
+
 class Monitor:
     def __init__(self, path: str | Path, timeout: float = 30.0, connect_timeout: float = 10.0,
                  oob: bool = False, sock: socket.socket | None = None):
@@ -86,7 +95,7 @@ class Monitor:
             self._sock.settimeout(left)
             try:
                 piece = self._sock.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError as e:
                 raise HypervisorError(f"QEMU monitor {self.path} failed: {e}") from None
@@ -103,7 +112,7 @@ class Monitor:
         # one connection: a second greeting, a `quit` "answered" by another command's
         # reply) is logged and skipped, never taken for ours.
         ident = f"vmr-{next(_IDS)}"
-        msg = {"execute": command, "id": ident}
+        msg: dict = {"execute": command, "id": ident}
         if arguments:
             msg["arguments"] = arguments
         try:
@@ -119,14 +128,11 @@ class Monitor:
                 log.warning("QEMU monitor %s: a reply that is not for %s (id %s): %s; skipped",
                             self.path, command, ident, json.dumps(reply)[:300])
                 continue
-            if "error" in reply:
-                err = reply["error"]
-                raise QMPError(command, err.get("class", ""), err.get("desc", ""))
-            return reply.get("return")
+            return result(command, reply)
 
     def execute_oob(self, command: str, arguments: dict | None = None,
                     timeout: float = 5.0):
-        msg = {"exec-oob": command, "id": f"oob-{time.monotonic_ns()}"}
+        msg: dict = {"exec-oob": command, "id": f"oob-{time.monotonic_ns()}"}
         if arguments:
             msg["arguments"] = arguments
         try:
@@ -140,10 +146,7 @@ class Monitor:
                 continue
             if reply.get("id") != msg["id"]:
                 continue        # a late answer to an in-band command; not ours
-            if "error" in reply:
-                err = reply["error"]
-                raise QMPError(command, err.get("class", ""), err.get("desc", ""))
-            return reply.get("return")
+            return result(command, reply)
 
     def wait_event(self, name: str, timeout: float, match=None) -> dict:
         """Return (and consume) the first event ``name`` (optionally matching ``match(ev)``)."""

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Self
 
 from ..errors import HypervisorError
 from . import spawn
@@ -88,7 +89,7 @@ class StorageDaemon:
         self.qmp: Monitor | None = None
         self._killed = False             # kill() ended it (on purpose)
 
-    def start(self) -> "StorageDaemon":
+    def start(self) -> Self:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for p in (self.qmp_socket, self.nbd_socket):
             if p is not None:
@@ -119,7 +120,7 @@ class StorageDaemon:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(str(self.qmp_socket))
         listener.listen(1)
-        err = open(self.err_path, "w")
+        err = open(self.err_path, "w")  # noqa: SIM115 — closed in the finally
         try:
             self.proc = spawn.popen(args, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
                                     close_fds=True)
@@ -156,16 +157,18 @@ class StorageDaemon:
                 conn, _ = listener.accept()
                 conn.settimeout(None)
                 return conn
-            except socket.timeout:
+            except TimeoutError:
                 self._still_starting(deadline)
 
     def _still_starting(self, deadline: float) -> None:
+        assert self.proc is not None                # (start: the process is there)
         if self.proc.poll() is not None:
             raise HypervisorError(f"qemu-storage-daemon failed: {_explain(self._stderr())}")
         if time.monotonic() > deadline:
             raise HypervisorError("qemu-storage-daemon did not start within 30 s")
 
     def _pid_written(self) -> bool:
+        assert self.proc is not None                # (start: the process is there)
         try:
             return int(self.pid_path.read_text().strip() or 0) == self.proc.pid
         except (OSError, ValueError):
@@ -183,6 +186,7 @@ class StorageDaemon:
                 "writable": writable}
         if bitmaps:
             args["bitmaps"] = bitmaps
+        assert self.qmp is not None, "the storage daemon is not started"
         self.qmp.execute("block-export-add", args)
 
     def close(self, timeout: float = 60.0) -> None:
@@ -218,14 +222,14 @@ class StorageDaemon:
                             SLOW_QUIT, _threads(self.proc.pid))
                 self.proc.terminate()
                 self.proc.wait(left(timeout))
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired as e:
             # Record where it is stuck before killing it.
             log.warning("qemu-storage-daemon %s (pid %d) did not exit within %.0f s of quit; "
                         "its threads: %s", self.name, self.proc.pid, timeout,
                         _threads(self.proc.pid))
             self.kill()
             raise QuitTimeout(f"qemu-storage-daemon {self.name} did not exit within "
-                              f"{timeout:.0f} s of quit and was killed")
+                              f"{timeout:.0f} s of quit and was killed") from e
         rc = self.proc.returncode
         self._cleanup()
         if self._killed:
@@ -253,7 +257,7 @@ class StorageDaemon:
                 except OSError:
                     pass
 
-    def __enter__(self) -> "StorageDaemon":
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, exc_type, exc, tb):
@@ -356,3 +360,13 @@ def qcow2_node(path: Path | str, node: str, read_only: bool = False,
     elif isinstance(backing, str):
         fmt["backing"] = backing
     return nodes + [fmt]
+
+
+def image_node(path: Path | str, node: str, fmt: str) -> list[dict]:
+    """The blockdevs that open a VM's disk image ``path`` (``fmt`` qcow2 or raw) as node
+    ``node`` (a qcow2 with qcow2_node's defaults): a block session's storage daemon over
+    a powered-off VM's disks."""
+    if fmt == "qcow2":
+        return qcow2_node(path, node)
+    return [{"driver": "file", "filename": path, "node-name": f"{node}-file"},
+            {"driver": "raw", "file": f"{node}-file", "node-name": node}]

@@ -1,6 +1,8 @@
 """The replica side: accept relationships, receive/stage/apply cycles into qcow2 chains,
-recovery points, failover (test, planned, unplanned).
+recovery points, failover (test, planned, unplanned), the mirror target. `checks` holds
+the checks every request from a primary passes.
 
-May import `qemutools`, `transport.wire`, `tracking.scan` (block manifests), `domain`,
-`errors`; gets the host as a context.
+May import `tracking`, `hypervisor`, `transport`, `qemutools`, `domain`, `errors`; never
+`primary` (what spans both sides is composed in service.operations); gets the host as a
+context.
 """

@@ -9,7 +9,7 @@ Writes go over NBD with up to 16 requests in flight per head, then each head is 
 from __future__ import annotations
 
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 from ..errors import IntegrityError
 from ..transport import wire
@@ -25,7 +25,7 @@ def apply_records(records: Iterable[wire.Record], server: HeadServer,
     ``durable`` the heads are not synced: the caller does it (replica.checkpoint)."""
     t0 = time.monotonic()
     writers = server.writers
-    stats = {"records": 0, "bytes": 0}
+    stats: dict = {"records": 0, "bytes": 0}
     for rec in records:
         if rec.disk >= len(writers):
             raise IntegrityError(f"record for disk index {rec.disk}; the replica has "

@@ -8,40 +8,42 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TypeGuard
 
 from ..domain.links import vm_name
+from ..domain.relationship import Relationship
 from ..domain.states import State
 from ..errors import Conflict, NotFound, Unreachable, UsageError, VmreplicaError
-from . import mirror, points
+from . import collapse, mirror, points
 from . import store as rstore
 
 
-def _replica_rel(host, vm: str) -> dict:
+def _replica_rel(host, vm: str) -> Relationship:
     rel = host.store.relationship(vm)
     if rel is None:
         raise NotFound(f"{host.name} holds no replica of {vm}",
                        hint="`vmreplica status` lists the relationships of this host")
-    if rel["role"] != "replica":
+    if rel.role != "replica":
         raise UsageError(f"{host.name} is the primary of {vm}: run this on its replica "
-                         f"({rel['peer']})",
+                         f"({rel.peer})",
                          hint=f"on this host, `vmreplica failover {vm} --prepare` starts a "
                               "planned failover")
     return rel
 
 
-def _layer_of(host, rel: dict, point) -> tuple[int, str]:
+def _layer_of(host, rel: Relationship, point) -> tuple[int, str]:
     """(layer index, label) of a point id, or of the newest point when None."""
     if point == "latest":
-        return len(next(iter(rel["chains"].values()))) - 1, "latest"
-    p = points.find(host, rel["vm"], point)
-    return p["layer"], str(p["id"])
+        return len(next(iter(rel.chains.values()))) - 1, "latest"
+    p = points.find(host, rel.vm, point)
+    return p.layer, str(p.id)
 
 
-def _overlays(rel: dict, layer: int, name: str) -> dict[str, str]:
+def _overlays(rel: Relationship, layer: int, name: str) -> dict[str, str]:
     made = {}
     try:
-        for disk, chain in rel["chains"].items():
-            path = rstore.vm_dir(Path(rel["storage"]), rel["vm"]) / disk
+        for disk, chain in rel.chains.items():
+            path = rstore.vm_dir(Path(rel.storage), rel.vm) / disk
             path.mkdir(parents=True, exist_ok=True)
             made[disk] = rstore.overlay(path / f"{name}.qcow2", chain[layer])
     except Exception:
@@ -58,14 +60,14 @@ def test_start(host, vm: str, point=None, network: str = "none") -> dict:
         raise UsageError(f"unknown network {network!r}", hint="choose none or isolated")
     with host.vm_lock(vm):
         rel = _replica_rel(host, vm)
-        if rel.get("test"):
-            raise Conflict(f"a test failover of {vm} is already running ({rel['test']['vm']})",
+        if rel.test:
+            raise Conflict(f"a test failover of {vm} is already running ({rel.test['vm']})",
                            hint=f"stop it first: `vmreplica failover {vm} --stop-test`")
-        if rel["state"] not in (State.REPLICATING.value, State.SUSPENDED.value):
-            raise Conflict(f"{vm} cannot be tested in state {rel['state']}")
+        if rel.state not in (State.REPLICATING.value, State.SUSPENDED.value):
+            raise Conflict(f"{vm} cannot be tested in state {rel.state}")
         if point in (None, "latest"):
             # The newest state: freeze the head into a point (cycles go on into a new head).
-            made = points.create(host, vm, "crash", rel.get("last_freeze_at") or time.time(),
+            made = points.create(host, vm, "crash", rel.last_freeze_at or time.time(),
                                  apply_retention=False)  # retention waits for stop-test
             rel = host.store.relationship(vm)
             point = made["id"]
@@ -99,7 +101,7 @@ def test_start(host, vm: str, point=None, network: str = "none") -> dict:
 def test_stop(host, vm: str) -> dict:
     with host.vm_lock(vm):
         rel = _replica_rel(host, vm)
-        test = rel.get("test")
+        test = rel.test
         if not test:
             raise Conflict(f"no test failover of {vm} is running")
         try:
@@ -116,28 +118,30 @@ def test_stop(host, vm: str) -> dict:
 
 # -- failover --------------------------------------------------------------------------------
 
-def _startable(host, vm: str) -> dict:
+def _startable(host, vm: str) -> Relationship:
     """The replica relationship of ``vm`` if a failover can start now; else the reason."""
     rel = _replica_rel(host, vm)
-    if rel.get("test"):
+    if rel.test:
         raise Conflict(f"a test failover of {vm} is running",
                        hint=f"stop it first: `vmreplica failover {vm} --stop-test`")
-    if rel["state"] == State.FAILOVER_IN_PROGRESS.value:
+    if rel.state == State.FAILOVER_IN_PROGRESS.value:
         raise Conflict(f"a failover of {vm} is already in progress (point "
-                       f"{rel['failover']['point']})",
+                       f"{(rel.failover or {}).get('point')})",
                        hint=f"`vmreplica failover {vm} --complete` or `--cancel`")
-    if rel["state"] == State.FAILED_OVER.value:
+    if rel.state == State.FAILED_OVER.value:
         raise Conflict(f"{vm} has already failed over to {host.name}",
                        hint=f"next: `vmreplica reverse {vm}`")
-    if rel["state"] not in (State.REPLICATING.value, State.SUSPENDED.value, State.ERROR.value):
-        raise Conflict(f"{vm} cannot fail over in state {rel['state']}")
+    if rel.state not in (State.REPLICATING.value, State.SUSPENDED.value, State.ERROR.value):
+        raise Conflict(f"{vm} cannot fail over in state {rel.state}")
     return rel
 
 
-def _is_planned(rel: dict, point) -> bool:
-    prepared = rel.get("primary_prepared")
-    return bool(prepared) and point in (None, "latest") and \
-        int(prepared["cycle"]) == int(rel.get("last_applied_cycle", -1))
+def _is_planned(rel: Relationship, point) -> bool:
+    prepared = rel.primary_prepared
+    if not prepared:
+        return False
+    return point in (None, "latest") and \
+        int(prepared["cycle"]) == rel.last_applied_cycle
 
 
 # -- the primary asked first (an unplanned failover while it still runs the VM) -------------
@@ -145,13 +149,13 @@ def _is_planned(rel: dict, point) -> bool:
 PRIMARY_CHECK_TIMEOUT = 5.0   # seconds: a primary that takes longer counts as gone
 
 
-def _ask_primary(host, rel: dict) -> dict:
+def _ask_primary(host, rel: Relationship) -> dict:
     """What the primary says of the VM (api.primary_view): {"reachable": True, "view": ...},
     or {"reachable": False, "error": ...} when it does not answer (the disaster case), or
     {"reachable": True, "view": None, "error": ...} when it answered without telling."""
     try:
-        view = host.client_for_peer(rel["peer"], timeout=PRIMARY_CHECK_TIMEOUT).request(
-            "GET", f"/v1/peer/relationships/{vm_name(rel['vm'])}/primary-state")
+        view = host.client_for_peer(rel.peer, timeout=PRIMARY_CHECK_TIMEOUT).request(
+            "GET", f"/v1/peer/relationships/{vm_name(rel.vm)}/primary-state")
     except Unreachable as e:
         return {"reachable": False, "error": e.message}
     except VmreplicaError as e:
@@ -159,7 +163,7 @@ def _ask_primary(host, rel: dict) -> dict:
     return {"reachable": True, "view": view}
 
 
-def _primary_runs_it(view: dict | None) -> bool:
+def _primary_runs_it(view: dict | None) -> TypeGuard[dict]:
     """Whether the primary's copy of the VM runs (or, when its power state is unknown,
     whether its relationship still replicates and was not prepared for failover)."""
     if not view or view.get("role") != "primary" or view.get("fenced"):
@@ -171,7 +175,7 @@ def _primary_runs_it(view: dict | None) -> bool:
 
 
 def _ago(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
+    seconds = max(0, round(seconds))
     if seconds < 120:
         return f"{seconds} s"
     if seconds < 7200:
@@ -179,7 +183,7 @@ def _ago(seconds: float) -> str:
     return f"{seconds // 3600} h {seconds % 3600 // 60} min"
 
 
-def _loss(host, rel: dict, point, view: dict) -> dict:
+def _loss(host, rel: Relationship, point, view: dict) -> dict:
     """Since when the primary's writes would be lost: the freeze time of the chosen point
     (for the latest state: of the last applied cycle; now, for a continuous mirror in sync)."""
     now = time.time()
@@ -187,20 +191,20 @@ def _loss(host, rel: dict, point, view: dict) -> dict:
         if view.get("mode") == "continuous" and view.get("sync_state") == "in_sync":
             since = now   # the mirror had every write; the primary's next ones are lost
         else:
-            since = rel.get("last_freeze_at") or rel.get("last_applied_at") or now
+            since = rel.last_freeze_at or rel.last_applied_at or now
         label = "the latest state"
     else:
-        since = points.find(host, rel["vm"], point)["time"]
+        since = points.find(host, rel.vm, point).point_time
         label = f"point {point}"
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since))
     return {"since": since, "seconds": round(now - since, 1),
             "text": f"{label} (frozen at {when}, {_ago(now - since)} ago)"}
 
 
-def _guard(host, rel: dict, point, force: bool) -> dict:
+def _guard(host, rel: Relationship, point, force: bool) -> dict:
     """Before an unplanned failover: ask the primary. Refuse (Conflict) while it answers
     and runs the VM, unless ``force``; return what the event log and the answer record."""
-    vm, peer = rel["vm"], rel["peer"]
+    vm, peer = rel.vm, rel.peer
     asked = _ask_primary(host, rel)
     if not asked["reachable"]:
         return {"primary": peer, "reachable": False, "error": asked["error"],
@@ -250,11 +254,16 @@ def start(host, vm: str, point=None, force: bool = False) -> dict:
             guard = _guard(host, rel, point, force)
         mirror.close_target(host, vm)   # no more mirrored writes...
         host.heads.close(vm)            # ...and no more cycles into the head from here on
+        # The bases move into the VM's folder (O(1)) and the VM opens its chains so that
+        # they can be merged into them live before `reverse` replicates from them.
+        bases = collapse.relocate_bases(host, vm)
+        host.driver.collapse_prepare(vm, bases)
+        rel = host.store.relationship(vm)
         layer, label = _layer_of(host, rel, "latest" if point is None else point)
         overlays = _overlays(rel, layer, f"failover-{int(time.time())}")
         failover = {"point": label, "layer": layer, "overlays": overlays, "planned": planned,
                     "at": time.time()}
-        host.store.update_relationship(vm, state=State.FAILOVER_IN_PROGRESS.value,
+        host.store.set_state(vm, State.FAILOVER_IN_PROGRESS.value,
                                        failover=failover, index_valid=False)
         host.driver.set_disks(vm, overlays)
         try:
@@ -266,11 +275,13 @@ def start(host, vm: str, point=None, force: bool = False) -> dict:
             _commit(host, vm)
     kind = "planned" if planned else "unplanned"
     if not planned:
+        assert guard is not None                # (unplanned: the primary was asked above)
         host.event("failover", guard["event"], vm)
     host.event("failover", f"{kind} failover: {vm} started from point {label}", vm)
     if planned:
         return {"vm": vm, "planned": True, "point": label, "state": State.FAILED_OVER.value,
                 "next": f"vmreplica reverse {vm}"}
+    assert guard is not None                    # (unplanned: the primary was asked above)
     out = {"vm": vm, "planned": False, "point": label,
            "state": State.FAILOVER_IN_PROGRESS.value,
            "primary": {k: v for k, v in guard.items() if k not in ("event", "warning")},
@@ -287,17 +298,18 @@ def _undo(host, vm: str, failover: dict) -> None:
     except NotFound:
         pass
     rel = host.store.relationship(vm)
-    host.driver.set_disks(vm, {d: c[-1] for d, c in rel["chains"].items()})
+    host.driver.set_disks(vm, {d: c[-1] for d, c in rel.chains.items()})
+    host.driver.collapse_prepare(vm, {})
     rstore.drop_layers(list(failover["overlays"].values()))
-    host.store.update_relationship(vm, state=State.REPLICATING.value, failover=None)
+    host.store.set_state(vm, State.REPLICATING.value, failover=None)
 
 
 def cancel(host, vm: str) -> dict:
     with host.vm_lock(vm):
         rel = _replica_rel(host, vm)
-        if rel["state"] != State.FAILOVER_IN_PROGRESS.value:
-            raise Conflict(f"no failover of {vm} is in progress (state {rel['state']})")
-        _undo(host, vm, rel["failover"])
+        if rel.state != State.FAILOVER_IN_PROGRESS.value:
+            raise Conflict(f"no failover of {vm} is in progress (state {rel.state})")
+        _undo(host, vm, rel.failover or {})
     host.event("failover", f"failover cancelled: what {vm} wrote was discarded", vm)
     return {"vm": vm, "state": State.REPLICATING.value,
             "next": f"vmreplica failover {vm} [--point ID]"}
@@ -306,34 +318,32 @@ def cancel(host, vm: str) -> dict:
 def complete(host, vm: str) -> dict:
     with host.vm_lock(vm):
         rel = _replica_rel(host, vm)
-        if rel["state"] != State.FAILOVER_IN_PROGRESS.value:
-            raise Conflict(f"no failover of {vm} is in progress (state {rel['state']})")
+        if rel.state != State.FAILOVER_IN_PROGRESS.value:
+            raise Conflict(f"no failover of {vm} is in progress (state {rel.state})")
         _commit(host, vm)
         rel = host.store.relationship(vm)
-    host.event("failover", f"failover completed: epoch {rel['epoch']}; point "
-                           f"{rel['failover']['point']} is now the VM's disk", vm)
-    return {"vm": vm, "state": State.FAILED_OVER.value, "epoch": rel["epoch"],
+    host.event("failover", f"failover completed: epoch {rel.epoch}; point "
+                           f"{rel.failover['point']} is now the VM's disk", vm)
+    return {"vm": vm, "state": State.FAILED_OVER.value, "epoch": rel.epoch,
             "next": f"vmreplica reverse {vm}"}
 
 
 def _commit(host, vm: str) -> None:
     """The failover's overlay becomes the top of the VM's chain; the epoch goes up, so
-    the old primary can never ship into this VM again."""
+    the old primary can never ship into this VM again. The chain is to be merged into
+    its base (replica.collapse, the first step of `reverse` or `remove`), so the points
+    go: their layers stop being frozen."""
     rel = host.store.relationship(vm)
-    fo = rel["failover"]
+    fo = rel.failover
     layer = int(fo["layer"])
     chains, dropped = {}, []
-    for disk, chain in rel["chains"].items():
+    for disk, chain in rel.chains.items():
         chains[disk] = chain[:layer + 1] + [fo["overlays"][disk]]
         dropped += chain[layer + 1:]
-    pts = host.store.points(vm)
-    if fo["planned"]:
-        kept = pts  # made before a planned failover: they stay listed and usable
-    else:
-        kept = []   # the chosen point is now the VM's disk; the other points go
     with host.store.transaction():
-        host.store.replace_points(vm, kept)
-        host.store.update_relationship(vm, chains=chains, state=State.FAILED_OVER.value,
-                                       epoch=int(rel["epoch"]) + 1, primary_prepared=None,
-                                       failed_over_at=time.time())
+        host.store.replace_points(vm, [])   # the VM's disk now; merged into the base next
+        host.store.set_state(vm, State.FAILED_OVER.value, chains=chains,
+                                       epoch=rel.epoch + 1, primary_prepared=None,
+                                       failed_over_at=time.time(),
+                                       **collapse.begin(host, vm, chains))
     rstore.drop_layers(dropped)

@@ -94,6 +94,7 @@ class HeadServer:
         self.qsd = StorageDaemon(run_dir, f"hd-{_short(vm)}", blockdevs, exports).start()
         self.writers: list[nbdio.Writer] = []
         try:
+            assert self.qsd.nbd_socket is not None      # (it has exports)
             for i in range(len(self.heads)):
                 h = nbdio.connect(self.qsd.nbd_socket, f"h{i}")
                 self.writers.append(nbdio.Writer(h, f"head {i} of {vm}"))
@@ -112,6 +113,7 @@ class HeadServer:
     def manifest(self, i: int) -> bytes:
         """Block digests of head ``i`` (see tracking.scan)."""
         from ..tracking import scan
+        assert self.qsd.nbd_socket is not None          # (it has exports)
         h = nbdio.connect(self.qsd.nbd_socket, f"h{i}", ["base:allocation"])
         try:
             return scan.manifest(h, h.get_size())
@@ -122,6 +124,7 @@ class HeadServer:
     def fill_unknown(self, i: int, digests: bytes, blocks: list[int]) -> bytes:
         """``digests`` with the given blocks' digests computed from head ``i``."""
         from ..tracking import scan
+        assert self.qsd.nbd_socket is not None          # (it has exports)
         h = nbdio.connect(self.qsd.nbd_socket, f"h{i}")
         try:
             return scan.fill(h, h.get_size(), digests, blocks)

@@ -34,7 +34,7 @@ class IndexWriter:
 
     def __init__(self, paths: list[Path], sizes: list[int]):
         self.files = []
-        for p, size in zip(paths, sizes):
+        for p, size in zip(paths, sizes, strict=False):
             p.parent.mkdir(parents=True, exist_ok=True)
             if not p.exists() or p.stat().st_size != _blocks(size) * scan.DIGEST:
                 # No index yet (or a disk of another size): every block unknown until read.
@@ -57,7 +57,7 @@ class IndexWriter:
             if lo < rec.offset or hi > rec.offset + rec.length:
                 out += UNKNOWN                      # partly covered: hash it when needed
             elif rec.kind == wire.Kind.DATA:
-                out += blake3(memoryview(rec.payload)[lo - rec.offset:hi - rec.offset]).digest(
+                out += blake3(memoryview(rec.data())[lo - rec.offset:hi - rec.offset]).digest(
                     scan.DIGEST)
             else:
                 out += scan.zero_digest(b)

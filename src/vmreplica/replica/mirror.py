@@ -17,6 +17,7 @@ import socket
 import time
 from pathlib import Path
 
+from ..domain.relationship import Relationship
 from ..errors import HypervisorError, OperationError
 from ..qemutools.qsd import StorageDaemon
 from ..transport import tls
@@ -36,55 +37,18 @@ def free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def leaf_paths(home) -> tuple[Path, Path]:
-    """This host's NBD leaf certificate (issued once by its own identity)."""
-    key, crt = home.root / "tls" / "nbd-leaf.key", home.root / "tls" / "nbd-leaf.crt"
-    return key, crt
-
-
-def ensure_leaf(host) -> tuple[Path, Path]:
-    """The leaf names the host and, when it listens on an IP address, that address too
-    (libnbd checks the address it connected to)."""
-    import ipaddress
-    key, crt = leaf_paths(host.home)
-    if not (key.exists() and crt.exists()):
-        bind = host.listen.rsplit(":", 1)[0].strip("[]")
-        try:
-            ips = [str(ipaddress.ip_address(bind))]
-        except ValueError:
-            ips = []
-        tls.issue_leaf(host.home.key, host.home.cert, host.name, key, crt, ips=ips)
-    return key, crt
-
-
-def creds_dir(host, peer: dict, endpoint: str, name: str) -> Path:
-    """A QEMU/libnbd x509 credentials folder: ca-cert.pem (this host's identity and the
-    pinned peer's: each side verifies the other, and QEMU checks its own certificate),
-    and this host's leaf as `<endpoint>-cert.pem` / `<endpoint>-key.pem`."""
-    key, crt = ensure_leaf(host)
-    d = host.home.run / f"tls-{name}"
-    d.mkdir(parents=True, exist_ok=True)
-    d.chmod(0o700)
-    (d / "ca-cert.pem").write_text(host.cert_pem.strip() + "\n" + peer["cert_pem"].strip() + "\n")
-    (d / f"{endpoint}-cert.pem").write_bytes(crt.read_bytes())
-    k = d / f"{endpoint}-key.pem"
-    k.write_bytes(key.read_bytes())
-    k.chmod(0o600)
-    return d
-
-
 class MirrorTarget:
-    def __init__(self, host, rel: dict, peer: dict, port: int):
-        self.vm = rel["vm"]
-        self.disks = list(rel["disks"])
-        self.chains = {d: list(rel["chains"][d]) for d in self.disks}
+    def __init__(self, host, rel: Relationship, peer: dict, port: int):
+        self.vm = rel.vm
+        self.disks = list(rel.disks)
+        self.chains = {d: list(rel.chains[d]) for d in self.disks}
         self.nodes: dict[str, list[str]] = {}
         self._serial = 0
         self.bind = host.listen.rsplit(":", 1)[0]
         self.port = port
-        name = f"mt-{rel['id'][:8]}"
-        creds = creds_dir(host, peer, "server", name)
-        blockdevs = []
+        name = f"mt-{rel.id[:8]}"
+        creds = tls.creds_dir(host, peer, "server", name)
+        blockdevs: list[dict] = []
         for disk in self.disks:
             self.nodes[disk] = []
             for k, path in enumerate(self.chains[disk]):
@@ -115,6 +79,7 @@ class MirrorTarget:
         """Freeze every head live: the new (empty) files become the heads in one
         transaction (requests in flight finish first); the exports follow them."""
         q = self.qsd.qmp
+        assert q is not None                        # (started)
         added = {}
         for disk in self.disks:
             node = self._new_node()
@@ -134,8 +99,9 @@ class MirrorTarget:
         """Retention, live: commit layer 1 into layer 0 with a block-commit job per disk;
         QEMU then puts layer 2 on layer 0 (and rewrites its backing file name)."""
         q = self.qsd.qmp
+        assert q is not None                        # (started)
         jobs = []
-        for i, disk in enumerate(self.disks):
+        for disk in self.disks:
             if len(self.chains[disk]) < 3:
                 raise OperationError("live retention needs a frozen layer above the base")
             job = f"commit-{self._new_node()}"
@@ -165,15 +131,15 @@ def open_target(host, peer: dict, vm: str) -> dict:
     """Export the heads for the primary's mirror (closing the head server first); the
     port is kept in the relationship so a restarted replica comes back where the primary's
     NBD client reconnects."""
-    from .receiver import _own_relationship
-    rel = _own_relationship(host, peer, vm)
-    if rel["state"] != "replicating":
-        raise OperationError(f"{vm} cannot receive a mirror in state {rel['state']}")
+    from .checks import own_relationship
+    rel = own_relationship(host, peer, vm)
+    if rel.state != "replicating":
+        raise OperationError(f"{vm} cannot receive a mirror in state {rel.state}")
     with host.vm_lock(vm):
         target = host.mirror_targets.get(vm)
         if target is None or not target.alive():
             host.heads.close(vm)
-            port = int(rel.get("mirror_port") or free_port(host.listen.rsplit(":", 1)[0]))
+            port = int(rel.mirror_port or free_port(host.listen.rsplit(":", 1)[0]))
             target = MirrorTarget(host, rel, peer, port)
             host.mirror_targets[vm] = target
         host.store.update_relationship(vm, mirror_port=target.port, mirror_open=True,
@@ -210,8 +176,8 @@ def revive_dead_targets(host) -> list[str]:
             continue
         rel = host.store.relationship(vm)
         close_target(host, vm, keep_open_flag=True)    # its leftover files go
-        peer = host.store.peer(rel["peer"]) if rel is not None else None
-        if peer is None or not rel.get("mirror_open") or rel["state"] != "replicating":
+        peer = host.store.peer(rel.peer) if rel is not None else None
+        if peer is None or not rel.mirror_open or rel.state != "replicating":
             continue
         try:
             open_target(host, peer, vm)
@@ -227,11 +193,11 @@ def revive_dead_targets(host) -> list[str]:
 def reopen_targets(host) -> None:
     """Start-up: the mirror targets that were open when the daemon stopped or died."""
     for rel in host.store.relationships():
-        if rel["role"] == "replica" and rel.get("mirror_open") and rel["state"] == "replicating":
-            peer = host.store.peer(rel["peer"])
+        if rel.role == "replica" and rel.mirror_open and rel.state == "replicating":
+            peer = host.store.peer(rel.peer)
             if peer is None:
                 continue
             try:
-                open_target(host, peer, rel["vm"])
+                open_target(host, peer, rel.vm)
             except Exception as e:  # noqa: BLE001 — the primary falls back to cycles
-                log.warning("could not reopen the mirror target of %s: %s", rel["vm"], e)
+                log.warning("could not reopen the mirror target of %s: %s", rel.vm, e)

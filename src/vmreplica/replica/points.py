@@ -12,17 +12,18 @@ import logging
 from pathlib import Path
 
 from ..domain import points as dp
+from ..domain.relationship import Relationship
 from ..errors import NotFound, UsageError
 from . import store as rstore
 
 log = logging.getLogger("vmreplica.replica")
 
 
-def _storage(rel: dict) -> Path:
-    return Path(rel["storage"])
+def _storage(rel: Relationship) -> Path:
+    return Path(rel.storage)
 
 
-def _set_chains(host, vm: str, chains: dict[str, list[str]], **changes) -> dict:
+def _set_chains(host, vm: str, chains: dict[str, list[str]], **changes) -> Relationship:
     rel = host.store.update_relationship(vm, chains=chains, **changes)
     host.driver.set_disks(vm, {d: c[-1] for d, c in chains.items()})
     return rel
@@ -34,12 +35,12 @@ def create(host, vm: str, kind: str, point_time: float, apply_retention: bool = 
     target = host.mirror_targets.get(vm)
     if target is None:
         host.heads.close(vm)
-    chains = rstore.freeze(_storage(rel), vm, rel["chains"])
+    chains = rstore.freeze(_storage(rel), vm, rel.chains)
     if target is not None:
         # Continuous mode: the mirror writes on; freeze live, in one transaction.
         target.snapshot({d: c[-1] for d, c in chains.items()})
-    layer = len(next(iter(rel["chains"].values()))) - 1   # the old head's index
-    point_id = int(rel.get("next_point_id", 1))
+    layer = len(next(iter(rel.chains.values()))) - 1   # the old head's index
+    point_id = rel.next_point_id
     # The new layer is in the chain file-wise (synced, name included); the point, the
     # chains and the end of a pending point are one commit. Apart, a power cut between
     # the point's row and the chains left a point naming the head (start-up's redo made
@@ -59,11 +60,11 @@ def retain(host, vm: str) -> int:
     """Merge the oldest points away until at most ``history`` are left (not while a test
     failover or a failover uses the chain). Returns how many were merged."""
     rel = host.store.relationship(vm)
-    pinned = bool(rel.get("test") or rel.get("failover"))
+    pinned = bool(rel.test or rel.failover)
     merged = 0
     while True:
         pts = host.store.points(vm)
-        if dp.merges_needed(len(pts), int(rel.get("history", 4)), pinned) == 0:
+        if dp.merges_needed(len(pts), rel.history, pinned) == 0:
             return merged
         target = host.mirror_targets.get(vm)
         if target is None:
@@ -74,48 +75,48 @@ def retain(host, vm: str) -> int:
             target.merge_oldest()     # live block-commit; the mirror writes on
             chains = {d: list(c) for d, c in target.chains.items()}
         else:
-            chains = rstore.merge_oldest(rel["chains"])
+            chains = rstore.merge_oldest(rel.chains)
         with host.store.transaction():
             host.store.replace_points(vm, dp.after_merge(pts))
             rel = _set_chains(host, vm, chains, merging=False,
                               points_count=len(host.store.points(vm)))
-        host.event("point", f"recovery point {pts[0]['id']} merged into the base (retention)", vm)
+        host.event("point", f"recovery point {pts[0].id} merged into the base (retention)", vm)
         merged += 1
 
 
 def finish_merges(host) -> None:
     """Start-up: a merge cut short by a crash is done again (it is idempotent)."""
     for rel in host.store.relationships():
-        if rel.get("merging") and rel.get("chains"):
-            log.warning("finishing an interrupted retention merge of %s", rel["vm"])
-            chains = rstore.merge_oldest(rel["chains"])
+        if rel.merging and rel.chains:
+            log.warning("finishing an interrupted retention merge of %s", rel.vm)
+            chains = rstore.merge_oldest(rel.chains)
             with host.store.transaction():
-                host.store.replace_points(rel["vm"], dp.after_merge(host.store.points(rel["vm"])))
-                _set_chains(host, rel["vm"], chains, merging=False)
+                host.store.replace_points(rel.vm, dp.after_merge(host.store.points(rel.vm)))
+                _set_chains(host, rel.vm, chains, merging=False)
 
 
 def listing(host, vm: str) -> list[dict]:
     """The VM's points on this host, oldest first, then ``latest`` (the head) if it
     receives cycles."""
     rel = host.store.relationship(vm)
-    if rel is None or not rel.get("chains"):
+    if rel is None or not rel.chains:
         raise NotFound(f"{host.name} holds no recovery points of {vm}")
-    chains = rel["chains"]
+    chains = rel.chains
     out = []
     for p in host.store.points(vm):
-        size = sum(rstore.layer_size(c[p["layer"]]) for c in chains.values())
-        out.append({"id": p["id"], "time": p["point_time"], "kind": p["kind"], "size": size,
-                    "host": host.name, "paths": layer_paths(rel, p["layer"])})
-    if rel["role"] == "replica" and rel.get("last_freeze_at") and rel["state"] not in (
+        size = sum(rstore.layer_size(c[p.layer]) for c in chains.values())
+        out.append({"id": p.id, "time": p.point_time, "kind": p.kind, "size": size,
+                    "host": host.name, "paths": layer_paths(rel, p.layer)})
+    if rel.role == "replica" and rel.last_freeze_at and rel.state not in (
             "failover_in_progress", "failed_over"):
         size = sum(rstore.layer_size(c[-1]) for c in chains.values())
-        out.append({"id": "latest", "time": rel["last_freeze_at"], "kind": dp.LATEST,
+        out.append({"id": "latest", "time": rel.last_freeze_at, "kind": dp.LATEST,
                     "size": size, "host": host.name,
                     "paths": {d: c[-1] for d, c in chains.items()}})
     return out
 
 
-def find(host, vm: str, point: str | int | None) -> dict:
+def find(host, vm: str, point: str | int | None) -> dp.Point:
     """The point row for ``point`` (an id, or None / 'latest' for the newest point)."""
     pts = host.store.points(vm)
     if point in (None, "latest"):
@@ -127,11 +128,11 @@ def find(host, vm: str, point: str | int | None) -> dict:
     except (TypeError, ValueError):
         raise UsageError(f"invalid recovery point {point!r}", hint=f"see `vmreplica points {vm}`") from None
     for p in pts:
-        if p["id"] == wanted:
+        if p.id == wanted:
             return p
     raise NotFound(f"{vm} has no recovery point {wanted} on {host.name}",
                    hint=f"`vmreplica points {vm}` lists them")
 
 
-def layer_paths(rel: dict, layer: int) -> dict[str, str]:
-    return {d: c[layer] for d, c in rel["chains"].items()}
+def layer_paths(rel: Relationship, layer: int) -> dict[str, str]:
+    return {d: c[layer] for d, c in rel.chains.items()}

@@ -15,18 +15,17 @@ import time
 from pathlib import Path
 
 from ..domain.patterns import find_authorization
+from ..domain.relationship import DEFAULTS, Relationship
 from ..domain.states import Role, State
 from ..domain.units import format_size
-from ..errors import (Conflict, IntegrityError, NotFound, Refused, StorageFull, Superseded,
-                      TrackingError, UsageError)
+from ..errors import Conflict, NotFound, Refused, StorageFull, UsageError
 from ..qemutools import img
 from ..qemutools.buffers import POOL
 from ..transport import wire
 from ..transport.ahead import ahead
 from . import apply as applier
-from . import checkpoint
+from . import checkpoint, checks, mirror, points, unapplied
 from . import index as rindex
-from . import mirror, points, unapplied
 from . import store as rstore
 
 log = logging.getLogger("vmreplica.replica")
@@ -54,7 +53,7 @@ def _field(body: dict, key: str, kind, default=None, *, low=None, high=None):
         if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float, str))):
             raise TypeError
         out = kind(value)
-        if kind is float and out != out or out in (float("inf"), float("-inf")):
+        if kind is float and out != out or out in (float("inf"), float("-inf")):  # noqa: PLR0124 — NaN
             raise ValueError
     except (TypeError, ValueError, OverflowError):
         raise UsageError(f"{key} must be {'an integer' if kind is int else 'a number'}, "
@@ -86,7 +85,7 @@ def _check_create_body(body: dict) -> tuple[str, list[dict]]:
         _field(d, "virtual_size", int, 0, low=1, high=1 << 55)
     for key in ("epoch", "frequency", "history", "point_interval"):
         _field(body, key, int, 1, low=0, high=_BIG)
-    _field(body, "max_stall", float, 5, low=0)
+    _field(body, "max_stall", float, DEFAULTS.max_stall, low=0)
     holders = body.get("holders")
     if holders is not None and not isinstance(holders, list):
         raise UsageError("holders must be a list of host names")
@@ -116,10 +115,10 @@ def create_relationship(host, peer: dict, body: dict) -> dict:
     vm, _ = _check_create_body(body)
     existing = host.store.relationship(vm)
     if existing is not None:
-        if existing["id"] == body.get("id") and existing["peer"] == peer["name"]:
+        if existing.id == body.get("id") and existing.peer == peer["name"]:
             return _describe(host, existing)  # retried request: idempotent
         raise Conflict(f"{host.name} already holds a relationship for VM {vm} "
-                       f"(with {existing['peer']})",
+                       f"(with {existing.peer})",
                        hint=f"remove it on {host.name} with `vmreplica remove {vm}` first")
     desc = body.get("description") or {}
     disks = desc.get("disks") or []
@@ -145,22 +144,21 @@ def create_relationship(host, peer: dict, body: dict) -> dict:
                                  for d in disks]
         replica_desc["owns"] = [str(rstore.vm_dir(storage, vm))]
         host.driver.define_vm(replica_desc)
-        rel = {
-            "vm": vm, "id": body["id"], "role": Role.REPLICA.value, "peer": peer["name"],
-            "peer_address": peer.get("address"), "state": State.WAITING_FOR_INITIAL.value,
-            "epoch": int(body.get("epoch", 1)), "storage": str(storage),
-            "disks": [d["name"] for d in disks], "chains": chains,
-            "frequency": int(body.get("frequency", 300)), "last_applied_cycle": -1,
-            "security_tag": tag, "history": int(body.get("history", 4)),
-            "point_interval": int(body.get("point_interval", 3600)),
+        host.store.add_relationship(Relationship(
+            vm=vm, id=body["id"], role=Role.REPLICA.value, peer=peer["name"],
+            peer_address=peer.get("address"), state=State.WAITING_FOR_INITIAL.value,
+            epoch=int(body.get("epoch", 1)), storage=str(storage),
+            disks=[d["name"] for d in disks], chains=chains,
+            frequency=int(body.get("frequency", DEFAULTS.frequency)), security_tag=tag,
+            history=int(body.get("history", DEFAULTS.history)),
+            point_interval=int(body.get("point_interval", DEFAULTS.point_interval)),
             # Kept so that after a reverse this side replicates the same way.
-            "mode": body.get("mode") or "periodic", "max_stall": float(body.get("max_stall", 5)),
-            "cluster": bool(body.get("cluster")),
+            mode=body.get("mode") or DEFAULTS.mode,
+            max_stall=float(body.get("max_stall", DEFAULTS.max_stall)),
+            cluster=bool(body.get("cluster")),
             # The hosts that may take this replication over when the VM moves to them (a
             # DR link: the primary and the partner of its main relationship).
-            "holders": [str(h) for h in body.get("holders") or [peer["name"]]],
-        }
-        host.store.add_relationship(rel)
+            holders=[str(h) for h in body.get("holders") or [peer["name"]]]))
     except Exception:
         try:
             host.driver.delete(vm)
@@ -179,24 +177,9 @@ def create_relationship(host, peer: dict, body: dict) -> dict:
     return _describe(host, host.store.relationship(vm))
 
 
-def _describe(host, rel: dict) -> dict:
-    return {"vm": rel["vm"], "replica": host.name, "state": rel["state"],
-            "heads": {d: c[-1] for d, c in rel["chains"].items()}}
-
-
-def _own_relationship(host, peer: dict, vm: str) -> dict:
-    rel = host.store.relationship(vm)
-    if rel is None or rel["role"] != Role.REPLICA.value:
-        raise NotFound(f"{host.name} holds no replica of VM {vm}",
-                       hint="enable replication again from the primary")
-    if rel["peer"] != peer["name"]:
-        if peer["name"] in (rel.get("holders") or []):
-            raise Superseded(f"{host.name} replicates {vm} from {rel['peer']} now (epoch "
-                             f"{rel['epoch']}): the DR link moved with the VM",
-                             hint=f"{peer['name']} stands by; it takes the link back when the "
-                                  f"VM returns (`vmreplica dr adopt {vm}`)")
-        raise Refused(f"{host.name} replicates {vm} from {rel['peer']}, not from {peer['name']}")
-    return rel
+def _describe(host, rel: Relationship) -> dict:
+    return {"vm": rel.vm, "replica": host.name, "state": rel.state,
+            "heads": {d: c[-1] for d, c in rel.chains.items()}}
 
 
 def transfer(host, peer: dict, vm: str, body: dict) -> dict:
@@ -206,13 +189,13 @@ def transfer(host, peer: dict, vm: str, body: dict) -> dict:
     doubt with a hash resync against this side's index. A replica that has failed over
     (the DR site runs the VM) refuses: nothing it holds is overwritten."""
     rel = host.store.relationship(vm)
-    if rel is None or rel["role"] != Role.REPLICA.value:
+    if rel is None or rel.role != Role.REPLICA.value:
         raise NotFound(f"{host.name} holds no replica of VM {vm}",
                        hint="enable the DR link again (`vmreplica dr enable`) from the host "
                             "that runs the VM")
-    if body.get("id") and body["id"] != rel["id"]:
+    if body.get("id") and body["id"] != rel.id:
         raise Refused(f"{host.name}'s replica of {vm} belongs to another relationship")
-    holders = rel.get("holders") or [rel["peer"]]
+    holders = rel.holders or [rel.peer]
     if peer["name"] not in holders:
         raise Refused(f"{peer['name']} may not take over the replication of {vm}: {host.name} "
                       f"accepts it only from {', '.join(holders)}")
@@ -220,25 +203,25 @@ def transfer(host, peer: dict, vm: str, body: dict) -> dict:
         raise Refused(f"primary {peer['name']} is not authorized to replicate to {host.name}",
                       hint=f"on {host.name} run `vmreplica replica-server enable --allow "
                            f"{peer['name']}`")
-    if rel["state"] in (State.FAILOVER_IN_PROGRESS.value, State.FAILED_OVER.value) or \
-            rel.get("failover"):
-        raise Conflict(f"{host.name} has failed VM {vm} over (state {rel['state']}): it runs "
+    if rel.state in (State.FAILOVER_IN_PROGRESS.value, State.FAILED_OVER.value) or \
+            rel.failover:
+        raise Conflict(f"{host.name} has failed VM {vm} over (state {rel.state}): it runs "
                        f"there, and {peer['name']} may not replicate over it",
                        hint=f"decide which copy lives: cancel the failover on {host.name} "
                             f"(`vmreplica failover {vm} --cancel`), or make {peer['name']}'s "
                             "copy the replica")
-    if rel["peer"] != peer["name"]:
-        old = rel["peer"]
+    if rel.peer != peer["name"]:
+        old = rel.peer
         host.store.update_relationship(vm, peer=peer["name"], peer_address=peer.get("address"),
-                                       epoch=int(rel["epoch"]) + 1)
+                                       epoch=rel.epoch + 1)
         rel = host.store.relationship(vm)
         host.event("dr", f"the replication of {vm} moved from {old} to {peer['name']} with "
-                         f"the VM (epoch {rel['epoch']}): {old} is refused from now on", vm)
-    return {"vm": vm, "id": rel["id"], "epoch": rel["epoch"], "state": rel["state"],
-            "disks": rel["disks"], "frequency": rel.get("frequency", 300),
-            "history": rel.get("history", 4), "point_interval": rel.get("point_interval", 3600),
-            "security_tag": rel.get("security_tag", ""), "holders": holders,
-            "last_applied_cycle": rel.get("last_applied_cycle", -1)}
+                         f"the VM (epoch {rel.epoch}): {old} is refused from now on", vm)
+    return {"vm": vm, "id": rel.id, "epoch": rel.epoch, "state": rel.state,
+            "disks": rel.disks, "frequency": rel.frequency,
+            "history": rel.history, "point_interval": rel.point_interval,
+            "security_tag": rel.security_tag, "holders": holders,
+            "last_applied_cycle": rel.last_applied_cycle}
 
 
 class _Tee:
@@ -264,10 +247,10 @@ def receive_cycle(host, peer: dict, vm: str, body) -> dict:
     acknowledged, then its heads are synced (replica.checkpoint); an initial copy
     (nothing consistent to protect yet) is applied as it streams in, and the replica
     counts as seeded only once all of it is verified and synced."""
-    rel = _own_relationship(host, peer, vm)
+    rel = checks.own_relationship(host, peer, vm)
     reader = wire.CycleReader(body.read, pool=POOL)
     header = reader.start()
-    cycle = _check_header(host, rel, header)
+    cycle = checks.check_header(host, rel, header)
     kind = "initial" if header.get("initial") else "resync" if header.get("resync") else "delta"
     lock = host.vm_lock(vm)
     # An initial copy or a resync rewrites the heads whatever they hold: it does not wait
@@ -280,7 +263,7 @@ def receive_cycle(host, peer: dict, vm: str, body) -> dict:
             if kind == "delta":
                 result = _receive_delta(host, vm, cycle, reader, body)
             else:
-                result = _receive_initial(host, vm, cycle, reader)
+                result = receive_initial(host, vm, cycle, reader)
         except Exception as e:
             host.store.finish_cycle(row, False, error=getattr(e, "message", None) or str(e))
             raise
@@ -290,23 +273,24 @@ def receive_cycle(host, peer: dict, vm: str, body) -> dict:
         return result
 
 
-def _receive_initial(host, vm: str, cycle: int, reader: wire.CycleReader) -> dict:
+def receive_initial(host, vm: str, cycle: int, reader: wire.CycleReader) -> dict:
     """An initial copy (into emptied heads) or a resynchronisation (only the blocks that
     differ, onto what the heads hold): applied as it streams; the relationship stays in
     waiting_for_initial / resynchronizing until all of it is verified and applied."""
     rel = host.store.relationship(vm)
+    assert reader.header is not None                # (started by the caller)
     resync = bool(reader.header.get("resync"))
     waiting = State.RESYNCHRONIZING.value if resync else State.WAITING_FOR_INITIAL.value
-    if rel["state"] != waiting:
-        host.store.update_relationship(vm, state=waiting)
+    if rel.state != waiting:
+        host.store.set_state(vm, waiting)
     t0 = time.monotonic()
-    heads = rstore.heads(rel["chains"], rel["disks"])
+    heads = rstore.heads(rel.chains, rel.disks)
     host.store.update_relationship(vm, index_valid=False)
     if not resync:
         host.heads.close(vm)
         rstore.reset_heads(heads)
-        for d, h in zip(rel["disks"], heads):
-            rindex.init(rindex.path(Path(rel["storage"]), vm, d), int(img.info(h)["virtual-size"]))
+        for d, h in zip(rel.disks, heads, strict=False):
+            rindex.init(rindex.path(Path(rel.storage), vm, d), int(img.info(h)["virtual-size"]))
     # Records are taken off the connection and verified on a thread of their own while
     # the previous ones are written: an initial copy streams gigabytes, and one thread
     # doing both left the primary's sends waiting while it waited on the head server.
@@ -331,10 +315,10 @@ def _receive_initial(host, vm: str, cycle: int, reader: wire.CycleReader) -> dic
             **_manifest(rel, stats)}
 
 
-def _manifest(rel: dict, stats: dict) -> dict:
+def _manifest(rel: Relationship, stats: dict) -> dict:
     if "manifest" not in stats:
         return {}
-    return {"manifest": dict(zip(rel["disks"], stats["manifest"]))}
+    return {"manifest": dict(zip(rel.disks, stats["manifest"], strict=False))}
 
 
 def _receive_delta(host, vm: str, cycle: int, reader: wire.CycleReader, body) -> dict:
@@ -348,7 +332,7 @@ def _receive_delta(host, vm: str, cycle: int, reader: wire.CycleReader, body) ->
     # cycle's writes 3-4x slower (qemutools.img.drop_cached_pages). Off this thread: it
     # costs up to 0.1 s for a head read whole, and the receive mostly waits on the primary.
     rel = host.store.relationship(vm)
-    settle = img.drop_cached_pages_later(*rstore.heads(rel["chains"], rel["disks"]),
+    settle = img.drop_cached_pages_later(*rstore.heads(rel.chains, rel.disks),
                                          name=f"uncache-{vm}")
     try:
         with open(part, "wb") as f:
@@ -378,11 +362,12 @@ def _receive_delta(host, vm: str, cycle: int, reader: wire.CycleReader, body) ->
     # (a point freezes the head as it is on disk) or is a planned failover's last.
     # (--verify reads the heads whole anyway.)
     trailer = reader.trailer or {}
+    assert reader.header is not None                # (started by the caller)
     durable = bool(trailer.get("point") or trailer.get("final") or reader.header.get("verify"))
     try:
         result = _apply(host, vm, cycle, final, kept, reader.trailer, reader.header,
                         durable=durable)
-    except BaseException as e:
+    except BaseException as e:  # noqa: BLE001 — re-raised, marked: whatever stopped the apply
         # The heads hold part of the cycle: nothing reads them until the staged copy has
         # been applied whole (unapplied.mark; the VM's lock redoes it first).
         raise unapplied.mark(host, vm, cycle, final, e) from None
@@ -400,17 +385,17 @@ SYNC_STATES = (None, "catching_up", "in_sync", "degraded", "idle")
 def apply_settings(host, peer: dict, vm: str, body: dict) -> dict:
     """The primary changed settings that the replica applies (retention history), or
     tells it its replication mode and continuous sub-state (shown here as they are there)."""
-    rel = _own_relationship(host, peer, vm)
+    rel = checks.own_relationship(host, peer, vm)
     if "mode" in body:
         return _apply_mode(host, vm, body)
     from ..domain import points as dp
-    history = dp.validate_history(_field(body, "history", int, rel.get("history", 4),
+    history = dp.validate_history(_field(body, "history", int, rel.history,
                                          high=_BIG))
-    interval = _field(body, "point_interval", int, rel.get("point_interval", 3600), low=1,
+    interval = _field(body, "point_interval", int, rel.point_interval, low=1,
                       high=_BIG)
     with host.vm_lock(vm):
         host.store.update_relationship(vm, history=history, point_interval=interval)
-        if rel["state"] == State.REPLICATING.value:
+        if rel.state == State.REPLICATING.value:
             points.retain(host, vm)
     return {"vm": vm, "history": history}
 
@@ -428,7 +413,8 @@ def _apply_mode(host, vm: str, body: dict) -> dict:
     changes = {"mode": mode, "sync_state": sync, "sync_reason": reason and reason[:500],
                "sync_since": _field(body, "sync_since", float, None, low=0)}
     if body.get("max_stall") is not None:
-        changes["max_stall"] = _field(body, "max_stall", float, 5.0, low=0.5, high=120)
+        changes["max_stall"] = _field(body, "max_stall", float, DEFAULTS.max_stall, low=0.5,
+                                      high=120)
     host.store.update_relationship(vm, **changes)
     return {"vm": vm, "mode": mode, "sync_state": sync}
 
@@ -438,7 +424,7 @@ def change_disks(host, peer: dict, vm: str, body: dict) -> dict:
     longer sends; give new ones an empty chain as deep as the others (so every recovery
     point is still the same layer on every disk; the new disk reads as zeros in older
     points, which predate its replication)."""
-    rel = _own_relationship(host, peer, vm)
+    rel = checks.own_relationship(host, peer, vm)
     wanted = body.get("disks") or []
     if not isinstance(wanted, list) or not all(isinstance(d, dict) for d in wanted):
         raise UsageError("disks must be a list of objects")
@@ -446,13 +432,13 @@ def change_disks(host, peer: dict, vm: str, body: dict) -> dict:
     if not names or len(set(names)) != len(names):
         raise UsageError("disks must name each replicated disk once")
     for d in wanted:
-        if d["name"] not in rel["chains"]:
+        if d["name"] not in rel.chains:
             _field(d, "virtual_size", int, 0, low=1, high=1 << 55)
     with host.vm_lock(vm):
         host.heads.close(vm)
-        chains = dict(rel["chains"])
+        chains = dict(rel.chains)
         depth = len(next(iter(chains.values())))
-        storage = Path(rel["storage"])
+        storage = Path(rel.storage)
         for d in wanted:
             if d["name"] not in chains:
                 chains[d["name"]] = rstore.new_chain(storage, vm, d, depth)
@@ -462,7 +448,7 @@ def change_disks(host, peer: dict, vm: str, body: dict) -> dict:
                                        for d in wanted])
         host.store.update_relationship(vm, chains=chains, disks=names, index_valid=False)
         rstore.drop_layers(dropped)
-        for name in rel["disks"]:
+        for name in rel.disks:
             if name not in names:
                 rindex.path(storage, vm, name).unlink(missing_ok=True)
     host.event("relationship", "replicated disks now: " + ", ".join(names), vm)
@@ -471,8 +457,8 @@ def change_disks(host, peer: dict, vm: str, body: dict) -> dict:
 
 def point_now(host, peer: dict, vm: str, body: dict) -> dict:
     """Continuous mode: make a recovery point of what the mirror has written so far."""
-    rel = _own_relationship(host, peer, vm)
-    _check_primary(host, rel, _field(body, "epoch", int, 0, high=_BIG))
+    rel = checks.own_relationship(host, peer, vm)
+    checks.check_primary(host, rel, _field(body, "epoch", int, 0, high=_BIG))
     from ..domain import points as dp
     kind = body.get("kind") or dp.CRASH
     if kind not in (dp.CRASH, dp.APP):
@@ -487,12 +473,12 @@ def point_now(host, peer: dict, vm: str, body: dict) -> dict:
 def final_marker(host, peer: dict, vm: str, body: dict) -> dict:
     """Continuous mode, planned failover: the primary's VM is off and every write it
     acknowledged reached this replica through the mirror — no final cycle needed."""
-    rel = _own_relationship(host, peer, vm)
-    _check_primary(host, rel, _field(body, "epoch", int, 0, high=_BIG))
+    rel = checks.own_relationship(host, peer, vm)
+    checks.check_primary(host, rel, _field(body, "epoch", int, 0, high=_BIG))
     with host.vm_lock(vm):
         mirror.close_target(host, vm)
         host.store.update_relationship(
-            vm, primary_prepared={"cycle": int(rel.get("last_applied_cycle", -1)),
+            vm, primary_prepared={"cycle": rel.last_applied_cycle,
                                   "at": time.time(), "mirror": True},
             last_freeze_at=time.time())
     host.event("failover", "the primary is prepared (continuous mode: every acknowledged "
@@ -501,46 +487,10 @@ def final_marker(host, peer: dict, vm: str, body: dict) -> dict:
 
 
 def state_for_primary(host, peer: dict, vm: str, epoch: int) -> dict:
-    rel = _own_relationship(host, peer, vm)
-    _check_primary(host, rel, epoch)
-    return {"vm": vm, "state": rel["state"], "epoch": rel["epoch"],
-            "last_applied_cycle": rel.get("last_applied_cycle")}
-
-
-def _check_primary(host, rel: dict, epoch: int) -> None:
-    """Superseded if the caller (at ``epoch``) is no longer the primary of this VM."""
-    if rel["state"] in (State.FAILOVER_IN_PROGRESS.value, State.FAILED_OVER.value):
-        raise Superseded(f"{host.name} has taken over VM {rel['vm']} (failover, state "
-                         f"{rel['state']}): it accepts no more cycles from {rel['peer']}",
-                         hint=f"{rel['peer']} is no longer the primary; make it the replica "
-                              f"with `vmreplica reverse {rel['vm']}` on {host.name}")
-    if epoch < int(rel["epoch"]):
-        raise Superseded(f"cycle refused: epoch {epoch} is older than {host.name}'s "
-                         f"{rel['epoch']} (another host has become the primary of this VM)",
-                         hint="this host is no longer the primary; see `vmreplica status`")
-
-
-def _check_header(host, rel: dict, header: dict) -> int:
-    _check_primary(host, rel, int(header.get("epoch", 0)))
-    if header.get("relationship") != rel["id"]:
-        raise Refused(f"cycle refused: it belongs to another relationship of {rel['vm']}")
-    cycle = int(header.get("cycle", -1))
-    last = int(rel.get("last_applied_cycle", -1))
-    if cycle < last:
-        raise Refused(f"cycle {cycle} is older than the last applied cycle {last}")
-    if not (header.get("initial") or header.get("resync")) and last < 0:
-        raise Refused(f"cycle {cycle} refused: the initial copy has not been received",
-                      hint="run `vmreplica initial VM` on the primary")
-    if not (header.get("initial") or header.get("resync")) and \
-            rel["state"] == State.RESYNC_REQUIRED.value:
-        # The replica lost what it had acknowledged (replica.unapplied.lost): a delta on
-        # top would hide it. The primary's change tracking cannot cover it: resync.
-        raise TrackingError(rel.get("resync_reason") or
-                            f"{host.name} needs a resynchronization of {rel['vm']}",
-                            hint="the primary resynchronizes (`vmreplica resync VM`)")
-    if list(header.get("disks", [])) != list(rel["disks"]):
-        raise IntegrityError("cycle refused: its disk list does not match the replica's")
-    return cycle
+    rel = checks.own_relationship(host, peer, vm)
+    checks.check_primary(host, rel, epoch)
+    return {"vm": vm, "state": rel.state, "epoch": rel.epoch,
+            "last_applied_cycle": rel.last_applied_cycle}
 
 
 def _fsync_dir(d: Path) -> None:
@@ -557,7 +507,7 @@ def _apply(host, vm: str, cycle: int, path: Path, records=None, trailer=None,
     ``durable``: the hash index is synced and the stage dropped after the ack
     (replica.checkpoint). ``direct``: O_DIRECT heads (a redo after a failure)."""
     rel = host.store.relationship(vm)
-    heads = rstore.heads(rel["chains"], rel["disks"])
+    heads = rstore.heads(rel.chains, rel.disks)
     if records is None:
         with open(path, "rb") as f:
             reader = wire.reader_for_file(f)
@@ -578,7 +528,7 @@ def _apply(host, vm: str, cycle: int, path: Path, records=None, trailer=None,
         with host.store.unsynced():
             _applied(host, vm, cycle, header, trailer)
         checkpoint.defer(host, vm, cycle, path, heads,
-                         [str(rindex.path(Path(rel["storage"]), vm, d)) for d in rel["disks"]])
+                         [str(rindex.path(Path(rel.storage), vm, d)) for d in rel.disks])
     return {"records": stats["records"], "bytes": stats["bytes"],
             "write_seconds": stats["write_seconds"], "flush_seconds": stats["flush_seconds"],
             **_manifest(rel, stats)}
@@ -589,24 +539,28 @@ def _applied(host, vm: str, cycle: int, header: dict | None, trailer: dict | Non
     trailer = trailer or {}
     changes = {"last_applied_cycle": cycle, "last_applied_at": time.time(),
                "last_freeze_at": trailer.get("freeze_time"),
-               "epoch": max(int(rel["epoch"]), int(trailer.get("epoch", 0)))}
-    if rel["state"] in (State.WAITING_FOR_INITIAL.value, State.RESYNCHRONIZING.value):
-        changes["state"] = State.REPLICATING.value
-        changes["replicating_since"] = rel.get("replicating_since") or time.time()
+               "epoch": max(rel.epoch, int(trailer.get("epoch", 0)))}
+    state = None
+    if rel.state in (State.WAITING_FOR_INITIAL.value, State.RESYNCHRONIZING.value):
+        state = State.REPLICATING
+        changes["replicating_since"] = rel.replicating_since or time.time()
     # Only the primary's final cycle (VM off, prepared) allows a planned failover; any
     # later cycle means the primary runs again.
     changes["primary_prepared"] = {"cycle": cycle, "at": time.time()} if trailer.get("final") \
         else None
-    if trailer.get("point") and int(rel.get("last_applied_cycle", -1)) < cycle:
+    if trailer.get("point") and rel.last_applied_cycle < cycle:
         # Recorded with the cycle, made right after: a crash in between makes it at start-up.
         changes["pending_point"] = {"kind": trailer["point"], "time": trailer.get("freeze_time")}
-    host.store.update_relationship(vm, **changes)
+    if state is None:
+        host.store.update_relationship(vm, **changes)
+    else:
+        host.store.set_state(vm, state, why=f"cycle {cycle} applied", **changes)
     make_pending_point(host, vm)
 
 
 def make_pending_point(host, vm: str) -> None:
     rel = host.store.relationship(vm)
-    pending = rel.get("pending_point")
+    pending = rel.pending_point
     if pending:
         points.create(host, vm, pending["kind"], pending["time"] or time.time())
         host.store.update_relationship(vm, pending_point=None)
@@ -619,22 +573,22 @@ def _apply_with(host, vm: str, heads: list[str], records, verify: bool,
     rel = host.store.relationship(vm)
     server = host.heads.get(vm, heads, direct)
     try:
-        paths = [rindex.path(Path(rel["storage"]), vm, d) for d in rel["disks"]]
+        paths = [rindex.path(Path(rel.storage), vm, d) for d in rel.disks]
         idx = rindex.IndexWriter(paths, [w.size for w in server.writers])
         stats = applier.apply_records(records, server, verify=verify, index=idx,
                                       durable=durable)
         # A verification read every head: the index takes what was read, so a head
         # changed behind vmreplica's back (what a failed verification finds) is repaired
         # by the resync that follows instead of being hidden by a stale index.
-        for p, digests in zip(paths, stats.pop("digests", [])):
+        for p, digests in zip(paths, stats.pop("digests", []), strict=False):
             rindex.write(p, digests)
         return stats
     except StorageFull as e:
         host.heads.close(vm)
-        raise StorageFull(f"the replica storage {rel['storage']} on {host.name} is full "
+        raise StorageFull(f"the replica storage {rel.storage} on {host.name} is full "
                           f"({e.message}); the cycle was not applied and the primary keeps "
                           "its changes",
-                          hint=f"free space or grow {rel['storage']} on {host.name}: the next "
+                          hint=f"free space or grow {rel.storage} on {host.name}: the next "
                                "cycle sends the changes again") from None
     except BaseException:
         host.heads.close(vm)  # writes in an unknown state: start afresh next time
@@ -659,21 +613,21 @@ def recover(host) -> list[tuple[str, int]]:
             log.exception("start-up recovery of %s failed", vm)
             unapplied.failed_at_start(host, vm, e)
     for rel in host.store.relationships():
-        if rel.get("apply_pending"):
-            host.unapplied.add(host.lock_key(rel["vm"]))
+        if rel.apply_pending:
+            host.unapplied.add(host.lock_key(rel.vm))
     _reconcile_disks(host)
     try:
         points.finish_merges(host)
     except Exception:  # noqa: BLE001
         log.exception("finishing interrupted merges failed")
     for rel in host.store.relationships():
-        if rel.get("pending_point") and rel["vm"] not in host.unapplied:
+        if rel.pending_point and rel.vm not in host.unapplied:
             try:
-                make_pending_point(host, rel["vm"])
+                make_pending_point(host, rel.vm)
             except Exception as e:  # noqa: BLE001
-                log.exception("the pending recovery point of %s failed", rel["vm"])
+                log.exception("the pending recovery point of %s failed", rel.vm)
                 host.event("recovery", f"the recovery point recorded with the last cycle "
-                                       f"could not be made: {e}", rel["vm"])
+                                       f"could not be made: {e}", rel.vm)
     # Leftover partial uploads were never acknowledged: drop them.
     if host.home.staging.exists():
         for part in host.home.staging.glob("*/*.part"):
@@ -689,11 +643,11 @@ def _reconcile_disks(host) -> None:
     states of a recovery point's rotation): a later `remove --keep-replica` would then
     have kept the point and lost every cycle after it."""
     for rel in host.store.relationships():
-        if rel["role"] != Role.REPLICA.value or not rel.get("chains") or rel.get("failover") \
-                or rel["state"] == State.FAILED_OVER.value:
+        if rel.role != Role.REPLICA.value or not rel.chains or rel.failover \
+                or rel.state == State.FAILED_OVER.value:
             continue
-        vm = rel["vm"]
-        want = {d: c[-1] for d, c in rel["chains"].items()}
+        vm = rel.vm
+        want = {d: c[-1] for d, c in rel.chains.items()}
         try:
             have = {d.name: d.path for d in host.driver.inspect(vm).disks}
             wrong = {d: p for d, p in want.items() if d in have and have[d] != p}
@@ -725,7 +679,7 @@ def redo_unapplied(host, vm: str, at_start: bool = False) -> list[int]:
         return []
     rel = host.store.relationship(vm)
     host.heads.close(vm)
-    img.drop_cached_pages(*rstore.heads(rel["chains"], rel["disks"]))
+    img.drop_cached_pages(*rstore.heads(rel.chains, rel.disks))
     repair_heads(host, vm)
     done = []
     for row in rows:
@@ -752,7 +706,7 @@ def repair_heads(host, vm: str) -> None:
     repair raises (HypervisorError): that VM goes to ``error``."""
     rel = host.store.relationship(vm)
     host.heads.close(vm)
-    for head in rstore.heads(rel["chains"], rel["disks"]):
+    for head in rstore.heads(rel.chains, rel.disks):
         report = img.repair(head)
         fixed = int(report.get("corruptions-fixed", 0)) + int(report.get("leaks-fixed", 0))
         if fixed:
@@ -767,8 +721,15 @@ def remove_relationship(host, vm: str, keep_replica: bool, tell_primary: bool = 
     ``STORAGE/VM.kept`` (the existing-copy seed of a later relationship)."""
     from . import removal
     rel = host.store.relationship(vm)
-    if rel is None or rel["role"] != Role.REPLICA.value:
+    if rel is None or rel.role != Role.REPLICA.value:
         raise NotFound(f"{host.name} holds no replica of VM {vm}")
+    if rel.state == State.FAILOVER_IN_PROGRESS.value:
+        raise Conflict(f"a failover of {vm} to {host.name} is in progress",
+                       hint=f"complete it (`vmreplica failover {vm} --complete`) or cancel it "
+                            "(`--cancel`) first")
+    # A VM that failed over to this host is the VM now (its chain was merged onto disks
+    # of its own first, service.operations.remove): replication ends, the VM stays.
+    failed_over = rel.state == State.FAILED_OVER.value
     told, primary_side = removal.tell_primary(host, rel, keep_replica) if tell_primary \
         else (True, None)
     if keep_replica:
@@ -786,17 +747,21 @@ def remove_relationship(host, vm: str, keep_replica: bool, tell_primary: bool = 
         removed_vm = False
         try:
             info = host.driver.inspect(vm)
-            if info.state == "running":
-                host.driver.stop(vm, force=True)
-            if keep_replica:
+            if failed_over:
+                pass                    # it runs here now, on its own disks: it stays
+            elif keep_replica:
+                if info.state == "running":
+                    host.driver.stop(vm, force=True)
                 kept = removal.keep(host, vm, rel)
             else:
+                if info.state == "running":
+                    host.driver.stop(vm, force=True)
                 host.driver.delete(vm)
                 removed_vm = True
         except NotFound:
             pass
-        if not keep_replica or kept is not None:
-            rstore.delete_chains(Path(rel["storage"]), vm)
+        if not failed_over and (not keep_replica or kept is not None):
+            rstore.delete_chains(Path(rel.storage), vm)
         for p in (host.home.staging / vm).glob("*"):
             p.unlink(missing_ok=True)
         try:
@@ -807,7 +772,8 @@ def remove_relationship(host, vm: str, keep_replica: bool, tell_primary: bool = 
         if not told:
             removal.bury(host, rel)
     host.event("relationship", f"replica of {vm} removed"
-               + (f" (VM kept, its disks in {kept})" if kept is not None else
+               + (" (it failed over to here: the VM stays, on its own disks)" if failed_over
+                  else f" (VM kept, its disks in {kept})" if kept is not None else
                   " (VM and disks kept)" if keep_replica else "")
                + (f"; {primary_side}" if primary_side else ""), vm)
     return {"vm": vm, "removed_vm": removed_vm, "kept": keep_replica,

@@ -29,8 +29,16 @@ import threading
 import time
 from pathlib import Path
 
-from ..errors import (Conflict, NotFound, Refused, Removed, Superseded, TransportError,
-                      VmreplicaError)
+from ..domain.relationship import Relationship
+from ..errors import (
+    Conflict,
+    NotFound,
+    Refused,
+    Removed,
+    Superseded,
+    TransportError,
+    VmreplicaError,
+)
 from ..qemutools import img
 
 KEPT_FORMAT = "vmreplica-kept-replica"
@@ -39,23 +47,23 @@ _guard = threading.Lock()
 
 
 # -- telling the primary -------------------------------------------------------------
-def tell_primary(host, rel: dict, keep: bool) -> tuple[bool, str]:
+def tell_primary(host, rel: Relationship, keep: bool) -> tuple[bool, str]:
     """Ask the primary to end its side of ``rel`` first (its mirror, its tracking
     bitmaps, its row). Returns (told, what to report): told is False only when the
     primary could not be reached (then a tombstone is kept)."""
     try:
-        host.client_for_peer(rel["peer"], timeout=60).request(
-            "POST", f"/v1/peer/relationships/{rel['vm']}/removed",
-            {"id": rel["id"], "keep": bool(keep)})
-        return True, f"the primary {rel['peer']} ended its side"
+        host.client_for_peer(rel.peer, timeout=60).request(
+            "POST", f"/v1/peer/relationships/{rel.vm}/removed",
+            {"id": rel.id, "keep": bool(keep)})
+        return True, f"the primary {rel.peer} ended its side"
     except (NotFound, Refused, Superseded) as e:
         # It holds nothing of this relationship (already removed there, or another one).
-        return True, f"the primary {rel['peer']} holds no part of it ({e.message})"
+        return True, f"the primary {rel.peer} holds no part of it ({e.message})"
     except TransportError as e:     # unreachable, not trusted any more
-        return False, (f"the primary {rel['peer']} could not be reached ({e.message}): it "
+        return False, (f"the primary {rel.peer} could not be reached ({e.message}): it "
                        "ends its side when it next calls")
     except VmreplicaError as e:     # it failed to (or no address is known for it)
-        return False, (f"the primary {rel['peer']} did not end its side ({e.message}): it "
+        return False, (f"the primary {rel.peer} did not end its side ({e.message}): it "
                        "does when it next calls")
 
 
@@ -63,10 +71,10 @@ def _stones(host) -> dict:
     return dict(host.store.get_setting(_TOMBSTONES) or {})
 
 
-def bury(host, rel: dict) -> None:
+def bury(host, rel: Relationship) -> None:
     with _guard:
         stones = _stones(host)
-        stones[rel["vm"]] = {"vm": rel["vm"], "id": rel["id"], "peer": rel["peer"],
+        stones[rel.vm] = {"vm": rel.vm, "id": rel.id, "peer": rel.peer,
                              "at": time.time()}
         host.store.set_setting(_TOMBSTONES, stones)
 
@@ -104,14 +112,14 @@ def kept_dir(storage: Path, vm: str) -> Path:
     return Path(storage) / f"{vm}.kept"
 
 
-def keep(host, vm: str, rel: dict) -> Path:
+def keep(host, vm: str, rel: Relationship) -> Path:
     """The replica VM (stopped, heads closed, under its lock) made standalone: each
     disk's chain, from what the VM uses now down to the chain's base, committed into that
     base (it costs the layers above the base, not the disk), which moves to
     ``STORAGE/VM.kept/DISK.qcow2``; a vm.json there says whose copy it is. The VM is
     pointed at those images and owns the folder; the chains' folder is for the caller
     to delete."""
-    storage = Path(rel["storage"])
+    storage = Path(rel.storage)
     kept = kept_dir(storage, vm)
     new = kept.with_name(kept.name + ".new")
     shutil.rmtree(new, ignore_errors=True)
@@ -132,8 +140,8 @@ def keep(host, vm: str, rel: dict) -> Path:
     meta = {"format": KEPT_FORMAT, "version": 1, "name": vm, "uuid": desc["uuid"],
             "memory_mb": desc.get("memory_mb"), "guest": desc.get("guest"),
             "agent": bool(desc.get("agent")), "network": desc.get("network") or "none",
-            "disks": disks, "relationship": rel["id"], "primary": rel["peer"],
-            "replica": host.name, "last_applied_cycle": rel.get("last_applied_cycle"),
+            "disks": disks, "relationship": rel.id, "primary": rel.peer,
+            "replica": host.name, "last_applied_cycle": rel.last_applied_cycle,
             "kept_at": time.time()}
     (new / "vm.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
     shutil.rmtree(kept, ignore_errors=True)   # an older kept copy (its images moved above)

@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 
 from ..domain.patterns import find_authorization
+from ..domain.relationship import Relationship
 from ..domain.states import Role, State
 from ..errors import NotFound, Refused
 from ..tracking import scan
@@ -21,13 +22,13 @@ log = logging.getLogger("vmreplica.replica")
 
 def become_replica(host, peer: dict, vm: str, body: dict) -> dict:
     rel = host.store.relationship(vm)
-    if rel is None or rel["peer"] != peer["name"]:
+    if rel is None or rel.peer != peer["name"]:
         raise NotFound(f"{host.name} has no relationship of {vm} with {peer['name']}",
                        hint=f"enable replication from {peer['name']} instead")
     epoch = int(body.get("epoch", 0))
-    if epoch <= int(rel["epoch"]) and rel["role"] == Role.PRIMARY.value:
+    if epoch <= rel.epoch and rel.role == Role.PRIMARY.value:
         raise Refused(f"reverse refused: {peer['name']}'s epoch {epoch} is not newer than "
-                      f"{host.name}'s {rel['epoch']}")
+                      f"{host.name}'s {rel.epoch}")
     settings = host.store.get_setting("replica_server") or {}
     entry = find_authorization(host.store.authorizations(), peer["name"])
     if not settings.get("enabled") or entry is None:
@@ -42,18 +43,17 @@ def become_replica(host, peer: dict, vm: str, body: dict) -> dict:
         _drop_tracking(host, rel, info)
         # A memory state saved here (the cluster's `save` stop mode) belongs to disks that
         # are about to change: resuming it later would corrupt the guest.
-        discard = getattr(host.driver, "discard_saved", None)
-        if discard is not None:
-            discard(vm)
-        chains = rel.get("chains") or {d.name: [d.path] for d in info.disks
-                                       if d.name in rel["disks"]}
+        host.driver.discard_saved(vm)
+        chains = rel.chains or {d.name: [d.path] for d in info.disks
+                                if d.name in rel.disks}
         storage = Path(entry["storage"] or settings.get("storage") or host.home.storage)
         host.driver.add_owned(vm, [str(rstore.vm_dir(storage, vm))])
-        host.store.update_relationship(
-            vm, id=str(body["id"]), role=Role.REPLICA.value, state=State.RESYNCHRONIZING.value,
+        host.store.set_state(
+            vm, State.RESYNCHRONIZING.value, why=f"reverse: {peer['name']} is the primary now",
+            id=str(body["id"]), role=Role.REPLICA.value,
             epoch=epoch, chains=chains, storage=str(storage), last_applied_cycle=-1,
-            history=int(body.get("history", rel.get("history", 4))),
-            frequency=int(body.get("frequency", rel.get("frequency", 300))),
+            history=int(body.get("history", rel.history)),
+            frequency=int(body.get("frequency", rel.frequency)),
             fenced=None, failover=None, test=None, bitmap=None, cycle=-1, last_error=None,
             consecutive_failures=0, primary_prepared=None, pending_point=None,
             index_valid=False)
@@ -63,17 +63,17 @@ def become_replica(host, peer: dict, vm: str, body: dict) -> dict:
     return {"vm": vm, "replica": host.name, "epoch": epoch}
 
 
-def _drop_tracking(host, rel: dict, info) -> None:
+def _drop_tracking(host, rel: Relationship, info) -> None:
     """The bitmaps this host kept as a primary are meaningless now: remove them."""
     from ..tracking.bitmap import bitmap_prefix
-    if not rel.get("id"):
+    if not rel.id:
         return
-    prefix = bitmap_prefix(rel["id"])
-    with host.driver.block_session(rel["vm"]) as session:
-        names = {b.name for d in rel["disks"] for b in session.bitmaps(d)
+    prefix = bitmap_prefix(rel.id)
+    with host.driver.block_session(rel.vm) as session:
+        names = {b.name for d in rel.disks for b in session.bitmaps(d)
                  if b.name.startswith(prefix)}
         if names:
-            session.release(rel["disks"], sorted(names))
+            session.release(rel.disks, sorted(names))
 
 
 def manifest(host, peer: dict, vm: str, epoch: int) -> dict:
@@ -81,22 +81,22 @@ def manifest(host, peer: dict, vm: str, epoch: int) -> dict:
     index when it can be trusted (only blocks it marks unknown are read), else by reading
     the heads — which rebuilds the index."""
     rel = host.store.relationship(vm)
-    if rel is None or rel["role"] != Role.REPLICA.value or rel["peer"] != peer["name"]:
+    if rel is None or rel.role != Role.REPLICA.value or rel.peer != peer["name"]:
         raise NotFound(f"{host.name} holds no replica of {vm} from {peer['name']}")
-    from .receiver import _check_primary
-    _check_primary(host, rel, epoch)
+    from .checks import check_primary
+    check_primary(host, rel, epoch)
     out, read_bytes = {}, 0
     with host.vm_lock(vm):
         # A resync means the primary's mirror is gone (its QEMU died, say): a mirror
         # target left open holds the heads, and no head server could open them.
         from . import mirror
         mirror.close_target(host, vm)
-        server = host.heads.get(vm, rstore.heads(rel["chains"], rel["disks"]),
+        server = host.heads.get(vm, rstore.heads(rel.chains, rel.disks),
                                 direct=True)   # a resync follows (its writes: direct)
-        for i, d in enumerate(rel["disks"]):
-            p = rindex.path(Path(rel["storage"]), vm, d)
+        for i, d in enumerate(rel.disks):
+            p = rindex.path(Path(rel.storage), vm, d)
             size = server.writers[i].size
-            digests = rindex.read(p) if rel.get("index_valid") and p.exists() else b""
+            digests = rindex.read(p) if rel.index_valid and p.exists() else b""
             if len(digests) != (size + scan.BLOCK - 1) // scan.BLOCK * scan.DIGEST:
                 digests = server.manifest(i)
                 read_bytes += size

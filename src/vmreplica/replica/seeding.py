@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..domain.relationship import Relationship
 from ..domain.states import Role, State
 from ..errors import IntegrityError, NotFound, Refused, UsageError
 from ..qemutools import img
@@ -14,22 +15,23 @@ from ..transport import wire
 from . import store as rstore
 
 
-def _replica_rel(host, vm: str) -> dict:
+def _replica_rel(host, vm: str) -> Relationship:
     rel = host.store.relationship(vm)
-    if rel is None or rel["role"] != Role.REPLICA.value:
+    if rel is None or rel.role != Role.REPLICA.value:
         raise NotFound(f"{host.name} holds no replica of {vm}",
                        hint="enable replication on the primary first")
     return rel
 
 
-def import_seed(host, vm: str, folder: str) -> dict:
-    from .receiver import _check_header, _receive_initial
+def import_seed(host, vm: str, folder: str | Path) -> dict:
+    from .checks import check_header
+    from .receiver import receive_initial
     rel = host.store.relationship(vm)
-    if rel is not None and rel["role"] == Role.PRIMARY.value:
+    if rel is not None and rel.role == Role.PRIMARY.value:
         # The operator ran the import where the seed was exported: say where it runs.
         raise UsageError(f"{host.name} is the primary of {vm}: a seed is imported on its "
-                         f"replica, {rel['peer']}",
-                         hint=f"take the folder to {rel['peer']} and run `vmreplica initial "
+                         f"replica, {rel.peer}",
+                         hint=f"take the folder to {rel.peer} and run `vmreplica initial "
                               f"{vm} --import DIR` there")
     if rel is None:
         raise NotFound(f"{host.name} holds no replica of {vm}",
@@ -45,21 +47,21 @@ def import_seed(host, vm: str, folder: str) -> dict:
             from None
     if meta.get("format") != "vmreplica-seed":
         raise UsageError(f"{folder}/seed.json is not a vmreplica seed")
-    if meta.get("vm") != vm or meta.get("relationship") != rel["id"]:
+    if meta.get("vm") != vm or meta.get("relationship") != rel.id:
         raise Refused(f"the seed in {folder} is for VM {meta.get('vm')} (relationship "
                       f"{str(meta.get('relationship'))[:8]}), not for this replica of {vm} "
-                      f"({rel['id'][:8]})", hint="export a new seed from the primary")
-    if rel["state"] != State.WAITING_FOR_INITIAL.value:
-        raise Refused(f"{vm} is already seeded (state {rel['state']})")
+                      f"({rel.id[:8]})", hint="export a new seed from the primary")
+    if rel.state != State.WAITING_FOR_INITIAL.value:
+        raise Refused(f"{vm} is already seeded (state {rel.state})")
     try:
         with open(folder / "seed.vmrc", "rb") as f:
             reader = wire.reader_for_file(f)
             header = reader.start()
-            if header.get("relationship") != rel["id"] or not header.get("initial"):
+            if header.get("relationship") != rel.id or not header.get("initial"):
                 raise IntegrityError(f"{folder}/seed.vmrc does not match its seed.json")
-            cycle = _check_header(host, rel, header)
+            cycle = check_header(host, rel, header)
             with host.vm_lock(vm):
-                result = _receive_initial(host, vm, cycle, reader)
+                result = receive_initial(host, vm, cycle, reader)
     except IntegrityError as e:
         raise IntegrityError(f"the seed in {folder} is damaged and was not imported: "
                              f"{e.message}", hint="export a new seed on the primary") from None
@@ -70,10 +72,10 @@ def import_seed(host, vm: str, folder: str) -> dict:
 
 def adopt(host, peer: dict, vm: str, body: dict) -> dict:
     rel = _replica_rel(host, vm)
-    if rel["peer"] != peer["name"]:
-        raise Refused(f"{host.name} replicates {vm} from {rel['peer']}, not {peer['name']}")
-    if rel["state"] not in (State.WAITING_FOR_INITIAL.value, State.RESYNC_REQUIRED.value):
-        raise Refused(f"{vm} is already seeded on {host.name} (state {rel['state']})")
+    if rel.peer != peer["name"]:
+        raise Refused(f"{host.name} replicates {vm} from {rel.peer}, not {peer['name']}")
+    if rel.state not in (State.WAITING_FOR_INITIAL.value, State.RESYNC_REQUIRED.value):
+        raise Refused(f"{vm} is already seeded on {host.name} (state {rel.state})")
     folder = Path(str(body.get("path", ""))).absolute()
     try:
         desc = json.loads((folder / "vm.json").read_text())
@@ -88,7 +90,7 @@ def adopt(host, peer: dict, vm: str, body: dict) -> dict:
                       hint="point --path at a copy of this VM, or seed over the network")
     by_name = {d["name"]: d for d in desc.get("disks", [])}
     chains = {}
-    for disk in rel["disks"]:
+    for disk in rel.disks:
         entry = by_name.get(disk)
         if entry is None:
             raise Refused(f"the copy in {folder} has no disk {disk}")
@@ -108,8 +110,8 @@ def adopt(host, peer: dict, vm: str, body: dict) -> dict:
         chains[disk] = [str(path)]
     with host.vm_lock(vm):
         host.heads.close(vm)
-        old = [p for c in rel["chains"].values() for p in c]
-        host.store.update_relationship(vm, chains=chains, state=State.RESYNCHRONIZING.value,
+        old = [p for c in rel.chains.values() for p in c]
+        host.store.set_state(vm, State.RESYNCHRONIZING.value, chains=chains,
                                        index_valid=False, last_applied_cycle=-1)
         host.driver.set_disks(vm, {d: c[-1] for d, c in chains.items()})
         host.driver.add_owned(vm, [str(folder)])

@@ -44,7 +44,7 @@ def mark(host, vm: str, cycle: int, stage: Path | str | None,
     are read by nothing until it is applied again. Returns the error to raise, which
     says why, what is needed and what happens next."""
     rel = host.store.relationship(vm)
-    storage = str(rel["storage"])
+    storage = str(rel.storage)
     needed = None
     if stage is not None:
         try:
@@ -60,7 +60,7 @@ def mark(host, vm: str, cycle: int, stage: Path | str | None,
         hint = (f"free space or grow {storage} on {host.name}: the staged cycle is applied by "
                 "itself once there is room; until then nothing reads the replica's newest "
                 "state (no recovery point, test failover or failover)")
-        cls = StorageFull
+        cls: type[OperationError] = StorageFull
     else:
         message = (f"cycle {cycle} is staged on {host.name} but could not be applied: "
                    f"{reason}")
@@ -77,7 +77,7 @@ def mark(host, vm: str, cycle: int, stage: Path | str | None,
 
 def clear(host, vm: str, cycles: list[int]) -> None:
     rel = host.store.relationship(vm)
-    if rel is not None and rel.get("apply_pending"):
+    if rel is not None and rel.apply_pending:
         host.store.update_relationship(vm, apply_pending=None)
         if cycles:
             host.event("apply", "staged cycle(s) " + ", ".join(map(str, cycles)) +
@@ -87,8 +87,8 @@ def clear(host, vm: str, cycles: list[int]) -> None:
 
 def refusal(host, vm: str, error: BaseException) -> VmreplicaError:
     """What a VM's lock raises when its staged cycles still cannot be applied."""
-    rel = host.store.relationship(vm) or {}
-    pending = rel.get("apply_pending") or {}
+    rel = host.store.relationship(vm)
+    pending = (rel.apply_pending if rel else None) or {}
     message = pending.get("error") or (getattr(error, "message", None) or str(error))
     free = _space(pending["storage"]) if pending.get("storage") else None
     if pending.get("code") == StorageFull.code:
@@ -113,12 +113,12 @@ def lost(host, vm: str, cycles: list[int]) -> None:
     reason = (f"the staged cop{'y' if len(cycles) == 1 else 'ies'} of cycle(s) "
               f"{', '.join(map(str, cycles))} went missing on {host.name}: a resynchronization "
               "is required")
-    state = State(rel["state"])
+    state = State(rel.state)
     try:
         new = check_transition(state, State.RESYNC_REQUIRED)
     except Conflict:
         new = state
-    host.store.update_relationship(vm, state=new.value, resync_reason=reason,
+    host.store.set_state(vm, new.value, resync_reason=reason,
                                    index_valid=False)
     host.event("recovery", reason, vm)
 
@@ -135,10 +135,10 @@ def failed_at_start(host, vm: str, error: BaseException) -> None:
         return
     rel = host.store.relationship(vm)
     try:
-        new = check_transition(rel["state"], State.ERROR)
+        new = check_transition(rel.state, State.ERROR)
     except Conflict:
-        new = State(rel["state"])
-    host.store.update_relationship(vm, state=new.value,
+        new = State(rel.state)
+    host.store.set_state(vm, new.value,
                                    last_error=f"start-up recovery failed: {refused.message}")
     host.event("recovery", f"start-up recovery of {vm} failed, the relationship is in error: "
                            f"{refused.message}", vm)

@@ -14,15 +14,17 @@ import time
 
 from .. import __version__
 from ..domain.patterns import validate_pattern
+from ..domain.relationship import DEFAULTS, FREQUENCY_TEXT, POINT_INTERVAL_TEXT
 from ..errors import Refused, UsageError
-from ..primary import planned, resync, reverse
+from ..primary import planned, resync
 from ..primary import relationship as prim
+from ..primary.common import relationship_of
 from ..replica import failover as rfailover
 from ..replica import points as rpoints
-from ..replica import reverse as rreverse
 from ..replica import receiver, removal
+from ..replica import reverse as rreverse
 from ..transport.http import Request, Router
-from . import monitor, trust, vms
+from . import monitor, operations, trust, vms
 
 
 def _flag(req: Request, name: str) -> bool:
@@ -53,10 +55,10 @@ def management_routes(host, daemon) -> Router:
     @r.route("POST", "/v1/dashboard/token")
     def dashboard_token(req):
         web = host.store.get_setting("web_listen")
-        if not web:
+        if not web or daemon.web is None:
             raise UsageError(f"{host.name} has no dashboard (its web listener is off)",
                              hint="init the host with --web HOST:PORT")
-        return {"url": f"https://{web}/login?token={daemon.sessions.new_token()}",
+        return {"url": f"https://{web}/login?token={daemon.web.new_token()}",
                 "address": web, "valid_seconds": 600}
 
     @r.route("GET", "/v1/host")
@@ -105,7 +107,7 @@ def management_routes(host, daemon) -> Router:
     @r.route("DELETE", "/v1/trust/peers/{name}")
     def unpair(req):
         name = req.params["name"]
-        users = [x["vm"] for x in host.store.relationships() if x["peer"] == name]
+        users = [x.vm for x in host.store.relationships() if x.peer == name]
         if users:
             raise UsageError(f"{name} is still used by the replication of {', '.join(users)}",
                              hint="remove those relationships first")
@@ -194,8 +196,6 @@ def management_routes(host, daemon) -> Router:
     @r.route("POST", "/v1/vms/{name}/io")
     def vm_io(req):
         b = req.json()
-        if not hasattr(host.driver, "io"):
-            raise UsageError(f"`vm io` needs the qemu driver")
         return {"output": host.driver.io(req.params["name"], str(b.get("disk", "")),
                                          str(b.get("command", "")))}
 
@@ -214,16 +214,16 @@ def management_routes(host, daemon) -> Router:
     def enable(req):
         b = req.json()
         return prim.enable(host, str(b.get("vm", "")), str(b.get("replica", "")),
-                           frequency=b.get("frequency") or "5m",
-                           compression=b.get("compression") or "zstd",
+                           frequency=b.get("frequency") or FREQUENCY_TEXT,
+                           compression=b.get("compression") or DEFAULTS.compression,
                            exclude_disks=b.get("exclude_disks") or [],
-                           security_tag=b.get("security_tag") or "",
-                           history=int(b.get("history", 4)),
-                           point_interval=b.get("point_interval") or "1h",
-                           app_every=int(b.get("app_every") or 0),
+                           security_tag=b.get("security_tag") or DEFAULTS.security_tag,
+                           history=int(b.get("history", DEFAULTS.history)),
+                           point_interval=b.get("point_interval") or POINT_INTERVAL_TEXT,
+                           app_every=int(b.get("app_every") or DEFAULTS.app_every),
                            resync_window=b.get("resync_window"),
-                           mode=b.get("mode") or "periodic",
-                           max_stall=float(b.get("max_stall") or 5.0),
+                           mode=b.get("mode") or DEFAULTS.mode,
+                           max_stall=float(b.get("max_stall") or DEFAULTS.max_stall),
                            dr=bool(b.get("dr")))
 
     @r.route("POST", "/v1/relationships/{vm}/dr-adopt")
@@ -246,20 +246,21 @@ def management_routes(host, daemon) -> Router:
 
     @r.route("POST", "/v1/relationships/{vm}/sync")
     def sync(req):
-        return prim.sync(host, req.params["vm"], verify=_flag(req, "verify"))
+        return operations.sync(host, req.params["vm"], verify=_flag(req, "verify"))
 
     @r.route("POST", "/v1/relationships/{vm}/suspend")
     def suspend(req):
-        return prim.suspend(host, req.params["vm"])
+        return operations.suspend(host, req.params["vm"])
 
     @r.route("POST", "/v1/relationships/{vm}/resume")
     def resume(req):
-        return prim.resume(host, req.params["vm"])
+        return operations.resume(host, req.params["vm"])
 
     @r.route("DELETE", "/v1/relationships/{vm}")
     def remove(req):
-        return prim.remove(host, req.params["vm"], keep_replica=_flag(req, "keep_replica"),
-                           force=_flag(req, "force"))
+        return operations.remove(host, req.params["vm"],
+                                 keep_replica=_flag(req, "keep_replica"),
+                                 force=_flag(req, "force"))
 
     @r.route("GET", "/v1/relationships/{vm}/points")
     def points_list(req):
@@ -287,8 +288,7 @@ def management_routes(host, daemon) -> Router:
 
     @r.route("GET", "/v1/cluster/status")
     def cluster_status(req):
-        from ..cluster.status import cluster_status
-        return cluster_status(host)
+        return operations.cluster_status(host)
 
     @r.route("POST", "/v1/cluster/protect")
     def cluster_protect(req):
@@ -307,7 +307,7 @@ def management_routes(host, daemon) -> Router:
 
     @r.route("POST", "/v1/relationships/{vm}/reverse")
     def reverse_action(req):
-        return reverse.reverse(host, req.params["vm"])
+        return operations.reverse(host, req.params["vm"])
 
     @r.route("GET", "/v1/status")
     def status(req):
@@ -393,12 +393,12 @@ def replication_routes(host) -> Router:
 
     @r.route("POST", "/v1/replica/relationships/{vm}/mirror")
     def replica_mirror(req):
-        from ..replica import mirror
+        from ..replica import checks, mirror
         peer = trust.require_peer(host, req.peer_fingerprint)
         b = req.json()
         if b.get("action") == "close":
             with host.vm_lock(req.params["vm"]):
-                receiver._own_relationship(host, peer, req.params["vm"])
+                checks.own_relationship(host, peer, req.params["vm"])
                 return {"closed": mirror.close_target(host, req.params["vm"])}
         return mirror.open_target(host, peer, req.params["vm"])
 
@@ -444,7 +444,7 @@ def replication_routes(host) -> Router:
 
     @r.route("GET", "/v1/replica/relationships/{vm}/state")
     def replica_state(req):
-        """The primary asks whether it still is one (see primary.relationship.check_peer)."""
+        """The primary asks whether it still is one (see primary.standing.check_peer)."""
         peer = trust.require_peer(host, req.peer_fingerprint)
         removal.refuse_if_removed(host, peer, req.params["vm"])
         return receiver.state_for_primary(host, peer, req.params["vm"], _epoch(req))
@@ -453,7 +453,7 @@ def replication_routes(host) -> Router:
     def replica_points(req):
         peer = trust.require_peer(host, req.peer_fingerprint)
         rel = host.store.relationship(req.params["vm"])
-        if rel is None or rel["peer"] != peer["name"]:
+        if rel is None or rel.peer != peer["name"]:
             raise Refused(f"{host.name} holds no replica of {req.params['vm']} for {peer['name']}")
         return {"points": rpoints.listing(host, req.params["vm"])}
 
@@ -475,8 +475,8 @@ def replication_routes(host) -> Router:
             return {"vm": req.params["vm"], "already": True,
                     "tombstone": removal.forget(host, req.params["vm"], peer["name"])}
         rel = host.store.relationship(req.params["vm"])
-        if rel is not None and rel["peer"] != peer["name"]:
-            raise Refused(f"{req.params['vm']} on {host.name} is replicated from {rel['peer']}")
+        if rel is not None and rel.peer != peer["name"]:
+            raise Refused(f"{req.params['vm']} on {host.name} is replicated from {rel.peer}")
         if rel is None and removal.forget(host, req.params["vm"], peer["name"]):
             return {"vm": req.params["vm"], "already": True}   # removed here before
         return receiver.remove_relationship(host, req.params["vm"], _flag(req, "keep"))
@@ -543,17 +543,17 @@ def recovery_points(host, vm: str) -> list[dict]:
     the replica means only its own."""
     rel = host.store.relationship(vm)
     if rel is None:
-        prim._rel(host, vm, role="")  # the clear "unknown VM / not replicated" error
+        relationship_of(host, vm, role="")  # the clear "unknown VM / not replicated" error
     out = []
-    if rel.get("chains") and rel["role"] != "primary":
+    if rel.chains and rel.role != "primary":
         out += rpoints.listing(host, vm)
-    if rel["role"] == "primary":
+    if rel.role == "primary":
         from ..errors import OperationError
         try:
-            out += host.client_for_peer(rel["peer"], timeout=30).request(
+            out += host.client_for_peer(rel.peer, timeout=30).request(
                 "GET", f"/v1/replica/relationships/{vm}/points")["points"]
         except OperationError as e:
-            out.append({"id": None, "host": rel["peer"], "error": e.message})
+            out.append({"id": None, "host": rel.peer, "error": e.message})
     return out
 
 
@@ -564,7 +564,7 @@ def primary_view(host, peer: dict, vm: str) -> dict:
     rel = None
     for key in (vm, dr_key(vm)):
         found = host.store.relationship(key)
-        if found is not None and found["peer"] == peer["name"]:
+        if found is not None and found.peer == peer["name"]:
             rel = found
             break
     try:
@@ -572,12 +572,12 @@ def primary_view(host, peer: dict, vm: str) -> dict:
     except Exception:  # noqa: BLE001 — the answer says "unknown"; the replica then goes by state
         power = None          # not defined here, or the hypervisor cannot say
     out = {"host": host.name, "vm": vm, "vm_state": power,
-           "role": rel["role"] if rel else "none"}
+           "role": rel.role if rel else "none"}
     if rel is not None:
-        out.update({k: rel.get(k) for k in ("state", "epoch", "mode", "sync_state",
-                                            "last_cycle_at", "last_success_at")},
-                   fenced=bool(rel.get("fenced")),
-                   prepared=rel["state"] == "prepared_for_failover")
+        out |= {"state": rel.state, "epoch": rel.epoch, "mode": rel.mode,
+                "sync_state": rel.sync_state, "last_cycle_at": rel.last_cycle_at,
+                "last_success_at": rel.last_success_at, "fenced": bool(rel.fenced),
+                "prepared": rel.state == "prepared_for_failover"}
     return out
 
 
@@ -586,11 +586,11 @@ def failover(host, vm: str, body: dict) -> dict:
     action = body.get("action") or "start"
     rel = host.store.relationship(vm)
     if rel is None:
-        prim._rel(host, vm, role="")
+        relationship_of(host, vm, role="")
     point = body.get("point")
     if action == "prepare":
         return planned.prepare(host, vm, shutdown=bool(body.get("shutdown")))
-    if action == "cancel" and rel["role"] == "primary":
+    if action == "cancel" and rel.role == "primary":
         return planned.cancel(host, vm)
     actions = {
         "test": lambda: rfailover.test_start(host, vm, point, body.get("network") or "none"),

@@ -1,4 +1,8 @@
-"""The daemon process: start-up recovery, the two servers, the scheduler, clean shutdown."""
+"""The daemon process: start-up recovery, the two servers, the scheduler, clean shutdown.
+
+The dashboard on the web port is handed in by whoever starts the daemon (`serve`:
+``web.app.Dashboard``): the service layer does not import the web layer above it.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +10,15 @@ import fcntl
 import logging
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
+from collections.abc import Callable
+from socketserver import BaseServer
+from typing import Protocol
 
 from ..errors import Conflict, OperationError
+from ..transport.http import Router
 from .api import management_routes, replication_routes
 from .home import Home, parse_address
 from .host import Host
@@ -21,18 +27,30 @@ from .scheduler import Scheduler
 log = logging.getLogger("vmreplica.daemon")
 
 
+class WebApp(Protocol):
+    """The dashboard a daemon serves on its web port (``web.app.Dashboard``)."""
+
+    def new_token(self) -> str:
+        """A one-time login token (`vmreplica dashboard`)."""
+        ...
+
+    def routes(self, host: Host) -> Router:
+        ...
+
+
 class Daemon:
-    def __init__(self, home: Home):
+    def __init__(self, home: Home, web: Callable[[str], WebApp] | None = None):
+        """``web`` makes the dashboard, given the web port (its login cookie is named after
+        it); without it the daemon serves no web listener."""
         self.home = home
         self.started_at = time.time()
         self._stopped = threading.Event()
         self._stopping = threading.Event()
         self._lockfd: int | None = None
         self.host: Host | None = None
-        self.servers = []
+        self.servers: list[BaseServer] = []
         self.scheduler: Scheduler | None = None
-        from ..web.auth import COOKIE, Sessions
-        self.sessions = Sessions(cookie=f"{COOKIE}_{self._web_port()}")
+        self.web = web(self._web_port()) if web is not None else None
 
     def _web_port(self) -> str:
         from .store import Store
@@ -59,6 +77,7 @@ class Daemon:
         self.home.require()
         self._lock()
         from http.server import HTTPServer  # noqa: F401  (imported early: fail fast)
+
         from ..transport.http import TLSHTTPServer, UnixHTTPServer, serve_in_thread
         host = self.host = Host(self.home)
         log.info("daemon for %s starting (pid %d)", host.name, os.getpid())
@@ -70,9 +89,9 @@ class Daemon:
         redone = recover(host)
         if redone:
             log.warning("re-applied %d staged cycle(s) at start-up: %s", len(redone), redone)
-        for vm in getattr(host.driver, "drop_left_views", lambda: [])():
+        for vm in host.driver.drop_left_views():
             log.warning("removed the fleecing view a dead daemon left in %s's QEMU", vm)
-        resumed = getattr(host.driver, "resume_left_paused", lambda: [])()
+        resumed = host.driver.resume_left_paused()
         for vm in resumed:
             log.warning("resumed %s: the previous daemon died while it held the VM paused "
                         "(a cycle or continuous mode's hand-over)", vm)
@@ -87,13 +106,12 @@ class Daemon:
         # socket behind for a client to find.
         web = None
         web_listen = host.store.get_setting("web_listen")
-        if web_listen:
+        if web_listen and self.web is not None:
             from ..transport import tls
-            from ..web.app import routes as web_routes
             wh, wp = parse_address(web_listen)
             web_ctx = tls.server_context(self.home.cert, self.home.key, [])
             try:
-                web = TLSHTTPServer((wh, wp), web_routes(host, self.sessions), lambda: web_ctx)
+                web = TLSHTTPServer((wh, wp), self.web.routes(host), lambda: web_ctx)
             except OSError as e:
                 repl.server_close()
                 raise self._cannot_listen(web_listen, "its web port (dashboard and /metrics)",
@@ -124,6 +142,7 @@ class Daemon:
         """The error of a port this daemon cannot listen on: which port, what it is to this
         host, who holds it (when /proc tells), and the command that changes it."""
         import errno
+
         from .home import port_holder
         port = parse_address(address)[1]
         reason = e.strerror or str(e)
@@ -160,7 +179,8 @@ class Daemon:
 
 
 def setup_logging(home: Home, foreground: bool) -> None:
-    handlers = [logging.FileHandler(home.log)]
+    log_file = logging.FileHandler(home.log)
+    handlers: list[logging.Handler] = [log_file]
     if foreground:
         handlers.append(logging.StreamHandler(sys.stderr))
     logging.basicConfig(level=logging.INFO, handlers=handlers,
@@ -169,44 +189,5 @@ def setup_logging(home: Home, foreground: bool) -> None:
     # waiting for?) and the daemon goes on.
     import faulthandler
     import signal
-    faulthandler.register(signal.SIGUSR1, file=handlers[0].stream, all_threads=True)
-
-
-def spawn_detached(home: Home, timeout: float = 30.0) -> int:
-    """Start `serve` in the background and return its pid once it answers on its socket."""
-    from ..cli.client import Client
-    home.require()
-    log_f = open(home.root / "daemon.out", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "vmreplica.cli.main", "--home", str(home.root),
-                             "serve"], stdin=subprocess.DEVNULL, stdout=log_f, stderr=log_f,
-                            start_new_session=True, close_fds=True)
-    client = Client(home)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            message, hint = _startup_error(home.root / "daemon.out")
-            raise OperationError(f"the daemon exited during start-up: {message}", hint=hint)
-        try:
-            info = client.call("GET", "/v1/ping")
-            if info.get("pid") == proc.pid:
-                return proc.pid
-        except OperationError:
-            pass
-        time.sleep(0.05)
-    proc.terminate()
-    raise OperationError(f"the daemon did not become ready within {timeout:.0f} s",
-                         hint=f"see {home.log}")
-
-
-def _startup_error(path: Path) -> tuple[str, str | None]:
-    """The last `error:` line (and its hint) the failed daemon printed."""
-    try:
-        lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        lines = []
-    for i in range(len(lines) - 1, -1, -1):
-        if lines[i].startswith("error: "):
-            hint = lines[i + 1][len("hint: "):] if i + 1 < len(lines) and \
-                lines[i + 1].startswith("hint: ") else None
-            return lines[i][len("error: "):], hint
-    return (lines[-1] if lines else "no message"), f"see {path}"
+    assert log_file.stream is not None          # (not delayed: opened above)
+    faulthandler.register(signal.SIGUSR1, file=log_file.stream, all_threads=True)

@@ -35,6 +35,7 @@ class Home:
     pathlib cost 2.9 ms of each.)"""
 
     __slots__ = ("_root",)
+    _root: str
 
     def __init__(self, root):
         object.__setattr__(self, "_root", os.path.abspath(os.fspath(root)))
@@ -52,7 +53,7 @@ class Home:
         return f"Home(root={self._root!r})"
 
     @classmethod
-    def resolve(cls, value: str | None) -> "Home":
+    def resolve(cls, value: str | None) -> Home:
         value = value or os.environ.get("VMREPLICA_HOME")
         if not value:
             raise UsageError("no host home given", hint="pass --home DIR or set VMREPLICA_HOME")
@@ -291,7 +292,7 @@ def check_ports(home: Home, listen: str, web: str) -> None:
     if len(ports) == 2 and ports[0][1] == ports[1][1]:
         raise Conflict(f"the replication and web addresses use the same port {ports[0][1]}",
                        hint="give --web another port, or --web off")
-    for (what, _addr), (h, port) in zip(wanted, ports):
+    for (what, _addr), (h, port) in zip(wanted, ports, strict=True):
         flag = "--listen" if "listen" in what else "--web"
         taken = None
         try:

@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING, Self
 
 from ..errors import NotTrusted, UsageError
 from ..transport import tls
 from ..transport.client import PeerClient
 from .home import Home, parse_address
 from .store import Store
+
+if TYPE_CHECKING:
+    import ssl
+
+    from ..hypervisor.base import Driver
 
 
 class Host:
@@ -25,12 +31,12 @@ class Host:
         self.listen: str = self.store.get_setting("listen")
         self.cert_pem = home.cert.read_text()
         self.fingerprint = tls.fingerprint_pem(self.cert_pem)
-        self._driver = None
+        self._driver: Driver | None = None
         self._locks: dict[str, VMLock] = {}
         self.unsynced: dict = {}   # lock key → cycles acknowledged, heads not yet synced
         self.unapplied: set[str] = set()  # lock keys of VMs with a staged cycle not applied
         self._locks_guard = threading.Lock()
-        self._tls_ctx = None
+        self._tls_ctx: ssl.SSLContext | None = None
         self._tls_peers_key: tuple | None = None
         self.stopping = threading.Event()
         from .activity import Activity
@@ -45,7 +51,7 @@ class Host:
     @property
     def driver(self):
         if self._driver is None:
-            from ..hypervisor.base import get_driver
+            from ..hypervisor.factory import get_driver
             config = {"accel": self.store.get_setting("accel", "auto"),
                       "libvirt_uri": self.store.get_setting("libvirt_uri"),
                       "host_name": self.name}
@@ -54,14 +60,14 @@ class Host:
         return self._driver
 
     def tracker(self, name: str = "bitmap"):
-        from ..tracking.base import get_tracker
+        from ..tracking.factory import get_tracker
         return get_tracker(name)
 
     def lock_key(self, vm: str) -> str:
         from ..domain.links import vm_name
         return vm_name(vm)
 
-    def vm_lock(self, vm: str) -> "VMLock":
+    def vm_lock(self, vm: str) -> VMLock:
         """The lock of a VM, shared by all its relationships (keys NAME and NAME@dr): one
         operation at a time on its QEMU, its bitmaps and its replica's chains."""
         key = self.lock_key(vm)
@@ -160,14 +166,14 @@ class VMLock:
         self._depth -= 1
         self._lock.release()
 
-    def __enter__(self) -> "VMLock":
+    def __enter__(self) -> Self:
         self.acquire()
         return self
 
     def __exit__(self, *exc) -> None:
         self.release()
 
-    def as_is(self) -> "_AsIs":
+    def as_is(self) -> _AsIs:
         """``with host.vm_lock(vm).as_is():`` the lock, without applying the VM's
         unapplied staged cycles first (see the class)."""
         return _AsIs(self)

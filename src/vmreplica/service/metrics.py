@@ -41,13 +41,13 @@ def render(host) -> bytes:
     up.set(1)
     now = time.time()
     for rel in host.store.relationships():
-        key = (rel["vm"], rel["role"], rel["peer"])
+        key = (rel.vm, rel.role, rel.peer)
         v = view(host, rel, now)
-        stats = measure(rel, host.store.cycles(rel["vm"], limit=5000), now)
+        stats = measure(rel, host.store.cycles(rel.vm, limit=5000), now)
         if v["lag_seconds"] is not None:
             lag.labels(*key).set(v["lag_seconds"])
         for s in State:
-            state.labels(*key, s.value).set(1 if s.value == rel["state"] else 0)
+            state.labels(*key, s.value).set(1 if s.value == rel.state else 0)
         health.labels(*key).set(LEVELS.index(v["health"]))
         raw.labels(*key).set(stats["bytes_raw"])
         sent.labels(*key).set(stats["bytes_sent"])
@@ -55,6 +55,6 @@ def render(host) -> bytes:
             dur.labels(*key).set(stats["last_cycle_seconds"])
         missed.labels(*key).set(stats["missed_cycles"])
         errors.labels(*key).set(stats["errors"])
-        epoch.labels(*key).set(int(rel["epoch"]))
-        points.labels(*key).set(len(host.store.points(rel["vm"])))
+        epoch.labels(*key).set(rel.epoch)
+        points.labels(*key).set(len(host.store.points(rel.vm)))
     return generate_latest(reg)

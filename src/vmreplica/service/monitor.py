@@ -7,6 +7,8 @@ from __future__ import annotations
 import time
 
 from ..domain.health import DEFAULT_THRESHOLDS, assess, measure
+from ..domain.links import vm_name
+from ..domain.relationship import Relationship
 from ..domain.schedule import format_frequency
 from ..domain.states import next_step
 from ..errors import NotFound
@@ -16,19 +18,19 @@ def thresholds(host) -> dict:
     return dict(DEFAULT_THRESHOLDS, **(host.store.get_setting("health_thresholds") or {}))
 
 
-def mode_label(rel: dict) -> str:
+def mode_label(rel: Relationship) -> str:
     """The MODE column, the same on both hosts: the frequency, or `cont:` and the
     continuous sub-state (the replica has it from the primary)."""
-    if (rel.get("mode") or "periodic") == "periodic":
-        return format_frequency(int(rel.get("frequency", 300)))
-    return f"cont:{rel.get('sync_state') or '-'}"
+    if rel.mode == "periodic":
+        return format_frequency(rel.frequency)
+    return f"cont:{rel.sync_state or '-'}"
 
 
-def _heads_written_at(rel: dict) -> float | None:
+def _heads_written_at(rel: Relationship) -> float | None:
     """Replica side: when a head file last changed (the mirror writes straight into them)."""
     import os
     times = []
-    for chain in (rel.get("chains") or {}).values():
+    for chain in rel.chains.values():
         try:
             times.append(os.stat(chain[-1]).st_mtime)
         except (OSError, IndexError):
@@ -36,7 +38,7 @@ def _heads_written_at(rel: dict) -> float | None:
     return max(times, default=None)
 
 
-def continuous_figures(host, rel: dict, stats: dict, now: float) -> None:
+def continuous_figures(host, rel: Relationship, stats: dict, now: float) -> None:
     """Continuous mode: what the mirror means for last sync, lag and pending, the same
     on both hosts. In sync, the replica holds every write the guest saw acknowledged: lag
     0, nothing pending, and the last sync is the last write the mirror carried (the
@@ -44,42 +46,42 @@ def continuous_figures(host, rel: dict, stats: dict, now: float) -> None:
     Degraded, the replica has what it had when the mirror stopped. Catching up or idle
     (the VM off), cycles run: their figures stand."""
     stats["last_write_at"] = None
-    if (rel.get("mode") or "periodic") != "continuous" or rel["state"] != "replicating":
+    if rel.mode != "continuous" or rel.state != "replicating":
         return
-    sync = rel.get("sync_state")
-    if rel["role"] == "primary":
-        written = host.continuous.last_write(rel["vm"]) if sync == "in_sync" else None
+    sync = rel.sync_state
+    if rel.role == "primary":
+        written = host.continuous.last_write(rel.vm) if sync == "in_sync" else None
     else:
         written = _heads_written_at(rel)
     stats["last_write_at"] = written
     if sync == "in_sync":
-        written = written or rel.get("sync_since")
+        written = written or rel.sync_since
         stats["last_cycle_at"] = max(written or 0, stats.get("last_cycle_at") or 0) or None
         stats["lag_seconds"] = 0.0
         stats["pending_bytes"] = 0
-    elif sync == "degraded" and rel.get("sync_since"):
-        stats["lag_seconds"] = max(0.0, now - float(rel["sync_since"]))
+    elif sync == "degraded" and rel.sync_since:
+        stats["lag_seconds"] = max(0.0, now - float(rel.sync_since))
 
 
-def view(host, rel: dict, now: float | None = None) -> dict:
+def view(host, rel: Relationship, now: float | None = None) -> dict:
     now = time.time() if now is None else now
-    stats = measure(rel, host.store.cycles(rel["vm"], limit=5000), now)
+    stats = measure(rel, host.store.cycles(rel.vm, limit=5000), now)
     continuous_figures(host, rel, stats, now)
     health = assess(rel, now, stats, thresholds(host))
     return {
-        "vm": rel["vm"], "role": rel["role"], "peer": rel["peer"], "state": rel["state"],
+        "vm": rel.vm, "role": rel.role, "peer": rel.peer, "state": rel.state,
         "health": health.level, "reasons": health.reasons,
-        "frequency": format_frequency(int(rel.get("frequency", 300))),
-        "mode": rel.get("mode") or "periodic", "sync_state": rel.get("sync_state"),
-        "sync_reason": rel.get("sync_reason"), "mode_label": mode_label(rel),
+        "frequency": format_frequency(rel.frequency),
+        "mode": rel.mode, "sync_state": rel.sync_state,
+        "sync_reason": rel.sync_reason, "mode_label": mode_label(rel),
         "last_cycle_at": stats["last_cycle_at"], "lag_seconds": stats["lag_seconds"],
         "last_write_at": stats["last_write_at"],
-        "cycle": rel.get("cycle") if rel["role"] == "primary" else rel.get("last_applied_cycle"),
-        "epoch": rel["epoch"], "last_error": rel.get("last_error"),
-        "disks": rel["disks"], "fenced": rel.get("fenced"), "next": next_step(rel),
-        "test_vm": (rel.get("test") or {}).get("vm"),
-        **_running(host, rel["vm"]), "resync_window": rel.get("resync_window"),
-        "tags": rel.get("tags") or [],
+        "cycle": rel.cycle if rel.role == "primary" else rel.last_applied_cycle,
+        "epoch": rel.epoch, "last_error": rel.last_error,
+        "disks": rel.disks, "fenced": rel.fenced, "next": next_step(rel),
+        "test_vm": (rel.test or {}).get("vm"),
+        **_running(host, rel.vm), "resync_window": rel.resync_window,
+        "tags": host.store.tags(vm_name(rel.vm)),
     }
 
 
@@ -98,8 +100,8 @@ def status(host, vm: str | None = None) -> list[dict]:
     if vm:
         rel = host.store.relationship(vm)
         if rel is None:
-            from ..primary.relationship import _rel
-            _rel(host, vm, role="")
+            from ..primary.common import relationship_of
+            relationship_of(host, vm, role="")
             raise NotFound(vm)
         return [view(host, rel, now)]
     return [view(host, rel, now) for rel in host.store.relationships()]
@@ -110,32 +112,32 @@ def measure_vm(host, vm: str) -> dict:
     and (on the primary) what is pending: the bytes the tracking bitmap holds now."""
     rel = host.store.relationship(vm)
     if rel is None:
-        from ..primary.relationship import _rel
-        _rel(host, vm, role="")
+        from ..primary.common import relationship_of
+        relationship_of(host, vm, role="")
     now = time.time()
-    out = {"vm": vm, "role": rel["role"], "peer": rel["peer"], "state": rel["state"],
-           "frequency": format_frequency(int(rel.get("frequency", 300))),
-           "mode": rel.get("mode") or "periodic", "sync_state": rel.get("sync_state"),
-           "sync_reason": rel.get("sync_reason"), "mode_label": mode_label(rel),
+    out = {"vm": vm, "role": rel.role, "peer": rel.peer, "state": rel.state,
+           "frequency": format_frequency(rel.frequency),
+           "mode": rel.mode, "sync_state": rel.sync_state,
+           "sync_reason": rel.sync_reason, "mode_label": mode_label(rel),
            **measure(rel, host.store.cycles(vm, limit=5000), now)}
     health = assess(rel, now, out, thresholds(host))
     out.update(health=health.level, reasons=health.reasons, pending_bytes=None,
                **_running(host, vm))
     continuous_figures(host, rel, out, now)
-    if out["pending_bytes"] is None and rel["role"] == "primary" and rel.get("bitmap") and \
-            rel["state"] == "replicating" and out["activity"] is None:  # (a cycle holds them)
+    if out["pending_bytes"] is None and rel.role == "primary" and rel.bitmap and \
+            rel.state == "replicating" and out["activity"] is None:  # (a cycle holds them)
         out["pending_bytes"] = _pending(host, rel)
     return out
 
 
-def _pending(host, rel: dict) -> int | None:
-    lock = host.vm_lock(rel["vm"])
+def _pending(host, rel: Relationship) -> int | None:
+    lock = host.vm_lock(rel.vm)
     if not lock.acquire(timeout=5):
         return None          # a cycle runs right now
     try:
-        with host.driver.block_session(rel["vm"]) as session:
-            return sum(b.count for d in rel["disks"] for b in session.bitmaps(d)
-                       if b.name == rel["bitmap"])
+        with host.driver.block_session(rel.vm) as session:
+            return sum(b.count for d in rel.disks for b in session.bitmaps(d)
+                       if b.name == rel.bitmap)
     except Exception:  # noqa: BLE001 — a measurement must not fail over the pending size
         return None
     finally:
@@ -149,11 +151,11 @@ def record_health_changes(host) -> list[tuple[str, str, str]]:
     now = time.time()
     for rel in host.store.relationships():
         v = view(host, rel, now)
-        old = rel.get("health_seen")
+        old = rel.health_seen
         if old != v["health"]:
-            host.store.update_relationship(rel["vm"], health_seen=v["health"])
+            host.store.update_relationship(rel.vm, health_seen=v["health"])
             if old is not None:
                 why = "; ".join(v["reasons"]) or "all is well"
-                host.event("health", f"health {old} → {v['health']}: {why}", rel["vm"])
-                changes.append((rel["vm"], old, v["health"]))
+                host.event("health", f"health {old} → {v['health']}: {why}", rel.vm)
+                changes.append((rel.vm, old, v["health"]))
     return changes

@@ -12,6 +12,7 @@ import threading
 import time
 
 from ..domain.links import is_dr
+from ..domain.relationship import Relationship
 from ..domain.schedule import next_due
 from ..domain.states import CYCLING, State
 
@@ -44,8 +45,8 @@ class Scheduler:
         # After a (re)start every replicating relationship runs a cycle at once: it catches
         # up, and a primary that was replaced while it was down learns so (and is fenced).
         for rel in self.host.store.relationships():
-            if rel["role"] == "primary" and State(rel["state"]) in CYCLING:
-                self.host.store.update_relationship(rel["vm"], last_attempt_at=None)
+            if rel.role == "primary" and State(rel.state) in CYCLING:
+                self.host.store.update_relationship(rel.vm, last_attempt_at=None)
         self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
         self._thread.start()
 
@@ -88,37 +89,37 @@ class Scheduler:
     def run_due(self, now: float) -> list[str]:
         started = []
         for rel in self.host.store.relationships():
-            if rel["role"] != "primary":
+            if rel.role != "primary":
                 continue
-            if is_dr(rel["vm"]):
+            if is_dr(rel.vm):
                 from ..primary.dr import stand_by_if_moved
                 if stand_by_if_moved(self.host, rel):
                     continue
-            if rel["state"] == State.READY_FOR_INITIAL.value and rel.get("initial_at") \
-                    and now >= rel["initial_at"]:
-                self._background(rel["vm"], "initial", self._scheduled_initial, rel)
+            if rel.state == State.READY_FOR_INITIAL.value and rel.initial_at \
+                    and now >= rel.initial_at:
+                self._background(rel.vm, "initial", self._scheduled_initial, rel)
                 continue
-            if rel["state"] == State.INITIAL_IN_PROGRESS.value and rel.get("seed"):
-                if now >= next_due(rel.get("last_check_at"), SEED_POLL):
-                    self.host.store.update_relationship(rel["vm"], last_check_at=now)
-                    self._background(rel["vm"], "seed", self._seed_imported, rel)
+            if rel.state == State.INITIAL_IN_PROGRESS.value and rel.seed:
+                if now >= next_due(rel.last_check_at, SEED_POLL):
+                    self.host.store.update_relationship(rel.vm, last_check_at=now)
+                    self._background(rel.vm, "seed", self._seed_imported, rel)
                 continue
-            if rel["state"] == State.RESYNC_REQUIRED.value and not rel.get("fenced"):
+            if rel.state == State.RESYNC_REQUIRED.value and not rel.fenced:
                 self._maybe_resync(rel, now)
                 continue
-            if State(rel["state"]) in WATCHED and not rel.get("fenced"):
+            if State(rel.state) in WATCHED and not rel.fenced:
                 self._watch(rel, now)
                 continue
-            if State(rel["state"]) not in CYCLING:
+            if State(rel.state) not in CYCLING:
                 continue
-            if rel.get("mode") == "continuous" and rel.get("sync_state") != "idle":
+            if rel.mode == "continuous" and rel.sync_state != "idle":
                 continue      # the mirror (primary.continuous) keeps this one current
-            vm = rel["vm"]
+            vm = rel.vm
             t = self._running.get(vm)
             if t is not None and t.is_alive():
                 continue
-            last = rel.get("last_attempt_at")
-            if now < next_due(last, int(rel.get("frequency", 300))):
+            last = rel.last_attempt_at
+            if now < next_due(last, rel.frequency):
                 continue
             # Mark the attempt first so a failing cycle is not retried in a tight loop.
             self.host.store.update_relationship(vm, last_attempt_at=now)
@@ -128,7 +129,7 @@ class Scheduler:
             started.append(vm)
         return started
 
-    def _background(self, vm: str, what: str, fn, rel: dict) -> None:
+    def _background(self, vm: str, what: str, fn, rel: Relationship) -> None:
         t = self._running.get(vm)
         if t is not None and t.is_alive():
             return
@@ -142,33 +143,33 @@ class Scheduler:
         self._running[vm] = t
         t.start()
 
-    def _scheduled_initial(self, rel: dict) -> None:
+    def _scheduled_initial(self, rel: Relationship) -> None:
         from ..primary import seeding
-        plan = rel.get("initial_plan") or {}
-        seeding.initial(self.host, rel["vm"], method=plan.get("method") or "network",
+        plan = rel.initial_plan or {}
+        seeding.initial(self.host, rel.vm, method=plan.get("method") or "network",
                         path=plan.get("path"))
 
-    def _seed_imported(self, rel: dict) -> None:
-        from ..primary.relationship import check_peer
+    def _seed_imported(self, rel: Relationship) -> None:
         from ..primary.seeding import imported
-        imported(self.host, rel["vm"], check_peer(self.host, rel["vm"]))
+        from ..primary.standing import check_peer
+        imported(self.host, rel.vm, check_peer(self.host, rel.vm))
 
-    def _maybe_resync(self, rel: dict, now: float) -> None:
+    def _maybe_resync(self, rel: Relationship, now: float) -> None:
         """Resynchronise by itself when tracking broke — inside the resync window, and
         retried at the relationship's frequency after a failure."""
         from ..primary.resync import resync, window_open
-        vm = rel["vm"]
+        vm = rel.vm
         t = self._running.get(vm)
         if t is not None and t.is_alive():
             return
         if not window_open(rel, now):
-            if rel.get("resync_window_seen") and not rel.get("resync_window_missed"):
+            if rel.resync_window_seen and not rel.resync_window_missed:
                 # The window came and went and the resync did not happen: critical.
                 self.host.store.update_relationship(vm, resync_window_missed=True)
             return
-        if rel.get("resync_window") and not rel.get("resync_window_seen"):
+        if rel.resync_window and not rel.resync_window_seen:
             self.host.store.update_relationship(vm, resync_window_seen=True)
-        if now < next_due(rel.get("last_resync_attempt_at"), int(rel.get("frequency", 300))):
+        if now < next_due(rel.last_resync_attempt_at, rel.frequency):
             return
         # Staggered: one automatic resync at a time per host (they read whole disks).
         if any(t.is_alive() and t.name.startswith("resync-") for t in self._running.values()):
@@ -184,20 +185,20 @@ class Scheduler:
         self._running[vm] = t
         t.start()
 
-    def _watch(self, rel: dict, now: float) -> None:
+    def _watch(self, rel: Relationship, now: float) -> None:
         """A primary that runs no cycles still asks its replica, once per frequency,
         whether it is the primary (it is fenced if not)."""
-        if now < next_due(rel.get("last_check_at"), int(rel.get("frequency", 300))):
+        if now < next_due(rel.last_check_at, rel.frequency):
             return
-        self.host.store.update_relationship(rel["vm"], last_check_at=now)
-        from ..primary.relationship import check_peer
+        self.host.store.update_relationship(rel.vm, last_check_at=now)
+        from ..primary.standing import check_peer
 
         def check():
             try:
-                check_peer(self.host, rel["vm"], timeout=10)
+                check_peer(self.host, rel.vm, timeout=10)
             except Exception as e:  # noqa: BLE001 — recorded by check_peer when it matters
-                log.info("peer check of %s: %s", rel["vm"], getattr(e, "message", e))
-        threading.Thread(target=check, name=f"check-{rel['vm']}", daemon=True).start()
+                log.info("peer check of %s: %s", rel.vm, getattr(e, "message", e))
+        threading.Thread(target=check, name=f"check-{rel.vm}", daemon=True).start()
 
     def _cluster_busy(self) -> bool:
         return any(t.name == "cluster" and t.is_alive() for t in threading.enumerate())

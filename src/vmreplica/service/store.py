@@ -8,12 +8,21 @@ share it; every write is a short transaction.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import logging
 import sqlite3
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from ..domain.health import CycleRecord
+from ..domain.points import Point
+from ..domain.relationship import Relationship
+from ..domain.states import State, check_transition
+
+log = logging.getLogger("vmreplica.store")
 
 SCHEMA_VERSION = 1
 
@@ -51,15 +60,12 @@ CREATE TABLE IF NOT EXISTS events (
     message TEXT NOT NULL);
 """
 
-# Columns of `relationships` kept as real columns; everything else lives in `data` (JSON).
-_REL_COLUMNS = ("vm", "id", "role", "peer", "peer_address", "state", "epoch",
-                "created_at", "updated_at")
-
 
 class Store:
     def __init__(self, path: Path):
         self.path = Path(path)
         self._lock = threading.RLock()
+        self._dropped: set[tuple[str, tuple[str, ...]]] = set()
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30,
                                    isolation_level=None)
         self._db.row_factory = sqlite3.Row
@@ -168,38 +174,78 @@ class Store:
         return self._exec("DELETE FROM authorizations WHERE pattern=?", (pattern,)).rowcount > 0
 
     # -- relationships ---------------------------------------------------------------
-    def add_relationship(self, rel: dict) -> None:
+    # The only code that reads and writes relationship rows: nine columns (Relationship.
+    # COLUMNS) and every other field in `data` (JSON). Callers get and give Relationship
+    # values (domain.relationship).
+    def add_relationship(self, rel: Relationship) -> None:
         now = time.time()
-        cols = {k: rel[k] for k in _REL_COLUMNS if k in rel}
-        cols.setdefault("created_at", now)
-        cols["updated_at"] = now
-        data = {k: v for k, v in rel.items() if k not in _REL_COLUMNS}
-        cols["data"] = json.dumps(data)
+        rel = dataclasses.replace(rel, created_at=rel.created_at or now, updated_at=now)
+        cols = {k: getattr(rel, k) for k in Relationship.COLUMNS}
+        cols["data"] = json.dumps(rel.data())
         names = ",".join(cols)
         marks = ",".join("?" for _ in cols)
         self._exec(f"INSERT INTO relationships({names}) VALUES({marks})", list(cols.values()))
 
-    def relationship(self, vm: str) -> dict | None:
+    def relationship(self, vm: str) -> Relationship | None:
         rows = self._all("SELECT * FROM relationships WHERE vm=?", (vm,))
-        return _unpack(rows[0]) if rows else None
+        return self._unpack(rows[0]) if rows else None
 
-    def relationships(self) -> list[dict]:
-        return [_unpack(r) for r in self._all("SELECT * FROM relationships ORDER BY vm")]
+    def relationships(self) -> list[Relationship]:
+        return [self._unpack(r) for r in self._all("SELECT * FROM relationships ORDER BY vm")]
 
-    def update_relationship(self, vm: str, **changes: Any) -> dict:
+    def update_relationship(self, vm: str, **changes: Any) -> Relationship:
+        """Change a relationship's fields, never its state (``set_state`` does that). A
+        name that is not a field of Relationship raises TypeError and writes nothing."""
+        if "state" in changes:
+            raise ValueError(f"the state of {vm} changes through Store.set_state only")
+        return self._write_relationship(vm, changes)
+
+    def set_state(self, vm: str, new: State | str, *, why: str | None = None,
+                  **changes: Any) -> Relationship:
+        """The one way a relationship's state changes: the move is checked against the
+        table of ``domain.states`` (an impossible one raises Conflict and writes nothing),
+        written with ``changes`` in one transaction, and recorded as a `state` event when
+        the state is a new one (with ``why`` when given)."""
+        _check_fields(vm, changes)
+        with self.transaction():
+            rel = self.relationship(vm)
+            if rel is None:
+                raise KeyError(vm)
+            old = rel.state
+            nxt = check_transition(old, new)
+            rel = self._write_relationship(vm, {**changes, "state": nxt.value})
+            if nxt.value != old:
+                self.add_event("state", f"{old} -> {nxt.value}" + (f": {why}" if why else ""),
+                               vm)
+            return rel
+
+    def _write_relationship(self, vm: str, changes: dict[str, Any]) -> Relationship:
+        _check_fields(vm, changes)
         with self.transaction():
             rows = self._all("SELECT * FROM relationships WHERE vm=?", (vm,))
             if not rows:
                 raise KeyError(vm)
-            rel = _unpack(rows[0])
-            rel.update(changes)
-            rel["updated_at"] = time.time()
-            data = {k: v for k, v in rel.items() if k not in _REL_COLUMNS}
-            sets = {k: rel[k] for k in _REL_COLUMNS if k != "vm"}
-            sets["data"] = json.dumps(data)
+            rel = dataclasses.replace(self._unpack(rows[0]), **changes,
+                                      updated_at=time.time())
+            sets: dict[str, Any] = {k: getattr(rel, k) for k in Relationship.COLUMNS
+                                    if k != "vm"}
+            sets["data"] = json.dumps(rel.data())
             assign = ",".join(f"{k}=?" for k in sets)
             self._exec(f"UPDATE relationships SET {assign} WHERE vm=?", [*sets.values(), vm])
             return rel
+
+    def _unpack(self, row: dict) -> Relationship:
+        data = json.loads(row.pop("data") or "{}")
+        rel, unknown = Relationship.from_dict({**data, **row})
+        if unknown:
+            # Keys an older version wrote: dropped (the next write leaves them out).
+            # Said once per VM and set of keys, not at every read.
+            said = (rel.vm, tuple(unknown))
+            if said not in self._dropped:
+                self._dropped.add(said)
+                log.info("relationship %s: ignoring fields no longer used: %s", rel.vm,
+                         ", ".join(unknown))
+        return rel
 
     def remove_relationship(self, vm: str) -> None:
         with self.transaction():
@@ -226,23 +272,25 @@ class Store:
         self._exec("INSERT INTO recovery_points(vm, id, point_time, kind, layer, created_at) "
                    "VALUES(?,?,?,?,?,?)", (vm, point_id, point_time, kind, layer, time.time()))
 
-    def points(self, vm: str) -> list[dict]:
-        return self._all("SELECT * FROM recovery_points WHERE vm=? ORDER BY id", (vm,))
+    def points(self, vm: str) -> list[Point]:
+        return [Point(**r) for r in
+                self._all("SELECT * FROM recovery_points WHERE vm=? ORDER BY id", (vm,))]
 
-    def replace_points(self, vm: str, points: list[dict]) -> None:
+    def replace_points(self, vm: str, points: list[Point]) -> None:
         """Write the whole list of a VM's points at once (after a merge or a failover)."""
         with self.transaction():
             self._exec("DELETE FROM recovery_points WHERE vm=?", (vm,))
             for p in points:
                 self._exec("INSERT INTO recovery_points(vm, id, point_time, kind, layer, "
                            "created_at) VALUES(?,?,?,?,?,?)",
-                           (vm, p["id"], p["point_time"], p["kind"], p["layer"],
-                            p.get("created_at", time.time())))
+                           (vm, p.id, p.point_time, p.kind, p.layer,
+                            p.created_at or time.time()))
 
     # -- cycle history ---------------------------------------------------------------
     def start_cycle(self, vm: str, cycle: int, kind: str) -> int:
         cur = self._exec("INSERT INTO cycles(vm, cycle, kind, started_at) VALUES(?,?,?,?)",
                          (vm, cycle, kind, time.time()))
+        assert cur.lastrowid is not None            # (an INSERT sets it)
         return cur.lastrowid
 
     def finish_cycle(self, row_id: int, ok: bool, raw_bytes=0, wire_bytes=0, extents=0,
@@ -251,8 +299,11 @@ class Store:
                    "extents=?, error=? WHERE id=?",
                    (time.time(), int(ok), raw_bytes, wire_bytes, extents, error, row_id))
 
-    def cycles(self, vm: str, limit: int = 100) -> list[dict]:
-        return self._all("SELECT * FROM cycles WHERE vm=? ORDER BY id DESC LIMIT ?", (vm, limit))
+    def cycles(self, vm: str, limit: int = 100) -> list[CycleRecord]:
+        """The newest ``limit`` cycles of ``vm``, newest first."""
+        return [CycleRecord(**r) for r in
+                self._all("SELECT * FROM cycles WHERE vm=? ORDER BY id DESC LIMIT ?",
+                          (vm, limit))]
 
     # -- tags --------------------------------------------------------------------------
     def tags(self, vm: str) -> list[str]:
@@ -314,7 +365,16 @@ class _Tx:
         return False
 
 
-def _unpack(row: dict) -> dict:
-    data = json.loads(row.pop("data") or "{}")
-    row.update(data)
-    return row
+
+# Fields a caller may not change: the key, and the times the store keeps.
+_FIXED = frozenset({"vm", "created_at", "updated_at"})
+
+
+def _check_fields(vm: str, changes: dict[str, Any]) -> None:
+    """A change names fields of Relationship only: a misspelt name must not become a new
+    key of the row (nothing would ever read it)."""
+    bad = sorted(k for k in changes if k not in Relationship.field_names() or k in _FIXED)
+    if bad:
+        raise TypeError(f"cannot change {', '.join(bad)} of relationship {vm}: "
+                        + ("not a field of domain.relationship.Relationship"
+                           if any(k not in _FIXED for k in bad) else "kept by the store"))

@@ -70,7 +70,7 @@ def pair(host, address: str, token: str) -> dict:
             "cert_pem": host.cert_pem, "address": host.listen,
         })
     except NotTrusted as e:
-        if getattr(e, "presented", None):
+        if e.presented:
             raise token_mismatch(f"{h}:{port}", client.server_name, e.presented,
                                  fingerprint) from None
         raise

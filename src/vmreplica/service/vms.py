@@ -9,7 +9,7 @@ from .home import validate_host_name
 
 def role_of(host, vm: str) -> str:
     rel = host.store.relationship(vm)
-    return rel["role"] if rel else "none"
+    return rel.role if rel else "none"
 
 
 def vm_json(host, info, tags: list[str] | None = None) -> dict:
@@ -47,17 +47,17 @@ def create(host, body: dict) -> dict:
     # hid that the name is simply taken.
     rel = host.store.relationship(name)
     if host.driver.exists(name):
-        what = f" (the {rel['role']} side of its replication with {rel['peer']})" if rel else ""
+        what = f" (the {rel.role} side of its replication with {rel.peer})" if rel else ""
         raise Conflict(f"a VM named {name} exists on {host.name}{what}",
                        hint="choose another name (`vmreplica vm list` shows the VMs)")
     if rel is not None:
         raise Conflict(f"{host.name} has a replication relationship named {name} "
-                       f"({rel['role']} side, peer {rel['peer']}) without its VM",
+                       f"({rel.role} side, peer {rel.peer}) without its VM",
                        hint=f"choose another name, or end it with `vmreplica remove {name}`")
     with host.vm_lock(name):
-        extra = {"share_rw": True} if body.get("share_rw") else {}
         info = host.driver.create_vm(name, sizes, memory_mb=memory, guest=guest,
-                                     disk_format=body.get("format") or "qcow2", **extra)
+                                     disk_format=body.get("format") or "qcow2",
+                                     share_rw=bool(body.get("share_rw")))
     host.event("vm", f"VM created with {len(sizes)} disk(s)", name)
     return vm_json(host, info)
 
@@ -105,23 +105,23 @@ def start(host, name: str) -> dict:
     with host.vm_lock(name):
         info = host.driver.inspect(name)
         rel = host.store.relationship(name)
-        if rel and rel.get("fenced"):
-            raise Conflict(f"{name} is fenced on {host.name}: {rel['fenced']}",
-                           hint=f"{rel['peer']} runs this VM now; make this host its replica with "
-                                f"`vmreplica reverse {name}` on {rel['peer']}")
-        if rel and rel["role"] == "replica" and rel["state"] not in (
+        if rel and rel.fenced:
+            raise Conflict(f"{name} is fenced on {host.name}: {rel.fenced}",
+                           hint=f"{rel.peer} runs this VM now; make this host its replica with "
+                                f"`vmreplica reverse {name}` on {rel.peer}")
+        if rel and rel.role == "replica" and rel.state not in (
                 "failover_in_progress", "failed_over"):
-            raise Conflict(f"{name} is a replica of {rel['peer']}'s VM and cannot be started "
+            raise Conflict(f"{name} is a replica of {rel.peer}'s VM and cannot be started "
                            "while it is receiving replication",
                            hint=f"use failover on this host to bring it up: "
                                 f"`vmreplica failover {name} --test` or `vmreplica failover {name}`")
-        if rel and rel["state"] == "prepared_for_failover":
-            raise Conflict(f"{name} is prepared for a planned failover to {rel['peer']}",
-                           hint=f"fail over on {rel['peer']} (`vmreplica failover {name}`), or "
+        if rel and rel.state == "prepared_for_failover":
+            raise Conflict(f"{name} is prepared for a planned failover to {rel.peer}",
+                           hint=f"fail over on {rel.peer} (`vmreplica failover {name}`), or "
                                 f"cancel here with `vmreplica failover {name} --cancel`")
         if info.state == "running":
             return vm_json(host, info)
-        if rel and rel["role"] == "primary":
+        if rel and rel.role == "primary":
             _still_primary(host, name)
         host.driver.start(name)
         host.event("vm", "VM started", name)
@@ -133,14 +133,14 @@ def _still_primary(host, name: str) -> None:
     (an unplanned failover while this host was down). An unreachable replica does not
     stop it: the primary site must run when the other site is gone."""
     from ..errors import OperationError, Superseded
-    from ..primary.relationship import check_peer
+    from ..primary.standing import check_peer
     try:
         check_peer(host, name, timeout=5)
     except Superseded as e:
         rel = host.store.relationship(name)
         raise Conflict(f"{name} is fenced on {host.name}: {e.message}",
-                       hint=f"{rel['peer']} runs this VM now; make this host its replica with "
-                            f"`vmreplica reverse {name}` on {rel['peer']}") from None
+                       hint=f"{rel.peer} runs this VM now; make this host its replica with "
+                            f"`vmreplica reverse {name}` on {rel.peer}") from None
     except OperationError:
         pass
 
@@ -160,7 +160,7 @@ def delete(host, name: str) -> dict:
         host.driver.inspect(name)
         rel = host.store.relationship(name)
         if rel is not None:
-            raise Conflict(f"{name} is replicated ({rel['role']} side, peer {rel['peer']})",
+            raise Conflict(f"{name} is replicated ({rel.role} side, peer {rel.peer})",
                            hint=f"remove replication first: `vmreplica remove {name}`")
         from ..domain.links import dr_key
         if host.store.relationship(dr_key(name)) is not None:

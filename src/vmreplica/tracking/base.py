@@ -1,10 +1,8 @@
-"""What every tracker yields, and the registry that picks a tracker by name."""
+"""What every tracker yields (the registry that picks a tracker by name: ``factory``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from ..errors import UsageError
 
 
 @dataclass
@@ -14,10 +12,3 @@ class Chunk:
     offset: int
     length: int
     data: object = None  # bytes-like (nbd.Buffer or bytes) for data chunks
-
-
-def get_tracker(name: str):
-    if name == "bitmap":
-        from .bitmap import BitmapTracker
-        return BitmapTracker()
-    raise UsageError(f"unknown change tracker {name!r}", hint="choose bitmap")

@@ -10,7 +10,8 @@ continuity: ``TrackingError``, and the relationship needs a resynchronisation.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from ..domain import extents as ex
 from ..errors import TrackingError
@@ -55,7 +56,7 @@ class BitmapTracker:
         if stale or stopped:
             session.merge(disks, since, sorted(stale))
 
-    def point(self, session, disks: list[str], since: str | None, new: str) -> "BitmapPoint":
+    def point(self, session, disks: list[str], since: str | None, new: str) -> BitmapPoint:
         return BitmapPoint(session, disks, since, new)
 
     def owned(self, session, disks: list[str], prefix: str) -> set[str]:
@@ -68,8 +69,8 @@ class BitmapPoint:
     def __init__(self, session, disks: list[str], since: str | None, new: str):
         self.session, self.disks, self.since, self.new = session, disks, since, new
         self.exports = session.freeze(disks, since, new)
-        self.handles: dict[str, object] = {}
-        self._status: dict[str, object] = {}    # connections opened by allocation_handle
+        self.handles: dict[str, Any] = {}      # nbd.NBD handles
+        self._status: dict[str, Any] = {}    # connections opened by allocation_handle
         self.readers: dict[str, imagemap.ImageReader] = {}
         self.read_bytes = 0
         self.plan: dict[str, list[tuple[str, int, int]]] = {}
@@ -93,7 +94,7 @@ class BitmapPoint:
                 self.handles[disk] = h
                 if e.bitmap_context:
                     dirty = ex.selected(nbdio.block_status(h, e.bitmap_context, e.size), ex.DIRTY)
-                    alloc = reader.allocation(dirty) if mapped else None
+                    alloc = reader.allocation(dirty) if mapped and reader is not None else None
                     if alloc is None:
                         alloc = _allocation(e) if mapped else \
                             nbdio.block_status(h, "base:allocation", e.size)
@@ -205,7 +206,7 @@ def tail_chunks(point) -> Iterator[Chunk]:
     after everything else — the replica applies the cycle in order, so it ends equal to
     the disks at the pause. The pause lasts as long as those blocks take to read."""
     session = point.session
-    if not getattr(session, "live", False):
+    if not session.live:
         return
     point.tail = f"{point.new}-t"
     chunks: list[Chunk] = []

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import base64
 import functools
-from typing import Iterator
+from collections.abc import Iterator
 
 from blake3 import blake3
 
@@ -83,7 +83,7 @@ def fill(h, size: int, digests: bytes, blocks: list[int], block: int = BLOCK) ->
     """Recompute the digests of ``blocks`` by reading them; returns the whole manifest."""
     out = bytearray(digests)
     reads = [(i * block, min(block, size - i * block)) for i in blocks]
-    for (off, n, buf), i in zip(nbdio.read_extents(h, reads), blocks):
+    for (_off, n, buf), i in zip(nbdio.read_extents(h, reads), blocks, strict=False):
         out[i * DIGEST:(i + 1) * DIGEST] = zero_digest(n) if nbdio.is_zero(buf) else \
             blake3(buf).digest(DIGEST)
     return bytes(out)
@@ -99,6 +99,8 @@ def decode(text: str) -> bytes:
 
 class ScanPoint:
     """A frozen view whose chunks are the blocks that differ from ``remote`` digests."""
+
+    hold_pause = False      # set by primary.cycle: a live view is verified paused
 
     def __init__(self, session, disks: list[str], new: str, remote: dict[str, bytes],
                  block: int = BLOCK):

@@ -13,15 +13,15 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from .. import errors
 from . import tls
 
 
 class PeerClient:
-    def __init__(self, host: str, port: int, cert: Path, key: Path,
+    def __init__(self, host: str, port: int, cert: Path | None, key: Path | None,
                  pinned_pem: str | None, expect_fingerprint: str | None,
                  peer_name: str | None = None, timeout: float = 60.0):
         self.host, self.port = host, port

@@ -12,8 +12,9 @@ import socket
 import socketserver
 import ssl
 import threading
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler
-from typing import Any, Callable, Iterator
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from .. import errors
@@ -28,7 +29,7 @@ _STATUS = {
 
 
 class Request:
-    def __init__(self, handler: "Handler", params: dict):
+    def __init__(self, handler: Handler, params: dict):
         self.handler = handler
         self.method = handler.command
         parts = urlsplit(handler.path)
@@ -39,7 +40,7 @@ class Request:
         self.peer_fingerprint: str | None = getattr(handler, "peer_fingerprint", None)
         self._reader: BodyReader | None = None
 
-    def body(self) -> "BodyReader":
+    def body(self) -> BodyReader:
         """The request body as a stream with ``read(n)`` (Content-Length or chunked)."""
         if self._reader is None:
             self._reader = BodyReader(self.handler.rfile, self.headers)
@@ -80,7 +81,7 @@ class Response:
         self.headers = headers or {}
 
     @classmethod
-    def redirect(cls, location: str, headers: dict[str, str] | None = None) -> "Response":
+    def redirect(cls, location: str, headers: dict[str, str] | None = None) -> Response:
         return cls(b"", 303, headers={"Location": location, **(headers or {})})
 
 
@@ -172,6 +173,7 @@ class Router:
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "vmreplica"
+    server: UnixHTTPServer | TLSHTTPServer     # the two below: each carries its router
 
     def log_message(self, fmt, *args):  # quiet: the daemon logs what matters itself
         log.debug("%s " + fmt, self.client_address, *args)
@@ -225,7 +227,7 @@ class Handler(BaseHTTPRequestHandler):
             result = {}
         if isinstance(result, Response):
             return self._send_response(result)
-        if isinstance(result, dict) or isinstance(result, list):
+        if isinstance(result, (dict, list)):
             return self._send_json(200, result)
         return self._send_stream(result)
 

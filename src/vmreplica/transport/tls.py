@@ -4,6 +4,9 @@ No CA: a host trusts exactly the certificates it pinned at pairing time. Server 
 client contexts load the pinned certificates as their only trust anchors, and the peer's
 SHA-256 fingerprint is compared as well, so a certificate is accepted only if it is
 byte-for-byte the pinned one.
+
+NBD over TLS (continuous mode's mirror, the libvirt relay) uses a leaf certificate the
+host's identity issues, in the x509 folders QEMU and libnbd read (``creds_dir``).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ def generate_identity(name: str, key_path: Path, cert_path: Path) -> str:
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name),
                          x509.NameAttribute(NameOID.ORGANIZATION_NAME, "vmreplica host")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -157,7 +160,7 @@ def issue_leaf(ca_key: Path, ca_cert: Path, name: str, key_out: Path, cert_out: 
     issuer_key = serialization.load_pem_private_key(Path(ca_key).read_bytes(), None)
     issuer = x509.load_pem_x509_certificate(Path(ca_cert).read_bytes())
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name),
@@ -178,10 +181,49 @@ def issue_leaf(ca_key: Path, ca_cert: Path, name: str, key_out: Path, cert_out: 
                                      encipher_only=False, decipher_only=False), critical=False)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
                                               ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .sign(issuer_key, hashes.SHA256())
+        .sign(issuer_key, hashes.SHA256())  # type: ignore[arg-type]  # EC: generate_identity
     )
     fd = os.open(key_out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                   serialization.NoEncryption()))
     Path(cert_out).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+# -- NBD over TLS (QEMU, qemu-storage-daemon, libnbd) -------------------------------------
+# ``host`` is the host context (its home, name, listen address and identity).
+
+def leaf_paths(home) -> tuple[Path, Path]:
+    """This host's NBD leaf certificate (issued once by its own identity)."""
+    key, crt = home.root / "tls" / "nbd-leaf.key", home.root / "tls" / "nbd-leaf.crt"
+    return key, crt
+
+
+def ensure_leaf(host) -> tuple[Path, Path]:
+    """The leaf names the host and, when it listens on an IP address, that address too
+    (libnbd checks the address it connected to)."""
+    key, crt = leaf_paths(host.home)
+    if not (key.exists() and crt.exists()):
+        bind = host.listen.rsplit(":", 1)[0].strip("[]")
+        try:
+            ips = [str(ipaddress.ip_address(bind))]
+        except ValueError:
+            ips = []
+        issue_leaf(host.home.key, host.home.cert, host.name, key, crt, ips=ips)
+    return key, crt
+
+
+def creds_dir(host, peer: dict, endpoint: str, name: str) -> Path:
+    """A QEMU/libnbd x509 credentials folder: ca-cert.pem (this host's identity and the
+    pinned peer's: each side verifies the other, and QEMU checks its own certificate),
+    and this host's leaf as `<endpoint>-cert.pem` / `<endpoint>-key.pem`."""
+    key, crt = ensure_leaf(host)
+    d = host.home.run / f"tls-{name}"
+    d.mkdir(parents=True, exist_ok=True)
+    d.chmod(0o700)
+    (d / "ca-cert.pem").write_text(host.cert_pem.strip() + "\n" + peer["cert_pem"].strip() + "\n")
+    (d / f"{endpoint}-cert.pem").write_bytes(crt.read_bytes())
+    k = d / f"{endpoint}-key.pem"
+    k.write_bytes(key.read_bytes())
+    k.chmod(0o600)
+    return d

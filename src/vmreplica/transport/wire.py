@@ -20,10 +20,14 @@ from __future__ import annotations
 import enum
 import json
 import struct
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Iterator
+from typing import TYPE_CHECKING, BinaryIO
 
 from ..errors import IntegrityError
+
+if TYPE_CHECKING:
+    import zstandard
 
 MAGIC = b"VMRC"
 VERSION = 1
@@ -114,7 +118,7 @@ class CycleWriter:
         self.header = header
         self._hash = _blake3()
         self._digest = self._hash()
-        self._zstd = None
+        self._zstd: zstandard.ZstdCompressor | None = None
         if compression == "zstd":
             import zstandard
             self._zstd = zstandard.ZstdCompressor(level=level)
@@ -135,7 +139,8 @@ class CycleWriter:
         self._digest.update(pre)
         return self._out(pre)
 
-    def data_frame(self, disk: int, offset: int, data) -> tuple[bytes, object | None]:
+    def data_frame(self, disk: int, offset: int,
+                   data) -> tuple[bytes, bytes | bytearray | memoryview | None]:
         """(frame, payload) for a DATA record; the payload may be ``data`` itself.
 
         Data that reads as zero becomes a ZERO record, ``(frame, None)``: its digest,
@@ -211,7 +216,7 @@ class CycleReader:
         self._pool = pool       # a buffers.BufferPool: records are decompressed into it
         self._hash = _blake3()
         self._digest = self._hash()
-        self._zstd = None
+        self._zstd: zstandard.ZstdDecompressor | None = None
         self.header: dict | None = None
         self.head_bytes = b""   # preamble + header exactly as received
         self.trailer: dict | None = None

@@ -1,5 +1,7 @@
 """The web listener: the dashboard (login by a one-time token from `vmreplica dashboard`),
 its JSON and actions, and Prometheus /metrics. HTTPS with the host's certificate.
 
-May import `service` (read models and operations), `transport.http`, `domain`, `errors`.
+A UI over the service: may import `service` (its operations and read models),
+`transport` (HTTP plumbing), `domain` and `errors`; never primary, replica or cluster
+directly. The daemon does not import it: `serve` (cli) hands it `app.Dashboard`.
 """

@@ -28,7 +28,7 @@ def routes(host, sessions: auth.Sessions) -> Router:
     @r.route("POST", "/logout")
     def logout(req):
         session = sessions.get(req.headers.get("Cookie"))
-        form = pages._read_form(req)
+        form = pages.read_form(req)
         if session is not None and not sessions.csrf_ok(session, form.get("csrf")):
             return Response(pages.message("Refused: this request did not come from the "
                                           "dashboard (CSRF token missing)."), status=403)
@@ -37,3 +37,19 @@ def routes(host, sessions: auth.Sessions) -> Router:
 
     pages.register(r, host, sessions)
     return r
+
+
+class Dashboard:
+    """What a daemon serves on its web port, handed to it by `serve` (the service layer
+    does not import this one): the routes over the host, and the login sessions the
+    management API issues one-time tokens for (`vmreplica dashboard`)."""
+
+    def __init__(self, port: str):
+        # A cookie name per web port: see auth.Sessions.
+        self.sessions = auth.Sessions(cookie=f"{auth.COOKIE}_{port}")
+
+    def new_token(self) -> str:
+        return self.sessions.new_token()
+
+    def routes(self, host) -> Router:
+        return routes(host, self.sessions)

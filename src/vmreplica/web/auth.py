@@ -37,9 +37,9 @@ class Sessions:
             expires = self._tokens.pop(token, None)
             if expires is None or expires < now:
                 return None
-            session = {"id": secrets.token_urlsafe(32), "csrf": secrets.token_urlsafe(16),
-                       "expires": now + SESSION_TTL}
-            self._sessions[session["id"]] = session
+            sid = secrets.token_urlsafe(32)
+            session = {"id": sid, "csrf": secrets.token_urlsafe(16), "expires": now + SESSION_TTL}
+            self._sessions[sid] = session
             return session
 
     def get(self, cookie_header: str | None) -> dict | None:

@@ -17,10 +17,11 @@ import secrets
 import time
 from urllib.parse import parse_qs, quote
 
+from ..domain.relationship import Relationship
 from ..domain.states import State, suspend_allowed
 from ..domain.units import format_duration, format_size
 from ..errors import NotFound, VmreplicaError
-from ..service import api, monitor, vms
+from ..service import api, monitor, operations, vms
 from ..transport.http import Response
 from . import assets
 
@@ -193,11 +194,10 @@ _CLUSTER_COLOUR = {"PRIM": "normal", "SECOND": "normal", "ALONE": "warning", "WA
 def cluster_section(host) -> str:
     """The Pacemaker cluster this host belongs to, when it protects VMs: nodes (online or
     not, quorum) and each VM's SafeKit-style state on each node. Empty otherwise."""
-    if not any(r.get("cluster") for r in host.store.relationships()):
+    if not any(r.cluster for r in host.store.relationships()):
         return ""
-    from ..cluster.status import cluster_status
     try:
-        st = cluster_status(host)
+        st = operations.cluster_status(host)
     except VmreplicaError as err:
         return (f'<div class="card stack"><h2>Cluster</h2>'
                 f'<div class="flash error">{e(err.message)}</div></div>')
@@ -306,21 +306,21 @@ def _index(host, session) -> Response:
 
 # -- VM page -----------------------------------------------------------------------------------------
 
-def _chart(host, vm: str, rel: dict) -> str:
+def _chart(host, vm: str, rel: Relationship) -> str:
     rows = list(reversed(host.store.cycles(vm, limit=CHART_CYCLES)))
-    rows = [c for c in rows if c.get("finished_at")]
+    rows = [c for c in rows if c.finished_at]
     if not rows:
-        where = (f"Cycle history is recorded on the primary ({e(rel['peer'])})."
-                 if rel["role"] == "replica" else "No cycle yet.")
+        where = (f"Cycle history is recorded on the primary ({e(rel.peer)})."
+                 if rel.role == "replica" else "No cycle yet.")
         return f'<p class="empty">{where}</p>'
     W, H, left, top, bottom = 1160, 170, 64, 10, 22
     plot_h = H - top - bottom
-    deltas = [int(c["raw_bytes"] or 0) for c in rows if c.get("ok") and c["kind"] == "delta"]
-    scale = max(deltas or [int(c["raw_bytes"] or 0) for c in rows if c.get("ok")] or [1]) or 1
+    deltas = [int(c.raw_bytes or 0) for c in rows if c.ok and c.kind == "delta"]
+    scale = max(deltas or [int(c.raw_bytes or 0) for c in rows if c.ok] or [1]) or 1
     slot = (W - left - 8) / CHART_CYCLES
     bw = max(3.0, slot * 0.72)
-    parts = [f'<svg class="chart" viewBox="0 0 {W} {H}" role="img" '
-             f'aria-label="bytes changed per cycle, last {len(rows)} cycles">']
+    parts = [(f'<svg class="chart" viewBox="0 0 {W} {H}" role="img" '
+              f'aria-label="bytes changed per cycle, last {len(rows)} cycles">')]
     for frac in (0.5, 1.0):
         y = top + plot_h * (1 - frac)
         parts.append(f'<line class="grid" x1="{left}" x2="{W - 4}" y1="{y:.1f}" y2="{y:.1f}"/>'
@@ -332,23 +332,24 @@ def _chart(host, vm: str, rel: dict) -> str:
     first = CHART_CYCLES - len(rows)          # the newest cycle at the right edge
     for i, c in enumerate(rows):
         x = left + 4 + (first + i) * slot
-        raw = int(c["raw_bytes"] or 0)
-        secs = (c["finished_at"] - c["started_at"]) if c.get("finished_at") else None
-        if not c.get("ok"):
+        raw = int(c.raw_bytes or 0)
+        secs = (c.finished_at - c.started_at) if c.finished_at else None
+        h: float
+        if not c.ok:
             cls, h = "bar failed", plot_h
-            tip = f"cycle {c['cycle']} failed at {_clock(c['started_at'])}: {c.get('error') or ''}"
+            tip = f"cycle {c.cycle} failed at {_clock(c.started_at)}: {c.error or ''}"
         else:
             h = max(1.5, plot_h * min(raw, scale) / scale)
-            cls = f"bar {c['kind']}" + (" clipped" if raw > scale else "")
-            tip = (f"cycle {c['cycle']} ({c['kind']}) at {_clock(c['started_at'])}: "
-                   f"{format_size(raw)} changed, {format_size(c['wire_bytes'] or 0)} sent, "
+            cls = f"bar {c.kind}" + (" clipped" if raw > scale else "")
+            tip = (f"cycle {c.cycle} ({c.kind}) at {_clock(c.started_at)}: "
+                   f"{format_size(raw)} changed, {format_size(c.wire_bytes or 0)} sent, "
                    f"{format_duration(secs)}" + (" (off the scale)" if raw > scale else ""))
         parts.append(f'<rect class="{e(cls)}" data-bytes="{raw}" x="{x:.1f}" '
                      f'y="{base - h:.1f}" width="{bw:.1f}" height="{h:.1f}">'
                      f'<title>{e(tip)}</title></rect>')
         if i in (0, len(rows) - 1):
             parts.append(f'<text x="{x + bw / 2:.1f}" y="{H - 6}" text-anchor="middle">'
-                         f'#{e(c["cycle"])}</text>')
+                         f'#{e(c.cycle)}</text>')
     parts.append("</svg>")
     legend = ('<div class="legend"><span><i class="delta"></i>delta</span>'
               '<span><i class="initial"></i>initial / resync (may be off the scale)</span>'
@@ -389,16 +390,16 @@ def _events_table(host, vm: str) -> str:
 # Actions a VM's page offers, by role and state. The same table decides (server side)
 # whether a posted action is allowed now.
 
-def _actions(host, rel: dict) -> list[dict]:
-    vm, peer, state = rel["vm"], rel["peer"], rel["state"]
+def _actions(host, rel: Relationship) -> list[dict]:
+    vm, peer, state = rel.vm, rel.peer, rel.state
     acts: list[dict] = []
 
     def add(name, label, confirm, style="", point=False):
         acts.append({"name": name, "label": label, "confirm": confirm, "style": style,
                      "point": point})
 
-    if rel["role"] == "primary":
-        if rel.get("fenced"):
+    if rel.role == "primary":
+        if rel.fenced:
             return acts
         if state in (State.REPLICATING.value, State.ERROR.value):
             add("sync", "Sync now", f"Run a replication cycle of {vm} to {peer} now?", "go")
@@ -417,7 +418,7 @@ def _actions(host, rel: dict) -> list[dict]:
                 f"Cancel the planned failover of {vm}? Replication to {peer} goes on.")
         return acts
 
-    test = rel.get("test")
+    test = rel.test
     if test:
         add("stop-test", "Stop test failover",
             f"Stop the test failover? {test['vm']} is powered off and deleted with its files.",
@@ -453,9 +454,11 @@ def _actions(host, rel: dict) -> list[dict]:
     return acts
 
 
-def _planned_ready(rel: dict) -> bool:
-    prepared = rel.get("primary_prepared")
-    return bool(prepared) and int(prepared["cycle"]) == int(rel.get("last_applied_cycle", -1))
+def _planned_ready(rel: Relationship) -> bool:
+    prepared = rel.primary_prepared
+    if not prepared:
+        return False
+    return int(prepared["cycle"]) == rel.last_applied_cycle
 
 
 def _point_select(pts: list[dict]) -> str:
@@ -473,18 +476,18 @@ def _point_select(pts: list[dict]) -> str:
     return f'<label>point <select name="point">{"".join(opts)}</select></label>'
 
 
-def _actions_html(host, rel: dict, session: dict, pts: list[dict]) -> str:
+def _actions_html(host, rel: Relationship, session: dict, pts: list[dict]) -> str:
     acts = _actions(host, rel)
     if not acts:
-        if rel.get("fenced"):
-            return f'<p class="empty">Fenced: {e(rel["fenced"])}</p>'
+        if rel.fenced:
+            return f'<p class="empty">Fenced: {e(rel.fenced)}</p>'
         return '<p class="empty">No action in this state.</p>'
     local = [p for p in pts if p.get("host") == host.name]
     forms = []
     for a in acts:
         point = _point_select(local) if a["point"] else ""
         forms.append(
-            f'<form method="post" action="/vm/{quote(rel["vm"], safe="")}/action" '
+            f'<form method="post" action="/vm/{quote(rel.vm, safe="")}/action" '
             f'data-confirm="{e(a["confirm"])}" data-action="{e(a["name"])}">'
             f'<input type="hidden" name="csrf" value="{e(session["csrf"])}">'
             f'<input type="hidden" name="action" value="{e(a["name"])}">'
@@ -512,8 +515,8 @@ def _vm_live(host, name: str, session: dict) -> str:
     status_rows = [
         ("health", _health(v["health"], v["reasons"]) + _reasons(v["health"], v["reasons"])),
         ("role / peer", f'{e(v["role"])} &middot; {e(v["peer"])}'),
-        ("state", f'<span class="state">{e(v["state"])}</span>'
-                  f'{_running(v.get("activity"))}'),
+        ("state", (f'<span class="state">{e(v["state"])}</span>'
+                   f'{_running(v.get("activity"))}')),
         ("power", _power(info["state"] if info else None)),
         ("mode / frequency", e(v["mode"]) + " &middot; " +
          (f'every {e(v["frequency"])}' if v["mode"] == "periodic" else e(v["mode_label"]))),
@@ -529,22 +532,22 @@ def _vm_live(host, name: str, session: dict) -> str:
     if v.get("last_error"):
         status_rows.append(("last error", f'<span class="small">{e(v["last_error"])}</span>'))
 
-    if rel["role"] == "replica":
+    if rel.role == "replica":
         figures, measure_rows = "Replica", _replica_figures(host, rel)
     else:
         figures = 'Measure <span class="small muted">(last 12 h)</span>'
         measure_rows = _primary_figures(monitor.measure_vm(host, name))
     return "".join([
         _stamp(),
-        f'<div class="card stack" id="actions-card"><h2>Actions</h2>'
-        f'{_actions_html(host, rel, session, pts)}</div>',
+        (f'<div class="card stack" id="actions-card"><h2>Actions</h2>'
+         f'{_actions_html(host, rel, session, pts)}</div>'),
         '<div class="grid stack">',
         f'<div class="card" id="status"><h2>Status</h2>{_kv(status_rows)}</div>',
         f'<div class="card" id="measure"><h2>{figures}</h2>{_kv(measure_rows)}</div>',
         '</div>',
-        f'<div class="card stack" id="chart"><h2>Cycle history '
-        f'<span class="small muted">(bytes changed per cycle, last {CHART_CYCLES})</span></h2>'
-        f'{_chart(host, name, rel)}</div>',
+        (f'<div class="card stack" id="chart"><h2>Cycle history '
+         f'<span class="small muted">(bytes changed per cycle, last {CHART_CYCLES})</span></h2>'
+         f'{_chart(host, name, rel)}</div>'),
         '<div class="grid stack">',
         f'<div class="card"><h2>Recovery points</h2>{_points_table(pts)}</div>',
         f'<div class="card"><h2>Events</h2>{_events_table(host, name)}</div>',
@@ -552,17 +555,17 @@ def _vm_live(host, name: str, session: dict) -> str:
     ])
 
 
-def _replica_figures(host, rel: dict) -> list[tuple[str, str]]:
+def _replica_figures(host, rel: Relationship) -> list[tuple[str, str]]:
     """What a replica knows about itself (the cycle statistics live on the primary)."""
-    interval = rel.get("point_interval")
+    interval = rel.point_interval
     return [
-        ("last cycle applied", f'{e(rel.get("last_applied_cycle", "-"))} &middot; '
-                               f'{_when(rel.get("last_applied_at"))}'),
-        ("newest state from", e(_clock(rel.get("last_freeze_at")))),
-        ("recovery points", f'{e(len(host.store.points(rel["vm"])))} kept of '
-                            f'{e(rel.get("history", "-"))} asked for'),
-        ("staged, not applied", e(len(host.store.staged(rel["vm"])))),
-        ("storage", f'<span class="small">{e(rel.get("storage") or "-")}</span>'),
+        ("last cycle applied", (f'{e(rel.last_applied_cycle)} &middot; '
+                                f'{_when(rel.last_applied_at)}')),
+        ("newest state from", e(_clock(rel.last_freeze_at))),
+        ("recovery points", (f'{e(len(host.store.points(rel.vm)))} kept of '
+                             f'{e(rel.history)} asked for')),
+        ("staged, not applied", e(len(host.store.staged(rel.vm)))),
+        ("storage", f'<span class="small">{e(rel.storage or "-")}</span>'),
     ] + ([("point interval", e(format_duration(interval)))] if interval else [])
 
 
@@ -570,16 +573,16 @@ def _primary_figures(m: dict) -> list[tuple[str, str]]:
     pending = "-" if m.get("pending_bytes") is None else format_size(m["pending_bytes"])
     tput = f'{format_size(m["throughput_bps"])}/s' if m.get("throughput_bps") else "-"
     return [
-        ("cycles", f'{e(m["cycles"])} done &middot; {e(m["expected_cycles"])} expected '
-                   'on schedule'),
-        ("missed / failed", f'{e(m["missed_cycles"])} missed ({e(m["missed_pct"])} %) '
-                            f'&middot; {e(m["errors"])} failed'),
-        ("cycle size", f'avg {e(format_size(m["avg_cycle_bytes"]))} &middot; '
-                       f'max {e(format_size(m["max_cycle_bytes"]))}'),
-        ("cycle duration", f'avg {e(format_duration(m["avg_cycle_seconds"]))} &middot; '
-                           f'max {e(format_duration(m["max_cycle_seconds"]))}'),
-        ("bytes", f'{e(format_size(m["bytes_raw"]))} changed &middot; '
-                         f'{e(format_size(m["bytes_sent"]))} sent'),
+        ("cycles", (f'{e(m["cycles"])} done &middot; {e(m["expected_cycles"])} expected '
+                    'on schedule')),
+        ("missed / failed", (f'{e(m["missed_cycles"])} missed ({e(m["missed_pct"])} %) '
+                             f'&middot; {e(m["errors"])} failed')),
+        ("cycle size", (f'avg {e(format_size(m["avg_cycle_bytes"]))} &middot; '
+                        f'max {e(format_size(m["max_cycle_bytes"]))}')),
+        ("cycle duration", (f'avg {e(format_duration(m["avg_cycle_seconds"]))} &middot; '
+                            f'max {e(format_duration(m["max_cycle_seconds"]))}')),
+        ("bytes", (f'{e(format_size(m["bytes_raw"]))} changed &middot; '
+                   f'{e(format_size(m["bytes_sent"]))} sent')),
         ("throughput", e(tput)),
         ("pending", e(pending)),
         ("last cycle error", e(m.get("last_error") or "-")),
@@ -594,8 +597,8 @@ def _plain_vm(host, name: str, info: dict | None) -> str:
                     f'<td class="small muted">{e(d["path"])}</td></tr>' for d in info["disks"])
     note = ""
     for rel in host.store.relationships():
-        if (rel.get("test") or {}).get("vm") == name:
-            note = f'<p>Test failover of {_vm_link(rel["vm"])}: stop it from that VM\'s page.</p>'
+        if (rel.test or {}).get("vm") == name:
+            note = f'<p>Test failover of {_vm_link(rel.vm)}: stop it from that VM\'s page.</p>'
     return (_stamp() + f'<div class="card stack"><h2>Not replicated</h2>{note}'
             + _kv([("power", _power(info["state"])), ("memory", e(f'{info["memory_mb"]} MB')),
                    ("guest", e(info.get("guest") or "-"))])
@@ -613,7 +616,7 @@ def _vm_page(host, session, name: str) -> Response:
         flash_html += (f'<div class="flash {e(f["kind"])}" id="result" data-kind="{e(f["kind"])}">'
                        f'<strong>{e(f["title"])}</strong><div>{e(f["text"])}</div>{hint}</div>')
     rel = host.store.relationship(name)
-    role = f'<span class="pill role">{e(rel["role"])}</span>' if rel else ""
+    role = f'<span class="pill role">{e(rel.role)}</span>' if rel else ""
     live = _vm_live(host, name, session)
     body = (f'<p class="small"><a href="/">&larr; all VMs</a></p>'
             f'<h1>{e(name)} {role}</h1>{flash_html}'
@@ -623,22 +626,20 @@ def _vm_page(host, session, name: str) -> Response:
 
 # -- actions --------------------------------------------------------------------------------------
 
-def _run_action(host, rel: dict, action: str, point: str | None) -> tuple[str, str]:
+def _run_action(host, rel: Relationship, action: str, point: str | None) -> tuple[str, str]:
     """Run one action; returns (title, what happened). Raises VmreplicaError."""
-    from ..primary import relationship as prim
-    from ..primary import reverse as preverse
-    vm, peer = rel["vm"], rel["peer"]
+    vm, peer = rel.vm, rel.peer
     if action == "sync":
-        s = prim.sync(host, vm)
+        s = operations.sync(host, vm)
         return "Sync done", (f"cycle {s['cycle']} acknowledged by {peer} in "
                              f"{format_duration(s.get('seconds'))}: "
                              f"{format_size(s.get('raw_bytes', 0))} changed, "
                              f"{format_size(s.get('wire_bytes', 0))} sent")
     if action == "suspend":
-        prim.suspend(host, vm)
+        operations.suspend(host, vm)
         return "Suspended", f"replication of {vm} is suspended; changes stay tracked"
     if action == "resume":
-        r = prim.resume(host, vm)
+        r = operations.resume(host, vm)
         return "Resumed", f"replication of {vm} resumed (state {r['state']})"
     if action == "prepare":
         r = api.failover(host, vm, {"action": "prepare", "shutdown": True})
@@ -670,7 +671,7 @@ def _run_action(host, rel: dict, action: str, point: str | None) -> tuple[str, s
         r = api.failover(host, vm, {"action": "cancel"})
         return "Failover cancelled", f"what {vm} wrote was discarded (state {r['state']})"
     if action == "reverse":
-        r = preverse.reverse(host, vm)
+        r = operations.reverse(host, vm)
         moved, total = r["bytes_moved"], r["disk_bytes"]
         return "Replication reversed", (
             f"{r['primary']} is the primary of {vm}, {r['replica']} its replica (epoch "
@@ -679,7 +680,8 @@ def _run_action(host, rel: dict, action: str, point: str | None) -> tuple[str, s
     raise VmreplicaError(f"unknown action {action!r}")
 
 
-def _read_form(req) -> dict[str, str]:
+def read_form(req) -> dict[str, str]:
+    """A form the dashboard posted (its fields, the last value of each)."""
     body = req.body()
     data = b""
     while True:
@@ -693,19 +695,19 @@ def _read_form(req) -> dict[str, str]:
     return {k: v[-1] for k, v in fields.items()}
 
 
-def _confirm_page(host, session, rel: dict, act: dict, form: dict) -> Response:
+def _confirm_page(host, session, rel: Relationship, act: dict, form: dict) -> Response:
     point = form.get("point") or "latest"
     text = act["confirm"].replace("{point}", point)
     hidden = "".join(f'<input type="hidden" name="{e(k)}" value="{e(form.get(k, ""))}">'
                      for k in ("action", "point") if k in form)
     return _page(f"vmreplica: confirm {act['label']}", (
-        f'<div class="card confirm" id="confirm"><h1>{e(act["label"])}: {e(rel["vm"])}</h1>'
+        f'<div class="card confirm" id="confirm"><h1>{e(act["label"])}: {e(rel.vm)}</h1>'
         f'<p>{e(text)}</p>'
-        f'<form method="post" action="/vm/{quote(rel["vm"], safe="")}/action">'
+        f'<form method="post" action="/vm/{quote(rel.vm, safe="")}/action">'
         f'<input type="hidden" name="csrf" value="{e(session["csrf"])}">{hidden}'
         f'<input type="hidden" name="confirmed" value="1">'
         f'<button type="submit" class="btn {e(act["style"])}">Yes, {e(act["label"].lower())}'
-        f'</button><a href="/vm/{quote(rel["vm"], safe="")}">No, back</a></form></div>'),
+        f'</button><a href="/vm/{quote(rel.vm, safe="")}">No, back</a></form></div>'),
         host=host, session=session, script=False)
 
 
@@ -719,7 +721,7 @@ def _action(host, sessions, req, name: str) -> Response:
     session = sessions.get(req.headers.get("Cookie"))
     if session is None:
         return _login_needed()
-    form = _read_form(req)
+    form = read_form(req)
     if not sessions.csrf_ok(session, form.get("csrf")):
         return _error_page(host, session, "Refused",
                            "This action's form has no valid security (CSRF) token.",
@@ -733,7 +735,7 @@ def _action(host, sessions, req, name: str) -> Response:
     if act is None:
         return _error_page(host, session, "Not available",
                            f"{action or 'this action'} is not available for {name} as "
-                           f"{rel['role']} in state {rel['state']}.",
+                           f"{rel.role} in state {rel.state}.",
                            "The page may have been out of date; look at it again.", status=409)
     if form.get("confirmed") != "1":
         return _confirm_page(host, session, rel, act, form)

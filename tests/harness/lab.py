@@ -67,12 +67,12 @@ class LabHost:
     def json(self, *args: str, timeout: float = 600):
         return json.loads(self.run(*args, "--json", timeout=timeout).stdout)
 
-    def init(self) -> "LabHost":
+    def init(self) -> LabHost:
         self.run("init", "--name", self.name, "--listen", self.address, "--accel", self.accel,
                  "--driver", self.driver)
         return self
 
-    def start(self) -> "LabHost":
+    def start(self) -> LabHost:
         self.run("serve", "--detach")
         return self
 

@@ -1,7 +1,7 @@
 """`make demo-ha`: high availability on a real Pacemaker/Corosync cluster on this machine.
 
 Two cluster nodes and a corosync-qnetd witness, each in its own namespaces
-(vmreplica.cluster.nslab), fencing on; a vmreplica daemon on each node; the demo guest
+(tests/harness/nslab.py), fencing on; a vmreplica daemon on each node; the demo guest
 protected by the cluster in continuous mode. The demo pulls the plug on the node that
 runs the guest, shows the guest running on the other node with its records continuing,
 powers the node back on (it rejoins as SECOND, only the differences move), then moves the
@@ -17,8 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from .cluster.hasite import HASite, poll
-from .cluster.nslab import ClusterLab, namespaces_available
+from harness.hasite import HASite, poll
+from harness.nslab import ClusterLab, namespaces_available
 
 
 def step(title: str) -> None:
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     if not ok:
         print(f"demo-ha: cannot build the cluster lab here: {why}", file=sys.stderr)
         return 2
-    from .cluster import agent
+    from vmreplica.cluster import agent
     agent.install()
     root = Path(args.dir).absolute()
     shutil.rmtree(root, ignore_errors=True)

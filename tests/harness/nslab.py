@@ -7,16 +7,19 @@ Layout (everything under `root`, which the lab owns and removes at stop()):
     root/pdu.sock                the lab PDU (unix socket; /tmp is shared with the nodes)
     root/certs/                  the qdevice/qnetd certificate exchange
     root/nodes/NODE/             per node: etc-corosync, var-lib-corosync, var-lib-pacemaker,
-                                 var-log-corosync, var-log-pacemaker, run, console.log, boot.json
+                                 var-log-corosync, var-log-pacemaker, run, console.log, boot.json;
+                                 with libvirtd=True also etc-libvirt, var-lib-libvirt and
+                                 var-log-libvirt (the node's own libvirtd; see LIBVIRT_CAPS)
     root/witness/                the witness: etc-corosync (qnetd nssdb), run, console.log
 
 A node is a network namespace (`ip netns add`) plus, inside it, mount, UTS, IPC and PID
 namespaces made by `unshare`, whose PID 1 is the init above: it bind-mounts the node's
 private directories over /etc/corosync, /var/lib/corosync, /var/lib/pacemaker,
 /var/log/corosync, /var/log/pacemaker and /run, mounts its own /dev/shm, sets the hostname,
-then starts corosync, corosync-qdevice and pacemakerd. Killing that init is the node's
-power switch: the kernel kills every process of the PID namespace with it (daemons,
-resource agents, and VMs started inside the node). /tmp and the rest of the root
+then starts corosync, corosync-qdevice (virtlogd and libvirtd with libvirtd=True) and
+pacemakerd. Killing that init is the node's power switch: the kernel kills every process
+of the PID namespace with it (daemons, resource agents, and VMs started inside the node,
+by the vmreplica daemon or by the node's libvirtd). /tmp and the rest of the root
 filesystem stay shared with the host.
 
 Networks: a veth pair hb0 <-> hb0 between the two nodes carries the heartbeat (knet,
@@ -45,11 +48,14 @@ import subprocess
 import threading
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Self
 
-from . import fence_vmreplica, pacemaker
+from vmreplica.cluster import pacemaker
+
+from . import fence_vmreplica
 
 HEARTBEAT_NET = "10.77.0"
 WITNESS_NET = "10.78.0"
@@ -107,9 +113,9 @@ def parse_crm_mon(text: str, seen_from: str = "") -> ClusterStatus:
         dc = dc_el.get("name")
         quorate = dc_el.get("with_quorum") == "true"
     nodes = {}
-    for n in root.iterfind("./nodes/node"):
-        nodes[n.get("name")] = NodeStatus(
-            name=n.get("name"), online=n.get("online") == "true",
+    for n in root.iterfind("./nodes/node"):      # (name and id: required by crm_mon's schema)
+        nodes[n.get("name", "")] = NodeStatus(
+            name=n.get("name", ""), online=n.get("online") == "true",
             standby=n.get("standby") == "true", unclean=n.get("unclean") == "true",
             pending=n.get("pending") == "true", is_dc=n.get("is_dc") == "true",
             resources_running=int(n.get("resources_running") or 0))
@@ -117,8 +123,8 @@ def parse_crm_mon(text: str, seen_from: str = "") -> ClusterStatus:
     roles: dict[str, str] = {}
     failed: list[str] = []
     for r in root.iter("resource"):
-        rid = r.get("id")
-        on = [n.get("name") for n in r.findall("node")]
+        rid = r.get("id", "")
+        on = [n.get("name", "") for n in r.findall("node")]
         resources.setdefault(rid, [])
         if r.get("active") == "true":
             resources[rid].extend(x for x in on if x not in resources[rid])
@@ -154,6 +160,21 @@ def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.2
 REQUIRED_TOOLS = ("ip", "bridge", "unshare", "nsenter", "setpriv", "mount", "sysctl", "timeout",
                   "corosync", "corosync-cmapctl", "corosync-keygen", "pacemakerd", "crm_mon",
                   "cibadmin", "stonith_admin")
+# libvirtd=True: each node runs its own libvirtd (and virtlogd), started before Pacemaker
+# and stopped after it; the VMs it starts are processes of the node, so they die with it.
+# libvirtd caches QEMU's capabilities keyed by, among others, the CPUID of the CPU it
+# runs on; these machines' vCPUs differ (APIC ids), so an unpinned libvirtd finds the
+# cache "outdated: host cpuid changed" at random and probes QEMU again (7 s idle, over
+# 30 s on a loaded machine). Pinned to CPU 0 (its QEMUs get every CPU again: libvirt
+# does not pass its own affinity on) and sharing one cache across nodes and labs, the
+# probe happens once per machine.
+LIBVIRT_TOOLS = ("libvirtd", "virtlogd", "virsh", "taskset")
+LIBVIRT_CAPS = Path("/var/cache/vmreplica/nslab-libvirt")
+LIBVIRT_SERVICES: list[dict[str, object]] = [
+    {"name": "virtlogd", "argv": ["virtlogd"]},
+    {"name": "libvirtd", "argv": ["taskset", "-c", "0", "libvirtd"],
+     "ready": ["timeout", "10", "virsh", "-c", "qemu:///system", "version"],
+     "ready_timeout": 110}]
 WITNESS_TOOLS = ("corosync-qdevice", "corosync-qnetd", "corosync-qdevice-net-certutil",
                  "corosync-qnetd-certutil", "certutil")
 
@@ -200,7 +221,7 @@ def _pid_alive(pid: int) -> bool:
 def cleanup_stale() -> list[str]:
     """Remove the network namespaces (and their processes) of labs whose owning process
     is gone (a test run killed hard). Returns the names removed."""
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir("/run/netns")
     except OSError:
@@ -392,7 +413,8 @@ class ClusterLab:
 
     def __init__(self, root: Path | str, cluster_name: str = "vmr",
                  nodes: tuple[str, ...] = ("node1", "node2"), witness: bool = True, *,
-                 fence_action: str = "off", token_ms: int = 1000, keep_root: bool = False):
+                 fence_action: str = "off", token_ms: int = 1000, keep_root: bool = False,
+                 libvirtd: bool = False):
         if len(nodes) != 2 or len(set(nodes)) != 2:
             raise ValueError("the lab builds exactly two distinct nodes")
         for n in nodes:
@@ -408,6 +430,9 @@ class ClusterLab:
         self.witness = witness
         self.fence_action = fence_action
         self.token_ms = token_ms
+        self.libvirtd = libvirtd
+        # A node's libvirtd may have to probe QEMU's capabilities first (LIBVIRT_CAPS).
+        self.boot_timeout = 120.0 if libvirtd else 30.0
         self.keep_root = keep_root or os.environ.get("VMREPLICA_KEEP_LAB") == "1"
         self.pdu_socket = self.root / "pdu.sock"
         if len(os.fsencode(self.pdu_socket)) > 100:
@@ -430,17 +455,18 @@ class ClusterLab:
 
     # ----------------------------------------------------------------- life cycle
 
-    def __enter__(self) -> "ClusterLab":
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def start(self) -> "ClusterLab":
+    def start(self) -> Self:
         ok, why = namespaces_available()
         if not ok:
             raise LabError(why)
-        missing = missing_tools(self.witness)
+        missing = missing_tools(self.witness) + \
+            [t for t in LIBVIRT_TOOLS if self.libvirtd and not shutil.which(t, path=PATH)]
         if missing:
             raise LabError(f"not installed: {', '.join(missing)} (see scripts/cluster-packages.txt)")
         if self.root.exists() and any(self.root.iterdir()):
@@ -463,7 +489,7 @@ class ClusterLab:
             for n in self.nodes:
                 self._power(self._boot, self._machines[n], False)
             for n in self.nodes:
-                self._wait_booted(self._machines[n], 30)
+                self._wait_booted(self._machines[n], self.boot_timeout)
             return self
         except BaseException:
             self.stop()
@@ -570,19 +596,19 @@ class ClusterLab:
         left. Does nothing to a node that is already off."""
         self._power(self._kill, self._machine(node))
 
-    def power_on(self, node: str, wait: bool = True, timeout: float = 30) -> None:
+    def power_on(self, node: str, wait: bool = True, timeout: float | None = None) -> None:
         """Boot the node (fresh /run and /dev/shm; corosync, qdevice, pacemakerd). With
         wait, returns once its init has started them (it rejoins the cluster after)."""
         m = self._machine(node)
         self._power(self._boot, m, False)
         if wait:
-            self._wait_booted(m, timeout)
+            self._wait_booted(m, timeout or self.boot_timeout)
 
     def shutdown(self, node: str, timeout: float = 90) -> None:
         """Clean shutdown: the init stops pacemakerd (resources move away), qdevice and
         corosync, then exits."""
         m = self._machine(node)
-        if not m.is_on():
+        if not m.is_on() or m.init_pid is None:     # (is_on: it has an init_pid)
             return
         os.kill(m.init_pid, signal.SIGTERM)
         wait_for(lambda: not m.is_on(), timeout, what=f"{node} to shut down")
@@ -608,7 +634,7 @@ class ClusterLab:
         run = m.home / "run"
         shutil.rmtree(run, ignore_errors=True)
         run.mkdir(mode=0o755)
-        console = open(m.home / "console.log", "a")
+        console = open(m.home / "console.log", "a")  # noqa: SIM115 — closed in the finally
         try:
             argv = ["setpriv", "--pdeathsig", "KILL", "--",
                     "ip", "netns", "exec", m.netns,
@@ -616,22 +642,22 @@ class ClusterLab:
                     "--propagation", "private", "--kill-child=SIGKILL", "--",
                     "/usr/bin/python3", "-I", "-S", str(self.root / "init.py"),
                     str(m.home / "boot.json")]
-            m.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=console,
-                                      stderr=console, start_new_session=True,
-                                      env={"PATH": PATH, "LANG": "C.UTF-8"})
+            m.proc = proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=console,
+                                             stderr=console, start_new_session=True,
+                                             env={"PATH": PATH, "LANG": "C.UTF-8"})
         finally:
             console.close()
         m.booted_at = time.monotonic()
 
         def init_pid():
-            if m.proc.poll() is not None:
+            if proc.poll() is not None:
                 raise LabError(f"{m.name} did not boot: {self._console_tail(m)}")
-            kids = _children(m.proc.pid)
-            return kids[0] if kids and _pidns(kids[0]) != _pidns(m.proc.pid) else None
+            kids = _children(proc.pid)
+            return kids[0] if kids and _pidns(kids[0]) != _pidns(proc.pid) else None
         m.init_pid = wait_for(init_pid, 10, 0.02, what=f"{m.name}'s init")
         m.pidns = _pidns(m.init_pid)
         if wait_booted:
-            self._wait_booted(m, 30)
+            self._wait_booted(m, self.boot_timeout)
 
     def _wait_booted(self, m: _Machine, timeout: float) -> None:
         mark = m.home / "run" / BOOT_MARK
@@ -755,7 +781,7 @@ class ClusterLab:
         env = {"PATH": PATH, "LANG": "C.UTF-8"}
         pcmk_env = {**env, "PCMK_logfile": "/var/log/pacemaker/pacemaker.log",
                     "PCMK_logfacility": "none", "PCMK_debug": "no"}
-        for n, m in self._machines.items():
+        for m in self._machines.values():
             d = m.home
             for sub in ("etc-corosync", "var-lib-corosync", "var-log-corosync", "run"):
                 (d / sub).mkdir(parents=True, mode=0o755)
@@ -779,15 +805,19 @@ class ClusterLab:
                          "ready_timeout": 20}]
             if self.witness:
                 services.append({"name": "corosync-qdevice", "argv": ["corosync-qdevice", "-f"]})
-            services.append({"name": "pacemakerd", "argv": ["pacemakerd"]})
             binds = [[str(d / "etc-corosync"), "/etc/corosync"],
                      [str(d / "var-lib-corosync"), "/var/lib/corosync"],
                      [str(d / "var-lib-pacemaker"), "/var/lib/pacemaker"],
                      [str(d / "var-log-corosync"), "/var/log/corosync"],
                      [str(d / "var-log-pacemaker"), "/var/log/pacemaker"],
                      [str(d / "run"), "/run"]]
-            self._write_boot(m, binds, services, pcmk_env,
-                             ["/run/resource-agents", "/run/lock", "/run/crm"])
+            mkdirs = ["/run/resource-agents", "/run/lock", "/run/crm"]
+            if self.libvirtd:
+                binds += self._libvirt_tree(d)
+                mkdirs += ["/var/log/libvirt/qemu", "/run/libvirt"]
+                services += LIBVIRT_SERVICES
+            services.append({"name": "pacemakerd", "argv": ["pacemakerd"]})
+            self._write_boot(m, binds, services, pcmk_env, mkdirs)
         if self._witness:
             d = self._witness.home
             (d / "etc-corosync" / "qnetd").mkdir(parents=True)
@@ -800,17 +830,45 @@ class ClusterLab:
                              [[str(d / "etc-corosync"), "/etc/corosync"], [str(d / "run"), "/run"]],
                              [{"name": "corosync-qnetd", "argv": ["corosync-qnetd", "-f"]}],
                              env, ["/run/corosync-qnetd"])
-            self._certificates(certs)
+            self._certificates(certs, self._witness)
+
+    @staticmethod
+    def _libvirt_tree(d: Path) -> list[list[str]]:
+        """A node's own libvirt (libvirtd=True): its configuration (the host's, without
+        its domains, networks that autostart or the host's checkpoint and snapshot
+        metadata), state and logs; the capabilities cache is shared (LIBVIRT_CAPS, first
+        filled from the host's); /run is the node's already. Returns the binds."""
+        etc = d / "etc-libvirt"
+        shutil.copytree("/etc/libvirt", etc, symlinks=True,
+                        ignore=lambda src, names: [
+                            n for n in names
+                            if (Path(src).name == "qemu" and n.endswith(".xml"))
+                            or n in ("autostart", "checkpoint", "snapshot")])
+        if not LIBVIRT_CAPS.is_dir():
+            tmp = LIBVIRT_CAPS.with_name(f"{LIBVIRT_CAPS.name}.{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            if Path("/var/cache/libvirt").is_dir():
+                shutil.copytree("/var/cache/libvirt", tmp, symlinks=True)
+            tmp.mkdir(parents=True, exist_ok=True)
+            try:
+                tmp.rename(LIBVIRT_CAPS)
+            except OSError:                   # another lab made it meanwhile
+                shutil.rmtree(tmp, ignore_errors=True)
+        for sub in ("var-lib-libvirt", "var-log-libvirt"):
+            (d / sub).mkdir(mode=0o755)
+        return [[str(etc), "/etc/libvirt"], [str(d / "var-lib-libvirt"), "/var/lib/libvirt"],
+                [str(LIBVIRT_CAPS), "/var/cache/libvirt"],
+                [str(d / "var-log-libvirt"), "/var/log/libvirt"]]
 
     def _write_boot(self, m: _Machine, binds, services, env, mkdirs) -> None:
         cfg = {"hostname": m.name, "console": str(m.home / "console.log"), "binds": binds,
                "services": services, "env": env, "mkdirs": mkdirs, "boot_mark": BOOT_MARK}
         (m.home / "boot.json").write_text(json.dumps(cfg, indent=1))
 
-    def _certificates(self, certs: Path) -> None:
+    def _certificates(self, certs: Path, witness: _Machine) -> None:
         """The offline qdevice/qnetd certificate exchange, each step with the machine's own
         /etc/corosync bind-mounted in a private mount namespace."""
-        w = self._witness.home / "etc-corosync"
+        w = witness.home / "etc-corosync"
         first, second = (self._machines[n].home / "etc-corosync" for n in self.nodes)
         name = self.cluster_name
         qnetd_db = w / "qnetd" / "nssdb"
@@ -905,14 +963,17 @@ class ClusterLab:
         s.settimeout(0.5)
         self._pdu_sock = s
         self._pdu_stop.clear()
-        self._pdu_thread = threading.Thread(target=self._pdu_loop, name="vmrlab-pdu", daemon=True)
+        self._pdu_thread = threading.Thread(target=self._pdu_loop, args=(s,), name="vmrlab-pdu",
+                                            daemon=True)
         self._pdu_thread.start()
 
-    def _pdu_loop(self) -> None:
+    def _pdu_loop(self, sock: socket.socket) -> None:
+        # The socket is passed, not read from self: stop() closes it (accept then raises
+        # OSError) and sets the attribute to None, which the loop could otherwise read.
         while not self._pdu_stop.is_set():
             try:
-                conn, _ = self._pdu_sock.accept()
-            except socket.timeout:
+                conn, _ = sock.accept()
+            except TimeoutError:
                 continue
             except OSError:
                 return
@@ -1007,10 +1068,10 @@ def _with_etc(etc_dir: Path, argv: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m vmreplica.cluster.nslab ROOT`: build a lab, print how to reach it, keep it
+    """`python -m harness.nslab ROOT` (from tests/): build a lab, print how to reach it, keep it
     until Ctrl-C / SIGTERM (or --hold seconds), then tear it down."""
     import argparse
-    ap = argparse.ArgumentParser(prog="python -m vmreplica.cluster.nslab", description=main.__doc__)
+    ap = argparse.ArgumentParser(prog="python -m harness.nslab", description=main.__doc__)
     ap.add_argument("root", type=Path, help="a new directory under /tmp (removed at the end)")
     ap.add_argument("--no-witness", action="store_true", help="two_node quorum, no qnetd")
     ap.add_argument("--fence-action", choices=("off", "reboot"), default="off")

@@ -13,8 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from . import lab
-from .hypervisor.guest import read_demo_records
+from harness import lab
+from vmreplica.hypervisor.guest import read_demo_records
 
 VM = "demo-vm"
 
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             step("Stopping both hosts")
             lab.teardown(a, b)
             print(f"  (homes kept in {root}; `make demo` starts afresh; to explore the running "
-                  "hosts: .venv/bin/python -m vmreplica.demo --keep)")
+                  "hosts: .venv/bin/python -m demo.replication --keep)")
     return 0
 
 

@@ -1,7 +1,9 @@
 """A protected VM on the namespace cluster lab: a vmreplica daemon on each of the lab's two
 nodes, paired, the demo guest created on the first and protected by the cluster
-(continuous replication to the other node plus its Pacemaker resource). Shared by the HA
-end-to-end tests and `make demo-ha`; every step is the real CLI run inside a node.
+(continuous replication to the other node plus its Pacemaker resource). The nodes' hosts
+use the qemu driver, or the libvirt driver on a lab whose nodes run their own libvirtd.
+Shared by the HA end-to-end tests and `make demo-ha`; every step is the real CLI run
+inside a node.
 """
 
 from __future__ import annotations
@@ -9,11 +11,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from ..hypervisor.guest import read_demo_records
-from ..lab import cli_path
+from vmreplica.errors import UsageError
+from vmreplica.hypervisor.guest import read_demo_records
+
+from .lab import cli_path
 from .nslab import ClusterLab, LabError, wait_for
 
 PORT = 7700
@@ -21,8 +26,12 @@ PORT = 7700
 
 class HASite:
     def __init__(self, lab: ClusterLab, homes_root: Path, vm: str = "ha-vm",
-                 echo: Callable[[str], None] | None = None):
+                 echo: Callable[[str], None] | None = None, driver: str = "qemu"):
+        if driver == "libvirt" and not lab.libvirtd:
+            raise LabError("the libvirt driver needs a lab whose nodes run libvirtd "
+                           "(ClusterLab(..., libvirtd=True))")
         self.lab = lab
+        self.driver = driver
         self.vm = vm
         self.rsc = f"vm-{vm}"
         self.homes = {n: Path(homes_root) / n for n in lab.nodes}
@@ -85,9 +94,11 @@ class HASite:
     def qemu_nodes(self) -> list[str]:
         """The nodes where a QEMU process of the VM exists right now (the ground truth
         for "exactly one copy runs", whatever each node's Pacemaker believes)."""
-        mark = f"process=vmreplica-{self.vm}".encode()
         out = []
         for n in self.lab.nodes:
+            # the qemu driver's QEMU names the VM; libvirt's names the domain
+            mark = (f"process=vmreplica-{self.vm}" if self.driver == "qemu"
+                    else f"guest=vmr-{n}-{self.vm},").encode()
             for pid in self.lab.processes(n):
                 try:
                     with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -117,8 +128,19 @@ class HASite:
             raise RuntimeError(f"dashboard on {node}: {p.stderr.strip()[-500:]}")
         return p.stdout
 
-    def records(self, node: str) -> dict:
-        return read_demo_records(self.json(node, "vm", "show", self.vm)["disks"][-1]["path"])
+    def records(self, node: str, timeout: float = 60.0) -> dict:
+        """The demo guest's records on ``node``'s disk. While a failed-over VM's chain is
+        merged into its base (the reverse after a takeover), libvirt's commit job keeps
+        other readers off the layers, `-U` or not: read again once it is done."""
+        deadline = time.monotonic() + timeout
+        while True:
+            disk = self.json(node, "vm", "show", self.vm)["disks"][-1]["path"]
+            try:
+                return read_demo_records(disk)
+            except UsageError as e:
+                if "lock" not in e.message or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.25)
 
     # -- building it -----------------------------------------------------------------------
 
@@ -127,7 +149,7 @@ class HASite:
         first, second = self.lab.nodes
         for n in self.lab.nodes:
             self.vmr(n, "init", "--name", n, "--listen", self.addr(n), "--accel", "tcg",
-                     "--web", f"{self.lab.address(n)}:{PORT + 1}")
+                     "--web", f"{self.lab.address(n)}:{PORT + 1}", "--driver", self.driver)
             self.vmr(n, "serve", "--detach")
         token = self.vmr(second, "trust", "token").stdout.strip().splitlines()[-1]
         self.vmr(first, "trust", "pair", self.addr(second), token)

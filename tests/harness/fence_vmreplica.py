@@ -1,6 +1,6 @@
 """fence_vmreplica — a fence agent for the nodes of vmreplica's namespace lab.
 
-A lab node (see `vmreplica.cluster.nslab`) is powered off by ending its init process; the
+A lab node (see `harness.nslab`) is powered off by ending its init process; the
 lab runs a small "PDU" on the host that does exactly that, reachable over a unix socket
 (`pdu_socket`). This agent speaks the fence-agents API so that Pacemaker's fencer runs it
 like any other agent (fence_ipmilan, fence_virsh, ...):
@@ -272,7 +272,7 @@ def install_fence_agent(path: str | os.PathLike = "/usr/sbin/fence_vmreplica") -
     path = os.fspath(path)
     with open(__file__, encoding="utf-8") as f:
         source = f.read()
-    text = "#!/usr/bin/python3\n# Installed by vmreplica (vmreplica.cluster.fence_vmreplica).\n" + source
+    text = "#!/usr/bin/python3\n# Installed by vmreplica's test harness (tests/harness/fence_vmreplica.py).\n" + source
     try:
         with open(path, encoding="utf-8") as f:
             if f.read() == text and os.access(path, os.X_OK):

@@ -1,0 +1,77 @@
+"""What the primary's operations share: the relationship a command names (with the
+error that says why there is none), a new primary-side row, and the checks of a mode and
+of a disk that `enable` and `set` both make."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..domain.links import is_dr, vm_name
+from ..domain.relationship import Relationship
+from ..domain.states import Role, State
+from ..errors import NotFound, UsageError
+
+
+def relationship_of(host, vm: str, role: str = "primary") -> Relationship:
+    """The relationship of ``vm`` on this host, on the side ``role`` ("" for either): the
+    clear error otherwise (no such VM, not replicated, no DR link, the other side)."""
+    rel = host.store.relationship(vm)
+    if rel is None and is_dr(vm):
+        raise NotFound(f"{vm_name(vm)} has no DR link on {host.name}",
+                       hint=f"`vmreplica enable {vm_name(vm)} --replica HOST:PORT --dr` where "
+                            "it runs; `vmreplica status` lists the links of this host")
+    if rel is None:
+        try:
+            host.driver.inspect(vm)
+        except NotFound:
+            raise NotFound(f"no VM named {vm} on {host.name}",
+                           hint="`vmreplica vm list` shows the VMs of this host") from None
+        raise NotFound(f"VM {vm} is not replicated", hint=f"enable it with `vmreplica enable {vm} "
+                                                          "--replica HOST:PORT`")
+    if role and rel.role != role:
+        raise UsageError(f"{host.name} is the {rel.role} side of {vm}: run this on its "
+                         f"{role} ({rel.peer})")
+    return rel
+
+
+def primary_row(key: str, rel_id: str, peer: dict, state: State, epoch: int,
+                disks: list[str], **fields: Any) -> Relationship:
+    """A new primary-side relationship: the fields given, every other one at its default
+    (domain.relationship: no tracking point yet, no cycle acknowledged)."""
+    return Relationship(vm=key, id=rel_id, role=Role.PRIMARY.value, peer=peer["name"],
+                        peer_address=peer["address"], state=state.value, epoch=epoch,
+                        disks=disks, **fields)
+
+
+MODES = ("periodic", "continuous")
+COMPRESSIONS = ("zstd", "none")
+
+
+def check_mode(host, mode: str, max_stall: float) -> None:
+    """A replication mode this host's driver can run, and a stall bound in range."""
+    if mode not in MODES:
+        raise UsageError(f"unknown mode {mode!r}", hint="choose periodic or continuous")
+    if mode == "continuous" and not host.driver.continuous:
+        raise UsageError(f"continuous mode is not available on {host.driver.name} hosts",
+                         hint="use --mode periodic")
+    if not 0.5 <= float(max_stall) <= 120:
+        raise UsageError("--max-stall must be between 0.5 and 120 seconds")
+
+
+def check_disk(vm: str, d) -> None:
+    """qcow2 (v3: persistent bitmaps) and raw (tracked while the VM runs, resynchronised
+    after a restart) disks can be replicated; nothing else."""
+    from ..qemutools import img
+    if d.format == "raw":
+        return
+    if d.format != "qcow2":
+        raise UsageError(f"disk {d.name} of {vm} is {d.format}: only qcow2 and raw disks can "
+                         "be replicated",
+                         hint=f"convert it (`qemu-img convert -O qcow2`) or exclude it with "
+                              f"`--exclude-disk {d.name}`")
+    compat = img.info(d.path).get("format-specific", {}).get("data", {}).get("compat")
+    if compat == "0.10":
+        raise UsageError(f"disk {d.name} of {vm} is qcow2 version 2 (compat 0.10), which cannot "
+                         "keep persistent dirty bitmaps",
+                         hint=f"upgrade it while the VM is off: `qemu-img amend -o compat=1.1 "
+                              f"{d.path}`, or exclude it with `--exclude-disk {d.name}`")

@@ -165,7 +165,7 @@ def run_cycle(host, vm: str, mode: str = "delta", verify: bool = False,
                          wire_bytes=writer.wire_bytes, records=writer.records,
                          replica={k: v for k, v in answer.items() if k != "manifest"},
                          verified=verify, ship_seconds=round(time.monotonic() - t_ship, 4),
-                         compared_bytes=getattr(point, "compared", None))
+                         compared_bytes=point.compared)
         except Exception as e:
             _failed(host, vm, cycle, row, e)
             raise
@@ -257,7 +257,7 @@ def _measure(op, point, to_replica: bool) -> None:
     """The operation's progress from now on: bytes compared of the disks (a resync's
     digest comparison) or bytes read of the data to ship."""
     then = "the replica stores and applies it" if to_replica else "writing the seed"
-    if hasattr(point, "compared"):
+    if point.compared is not None:          # a digest comparison (tracking.scan)
         op.phase = "comparing block digests and shipping the blocks that differ"
         op.measure(point, "compared", sum(e.size for e in point.exports.values()), then)
     else:

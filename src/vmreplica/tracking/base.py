@@ -1,8 +1,13 @@
-"""What every tracker yields (the registry that picks a tracker by name: ``factory``)."""
+"""What every tracker yields (the registry that picks a tracker by name: ``factory``).
+
+A tracker's frozen point (``bitmap.BitmapPoint``, ``scan.ScanPoint``) is read by the cycle
+through the attributes of ``Point``; the two kinds are told apart by ``compared`` (None:
+the point ships changes; a byte count: it compares block digests), never by probing."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 
 @dataclass
@@ -12,3 +17,14 @@ class Chunk:
     offset: int
     length: int
     data: object = None  # bytes-like (nbd.Buffer or bytes) for data chunks
+
+
+class Point(Protocol):
+    """A frozen point of a VM's disks, as a cycle reads it."""
+
+    disks: list[str]
+    exports: dict
+    readers: dict           # disk -> an image read from its file at rest (or absent)
+    read_bytes: int
+    compared: int | None    # bytes of digests compared so far; None for a change point
+    hold_pause: bool        # keep a live view's guest paused until the cycle verified

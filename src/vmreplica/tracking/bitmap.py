@@ -66,6 +66,9 @@ class BitmapTracker:
 class BitmapPoint:
     """A frozen point: the changed extents since ``since`` (everything allocated if None)."""
 
+    compared: int | None = None   # a change point compares no digests (ScanPoint does)
+    hold_pause = False            # set by primary.cycle: a live view is verified paused
+
     def __init__(self, session, disks: list[str], since: str | None, new: str):
         self.session, self.disks, self.since, self.new = session, disks, since, new
         self.exports = session.freeze(disks, since, new)
@@ -181,7 +184,7 @@ def plan_chunks(point, disk: str, h, plan) -> Iterator[Chunk]:
     requests in flight, chunks of at most 1 MiB; the wire writer sends data that reads as
     zero as a zero record), zero and trim extents as they are."""
     reads = [(o, n) for k, off, ln in plan if k == ex.DATA for o, n in ex.split(off, ln, READ_SIZE)]
-    reader = getattr(point, "readers", {}).get(disk)
+    reader = point.readers.get(disk)
     if reader is not None:      # an image at rest: from its file where QEMU maps it plainly
         data = imagemap.read_extents(reader, reads,
                                      lambda rest: nbdio.read_extents(h, rest, pool=POOL),
@@ -224,6 +227,6 @@ def tail_chunks(point) -> Iterator[Chunk]:
     finally:
         # Read into memory first: the guest waits for no network. (A cycle that verifies
         # the replica against this view keeps the guest paused until it has: hold_pause.)
-        if not getattr(point, "hold_pause", False):
+        if not point.hold_pause:
             session.end_pause()
     yield from chunks

@@ -218,3 +218,15 @@ def wait_exports_gone(qmp: QMP, timeout: float = 10.0) -> None:
         if not any(e.get("id", "").startswith(EXPORT_PREFIX) for e in left):
             return
         time.sleep(0.01)
+
+
+def drop_exports(qmp: QMP, exports: list[str], log: logging.Logger) -> None:
+    """Delete the NBD exports ``exports`` (a failure is logged on the caller's ``log``:
+    the export goes with its daemon) and wait until they are gone."""
+    for export in exports:
+        try:
+            qmp.execute("block-export-del", {"id": export})
+        except HypervisorError as e:
+            log.warning("removing export %s: %s", export, e)
+    if exports:
+        wait_exports_gone(qmp)

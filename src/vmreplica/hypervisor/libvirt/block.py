@@ -246,13 +246,7 @@ class LibvirtBlockSession(CheckpointOps):
             self._remove_scratch()
             Path(self.nbd_socket).unlink(missing_ok=True)
         if self.qsd is not None:
-            for ex in self._exports:
-                try:
-                    self.qmp.execute("block-export-del", {"id": ex})
-                except HypervisorError as e:
-                    log.warning("removing export %s: %s", ex, e)
-            if self._exports:
-                qmpsteps.wait_exports_gone(self.qmp)
+            qmpsteps.drop_exports(self.qmp, self._exports, log)
             self._exports = []
             self._drop_temp()
 

@@ -159,13 +159,7 @@ class QemuBlockSession:
         return f"fleece-{disk}"
 
     def unexport(self) -> None:
-        for export in self._exports:
-            try:
-                self.mon.execute("block-export-del", {"id": export})
-            except HypervisorError as e:
-                log.warning("removing export %s: %s", export, e)
-        if self._exports:
-            qmpsteps.wait_exports_gone(self.mon)
+        qmpsteps.drop_exports(self.mon, self._exports, log)
         self._exports = []
         self._drop_fleece()
         self.end_pause()

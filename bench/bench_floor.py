@@ -10,8 +10,8 @@ Stages (each run ``--rounds`` times, median printed):
   encode    BLAKE3 + zstd + framing of those 64 MiB (the primary's CycleWriter)
   tls       the encoded stream through TLS over loopback (a sender and a receiver thread)
   decode    parse, zstd, BLAKE3 check of the stream (the replica's CycleReader)
-  write     the 1,024 records into a fresh 8 GiB qcow2 head over NBD, through the
-            preallocate filter as a head server opens it, then its flush
+  write     the 1,024 records into a fresh 8 GiB qcow2 head over NBD, opened as a head
+            server opens it (qsd.qcow2_node), then its flush
   touch     first write to 64 MiB of newly mapped memory, against the same memory reused
             (what buffers allocated afresh for every cycle would cost on this machine;
             the daemons reuse theirs: qemutools/buffers.py)
@@ -145,7 +145,7 @@ def stage_decode(stream: bytes) -> float:
 def stage_write(work: Path, bufs) -> float:
     head = work / "head.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(head), "8G"], check=True)
-    qsd = StorageDaemon(work, "head", qcow2_node(head, "n", preallocate=True),
+    qsd = StorageDaemon(work, "head", qcow2_node(head, "n"),
                         [{"type": "nbd", "id": "e", "node-name": "n", "name": "n",
                           "writable": True}]).start()
     try:

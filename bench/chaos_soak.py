@@ -13,6 +13,12 @@ often while a cycle runs:
   cut / stall                   the proxied connection cut (refused) or frozen for seconds
   tamper                        one byte flipped mid-stream in a cycle (periodic mode)
   fill                          the replica's storage (a tmpfs; root only) filled, then freed
+  crash-state                   a power cut of the replica host mid-cycle (periodic mode):
+                                its daemon and storage daemons SIGKILLed, then each head
+                                rebuilt as the cut could have left it — the head as last
+                                flushed plus a random half of the 4 KiB pages written
+                                since (tests/crashstates.py, from the writes QEMU's
+                                blklogwrites filter logged under qcow2)
 
 After each fault the product must recover by itself, within a bounded time: periodic mode
 back to `replicating` and a `sync --verify` that passes (the replica's head digests equal
@@ -53,14 +59,16 @@ import time
 from pathlib import Path
 
 from vmreplica.hypervisor.guest import read_demo_records
+from vmreplica.replica.heads import write_log_stem
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))   # the harness
+import crashstates  # noqa: E402
 from harness import lab  # noqa: E402
 
 DISK0_FILL_MIB = 40                  # data on the first disk before protection
 FULL_COPY_MIB = 32                   # a cycle moving more than this is a full copy
 FAULTS = ("kill-replica", "kill-primary", "kill-qemu", "kill-qsd", "cut", "stall",
-          "tamper", "fill")
+          "tamper", "fill", "crash-state")
 
 
 def log(msg: str) -> None:
@@ -242,6 +250,8 @@ class Soak:
         self.storage: Path | None = None
         self.a = self.b = self.proxy = None
         self.since_switch = 0
+        self.layer_seen: dict[str, int] = {}
+        self.only: set[str] = set()             # --kinds: only these faults
         self.aborted: str | None = None
         self.pause_max = 0.7 if quick else 2.0     # random waits around a fault
 
@@ -337,6 +347,17 @@ class Soak:
                 out.append(f"    {h.name}: events unavailable ({e})")
         return "\n".join(out)
 
+    def layer_use(self) -> dict[str, int]:
+        """Bytes allocated by each replica layer file (st_blocks), by disk/layer."""
+        out = {}
+        for name, path in self.head_paths().items():
+            for f in sorted(Path(path).parent.glob("layer-*.qcow2")):
+                try:
+                    out[f"{name}/{f.stem[-2:]}"] = f.stat().st_blocks * 512
+                except OSError:
+                    pass
+        return out
+
     def write_some(self, mib: int | None = None) -> None:
         """Changes on the first disk through the VM's own device (so a cycle has data)."""
         mib = mib or self.rng.randint(1, 4)
@@ -363,9 +384,16 @@ class Soak:
         if self.mode == "periodic":
             kinds.append("tamper")
             weights.append(3)
+            kinds.append("crash-state")
+            weights.append(2)
         if self.storage:
             kinds.append("fill")
             weights.append(1 if self.quick else 2)
+        if self.only:
+            pairs = [(k, w) for k, w in zip(kinds, weights, strict=True) if k in self.only]
+            if not pairs:                       # none of them in this mode: switch
+                return "switch"
+            kinds, weights = [k for k, _ in pairs], [w for _, w in pairs]
         return self.rng.choices(kinds, weights)[0]
 
     def inject(self, kind: str) -> dict:
@@ -373,6 +401,8 @@ class Soak:
         a, b, rng, vm = self.a, self.b, self.rng, self.vm
         info: dict = {}
         sync = None
+        if kind == "crash-state":
+            return self.crash_state()
         if self.mode == "periodic" and rng.random() < 0.6 and kind != "kill-qemu":
             self.write_some()
             sync = self.background_sync()       # the fault lands (often) mid-cycle
@@ -450,6 +480,70 @@ class Soak:
                     sync.kill()
                     sync.wait(timeout=10)
                     self.problems.append("a sync did not end within 180 s of a fault")
+        return info
+
+    def crash_state(self) -> dict:
+        """A power cut of the replica host while a cycle runs, its heads as the cut could
+        have left them. The replica daemon is stopped cleanly first (its heads closed and
+        flushed: the state the rebuild starts from), started again with every head
+        opening's writes logged, then killed at a random moment of a cycle with its
+        storage daemons; each head is rebuilt from that start and the log: every write
+        up to the last flush that reached the disk, then each 4 KiB page written since
+        as it was or as one of its later versions, at random (crashstates.CrashStates,
+        the harness's model of the page cache). Other files are as the kill left them
+        (their own syncs are the crash-state harness's subject)."""
+        b, rng = self.b, self.rng
+        heads = self.head_paths()
+        logs = self.root / "wlog"
+        shutil.rmtree(logs, ignore_errors=True)
+        logs.mkdir()
+        b.stop()
+        wait_for("replica stopped", lambda: not alive(b.daemon_pid()) and not qsd_pids(b.home),
+                 60, 0.1)
+        synced = {name: Path(p).read_bytes() for name, p in heads.items()}
+        os.environ["VMREPLICA_HEAD_WRITE_LOG"] = str(logs)
+        try:
+            b.start()
+        finally:
+            del os.environ["VMREPLICA_HEAD_WRITE_LOG"]
+        mib = rng.randint(2, 4)
+        self.write_some(mib)
+        sync = self.background_sync()
+        # The cut lands while the cycle's writes reach the heads (most of the time):
+        # once the logs hold a random part of them, or after 5 s.
+        part = rng.uniform(0.0, 1.1) * (mib << 20)
+        wait_for("writes", lambda: sum(f.stat().st_size for f in logs.glob("*.log"))
+                 >= part, 5, 0.002)
+        pids = [b.daemon_pid()] + [pid for pid, _ in qsd_pids(b.home)]
+        for pid in pids:                            # the power cut: all at once
+            if pid:
+                kill9(pid)
+        for pid in pids:
+            if pid:
+                wait_for("killed", lambda: not alive(pid), 10, 0.05)  # noqa: B023
+        for pid, _ in qsd_pids(b.home):             # one started in between
+            kill9(pid)
+        info: dict = {"logged": 0, "dirty_pages": 0, "written_back": 0}
+        for name, path in heads.items():
+            entries = []
+            for log_file in sorted(logs.glob(f"{write_log_stem(path)}.*.log"),
+                                   key=lambda f: int(f.name.split(".")[-2])):
+                entries += crashstates.parse_log(log_file)
+            if not entries:
+                continue
+            chose = crashstates.CrashStates(synced[name], entries).build(
+                len(entries), rng, path)
+            info["logged"] += len(entries)
+            info["dirty_pages"] += chose["dirty_pages"]
+            info["written_back"] += chose["written_back"]
+        shutil.rmtree(logs, ignore_errors=True)
+        try:
+            sync.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            sync.kill()
+            sync.wait(timeout=10)
+            self.problems.append("a sync did not end within 180 s of a crash state")
+        b.start()
         return info
 
     def fill_and_free(self) -> dict:
@@ -617,6 +711,9 @@ class Soak:
             if self.since_switch >= 6 or (n > 0 and self.rng.random() < 0.2):
                 self.switch_mode()
             kind = self.draw()
+            if kind == "switch":
+                self.switch_mode()
+                continue
             mode = self.mode
             before = self.last_cycle_id()
             top_before = self.records_a()["contiguous"] if mode == "continuous" else 0
@@ -651,10 +748,15 @@ class Soak:
             r = {"n": n, "kind": kind, "mode": mode, "recovered": ok, "recovery_s": rec_s,
                  "fault_s": t0 - t_fault, "moved": moved, **info}
             self.results.append(r)
+            use = self.layer_use()
+            grown = {k: v for k, v in use.items() if v - self.layer_seen.get(k, 0) >= 1 << 20}
+            self.layer_seen = use
             log(f"fault {n:3d} {kind:12s} {mode:10s} "
                 f"{'recovered' if ok else 'NOT RECOVERED'} in {rec_s:5.1f} s "
                 f"(fault {t0 - t_fault:4.1f} s), moved {moved / 2**20:6.2f} MiB"
-                + "".join(f" {k}={v}" for k, v in info.items()))
+                + "".join(f" {k}={v}" for k, v in info.items())
+                + (" layers_grew=" + ",".join(f"{k}:{v / 2**20:.1f}MiB" for k, v in
+                                              grown.items()) if grown else ""))
             if not ok:
                 self.problems.append(f"fault {n} ({kind}, {mode}) not recovered: {why}")
                 log(f"  why: {why}\n{self.events_tail()}")
@@ -720,12 +822,13 @@ def summary(soak: Soak) -> list[str]:
 
 def run(faults: int, seed: int | None = None, minutes: float = 600, work: str | None = None,
         compare_every: int = 5, quick: bool = False, recover_timeout: float = 180,
-        keep: bool = False) -> tuple[str, Soak]:
+        keep: bool = False, kinds: set[str] | None = None) -> tuple[str, Soak]:
     seed = seed if seed is not None else random.SystemRandom().randrange(1 << 32)
     root = Path(work or tempfile.mkdtemp(prefix="vmr-soak-", dir="/tmp")).absolute()
     log(f"seed={seed} work={root} faults={faults}")
     soak = Soak(root, random.Random(seed), faults, minutes, compare_every, quick,
                 recover_timeout)
+    soak.only = set(kinds or ())
     start = time.monotonic()
     n = 0
     try:
@@ -763,9 +866,15 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="shorter cuts and stalls")
     ap.add_argument("--recover-timeout", type=float, default=180.0)
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--kinds", default="", help=f"only these faults (comma-separated: "
+                    f"{', '.join(FAULTS)}); default all")
     args = ap.parse_args()
+    unknown = {k for k in args.kinds.split(",") if k} - set(FAULTS)
+    if unknown:
+        ap.error(f"unknown fault kinds: {', '.join(sorted(unknown))}")
     _line, soak = run(args.faults, args.seed, args.minutes, args.work, args.compare_every,
-                      args.quick, args.recover_timeout, args.keep)
+                      args.quick, args.recover_timeout, args.keep,
+                      {k for k in args.kinds.split(",") if k})
     ok = (soak.mismatches == soak.lost_acked == soak.full_copies == 0
           and not soak.aborted and not soak.problems and soak.results
           and all(r["recovered"] for r in soak.results) and len(soak.results) == args.faults)

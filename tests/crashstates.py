@@ -22,8 +22,8 @@ bench/chaos_crash_states.py (long run):
 And the scenario (``Scenario``): real daemons (harness.lab), a 1.5 GiB disk, and the
 check of each state through the real start-up recovery (receiver.recover).
 
-Limits of the model: the file's size is taken as durable (the preallocate filter
-extends it with fallocate, the file system journals that); a write logged before a
+Limits of the model: the file's size is taken as durable (a write past the end
+extends it; the file system journals the new size); a write logged before a
 FLUSH is taken as covered by it (QEMU logs a write once it completed, so this is true
 for every write qcow2 waited for, which are the ones its ordering relies on).
 """
@@ -44,6 +44,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from vmreplica.replica.heads import write_log_stem
 
 MAGIC = 0x6a736677736872
 FLUSH, FUA, DISCARD, MARK = 1, 2, 4, 8
@@ -347,7 +349,7 @@ def prepare(a, b, vm: str, work: Path, cycle: list | None = None) -> Scenario:
     shutil.copyfile(disk, previous)
     _qemu_io(disk, *[f"write -P {p:#x} {o} {n}" for o, n, p in cycle])
     a.run("sync", vm)
-    found = sorted(logs.glob(f"{head.name}.*.log"))
+    found = sorted(logs.glob(f"{write_log_stem(head)}.*.log"))
     if len(found) != 1:
         raise AssertionError(f"expected one write log of {head.name}, found {found}")
     acked = found[0].stat().st_size
@@ -793,7 +795,7 @@ def prepare_resync(a, b, vm: str, work: Path, layout: list | None = None) -> Res
     if broke.returncode == 0 or a.json("status", vm)[0]["state"] != "resync_required":
         raise AssertionError(f"the tracking break was not noticed: {broke.stderr}")
     info = a.json("resync", vm, "--now")
-    found = sorted(logs.glob(f"{head.name}.*.log"))
+    found = sorted(logs.glob(f"{write_log_stem(head)}.*.log"))
     if len(found) != 1:
         raise AssertionError(f"expected one write log of {head.name}, found {found}")
     acked = found[0].stat().st_size

@@ -121,7 +121,7 @@ def test_bulk_rule_sizes_and_words(pair):
     assert st["health"] == "warning" and "suspended by the operator" in st["reasons"][0], st
     a.run("resume", "--tag", "views")
     # Each point shows the data its own layer holds: the 8 MiB in the first one, and
-    # `latest` (the head, preallocated ahead of its data) only what came since: nothing.
+    # `latest` (the head: its file holds qcow2 metadata, not data) only what came since: nothing.
     pts = b.json("points", v1)
     assert 8 << 20 <= sum(pt["size"] for pt in pts) <= 9 << 20, pts
     assert [pt["size"] for pt in pts if pt["id"] == "latest"] == [0], pts

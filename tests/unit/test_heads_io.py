@@ -1,11 +1,11 @@
 """Head servers write O_DIRECT only where the file system takes it (and fall back to the
-page cache elsewhere), through the preallocate filter; without flush they leave the
-fdatasync to the checkpoint."""
+page cache elsewhere), never through QEMU's preallocate filter (it loses data, see
+qsd.qcow2_node); without flush they leave the fdatasync to the checkpoint."""
 
 from __future__ import annotations
 
 from vmreplica.qemutools.qsd import qcow2_node
-from vmreplica.replica.heads import direct_io_works
+from vmreplica.replica.heads import direct_io_works, write_log_stem
 
 
 def test_o_direct_is_used_only_where_the_file_system_takes_it(tmp_path):
@@ -17,18 +17,25 @@ def test_o_direct_is_used_only_where_the_file_system_takes_it(tmp_path):
 
 
 def test_a_head_node_stack():
-    nodes = qcow2_node("/x/head.qcow2", "h0", preallocate=True, direct=True)
-    assert [n["driver"] for n in nodes] == ["file", "preallocate", "qcow2"]
+    nodes = qcow2_node("/x/head.qcow2", "h0", direct=True)
+    assert [n["driver"] for n in nodes] == ["file", "qcow2"]
     assert nodes[0]["cache"] == {"direct": True} and nodes[0]["aio"] == "native"
-    assert nodes[2]["file"] == "h0-prealloc" and nodes[1]["file"] == "h0-file"
-    plain = qcow2_node("/x/base.qcow2", "b", read_only=True, preallocate=True)
+    assert nodes[1]["file"] == "h0-file"
+    plain = qcow2_node("/x/base.qcow2", "b", read_only=True)
     assert [n["driver"] for n in plain] == ["file", "qcow2"] and "cache" not in plain[0]
 
 
 def test_a_head_node_without_flush_leaves_the_fdatasync_to_the_caller():
-    buffered = qcow2_node("/x/head.qcow2", "h0", preallocate=True, flush=False)
+    buffered = qcow2_node("/x/head.qcow2", "h0", flush=False)
     assert buffered[0]["cache"] == {"no-flush": True} and "aio" not in buffered[0]
     both = qcow2_node("/x/head.qcow2", "h0", direct=True, flush=False)
     assert both[0]["cache"] == {"direct": True, "no-flush": True}
     # A read-only node has nothing to flush either way.
     assert "cache" not in qcow2_node("/x/b.qcow2", "b", read_only=True, flush=False)[0]
+
+
+def test_two_disks_heads_do_not_share_a_write_log():
+    # Both disks' heads are called layer-NNNNNN.qcow2: the log names their disk too.
+    assert write_log_stem("/s/web/disk0/layer-000001.qcow2") == "disk0.layer-000001.qcow2"
+    assert write_log_stem("/s/web/disk1/layer-000001.qcow2") != \
+        write_log_stem("/s/web/disk0/layer-000001.qcow2")

@@ -54,8 +54,8 @@ def info(path: Path | str, backing_chain: bool = False) -> dict | list[dict]:
 
 def own_data(path: Path | str) -> int:
     """Bytes of guest data this image itself holds: the extents `qemu-img map` finds
-    allocated with data at depth 0 (not its backing files'; not zero clusters; not the
-    file's preallocated growth, which `actual-size` counts). ``-U`` as for ``info``."""
+    allocated with data at depth 0 (not its backing files'; not zero clusters; not its
+    metadata or the free clusters `actual-size` counts). ``-U`` as for ``info``."""
     proc = _run(["qemu-img", "map", "-U", "--output=json", str(path)], f"mapping image {path}")
     return sum(int(e["length"]) for e in json.loads(proc.stdout)
                if e.get("depth") == 0 and e.get("data"))

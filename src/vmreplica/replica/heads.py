@@ -42,15 +42,22 @@ def direct_io_works(path: str) -> bool:
     return True
 
 
+def write_log_stem(head: str | Path) -> str:
+    """The name a head's write logs start with (see _new_write_log)."""
+    return f"{Path(head).parent.name}.{Path(head).name}"
+
+
 def _new_write_log(head: str) -> str | None:
     """Tests only: with ``VMREPLICA_HEAD_WRITE_LOG`` (a directory) in the daemon's
     environment, every opening of a head logs what qcow2 writes into it (qsd.qcow2_node's
-    ``write_log``) to a new file ``<dir>/<head's file name>.<n>.log``, n = 1, 2, ..."""
+    ``write_log``) to a new file ``<dir>/<disk>.<head's file name>.<n>.log``, n = 1, 2, ...
+    (``<disk>``: the head's directory, so that two disks' heads, both ``layer-NNNNNN``,
+    do not share a log)."""
     where = os.environ.get("VMREPLICA_HEAD_WRITE_LOG")
     if not where:
         return None
     for n in range(1, 100_000):
-        path = Path(where) / f"{Path(head).name}.{n}.log"
+        path = Path(where) / f"{write_log_stem(head)}.{n}.log"
         try:
             with open(path, "x"):
                 return str(path)
@@ -86,7 +93,7 @@ class HeadServer:
         self.direct = direct
         blockdevs, exports = [], []
         for i, head in enumerate(self.heads):
-            blockdevs += qcow2_node(head, f"h{i}", preallocate=True,
+            blockdevs += qcow2_node(head, f"h{i}",
                                     direct=direct and direct_io_works(head),
                                     write_log=_new_write_log(head))
             exports.append({"type": "nbd", "id": f"e{i}", "node-name": f"h{i}",

@@ -140,7 +140,7 @@ def drop_layers(paths: list[str]) -> None:
 
 def layer_size(path: str) -> int:
     """Bytes of data the layer holds (its own allocated data clusters, as `qemu-img map`
-    says: not the file's size, which a preallocating head grows ahead of the data)."""
+    says: not the file's size, which counts metadata and freed clusters too)."""
     try:
         return img.own_data(path)
     except Exception:  # noqa: BLE001 — a listing must not fail over a size

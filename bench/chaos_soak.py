@@ -751,6 +751,10 @@ class Soak:
             use = self.layer_use()
             grown = {k: v for k, v in use.items() if v - self.layer_seen.get(k, 0) >= 1 << 20}
             self.layer_seen = use
+            big = {k: v for k, v in use.items() if v > self.total_bytes}
+            if big:         # more than the VM's disks hold together: space lost
+                self.problems.append(f"after fault {n} a replica layer holds more than the "
+                                     f"VM's disks: {big}")
             log(f"fault {n:3d} {kind:12s} {mode:10s} "
                 f"{'recovered' if ok else 'NOT RECOVERED'} in {rec_s:5.1f} s "
                 f"(fault {t0 - t_fault:4.1f} s), moved {moved / 2**20:6.2f} MiB"

@@ -307,9 +307,11 @@ def qcow2_node(path: Path | str, node: str, read_only: bool = False,
     random order into a new qcow2, 8 in flight, read back): different data in 5 of 6
     runs with a 1 MiB step on ext4, in 1 of 6 with a 4 MiB step on tmpfs; none in 6
     runs without the filter. The head servers used it with QEMU's 128 MiB step (commit
-    e348bca) for 0.06 s instead of 0.11-0.18 s per 1,024 scattered 64 KiB writes into a
-    new layer; that step also left 128 MiB of zeroes per head behind a killed daemon,
-    which filled issue 16's long soak's replica storage.
+    e348bca, when heads were not flushed: 0.06 s instead of 0.11-0.18 s per 1,024
+    scattered 64 KiB writes into a new layer). With the flush the heads have now, its
+    gain is in the noise (bench/bench_floor.py's write stage, medians of 5: 0.133 and
+    0.140 s with it, 0.144 and 0.147 s without), and its 128 MiB of zeroes per head,
+    kept by a killed daemon, filled issue 16's long soak's replica storage.
 
     With ``direct`` the file is opened O_DIRECT (``cache.direct``, Linux native AIO): no
     copy into the page cache and nothing left dirty for the flush (see heads.py).

@@ -96,15 +96,15 @@ def test_the_registry_is_safe_across_threads():
 
 
 def test_the_dashboard_shows_a_running_operation():
-    from vmreplica.web.pages import _running
-    assert _running(None) == ""
-    html = _running({"vm": "web1", "kind": "initial", "label": "initial copy",
-                     "phase": "reading and shipping", "seconds": 2.0, "done": 1 << 30,
-                     "total": 4 << 30, "percent": 25.0, "rate_bps": 100 << 20,
-                     "eta_seconds": 30.7})
+    from vmreplica.web.layout import running
+    assert running(None) == ""
+    html = running({"vm": "web1", "kind": "initial", "label": "initial copy",
+                    "phase": "reading and shipping", "seconds": 2.0, "done": 1 << 30,
+                    "total": 4 << 30, "percent": 25.0, "rate_bps": 100 << 20,
+                    "eta_seconds": 30.7})
     assert '<progress max="100" value="25.0"></progress>' in html
     assert "initial copy: 25.0 % (1.0 GiB of 4.0 GiB, 100.0 MiB/s, ETA 30.7 s)" in html
-    html = _running({"vm": "web1", "kind": "resync", "label": "resync", "seconds": 2.0,
-                     "phase": "site-b reads its copy for the block digests"})
+    html = running({"vm": "web1", "kind": "resync", "label": "resync", "seconds": 2.0,
+                    "phase": "site-b reads its copy for the block digests"})
     assert "resync: site-b reads its copy for the block digests" in html
     assert "<progress" not in html

@@ -54,5 +54,5 @@ def apply_records(records: Iterable[wire.Record], server: HeadServer,
         from ..tracking.scan import encode
         digests = [server.manifest(i) for i in range(len(writers))]
         stats["manifest"] = [encode(d) for d in digests]
-        stats["digests"] = digests      # what the heads hold, read: see receiver._apply_with
+        stats["digests"] = digests      # what the heads hold, read: see staged.write_heads
     return stats

@@ -7,7 +7,7 @@ cache is made durable here, ``DELAY`` seconds after the ack or as soon as anythi
 else takes the VM's lock (the next cycle, a recovery point, a failover, a removal, the
 daemon's shutdown), whichever comes first: fdatasync of each file, then the staged
 cycle is dropped. Until then a crash loses nothing: the staged copy is applied again at
-start-up (receiver.recover), and applying twice gives the same bytes (invariant 1).
+start-up (recovery.recover), and applying twice gives the same bytes (invariant 1).
 The head server keeps qcow2's flushes (heads.HeadServer), so its metadata is consistent
 whatever a power cut leaves, and the apply's last flush has made the heads' writes
 durable before the ack; what is left for here is the hash index and the store's record.
@@ -86,7 +86,7 @@ def settle(host, key: str) -> None:
         return
     for vm, cycle, stage, _, _ in pending:
         # A synced commit: the cycle's "applied" row, committed unsynced before it (see
-        # receiver._apply), becomes durable with it.
+        # staged.apply_staged), becomes durable with it.
         host.store.remove_staged(vm, cycle)
         try:
             os.unlink(stage)

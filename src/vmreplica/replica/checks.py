@@ -1,7 +1,8 @@
 """The checks every request from a primary passes on the replica: whether the relationship
 is this peer's to act on (``own_relationship``), whether the peer still is its primary
 (``check_primary``: epochs, failover), whether a cycle's header fits (``check_header``).
-Used by the receiver, the mirror target, seeding and reverse alike."""
+Used by the intake of a cycle (receiver), a relationship's requests (lifecycle), the
+mirror target, seeding and reverse alike."""
 
 from __future__ import annotations
 

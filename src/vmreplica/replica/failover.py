@@ -150,7 +150,7 @@ PRIMARY_CHECK_TIMEOUT = 5.0   # seconds: a primary that takes longer counts as g
 
 
 def _ask_primary(host, rel: Relationship) -> dict:
-    """What the primary says of the VM (api.primary_view): {"reachable": True, "view": ...},
+    """What the primary says of the VM (service.api.peer.primary_view): {"reachable": True, "view": ...},
     or {"reachable": False, "error": ...} when it does not answer (the disaster case), or
     {"reachable": True, "view": None, "error": ...} when it answered without telling."""
     try:

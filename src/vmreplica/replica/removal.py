@@ -1,5 +1,6 @@
-"""The replica's side of `remove`: telling the primary, the tombstone kept when it cannot
-be told, and the copy `--keep-replica` leaves for the existing-copy seed.
+"""The replica's side of `remove`: the removal itself (``remove_relationship``), telling
+the primary, the tombstone kept when it cannot be told, and the copy `--keep-replica`
+leaves for the existing-copy seed.
 
 Tombstones (setting ``removed_replicas``: {vm: {vm, id, peer, at}}): `remove` ran here
 while the primary could not be reached. The primary's next call for that VM (a cycle, a
@@ -23,6 +24,7 @@ existing --path STORAGE/VM.kept`; any other VM of that name is refused, as befor
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import threading
@@ -30,6 +32,7 @@ import time
 from pathlib import Path
 
 from ..domain.relationship import Relationship
+from ..domain.states import Role, State
 from ..errors import (
     Conflict,
     NotFound,
@@ -40,14 +43,85 @@ from ..errors import (
     VmreplicaError,
 )
 from ..qemutools import img
+from . import mirror
+from . import store as rstore
+
+log = logging.getLogger("vmreplica.replica")
 
 KEPT_FORMAT = "vmreplica-kept-replica"
 _TOMBSTONES = "removed_replicas"
 _guard = threading.Lock()
 
 
+# -- the removal -----------------------------------------------------------------------
+def remove_relationship(host, vm: str, keep_replica: bool, tell_primary: bool = False) -> dict:
+    """End the replica side. ``tell_primary`` (`remove` run here): the primary ends its
+    side first; if it cannot be reached a tombstone answers its next call (see
+    above). ``keep_replica``: the VM stays, on standalone copies of its disks in
+    ``STORAGE/VM.kept`` (the existing-copy seed of a later relationship)."""
+    rel = host.store.relationship(vm)
+    if rel is None or rel.role != Role.REPLICA.value:
+        raise NotFound(f"{host.name} holds no replica of VM {vm}")
+    if rel.state == State.FAILOVER_IN_PROGRESS.value:
+        raise Conflict(f"a failover of {vm} to {host.name} is in progress",
+                       hint=f"complete it (`vmreplica failover {vm} --complete`) or cancel it "
+                            "(`--cancel`) first")
+    # A VM that failed over to this host is the VM now (its chain was merged onto disks
+    # of its own first, service.operations.remove): replication ends, the VM stays.
+    failed_over = rel.state == State.FAILED_OVER.value
+    told, primary_side = ask_primary(host, rel, keep_replica) if tell_primary \
+        else (True, None)
+    if keep_replica:
+        try:            # what it keeps holds no part of a cycle (the VM's lock redoes it)
+            with host.vm_lock(vm):
+                pass
+        except Exception as e:  # noqa: BLE001 — kept as is; the existing-copy seed evens it
+            log.warning("keeping the replica of %s without its unapplied cycle: %s", vm, e)
+    kept = None
+    with host.vm_lock(vm).as_is():      # whatever its heads hold, they go
+        mirror.close_target(host, vm)
+        host.heads.close(vm)
+        host.unsynced.pop(host.lock_key(vm), None)
+        host.unapplied.discard(host.lock_key(vm))
+        removed_vm = False
+        try:
+            info = host.driver.inspect(vm)
+            if failed_over:
+                pass                    # it runs here now, on its own disks: it stays
+            elif keep_replica:
+                if info.state == "running":
+                    host.driver.stop(vm, force=True)
+                kept = keep(host, vm, rel)
+            else:
+                if info.state == "running":
+                    host.driver.stop(vm, force=True)
+                host.driver.delete(vm)
+                removed_vm = True
+        except NotFound:
+            pass
+        if not failed_over and (not keep_replica or kept is not None):
+            rstore.delete_chains(Path(rel.storage), vm)
+        for p in (host.home.staging / vm).glob("*"):
+            p.unlink(missing_ok=True)
+        try:
+            (host.home.staging / vm).rmdir()
+        except OSError:
+            pass
+        host.store.remove_relationship(vm)
+        if not told:
+            bury(host, rel)
+    host.event("relationship", f"replica of {vm} removed"
+               + (" (it failed over to here: the VM stays, on its own disks)" if failed_over
+                  else f" (VM kept, its disks in {kept})" if kept is not None else
+                  " (VM and disks kept)" if keep_replica else "")
+               + (f"; {primary_side}" if primary_side else ""), vm)
+    return {"vm": vm, "removed_vm": removed_vm, "kept": keep_replica,
+            "kept_copy": str(kept) if kept is not None else None,
+            "primary_side": primary_side}
+
+
 # -- telling the primary -------------------------------------------------------------
-def tell_primary(host, rel: Relationship, keep: bool) -> tuple[bool, str]:
+def ask_primary(host, rel: Relationship, keep: bool) -> tuple[bool, str]:
     """Ask the primary to end its side of ``rel`` first (its mirror, its tracking
     bitmaps, its row). Returns (told, what to report): told is False only when the
     primary could not be reached (then a tombstone is kept)."""

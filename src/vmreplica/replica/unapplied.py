@@ -6,7 +6,7 @@ heads hold part of it: a recovery point, a test failover, a failover, a compare 
 mirror started on them would read a torn mix of two cycles. So the VM is marked here
 (``apply_pending`` on the relationship, and in ``host.unapplied`` for the lock), the
 stage is kept, and the VM's lock (service.host.VMLock) applies every staged cycle
-again, whole, before it lets any operation in (receiver.redo_unapplied); the
+again, whole, before it lets any operation in (recovery.redo_unapplied); the
 scheduler retries on its own, so a replica whose storage filled up catches up by
 itself once there is room. Until then health is critical, with the storage and the
 space it needs.

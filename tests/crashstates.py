@@ -20,7 +20,7 @@ bench/chaos_crash_states.py (long run):
   during the checkpoint's fdatasync, after the last write.
 
 And the scenario (``Scenario``): real daemons (harness.lab), a 1.5 GiB disk, and the
-check of each state through the real start-up recovery (receiver.recover).
+check of each state through the real start-up recovery (recovery.recover).
 
 Limits of the model: the file's size is taken as durable (a write past the end
 extends it; the file system journals the new size); a write logged before a
@@ -412,7 +412,7 @@ def check_state(sc: Scenario, states: CrashStates, i: int, rng: random.Random) -
     """Write the state at ``i`` in place of the head, restore the replica's state store
     and stage as they were at the kill, run the start-up recovery in this process, and
     compare the head's guest-visible content with the cycle's source."""
-    from vmreplica.replica.receiver import recover
+    from vmreplica.replica.recovery import recover
     from vmreplica.service.home import Home
     from vmreplica.service.host import Host
     t0 = time.monotonic()
@@ -643,7 +643,7 @@ def differing_blocks(x: Path, y: Path, block: int) -> set[int]:
 def _recover_in_process(home: Path, vm: str, inspect=None) -> tuple[list, str, object]:
     """The real start-up recovery on ``home``, in this process: (what it re-applied, the
     first error it raised or logged, what ``inspect(host)`` returned before the close)."""
-    from vmreplica.replica.receiver import recover
+    from vmreplica.replica.recovery import recover
     from vmreplica.service.home import Home
     from vmreplica.service.host import Host
     errors = _Errors()

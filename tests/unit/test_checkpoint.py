@@ -94,7 +94,7 @@ def test_a_failed_sync_is_a_crash_redone_from_the_stage_never_retried(tmp_path, 
     """After Linux reports a failed writeback once, the failed pages are marked clean and
     the next fdatasync returns 0 with the old data on the disk: a retried sync proves
     nothing. The stage stays, the VM is marked unapplied (health critical), and the next
-    taker of the lock applies the staged cycles again (receiver.redo_unapplied)."""
+    taker of the lock applies the staged cycles again (recovery.redo_unapplied)."""
     monkeypatch.setenv("VMREPLICA_CHECKPOINT_DELAY", "600")
     host = _Host(tmp_path)
     head, _index, stage = _staged_cycle(host, tmp_path)
@@ -106,13 +106,13 @@ def test_a_failed_sync_is_a_crash_redone_from_the_stage_never_retried(tmp_path, 
         calls.append(paths)
         raise OSError(errno.EIO, "Input/output error")
     monkeypatch.setattr(img, "sync_files", broken)
-    from vmreplica.replica import receiver
+    from vmreplica.replica import recovery
     redone = []
 
     def redo(h, vm, at_start=False):
         redone.append(vm)
         raise OSError(errno.EIO, "Input/output error")      # the disk still fails
-    monkeypatch.setattr(receiver, "redo_unapplied", redo)
+    monkeypatch.setattr(recovery, "redo_unapplied", redo)
     with pytest.raises(Exception, match="could not be applied.*Input/output error"):
         with host.vm_lock("v1"):
             pass
@@ -130,7 +130,7 @@ def test_a_failed_sync_is_a_crash_redone_from_the_stage_never_retried(tmp_path, 
         from vmreplica.replica import unapplied
         unapplied.clear(h, vm, [3])
         return [3]
-    monkeypatch.setattr(receiver, "redo_unapplied", fixed)
+    monkeypatch.setattr(recovery, "redo_unapplied", fixed)
     took = []
     t = threading.Thread(target=lambda: took.append(host.vm_lock("v1").acquire(timeout=5)))
     t.start()
@@ -144,8 +144,8 @@ def test_a_lock_taken_as_is_does_not_wait_for_the_redo(tmp_path, monkeypatch):
     lock without the redo of a cycle that cannot be applied."""
     host = _Host(tmp_path)
     host.unapplied.add("v1")
-    from vmreplica.replica import receiver
-    monkeypatch.setattr(receiver, "redo_unapplied",
+    from vmreplica.replica import recovery
+    monkeypatch.setattr(recovery, "redo_unapplied",
                         lambda *a, **k: pytest.fail("redo attempted"))
     with host.vm_lock("v1").as_is():
         pass

@@ -8,8 +8,7 @@ is applied again before the daemon serves anything (replica.recovery; invariant 
 torn head). An initial copy or a resync (nothing consistent to protect yet) is applied
 as it streams in.
 
-The service calls the replica's entry points by their names here; the ones of other
-concerns live in their own modules and are imported below: a relationship's life
+The replica's other entry points live with their concerns: a relationship's life
 (replica.lifecycle), its removal (replica.removal), start-up recovery and the redo of
 staged cycles (replica.recovery).
 """
@@ -29,24 +28,7 @@ from ..transport.ahead import ahead
 from . import checks, mirror, unapplied
 from . import index as rindex
 from . import store as rstore
-from .lifecycle import (
-    apply_settings,
-    change_disks,
-    create_relationship,
-    final_marker,
-    point_now,
-    state_for_primary,
-    transfer,
-)
-from .recovery import recover, redo_unapplied
-from .removal import remove_relationship
 from .staged import apply_staged, manifest_of, record_applied, write_heads
-
-# The intake's own entry points, and those of the other concerns that the service and
-# the tests call by these names.
-__all__ = ["KEEP_IN_MEMORY", "apply_settings", "change_disks", "create_relationship",
-           "final_marker", "point_now", "receive_cycle", "receive_initial", "recover",
-           "redo_unapplied", "remove_relationship", "state_for_primary", "transfer"]
 
 
 class _Tee:

@@ -85,7 +85,7 @@ class Daemon:
         reaped = reap(self.home.run)
         if reaped:
             log.warning("stopped %d storage daemon(s) left by a previous run", len(reaped))
-        from ..replica.receiver import recover
+        from ..replica.recovery import recover
         redone = recover(host)
         if redone:
             log.warning("re-applied %d staged cycle(s) at start-up: %s", len(redone), redone)

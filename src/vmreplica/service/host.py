@@ -156,9 +156,9 @@ class VMLock:
             from ..replica import checkpoint
             checkpoint.settle(host, key)
         if whole and key in host.unapplied:
-            from ..replica import receiver, unapplied
+            from ..replica import recovery, unapplied
             try:
-                receiver.redo_unapplied(host, key)
+                recovery.redo_unapplied(host, key)
             except Exception as e:  # noqa: BLE001 — the reason goes to the taker
                 raise unapplied.refusal(host, key, e) from None
 

@@ -15,7 +15,7 @@ from ..domain.states import Role
 from ..primary import relationship as prim
 from ..primary import reverse as preverse
 from ..primary.common import relationship_of
-from ..replica import collapse, receiver
+from ..replica import collapse, removal
 
 
 def sync(host, vm: str, verify: bool = False) -> dict:
@@ -35,7 +35,7 @@ def remove(host, vm: str, keep_replica: bool = False, force: bool = False) -> di
     collapse.ensure(host, vm)       # a failed-over VM's chain: merged, its layers gone
     if rel.role == Role.REPLICA.value:
         # Run on the replica: it tells the primary first (or keeps a tombstone for it).
-        return receiver.remove_relationship(host, vm, keep_replica, tell_primary=True)
+        return removal.remove_relationship(host, vm, keep_replica, tell_primary=True)
     return prim.remove(host, vm, keep_replica=keep_replica, force=force)
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from ... import __version__
 from ...errors import Refused, UsageError
 from ...primary import relationship as prim
+from ...replica import lifecycle, receiver, removal
 from ...replica import points as rpoints
-from ...replica import receiver, removal
 from ...replica import reverse as rreverse
 from ...transport.http import Request, Router
 from .. import trust
@@ -46,7 +46,7 @@ def replication_routes(host) -> Router:
     @r.route("POST", "/v1/replica/relationships")
     def create(req):
         peer = trust.require_peer(host, req.peer_fingerprint)
-        return receiver.create_relationship(host, peer, req.json())
+        return lifecycle.create_relationship(host, peer, req.json())
 
     @r.route("POST", "/v1/replica/relationships/{vm}/cycles")
     def cycle(req):
@@ -63,12 +63,12 @@ def replication_routes(host) -> Router:
     @r.route("POST", "/v1/replica/relationships/{vm}/disks")
     def replica_disks(req):
         peer = trust.require_peer(host, req.peer_fingerprint)
-        return receiver.change_disks(host, peer, req.params["vm"], req.json())
+        return lifecycle.change_disks(host, peer, req.params["vm"], req.json())
 
     @r.route("POST", "/v1/replica/relationships/{vm}/settings")
     def replica_settings(req):
         peer = trust.require_peer(host, req.peer_fingerprint)
-        return receiver.apply_settings(host, peer, req.params["vm"], req.json())
+        return lifecycle.apply_settings(host, peer, req.params["vm"], req.json())
 
     @r.route("POST", "/v1/replica/relationships/{vm}/mirror")
     def replica_mirror(req):
@@ -84,12 +84,12 @@ def replication_routes(host) -> Router:
     @r.route("POST", "/v1/replica/relationships/{vm}/point")
     def replica_point(req):
         peer = trust.require_peer(host, req.peer_fingerprint)
-        return receiver.point_now(host, peer, req.params["vm"], req.json())
+        return lifecycle.point_now(host, peer, req.params["vm"], req.json())
 
     @r.route("POST", "/v1/replica/relationships/{vm}/final")
     def replica_final(req):
         peer = trust.require_peer(host, req.peer_fingerprint)
-        return receiver.final_marker(host, peer, req.params["vm"], req.json())
+        return lifecycle.final_marker(host, peer, req.params["vm"], req.json())
 
     @r.route("GET", "/v1/cluster/relationships/{vm}")
     def cluster_view(req):
@@ -107,7 +107,7 @@ def replication_routes(host) -> Router:
     def replica_transfer(req):
         peer = trust.require_peer(host, req.peer_fingerprint)
         with host.vm_lock(req.params["vm"]):
-            return receiver.transfer(host, peer, req.params["vm"], req.json())
+            return lifecycle.transfer(host, peer, req.params["vm"], req.json())
 
     @r.route("POST", "/v1/cluster/relationships/{vm}/handover")
     def cluster_handover(req):
@@ -126,7 +126,7 @@ def replication_routes(host) -> Router:
         """The primary asks whether it still is one (see primary.standing.check_peer)."""
         peer = trust.require_peer(host, req.peer_fingerprint)
         removal.refuse_if_removed(host, peer, req.params["vm"])
-        return receiver.state_for_primary(host, peer, req.params["vm"], _epoch(req))
+        return lifecycle.state_for_primary(host, peer, req.params["vm"], _epoch(req))
 
     @r.route("GET", "/v1/replica/relationships/{vm}/points")
     def replica_points(req):
@@ -158,7 +158,7 @@ def replication_routes(host) -> Router:
             raise Refused(f"{req.params['vm']} on {host.name} is replicated from {rel.peer}")
         if rel is None and removal.forget(host, req.params["vm"], peer["name"]):
             return {"vm": req.params["vm"], "already": True}   # removed here before
-        return receiver.remove_relationship(host, req.params["vm"], flag(req, "keep"))
+        return removal.remove_relationship(host, req.params["vm"], flag(req, "keep"))
 
     @r.route("POST", "/v1/peer/relationships/{vm}/removed")
     def peer_removed(req):

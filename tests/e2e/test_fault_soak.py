@@ -24,7 +24,7 @@ FAULTS = 30
 
 def test_randomized_fault_soak(fresh_dir, capsys):
     seed = int(os.environ.get("VMREPLICA_SOAK_SEED", "16"))
-    line, soak = chaos_soak.run(FAULTS, seed=seed, minutes=6, work=str(fresh_dir / "soak"),
+    line, soak = chaos_soak.run(FAULTS, seed=seed, minutes=10, work=str(fresh_dir / "soak"),
                                 compare_every=10, quick=True, recover_timeout=90)
     figures = dict(re.findall(r"(\w+)=([\d.]+)", line))
     detail = "\n".join(soak.problems) + "\n" + "\n".join(chaos_soak.summary(soak))

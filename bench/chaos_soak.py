@@ -474,13 +474,17 @@ class Soak:
                 info.update(self.fill_and_free())
         finally:
             if sync is not None:
-                try:
-                    sync.wait(timeout=180)
-                except subprocess.TimeoutExpired:
-                    sync.kill()
-                    sync.wait(timeout=10)
-                    self.problems.append("a sync did not end within 180 s of a fault")
+                self.end_sync(sync, "a fault")
         return info
+
+    def end_sync(self, sync, after: str) -> None:
+        """Wait for a background `sync` (bounded: a problem if it outlives 180 s)."""
+        try:
+            sync.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            sync.kill()
+            sync.wait(timeout=10)
+            self.problems.append(f"a sync did not end within 180 s of {after}")
 
     def crash_state(self) -> dict:
         """A power cut of the replica host while a cycle runs, its heads as the cut could
@@ -537,12 +541,7 @@ class Soak:
             info["dirty_pages"] += chose["dirty_pages"]
             info["written_back"] += chose["written_back"]
         shutil.rmtree(logs, ignore_errors=True)
-        try:
-            sync.wait(timeout=180)
-        except subprocess.TimeoutExpired:
-            sync.kill()
-            sync.wait(timeout=10)
-            self.problems.append("a sync did not end within 180 s of a crash state")
+        self.end_sync(sync, "a crash state")
         b.start()
         return info
 

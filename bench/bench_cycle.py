@@ -5,10 +5,11 @@ machine; every figure is a whole command as an operator runs it.
 Scenario (issue 2): an 8 GiB qcow2 disk of a powered-off VM holding ALLOC of data;
 after the last cycle, 1,024 scattered 64 KiB writes (64 MiB) made with qemu-io; then
   - `vmreplica sync VM` (CLI start to acknowledged cycle: staged and fsynced on the
-    replica, applied into its head), and
+    replica, applied into its head and flushed), and
   - `rsync --inplace --no-whole-file` of the same image onto its previous copy.
-Between them the round waits until the replica has also synced the head and dropped
-the staged cycle (replica/checkpoint.py), and prints that time apart.
+Between them the round waits until the replica has also checkpointed the cycle (its
+hash index synced, the staged cycle dropped: replica/checkpoint.py), and prints that
+time apart.
 Each round makes new writes; the median of the rounds (9 by default: single rounds on
 this shared 2-core machine vary by a third) is reported. Before the rounds the set-up's
 writes (the 2 GiB fill, the 2 GiB initial copy, rsync's 2 GiB reference copy) are
@@ -84,8 +85,8 @@ def scatter(disk: Path, seed: int, size: int, random64k: Path | None) -> None:
 def machine_line(work: Path) -> str:
     """What this machine is, in the terms the figures depend on: the CPU (BLAKE3 is hashed
     on both sides of every cycle; AVX-512 doubles its speed), and the disk's durable write
-    (the replica's staged cycle is fsynced before the ack, its heads a second after;
-    rsync's writes stay in the page cache).
+    (the replica's staged cycle and its heads are fsynced before the ack, its hash index
+    a second after; rsync's writes stay in the page cache).
     The same benchmark has given ratios from 6.7 to 11.3 on machines that differ there."""
     from blake3 import blake3
     cpu, flags = "unknown CPU", set()
@@ -177,9 +178,9 @@ def delta_rows(a, b, work: Path, allocs: list[int], rounds: int,
 
 
 def checkpoint_wait(b, vm: str, timeout: float = 60.0) -> float:
-    """Seconds from the sync's return until the replica has synced the heads and dropped
-    the staged cycle (replica/checkpoint.py): the round goes on only then, so neither
-    that disk work nor rsync's disturbs the other's figure."""
+    """Seconds from the sync's return until the replica has synced the hash index and
+    dropped the staged cycle (replica/checkpoint.py): the round goes on only then, so
+    neither that disk work nor rsync's disturbs the other's figure."""
     staging = b.home / "staging" / vm
     t0 = time.perf_counter()
     while any(staging.glob("cycle-*.stage")):

@@ -2,7 +2,7 @@
 (tests/harness: the test and demo harness, outside the package).
 
 Homes live under a short /tmp path (unix socket paths are limited to 107 bytes) that is
-traversable by other users (libvirt's qemu user, later). Hosts that tests only read from
+traversable by other users (libvirt's qemu user). Hosts that tests only read from
 are shared per session; tests that kill daemons build their own.
 """
 

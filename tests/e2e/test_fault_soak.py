@@ -1,7 +1,8 @@
 """The randomized fault soak, short (issue 16): `bench/chaos_soak.py` with 30 faults —
 daemons, the VM's QEMU and storage daemons SIGKILLed, the replication connection cut,
-stalled and tampered with, the replica's storage filled (as root) — in both periodic
-and continuous mode. After each fault the product recovers by itself (bounded), the
+stalled and tampered with, the replica's storage filled (as root), a power cut of the
+replica mid-cycle (its heads rebuilt from QEMU's write log) — in both periodic and
+continuous mode. After each fault the product recovers by itself (bounded), the
 replica equals the primary's frozen point, no acknowledged guest record is lost and
 nothing is copied in full. `make chaos` runs the long one (FAULTS=N)."""
 

@@ -84,10 +84,11 @@ def _zero_refcounts(path, first: int, count: int) -> None:
 
 def test_replica_killed_after_the_ack_redoes_the_cycle_from_its_stage(own_sites, vm_name,
                                                                       monkeypatch):
-    """A delta is acknowledged once it is staged durably and applied; the heads are synced
-    after the ack (replica.checkpoint). A replica killed in between may lose the head
-    writes still in its page cache (a power cut would): this test throws them away
-    itself, and the restart applies the staged cycle again. The ack lost nothing."""
+    """A delta is acknowledged once it is staged durably, applied and its heads flushed;
+    its hash index and "applied" row are synced, and its stage dropped, after the ack
+    (replica.checkpoint). This test kills the replica in between and throws the cycle's
+    head writes away itself (more than a power cut after the flush can take), and the
+    restart applies the staged cycle again. The ack lost nothing."""
     a, b = own_sites
     disk = _seeded(a, b, vm_name)
     b.stop()
@@ -101,14 +102,15 @@ def test_replica_killed_after_the_ack_redoes_the_cycle_from_its_stage(own_sites,
     assert _replica_row(b.home, vm_name)["last_applied_cycle"] == 1
     head = b.vm(vm_name)["disks"][0]["path"]
     os.kill(b.daemon_pid(), signal.SIGKILL)
-    # What a power cut could take: the cycle's head writes (the head server dies with the
-    # daemon; its lock on the head goes with it).
+    # The cycle's head writes undone (the head server dies with the daemon; its lock on
+    # the head goes with it).
     wait_until("the head to be free of its killed server",
                lambda: subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -z 1M 4M",
                                        "-c", "write -z 100M 64K", head],
                                       capture_output=True).returncode == 0, timeout=30)
     assert not images_identical(disk, head)[0]
-    # ...and the head's refcounts, written back after its L2 tables: zeroed behind them.
+    # ...and the head's refcounts zeroed behind its L2 tables (what writeback out of
+    # order left when the heads ran without flushes, before issue 16).
     _zero_refcounts(head, 5, 64)
     assert subprocess.run(["qemu-img", "check", head], capture_output=True).returncode == 2
     monkeypatch.delenv("VMREPLICA_CHECKPOINT_DELAY")

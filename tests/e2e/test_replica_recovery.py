@@ -82,7 +82,7 @@ def test_a_missing_stage_file_needs_a_resync_and_gets_it(own_sites, vm_name, mon
     _wait_free(head)
     for stage in (b.home / "staging" / vm_name).glob("cycle-*.stage"):
         stage.unlink()                          # lost: an acknowledged cycle is gone
-    # (what a power cut may have taken with it: the cycle's head writes)
+    # (and the cycle's head writes undone: the resync must not count on them)
     subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -z 1M 2M", head], check=True,
                    capture_output=True)
     b.start()

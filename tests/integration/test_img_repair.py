@@ -1,6 +1,7 @@
 """img.repair (`qemu-img check -r all`), run on the heads before a staged cycle is
-applied again at start-up: refcounts left behind the L2 tables (a power cut while the
-heads' writes were not synced) are rebuilt, and the data stays readable."""
+applied again at start-up: refcounts left behind the L2 tables (what a power cut left
+when the heads ran without flushes, before issue 16) are rebuilt, and the data stays
+readable."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Head servers write O_DIRECT only where the file system takes it (and fall back to the
 page cache elsewhere), never through QEMU's preallocate filter (it loses data, see
-qsd.qcow2_node); without flush they leave the fdatasync to the checkpoint."""
+qsd.qcow2_node); a node without flush (no head server opens one since issue 16, the
+crash-state harness does) leaves the fdatasync to its caller."""
 
 from __future__ import annotations
 

@@ -299,7 +299,7 @@ def test_a_good_cycle_is_staged_then_applied_then_acknowledged(host):
     (opened,) = host.heads.opened
     assert opened["staged"] == [5] and opened["stage_files"]
     assert opened["direct"] is False       # a delta goes through the page cache
-    assert host.heads.syncs == 0           # its heads are synced after the ack
+    assert host.heads.syncs == 0           # no sync beyond the flush before the ack
     head = _head(host)
     assert head[:BLOCK] == _block(0) and head[3 * BLOCK:4 * BLOCK] == _block(3)
     assert not any(head[BLOCK:3 * BLOCK]) and not any(head[4 * BLOCK:])

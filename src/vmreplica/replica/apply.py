@@ -3,7 +3,9 @@
 Every record is an absolute write (data or zeroes at an offset), so applying the same
 cycle twice gives the same bytes: a crash mid-apply is repaired by applying it again.
 Writes go over NBD with up to 16 requests in flight per head, then each head is flushed
-(qcow2's metadata into the file: readers see the cycle) and, when ``durable``, synced.
+(qcow2's metadata into the file: readers see the cycle; the head server fdatasyncs the
+file: heads.HeadServer) and, when ``durable``, synced with the hash index here instead of
+at the checkpoint after the ack.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ def apply_records(records: Iterable[wire.Record], server: HeadServer,
                   durable: bool = True) -> dict:
     """Apply ``records`` (wire disk index = head index); returns totals, and with
     ``verify`` the block digests of every head after the apply (``manifest``). Without
-    ``durable`` the heads are not synced: the caller does it (replica.checkpoint)."""
+    ``durable`` nothing is synced beyond the flush: the checkpoint after the ack syncs
+    the index (replica.checkpoint)."""
     t0 = time.monotonic()
     writers = server.writers
     stats: dict = {"records": 0, "bytes": 0}

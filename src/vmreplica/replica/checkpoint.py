@@ -1,23 +1,25 @@
-"""Checkpoints: making an acknowledged delta cycle's head writes durable after the ack.
+"""Checkpoints: an acknowledged delta cycle's hash index and record made durable after the ack.
 
 A delta cycle is acknowledged once it is staged durably (fsync, rename, directory fsync,
-a synced row in the state store) and applied into the heads: every reader of a head
-sees it from then on. What the heads and the hash index still hold only in the page
-cache is made durable here, ``DELAY`` seconds after the ack or as soon as anything
-else takes the VM's lock (the next cycle, a recovery point, a failover, a removal, the
-daemon's shutdown), whichever comes first: fdatasync of each file, then the staged
-cycle is dropped. Until then a crash loses nothing: the staged copy is applied again at
+a synced row in the state store), applied into the heads and flushed: every reader of a
+head sees it from then on. The head server keeps qcow2's flushes (heads.HeadServer), so
+its metadata is consistent whatever a power cut leaves, and the apply's last flush has
+made the heads' writes durable before the ack. What is left for here is the hash index
+and the store's record of the apply: ``DELAY`` seconds after the ack or as soon as
+anything else takes the VM's lock (the next cycle, a recovery point, a failover, a
+removal, the daemon's shutdown), whichever comes first, the index files (and the heads)
+are fdatasynced, a synced commit makes the "applied" row durable, then the staged cycle
+is dropped. Until then a crash loses nothing: the staged copy is applied again at
 start-up (recovery.recover), and applying twice gives the same bytes (invariant 1).
-The head server keeps qcow2's flushes (heads.HeadServer), so its metadata is consistent
-whatever a power cut leaves, and the apply's last flush has made the heads' writes
-durable before the ack; what is left for here is the hash index and the store's record.
 A failed sync is a crash, never retried (replica.unapplied).
 
 Why after the ack: on a disk shared by the two hosts (this project's benchmark, a lab,
 a host replicating to itself), every fsync flushes the whole disk's cache, so the
-replica's fdatasync of 64 MiB of head writes and the primary's own bookkeeping after
-the ack (its cycle record, its bitmaps written as the storage daemon closes) paid for
-each other. Delayed, the replica's writeback runs while nothing waits for it.
+replica's syncs before the ack and the primary's own bookkeeping after it (its cycle
+record, its bitmaps written as the storage daemon closes) pay for each other. Delayed,
+the replica's run while nothing waits for them. (That was measured when the heads'
+64 MiB of writes were synced here too; since issue 16 the apply's flush syncs them
+before the ack: docs/durability.md says what that costs.)
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from . import unapplied
 
 log = logging.getLogger("vmreplica.replica")
 
-DELAY = 1.0     # seconds from the ack to the heads' fdatasync, at most
+DELAY = 1.0     # seconds from the ack to the checkpoint, at most
 
 
 def delay() -> float:

@@ -1,7 +1,8 @@
 """Head servers: one qemu-storage-daemon per replicated VM keeps the heads of its chains
 open as writable NBD exports between cycles, so a cycle pays for its writes only, not
-for starting and stopping a storage daemon (and, later, recovery points freeze the head
-and continuous mode mirrors into it through the same process).
+for starting and stopping a storage daemon. A recovery point closes the server and
+freezes the heads with qemu-img (replica.points); continuous mode's mirror target is a
+storage daemon of its own (replica.mirror).
 
 A server that is idle for ``IDLE_SECONDS`` is closed (a host may hold many replicas);
 the next cycle opens it again. Anything that needs the head files themselves (an

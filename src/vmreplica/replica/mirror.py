@@ -168,8 +168,8 @@ def revive_dead_targets(host) -> list[str]:
     """The replica's watchdog: a mirror target whose storage daemon died while this daemon
     runs (killed, crashed) is opened again on the same port, so the primary's mirror
     resumes within seconds. Without it the primary tried to resume against a closed port
-    until it gave up (RESUME_TRIES, ~44 s of continuous mode without zero-loss
-    protection, found by the fault soak). Returns the VMs revived."""
+    until it gave up (primary.mirror_steps.RESUME_TRIES, ~44 s of continuous mode without
+    zero-loss protection, found by the fault soak). Returns the VMs revived."""
     revived = []
     for vm, target in list(host.mirror_targets.items()):
         if target.alive():

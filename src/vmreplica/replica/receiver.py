@@ -1,12 +1,13 @@
 """The intake of a cycle on the replica: parse, stage, apply, acknowledge.
 
 A cycle is staged durably first (records written as they arrive, each verified, then
-fsync + rename + directory fsync + a row in the state store), applied into the heads
-(replica.staged), and only then acknowledged; the heads' fdatasync and the stage's
-removal follow the ack (replica.checkpoint). At start-up every staged cycle still listed
-is applied again before the daemon serves anything (replica.recovery; invariant 1: no
-torn head). An initial copy or a resync (nothing consistent to protect yet) is applied
-as it streams in.
+fsync + rename + directory fsync + a row in the state store), applied into the heads and
+flushed to the disk (replica.staged), and only then acknowledged; the hash index's
+fdatasync, the synced record of the apply and the stage's removal follow the ack
+(replica.checkpoint). At start-up every staged cycle still listed is applied again
+before the daemon serves anything (replica.recovery; invariant 1: no torn head). An
+initial copy or a resync (nothing consistent to protect yet) is applied as it streams
+in.
 
 The replica's other entry points live with their concerns: a relationship's life
 (replica.lifecycle), its removal (replica.removal), start-up recovery and the redo of
@@ -51,7 +52,7 @@ KEEP_IN_MEMORY = 256 << 20  # a staged delta up to this size is applied from mem
 
 def receive_cycle(host, peer: dict, vm: str, body) -> dict:
     """Receive one cycle. A delta is verified and staged durably, then applied, then
-    acknowledged, then its heads are synced (replica.checkpoint); an initial copy
+    acknowledged, then checkpointed (replica.checkpoint); an initial copy
     (nothing consistent to protect yet) is applied as it streams in, and the replica
     counts as seeded only once all of it is verified and synced."""
     rel = checks.own_relationship(host, peer, vm)
@@ -159,7 +160,7 @@ def _receive_delta(host, vm: str, cycle: int, reader: wire.CycleReader, body) ->
         settle.join()
     host.store.add_staged(vm, cycle, str(final))
     t_staged = time.monotonic()
-    # Synced after the ack (replica.checkpoint) unless the cycle makes a recovery point
+    # Checkpointed after the ack (replica.checkpoint) unless the cycle makes a recovery point
     # (a point freezes the head as it is on disk) or is a planned failover's last.
     # (--verify reads the heads whole anyway.)
     trailer = reader.trailer or {}

@@ -33,7 +33,7 @@ class Host:
         self.fingerprint = tls.fingerprint_pem(self.cert_pem)
         self._driver: Driver | None = None
         self._locks: dict[str, VMLock] = {}
-        self.unsynced: dict = {}   # lock key → cycles acknowledged, heads not yet synced
+        self.unsynced: dict = {}   # lock key → cycles acknowledged, not yet checkpointed
         self.unapplied: set[str] = set()  # lock keys of VMs with a staged cycle not applied
         self._locks_guard = threading.Lock()
         self._tls_ctx: ssl.SSLContext | None = None

@@ -1,6 +1,7 @@
 """Relationship operations as both front ends run them — the management API's routes
-(service.api) and the dashboard's actions (web.actions) — and the ones that span the two
-sides of a relationship, composed here: primary/ and replica/ never import each other.
+(service.api.management) and the dashboard's actions (web.actions) — and the ones that
+span the two sides of a relationship, composed here: primary/ and replica/ never import
+each other.
 
 - ``remove``: on a replica, the replica's removal (it tells its primary first); on a
   primary, the primary's (its replica's side ends first).

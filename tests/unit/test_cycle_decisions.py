@@ -534,7 +534,7 @@ def test_the_initial_copy_ships_the_allocated_data_and_drops_older_tracking(host
     assert set(host.vm.bitmaps) == {f"{PREFIX}0", "vmreplica-fedcba98-3"}
 
 
-def test_a_resync_ships_the_blocks_whose_digests_differ_whatever_the_bitmaps_say(host):
+def test_a_resync_ships_the_blocks_whose_digests_differ_whatever_the_bitmaps_say(host, monkeypatch):
     since = protect(host, state="resynchronizing")
     host.vm.bitmaps[f"{PREFIX}3"] = {}                  # a leftover: superseded too
     for d in DISKS:
@@ -548,7 +548,8 @@ def test_a_resync_ships_the_blocks_whose_digests_differ_whatever_the_bitmaps_say
     def compare(session, disks, new, remote):
         got["remote"] = remote
         return ComparePoint(session, disks, new, remote)
-    stats = run_cycle(host, VM_NAME, mode="resync", compare=compare)
+    monkeypatch.setattr(scan, "ScanPoint", compare)     # run_cycle imports it per cycle
+    stats = run_cycle(host, VM_NAME, mode="resync")
     assert ("GET", f"/v1/replica/relationships/{VM_NAME}/manifest?epoch=1") in \
         host.replica.requests
     assert got["remote"] == theirs              # the replica's digests, decoded
@@ -562,27 +563,29 @@ def test_a_resync_ships_the_blocks_whose_digests_differ_whatever_the_bitmaps_say
     assert since not in host.vm.bitmaps
 
 
-def test_a_resync_needs_no_trustworthy_tracking_point(host):
+def test_a_resync_needs_no_trustworthy_tracking_point(host, monkeypatch):
     since = protect(host, state="resynchronizing")
     del host.vm.bitmaps[since]                  # lost (why it resynchronizes): the
     host.vm.recording = None                    # writes since went unrecorded
     host.vm.write("disk1", 0, noise(20))
-    run_cycle(host, VM_NAME, mode="resync", compare=ComparePoint)
+    monkeypatch.setattr(scan, "ScanPoint", ComparePoint)
+    run_cycle(host, VM_NAME, mode="resync")
     assert not any(isinstance(e, tuple) and e[0] == "prepare" for e in host.vm.log)
     assert ("freeze", None, f"{PREFIX}5") in host.vm.log
     assert host.replica.sent() == [(wire.Kind.DATA, "disk1", 0, K64)]
     assert host.store.relationship(VM_NAME).bitmap == f"{PREFIX}5"
 
 
-def test_a_resync_refuses_a_replica_that_hashes_other_blocks(host):
+def test_a_resync_refuses_a_replica_that_hashes_other_blocks(host, monkeypatch):
     protect(host, state="resynchronizing")
     host.replica.block = scan.BLOCK * 2
+    monkeypatch.setattr(scan, "ScanPoint", ComparePoint)
     with pytest.raises(OperationError, match="hashes blocks of"):
-        run_cycle(host, VM_NAME, mode="resync", compare=ComparePoint)
+        run_cycle(host, VM_NAME, mode="resync")
     assert "session" not in host.vm.log and host.replica.cycles == []
 
 
-def test_progress_counts_bytes_read_for_a_change_point_and_bytes_compared_for_digests(host):
+def test_progress_counts_bytes_read_for_a_change_point_and_bytes_compared_for_digests(host, monkeypatch):
     protect(host)
     host.activity = Activity()       # type: ignore[attr-defined]
     host.vm.write("disk0", 0, noise(13, 3 * K64))
@@ -590,7 +593,8 @@ def test_progress_counts_bytes_read_for_a_change_point_and_bytes_compared_for_di
     stats = run_cycle(host, VM_NAME)
     assert host.activity.measured == [("reading and shipping", "read_bytes", 3 * K64)]
     assert stats["compared_bytes"] is None
-    stats = run_cycle(host, VM_NAME, mode="resync", compare=ComparePoint)
+    monkeypatch.setattr(scan, "ScanPoint", ComparePoint)
+    stats = run_cycle(host, VM_NAME, mode="resync")
     assert host.activity.measured[-1] == (
         "comparing block digests and shipping the blocks that differ", "compared", 2 * SIZE)
     assert stats["compared_bytes"] == 2 * SIZE

@@ -50,7 +50,7 @@ MODES = ("initial", "delta", "resync")
 
 
 def run_cycle(host, vm: str, mode: str = "delta", verify: bool = False,
-              final: bool = False, export_to=None, compare=None) -> dict:
+              final: bool = False, export_to=None) -> dict:
     """Run one cycle of ``vm`` now; returns figures; raises on failure.
 
     ``mode``: ``initial`` (allocated data onto empty heads), ``delta`` (the extents the
@@ -61,9 +61,6 @@ def run_cycle(host, vm: str, mode: str = "delta", verify: bool = False,
 
     With ``verify`` the replica returns the block digests of its heads after the apply
     and they are compared with the frozen point's before it is released.
-
-    ``compare`` makes a resync's point from the session, the disks, the new bitmap and
-    the replica's digests: ``tracking.scan.ScanPoint`` unless given (tests pass a fake).
     """
     store = host.store
     name = vm_name(vm)        # ``vm`` is the relationship's key: NAME, or NAME@dr
@@ -103,7 +100,7 @@ def run_cycle(host, vm: str, mode: str = "delta", verify: bool = False,
                 try:
                     if remote is not None:
                         from ..tracking.scan import ScanPoint
-                        point = (compare or ScanPoint)(session, disks, new, remote)
+                        point = ScanPoint(session, disks, new, remote)
                     else:
                         point = tracker.point(session, disks, since, new)
                     point.hold_pause = verify    # a live view is verified paused

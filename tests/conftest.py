@@ -27,6 +27,7 @@ from harness import lab
 def lab_root():
     root = Path(tempfile.mkdtemp(prefix="vmr-", dir="/tmp"))
     os.chmod(root, 0o755)
+    lab.claim_root(root)
     _LAB_ROOTS.append(root)
     yield root
     if os.environ.get("VMREPLICA_KEEP_LAB") != "1":      # keep it to look at a failure
@@ -54,6 +55,10 @@ def libvirtd():
                           capture_output=True, text=True)
     if proc.returncode != 0:
         pytest.fail(f"libvirtd could not be started: {proc.stdout}{proc.stderr}")
+    removed = lab.sweep_stale_domains()      # of runs killed before their teardown
+    if removed:
+        print(f"\n[libvirtd] removed {len(removed)} domains of killed test runs: "
+              f"{', '.join(sorted(removed))}")
     return True
 
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 
@@ -130,27 +132,94 @@ def teardown(*hosts: LabHost, remove: bool = False) -> None:
 
 def _undefine_domains(home: Path) -> None:
     """libvirt keeps domains after their host's daemon is gone: remove this home's."""
+    _undefine_where(lambda xml, vm: str(home) in xml)
+
+
+# -- lab roots and the domains a killed run leaves ------------------------------------------
+# A run killed hard (SIGKILL, a session's end) never reaches teardown: its libvirt domains
+# stay defined in /etc/libvirt/qemu, and the next run's hosts (same names, same VM names)
+# would find them. Every lab root records the process that owns it; a run sweeps away
+# the domains of roots whose owner is gone before it builds hosts of its own.
+OWNER_FILE = ".vmr-lab-owner"
+# a pytest lab root made before roots recorded their owner (tempfile.mkdtemp's 8 characters)
+_LEGACY_ROOT = re.compile(r"^vmr(lv)?-[A-Za-z0-9_]{8}$")
+
+
+def process_start_time(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def claim_root(root: Path) -> None:
+    """Record this process as the owner of a lab root under /tmp (see sweep_stale_domains)."""
+    (Path(root) / OWNER_FILE).write_text(f"{os.getpid()} {process_start_time(os.getpid())}\n")
+
+
+def root_is_stale(root: Path) -> bool:
+    """A lab root whose domains nobody will tear down: gone, owned by a process that is
+    no longer running (pid and start time, so a reused pid does not count), or a pytest
+    root from before owners were recorded."""
+    if not root.is_dir():
+        return True
+    try:
+        pid, started = (root / OWNER_FILE).read_text().split()
+    except FileNotFoundError:
+        return bool(_LEGACY_ROOT.match(root.name))
+    except (OSError, ValueError):
+        return False
+    return process_start_time(int(pid)) != started
+
+
+def sweep_stale_domains() -> list[str]:
+    """Destroy and undefine the vmreplica domains whose home lies in a stale lab root under
+    /tmp (never a domain without vmreplica metadata, nor one of a home elsewhere).
+    Returns the domain names removed."""
+    def stale(xml: str, vm) -> bool:
+        if vm is None or not vm.home:
+            return False
+        path = Path(vm.home)
+        if Path("/tmp") not in path.parents:
+            return False
+        return root_is_stale(Path("/tmp") / path.relative_to("/tmp").parts[0])
+    return _undefine_where(stale)
+
+
+def _undefine_where(match) -> list[str]:
+    """Destroy and undefine the domains for which match(xml, vmreplica metadata or None)."""
     try:
         import libvirt
+
+        from vmreplica.hypervisor.libvirt.domainxml import parse
     except ImportError:
-        return
+        return []
     try:
         conn = libvirt.open("qemu:///system")
     except libvirt.libvirtError:
-        return
+        return []
+    removed = []
     try:
         for dom in conn.listAllDomains():
             try:
-                if str(home) not in dom.XMLDesc(0):
+                xml = dom.XMLDesc(0)
+                try:
+                    vm = parse(xml)[1]
+                except (ET.ParseError, AssertionError, ValueError):   # not one vmreplica wrote
+                    vm = None
+                if not match(xml, vm):
                     continue
                 if dom.isActive():
                     dom.destroy()
                 dom.undefineFlags(getattr(libvirt, "VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA", 0)
                                   | getattr(libvirt, "VIR_DOMAIN_UNDEFINE_NVRAM", 0))
+                removed.append(dom.name())
             except libvirt.libvirtError:
                 continue
     finally:
         conn.close()
+    return removed
 
 
 def _kill_leftovers(home: Path) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from harness import lab
 from vmreplica.errors import Conflict, HypervisorError, NotFound, TrackingError, Unsupported
 
 pytestmark = pytest.mark.integration
@@ -39,6 +40,7 @@ def libvirtd():
     if p.returncode != 0:
         pytest.skip(f"libvirtd cannot start here: {(p.stderr or p.stdout).strip()}")
     import libvirt
+    lab.sweep_stale_domains()      # of runs killed before their teardown
     conn = libvirt.open("qemu:///system")
     yield conn
     conn.close()
@@ -49,6 +51,7 @@ def root():
     # QEMU runs as libvirt-qemu: every folder above a disk must be traversable (0755).
     d = Path(tempfile.mkdtemp(prefix="vmrlv-", dir="/tmp"))
     os.chmod(d, 0o755)
+    lab.claim_root(d)
     yield d
     shutil.rmtree(d, ignore_errors=True)
 
@@ -451,3 +454,41 @@ def test_change_tracking_running_and_shut_off(hosts, libvirtd):
     assert not Path(f"/var/log/libvirt/qemu/{dom_name}.log").exists()
     assert not list(a.run_dir.glob("lv-*"))   # the storage daemon's sockets are gone
     assert info.uuid not in json.dumps([v.uuid for v in a.list_vms()])
+
+
+def test_a_killed_runs_domains_are_swept_and_a_live_runs_are_kept(libvirtd, root):
+    """A test run killed before its teardown leaves its domains defined (CI met them as
+    'libvirt already has a domain named ...'): the next run removes the domains of lab
+    roots whose owner process is gone, and never those of a live root."""
+    from vmreplica.hypervisor.factory import get_driver
+    tag = secrets.token_hex(3)
+    name = f"lvt{tag}-sweep"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    killed = Path(tempfile.mkdtemp(prefix="vmr-killed-", dir="/tmp"))
+    os.chmod(killed, 0o755)
+    (killed / lab.OWNER_FILE).write_text(f"{dead.pid} {lab.process_start_time(os.getpid())}\n")
+    try:
+        old = get_driver("libvirt", _home(killed, "a"),
+                         {"libvirt_uri": "qemu:///system", "accel": "tcg", "host_name": name})
+        old.create_vm("vm1", [MiB])
+        live = get_driver("libvirt", _home(root, f"{tag}-live"),
+                          {"libvirt_uri": "qemu:///system", "accel": "tcg",
+                           "host_name": f"{name}-live"})
+        live.create_vm("vm1", [MiB])
+        assert not lab.root_is_stale(root)
+
+        again = get_driver("libvirt", _home(root, f"{tag}-again"),
+                           {"libvirt_uri": "qemu:///system", "accel": "tcg", "host_name": name})
+        with pytest.raises(Conflict, match=f"libvirt already has a domain named vmr-{name}-vm1"):
+            again.create_vm("vm1", [MiB])
+
+        assert lab.sweep_stale_domains() == [f"vmr-{name}-vm1"]
+        assert [v.name for v in live.list_vms()] == ["vm1"]
+        again.create_vm("vm1", [MiB])       # the name is free again
+        assert [v.name for v in again.list_vms()] == ["vm1"]
+        assert lab.sweep_stale_domains() == []
+    finally:
+        for home in (killed / "a", root / f"{tag}-live", root / f"{tag}-again"):
+            lab._undefine_domains(home)
+        shutil.rmtree(killed, ignore_errors=True)

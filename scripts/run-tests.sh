@@ -4,4 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONDONTWRITEBYTECODE=1
-.venv/bin/python -m pytest -q -ra --durations=15 tests "$@"
+# Two workers (VMREPLICA_TEST_WORKERS=0: none), tests grouped as tests/conftest.py says.
+workers=${VMREPLICA_TEST_WORKERS:-2}
+parallel=()
+if [ "$workers" != 0 ]; then
+    parallel=(-n "$workers" --dist loadgroup)
+fi
+.venv/bin/python -m pytest -q -ra --durations=25 "${parallel[@]}" tests "$@"

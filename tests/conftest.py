@@ -8,6 +8,7 @@ are shared per session; tests that kill daemons build their own.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
@@ -47,15 +48,45 @@ def fresh_dir(lab_root):
 
 DRIVERS = os.environ.get("VMREPLICA_TEST_DRIVERS", "qemu,libvirt").split(",")
 
+# `make test` runs two pytest-xdist workers (scripts/run-tests.sh, --dist loadgroup): most
+# of the suite's time is spent waiting (cycles, outages, fencing, a TCG guest booting), not
+# computing. A group runs in one worker, in order:
+#  - "libvirt": every test on the libvirt driver, and the libvirt driver's own tests.
+#    They share the one system libvirtd, where a domain is named vmr-HOST-VM, and the
+#    lab's hosts are site-a and site-b in every worker: two workers would collide.
+#  - "cluster": the modules that boot namespace clusters (Corosync, Pacemaker, fencing),
+#    whose timings are the tightest; never two such clusters at once.
+#  - every other module, its own group, so its module-scoped guests and hosts are built
+#    once.
+_CLUSTER_MODULES = {"test_ha", "test_cluster_lab"}
+_LIBVIRT_MODULES = {"test_libvirt_driver"}
+
+
+@pytest.hookimpl(tryfirst=True)       # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.path.stem
+        params = item.callspec.params if isinstance(item, pytest.Function) and \
+            hasattr(item, "callspec") else {}
+        if module in _CLUSTER_MODULES:
+            group = "cluster"
+        elif params.get("driver") == "libvirt" or module in _LIBVIRT_MODULES:
+            group = "libvirt"
+        else:
+            group = str(item.path.relative_to(config.rootpath))
+        item.add_marker(pytest.mark.xdist_group(group))
+
 
 @pytest.fixture(scope="session")
 def libvirtd():
     """A running libvirtd (started by the project's script when none runs)."""
-    proc = subprocess.run(["bash", str(Path(__file__).parents[1] / "scripts" / "start-libvirtd.sh")],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.fail(f"libvirtd could not be started: {proc.stdout}{proc.stderr}")
-    removed = lab.sweep_stale_domains()      # of runs killed before their teardown
+    with open("/tmp/vmr-libvirtd.lock", "a") as lock:   # one starter among xdist workers
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        proc = subprocess.run(["bash", str(Path(__file__).parents[1] / "scripts" /
+                                           "start-libvirtd.sh")], capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.fail(f"libvirtd could not be started: {proc.stdout}{proc.stderr}")
+        removed = lab.sweep_stale_domains()      # of runs killed before their teardown
     if removed:
         print(f"\n[libvirtd] removed {len(removed)} domains of killed test runs: "
               f"{', '.join(sorted(removed))}")

@@ -48,18 +48,21 @@ def fresh_dir(lab_root):
 
 DRIVERS = os.environ.get("VMREPLICA_TEST_DRIVERS", "qemu,libvirt").split(",")
 
-# `make test` runs two pytest-xdist workers (scripts/run-tests.sh, --dist loadgroup): most
-# of the suite's time is spent waiting (cycles, outages, fencing, a TCG guest booting), not
-# computing. A group runs in one worker, in order:
+# `make test` (scripts/run-tests.sh) runs the suite in two phases. First everything but
+# the clusters, in two pytest-xdist workers (--dist loadgroup): most of that time is spent
+# waiting (cycles, outages, a TCG guest booting), not computing. A group runs in one
+# worker, in order:
 #  - "libvirt": every test on the libvirt driver, and the libvirt driver's own tests.
 #    They share the one system libvirtd, where a domain is named vmr-HOST-VM, and the
 #    lab's hosts are site-a and site-b in every worker: two workers would collide.
-#  - "cluster": the modules that boot namespace clusters (Corosync, Pacemaker, fencing),
-#    whose timings are the tightest; never two such clusters at once.
 #  - every other module, its own group, so its module-scoped guests and hosts are built
 #    once.
+# Then the modules that boot namespace clusters (marker "cluster": Corosync, Pacemaker,
+# fencing with 60 s operation timeouts), alone on the machine: their timings are the
+# suite's tightest, and a TCG guest booting in the other worker slowed a resource start
+# past its timeout.
 _CLUSTER_MODULES = {"test_ha", "test_cluster_lab"}
-_LIBVIRT_MODULES = {"test_libvirt_driver"}
+_LIBVIRT_MODULES = {"test_libvirt_driver", "test_debian_guest"}
 
 
 @pytest.hookimpl(tryfirst=True)       # before xdist's own hook reads the groups
@@ -69,6 +72,7 @@ def pytest_collection_modifyitems(config, items):
         params = item.callspec.params if isinstance(item, pytest.Function) and \
             hasattr(item, "callspec") else {}
         if module in _CLUSTER_MODULES:
+            item.add_marker(pytest.mark.cluster)
             group = "cluster"
         elif params.get("driver") == "libvirt" or module in _LIBVIRT_MODULES:
             group = "libvirt"

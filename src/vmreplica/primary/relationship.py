@@ -70,7 +70,7 @@ def enable(host, vm: str, replica: str, frequency: str = FREQUENCY_TEXT,
     if not disks:
         raise UsageError(f"every disk of {vm} is excluded: nothing to replicate")
     for d in disks:
-        check_disk(vm, d)
+        check_disk(vm, d, existing=info.origin == "existing")
     client = host.client_for_address(replica)  # NotTrusted if not paired
     peer = host.store.peer_by_address(f"{client.host}:{client.port}")
     if main is not None:

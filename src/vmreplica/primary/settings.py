@@ -70,7 +70,7 @@ def change_disks(host, vm: str, exclude: list[str], include: list[str]) -> dict:
     for name in include:
         if name in disks:
             raise UsageError(f"disk {name} of {vm} is already replicated")
-        check_disk(vm, by_name[name])
+        check_disk(vm, by_name[name], existing=info.origin == "existing")
     order = [d.name for d in info.disks]
     disks = sorted(disks + include, key=order.index)
     if not disks:

@@ -208,6 +208,9 @@ def test_existing_domain_bad_input(exist_sites, workdir):
         assert kinds == {"vda": ("file", "raw"), "vdb": ("block", "raw"),
                          "vdc": ("file", "qcow2")}
 
+        r = a.run("enable", name, "--replica", b.address, "--mode", "continuous", check=False)
+        assert r.returncode != 0, r.stdout
+        assert "continuous mode is not available for existing libvirt domains" in r.stderr
         r = a.run("enable", name, "--replica", b.address, check=False)
         assert r.returncode != 0
         assert f"disk vda of {name} is a raw file" in r.stderr, r.stderr
@@ -221,6 +224,9 @@ def test_existing_domain_bad_input(exist_sites, workdir):
         r = a.run("vm", "delete", name, check=False)
         assert r.returncode != 0 and "never deletes or undefines it" in r.stderr, r.stderr
         assert inactive_xml(name) == before
+
+        r = a.run("vm", "create", name, "--disk", "1M", check=False)     # its name is taken
+        assert r.returncode != 0 and f"a VM named {name} exists" in r.stderr, r.stderr
 
         unknown = f"ops-{secrets.token_hex(4)}"
         r = a.run("enable", unknown, "--replica", b.address, check=False)

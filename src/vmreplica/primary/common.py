@@ -47,12 +47,16 @@ MODES = ("periodic", "continuous")
 COMPRESSIONS = ("zstd", "none")
 
 
-def check_mode(host, mode: str, max_stall: float) -> None:
-    """A replication mode this host's driver can run, and a stall bound in range."""
+def check_mode(host, mode: str, max_stall: float, existing: bool = False) -> None:
+    """A replication mode this host's driver can run (for an existing libvirt domain,
+    ``existing``: periodic only, for now), and a stall bound in range."""
     if mode not in MODES:
         raise UsageError(f"unknown mode {mode!r}", hint="choose periodic or continuous")
     if mode == "continuous" and not host.driver.continuous:
         raise UsageError(f"continuous mode is not available on {host.driver.name} hosts",
+                         hint="use --mode periodic")
+    if mode == "continuous" and existing:
+        raise UsageError("continuous mode is not available for existing libvirt domains yet",
                          hint="use --mode periodic")
     if not 0.5 <= float(max_stall) <= 120:
         raise UsageError("--max-stall must be between 0.5 and 120 seconds")

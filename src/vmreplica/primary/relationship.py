@@ -57,7 +57,7 @@ def enable(host, vm: str, replica: str, frequency: str = FREQUENCY_TEXT,
     if int(app_every) < 0:
         raise UsageError("--app-consistent-every must be 0 (never) or more")
     parse_window(resync_window)
-    check_mode(host, mode, max_stall)
+    check_mode(host, mode, max_stall, existing=info.origin == "existing")
     if compression not in COMPRESSIONS:
         raise UsageError(f"unknown compression {compression!r}", hint="choose zstd or none")
     names = [d.name for d in info.disks]

@@ -118,7 +118,8 @@ def teardown(*hosts: LabHost, remove: bool = False) -> None:
         except Exception:  # noqa: BLE001 — the daemon may be down already
             vms = []
         for v in vms:
-            if v.get("state") == "running":
+            # (an existing libvirt domain listed beside ours is not this lab's to stop)
+            if v.get("state") == "running" and v.get("origin", "vmreplica") == "vmreplica":
                 h.run("vm", "stop", v["name"], "--force", check=False, timeout=60)
         h.stop()
         _kill_leftovers(h.home)

@@ -81,9 +81,9 @@ def cmd_list(args) -> int:
     if args.json:
         emit_json(vms)
         return 0
-    table([[v["name"], v["state"], v["role"], len(v["disks"]),
+    table([[v["name"], v["state"], v["role"], v.get("origin") or "vmreplica", len(v["disks"]),
             size(sum(d["virtual_size"] for d in v["disks"])), ",".join(v.get("tags") or [])]
-           for v in vms], ["VM", "STATE", "ROLE", "DISKS", "SIZE", "TAGS"])
+           for v in vms], ["VM", "STATE", "ROLE", "ORIGIN", "DISKS", "SIZE", "TAGS"])
     return 0
 
 
@@ -93,7 +93,8 @@ def cmd_show(args) -> int:
         emit_json(vm)
         return 0
     print(f"{vm['name']}: {vm['state']}, role {vm['role']}, {vm['memory_mb']} MB"
-          + (f", guest {vm['guest']}" if vm.get("guest") else ""))
+          + (f", guest {vm['guest']}" if vm.get("guest") else "")
+          + (", an existing libvirt domain" if vm.get("origin") == "existing" else ""))
     table([[d["name"], d["format"], size(d["virtual_size"]), d["path"]] for d in vm["disks"]],
           ["DISK", "FORMAT", "SIZE", "PATH"])
     return 0

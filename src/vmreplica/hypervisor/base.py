@@ -23,10 +23,13 @@ QUIET_CANCEL_GUARD = 3.0
 
 @dataclass
 class DiskInfo:
-    name: str            # stable name inside the VM: disk0, disk1, ...
+    name: str            # stable name inside the VM: disk0, disk1, ... (an existing
+                         # libvirt domain's disks: their target dev, vda, vdb, ...)
     path: str            # image file (for a replica: the head of its chain)
     format: str          # qcow2 | raw
     virtual_size: int
+    kind: str = "file"   # file; an existing libvirt domain's disk may also be block,
+                         # network, volume, ... (libvirt's disk type; `enable` refuses them)
 
 
 @dataclass
@@ -39,6 +42,8 @@ class VMInfo:
     guest: str | None = None
     pid: int | None = None
     agent: bool = False  # has a guest-agent channel
+    origin: str = "vmreplica"  # vmreplica: made by vmreplica (vm create, a replica);
+                               # existing: an operator's libvirt domain, taken as it is
 
 
 @dataclass

@@ -47,21 +47,38 @@ MODES = ("periodic", "continuous")
 COMPRESSIONS = ("zstd", "none")
 
 
-def check_mode(host, mode: str, max_stall: float) -> None:
-    """A replication mode this host's driver can run, and a stall bound in range."""
+def check_mode(host, mode: str, max_stall: float, existing: bool = False) -> None:
+    """A replication mode this host's driver can run (for an existing libvirt domain,
+    ``existing``: periodic only, for now), and a stall bound in range."""
     if mode not in MODES:
         raise UsageError(f"unknown mode {mode!r}", hint="choose periodic or continuous")
     if mode == "continuous" and not host.driver.continuous:
         raise UsageError(f"continuous mode is not available on {host.driver.name} hosts",
                          hint="use --mode periodic")
+    if mode == "continuous" and existing:
+        raise UsageError("continuous mode is not available for existing libvirt domains yet",
+                         hint="use --mode periodic")
     if not 0.5 <= float(max_stall) <= 120:
         raise UsageError("--max-stall must be between 0.5 and 120 seconds")
 
 
-def check_disk(vm: str, d) -> None:
+def check_disk(vm: str, d, existing: bool = False) -> None:
     """qcow2 (v3: persistent bitmaps) and raw (tracked while the VM runs, resynchronised
-    after a restart) disks can be replicated; nothing else."""
+    after a restart) image files can be replicated; nothing else. An existing libvirt
+    domain's (``existing``) raw files are refused for now: its tracking of raw disks is
+    not built yet."""
     from ..qemutools import img
+    if d.kind != "file":
+        raise UsageError(f"disk {d.name} of {vm} is a {d.kind} disk ({d.path or 'no source'}):"
+                         " only disks that are image files (qcow2) can be replicated yet",
+                         hint=f"exclude it with `--exclude-disk {d.name}`")
+    if d.format == "raw" and existing:
+        raise UsageError(f"disk {d.name} of {vm} is a raw file ({d.path}): QEMU cannot keep a "
+                         "persistent dirty bitmap in it, and vmreplica does not track raw "
+                         "disks of existing libvirt domains yet",
+                         hint=f"convert it to qcow2 while the domain is off (`qemu-img convert "
+                              f"-O qcow2 {d.path} NEW.qcow2`, then `virsh edit {vm}`), or "
+                              f"exclude it with `--exclude-disk {d.name}`")
     if d.format == "raw":
         return
     if d.format != "qcow2":

@@ -57,7 +57,7 @@ def enable(host, vm: str, replica: str, frequency: str = FREQUENCY_TEXT,
     if int(app_every) < 0:
         raise UsageError("--app-consistent-every must be 0 (never) or more")
     parse_window(resync_window)
-    check_mode(host, mode, max_stall)
+    check_mode(host, mode, max_stall, existing=info.origin == "existing")
     if compression not in COMPRESSIONS:
         raise UsageError(f"unknown compression {compression!r}", hint="choose zstd or none")
     names = [d.name for d in info.disks]
@@ -70,7 +70,7 @@ def enable(host, vm: str, replica: str, frequency: str = FREQUENCY_TEXT,
     if not disks:
         raise UsageError(f"every disk of {vm} is excluded: nothing to replicate")
     for d in disks:
-        check_disk(vm, d)
+        check_disk(vm, d, existing=info.origin == "existing")
     client = host.client_for_address(replica)  # NotTrusted if not paired
     peer = host.store.peer_by_address(f"{client.host}:{client.port}")
     if main is not None:

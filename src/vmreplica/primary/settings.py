@@ -5,6 +5,7 @@ History goes to the replica too (its retention applies it at the next point)."""
 from __future__ import annotations
 
 from ..domain import points as dp
+from ..domain.links import vm_name
 from ..domain.schedule import format_frequency, parse_frequency, parse_window
 from ..errors import UsageError
 from .common import COMPRESSIONS, check_disk, check_mode, relationship_of
@@ -70,7 +71,7 @@ def change_disks(host, vm: str, exclude: list[str], include: list[str]) -> dict:
     for name in include:
         if name in disks:
             raise UsageError(f"disk {name} of {vm} is already replicated")
-        check_disk(vm, by_name[name])
+        check_disk(vm, by_name[name], existing=info.origin == "existing")
     order = [d.name for d in info.disks]
     disks = sorted(disks + include, key=order.index)
     if not disks:
@@ -103,7 +104,8 @@ def change_disks(host, vm: str, exclude: list[str], include: list[str]) -> dict:
 def apply(host, vm: str, changes: dict) -> dict:
     rel = relationship_of(host, vm)
     if changes.get("mode") == "continuous" and rel.mode != "continuous":
-        check_mode(host, "continuous", changes.get("max_stall", rel.max_stall))
+        existing = host.driver.inspect(vm_name(vm)).origin == "existing"
+        check_mode(host, "continuous", changes.get("max_stall", rel.max_stall), existing)
     if changes.get("mode") == "periodic" and rel.mode == "continuous":
         # The watchdog leaves it first (it follows continuous relationships only), then
         # the mirror ends; the bitmap carries on: no re-seeding either way.

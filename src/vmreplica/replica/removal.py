@@ -86,6 +86,10 @@ def remove_relationship(host, vm: str, keep_replica: bool, tell_primary: bool = 
         removed_vm = False
         try:
             info = host.driver.inspect(vm)
+            if info.origin != "vmreplica":
+                # No replica VM here; the name is an existing libvirt domain's (the
+                # primary's own, where one libvirtd holds both hosts): never touched.
+                raise NotFound(f"no replica VM {vm}")
             if failed_over:
                 pass                    # it runs here now, on its own disks: it stays
             elif keep_replica:
@@ -232,6 +236,10 @@ def kept_replica(host, vm: str, identity: str | None) -> Path | None:
     try:
         info = host.driver.inspect(vm)
     except NotFound:
+        return None
+    if info.origin != "vmreplica":
+        # An existing libvirt domain of that name (where one libvirtd holds both hosts,
+        # the primary's own): the replica VM (vmr-HOST-NAME) shadows it, no conflict.
         return None
     folders = {Path(d.path).parent for d in info.disks}
     meta = {}

@@ -16,8 +16,9 @@ def vm_json(host, info, tags: list[str] | None = None) -> dict:
     return {
         "tags": host.store.tags(info.name) if tags is None else tags,
         "name": info.name, "state": info.state, "role": role_of(host, info.name),
+        "origin": info.origin,
         "memory_mb": info.memory_mb, "guest": info.guest, "pid": info.pid,
-        "disks": [{"name": d.name, "path": d.path, "format": d.format,
+        "disks": [{"name": d.name, "path": d.path, "format": d.format, "kind": d.kind,
                    "virtual_size": d.virtual_size} for d in info.disks],
     }
 

@@ -7,7 +7,8 @@ driver lacks (``io``, ``--share-rw``, live views) raises ``Unsupported``.
 
 One module per concern; each says what it owns:
 
-    domainxml     the domain XML and vmreplica's metadata in it; naming
+    domainxml     the domain XML and vmreplica's metadata in it; naming; existing
+                  domains (no vmreplica metadata) read as VMs
     connection    libvirtd connection, lookups, definition writes, QMP passthrough
     inventory     list, create, define, delete; start, stop, pause, resume; files
     agent         guest agent, the VM checker (check), managed save

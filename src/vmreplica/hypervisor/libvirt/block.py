@@ -22,6 +22,11 @@ Files:
     HOME/vms/NAME/run/nbd.sock     the pull-backup NBD socket; QEMU creates it, so this
                                    folder is chowned to the uid:gid QEMU runs as
     HOME/run/lv-<uuid8>-bs.*       the storage daemon of a shut-off VM's block session
+
+An existing domain (an operator's, vmreplica did not create it) has no VM folder of its
+own: its session makes HOME/vms/NAME/ for the scratch images and the socket and removes
+it again at close. Only its file disks are opened while it is off (``enable`` refuses
+replicating any other kind).
 """
 
 from __future__ import annotations
@@ -68,6 +73,8 @@ class LibvirtBlockSession(CheckpointOps):
         self._temp: list[tuple[str, str]] = []  # off: (node, bitmap) made for a frozen view
         self._scratch: list[Path] = []
         self.running = driver._active(dom)
+        if vm.existing:
+            driver._mkdir_vm(self.vmdir)
         if self.running:
             self.qmp = Passthrough(dom)
             self.nbd_socket = self._socket_path()
@@ -75,7 +82,8 @@ class LibvirtBlockSession(CheckpointOps):
         else:
             blockdevs = []
             for d in vm.disks:
-                blockdevs += image_node(d.path, d.name, d.format)
+                if d.kind == "file":
+                    blockdevs += image_node(d.path, d.name, d.format)
             short = domain_uuid(vm.host, vm.uuid)[:8]
             self.qsd = StorageDaemon(driver.run_dir, f"lv-{short}-bs", blockdevs).start()
             assert self.qsd.qmp is not None         # (started)
@@ -296,6 +304,12 @@ class LibvirtBlockSession(CheckpointOps):
         finally:
             if self.qsd is not None:
                 self.qsd.close()
+            if self.vm.existing:
+                for d in (self.vmdir / "run", self.vmdir):
+                    try:
+                        d.rmdir()
+                    except OSError:
+                        pass    # (not empty: something of a running backup is left)
 
     def __enter__(self):
         return self

@@ -1,6 +1,6 @@
 """The libvirt driver's ground floor: the connection to libvirtd, this host's name and
 its domains' names, looking a VM's domain up (``LibvirtBase._load``) and writing its
-persistent definition back, the pause mark; and the plumbing every part uses: libvirt's
+persistent definition back (never an existing domain's), the pause mark; and the plumbing every part uses: libvirt's
 error text, QMP passed through libvirt to the domain's QEMU, the uid:gid QEMU runs as.
 
 Every part of the driver (inventory, agent, block, mirror, collapse) is a subclass of
@@ -29,10 +29,10 @@ from typing import TypeGuard
 import libvirt
 import libvirt_qemu
 
-from ...errors import HypervisorError, NotFound, UsageError
+from ...errors import Conflict, HypervisorError, NotFound, UsageError
 from ...qemutools import qmp
 from ..base import DiskInfo, VMInfo
-from .domainxml import VMDef, domain_xml, meta_element, parse, vmr
+from .domainxml import VMDef, domain_xml, existing_disks, existing_vm, meta_element, parse, vmr
 
 QEMU_USER = "libvirt-qemu"
 PID_DIR = Path("/run/libvirt/qemu")
@@ -189,11 +189,40 @@ class LibvirtBase:
             raise HypervisorError(f"libvirt: {lv_error(e)}") from None
 
     def _load(self, name: str) -> tuple[libvirt.virDomain, ET.Element, VMDef]:
-        dom = self._domain(name)
+        """The VM ``name``: this host's vmreplica VM of that name (domain
+        vmr-HOST-NAME), else an existing domain of that libvirt name without vmreplica
+        metadata (a vmreplica VM shadows an existing domain of the same name)."""
+        try:
+            dom = self._domain(name)
+        except NotFound:
+            return self._load_existing(name)
         root, vm = parse(self._xml(dom))
         if not self._ours(vm) or vm.name != name:
             raise self._not_found(name)
         return dom, root, vm
+
+    def _load_existing(self, name: str) -> tuple[libvirt.virDomain, ET.Element, VMDef]:
+        try:
+            dom = self.conn.lookupByName(name)
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                raise self._not_found(name) from None
+            raise HypervisorError(f"libvirt: {lv_error(e)}") from None
+        root, vm = parse(self._xml(dom))
+        if vm is not None:          # a vmreplica VM (of this or another host's home)
+            raise self._not_found(name)
+        return dom, root, self._existing(dom, root)
+
+    def _existing(self, dom: libvirt.virDomain, root: ET.Element) -> VMDef:
+        """An existing domain as a VM of this host; its disks' virtual sizes from libvirt
+        (virDomainGetBlockInfo answers for a shut-off domain too)."""
+        sizes = {}
+        for d in existing_disks(root):
+            try:
+                sizes[d.target] = int(dom.blockInfo(d.target, 0)[0])
+            except libvirt.libvirtError:
+                sizes[d.target] = 0     # (a missing image: the size is unknown)
+        return existing_vm(root, self.host_name, str(self.home), sizes)
 
     def _dir(self, name: str) -> Path:
         return self.vms_dir / name
@@ -212,15 +241,23 @@ class LibvirtBase:
         running = self._active(dom)
         return VMInfo(name=vm.name, uuid=vm.uuid, state="running" if running else "stopped",
                       memory_mb=vm.memory_mb, guest=vm.guest, pid=pid, agent=vm.agent,
-                      disks=[DiskInfo(d.name, d.path, d.format, d.virtual_size)
-                             for d in vm.disks])
+                      disks=[DiskInfo(d.name, d.path, d.format, d.virtual_size, d.kind)
+                             for d in vm.disks],
+                      origin="existing" if vm.existing else "vmreplica")
 
     # -- the persistent definition -----------------------------------------------------
     def _mkdir_vm(self, d: Path) -> None:
         d.mkdir(parents=True, exist_ok=True)
         os.chmod(d, 0o755)   # QEMU (libvirt-qemu) opens disks and the console below it
 
+    def _refuse_existing(self, vm: VMDef, what: str) -> None:
+        if vm.existing:
+            raise Conflict(f"{vm.name} is an existing libvirt domain (vmreplica did not "
+                           f"create it): vmreplica does not {what}",
+                           hint="change it with libvirt's own tools (virsh edit)")
+
     def _define(self, vm: VMDef) -> libvirt.virDomain:
+        self._refuse_existing(vm, "rewrite its definition")
         root = domain_xml(vm, self.domain_type(), self._dir(vm.name) / "console.log")
         dom = self._define_xml(ET.tostring(root, encoding="unicode"), vm.name)
         self._describe_to_folder(vm)
@@ -254,7 +291,9 @@ class LibvirtBase:
         return dom
 
     def _redefine(self, root: ET.Element, vm: VMDef) -> None:
-        """Write back the persistent definition with ``vm``'s metadata."""
+        """Write back the persistent definition with ``vm``'s metadata (never an
+        existing domain's)."""
+        self._refuse_existing(vm, "rewrite its definition")
         meta = root.find("metadata")
         if meta is None:
             meta = ET.Element("metadata")

@@ -15,6 +15,12 @@ vmreplica name and identity uuid as its primary):
                    ``set_title`` ("replica of web1 on site-a")
     disks          disk0, disk1, ... in the order of the description → vda, vdb, ...
                    (virtio-blk, <serial>diskN</serial>); the demo guest writes to the last
+
+Existing domains (an operator's, without vmreplica metadata: ``existing_vm``) keep their
+libvirt name as the VM's name and their domain uuid as its identity; their disks are
+their ``<disk device='disk'>`` elements, each named by its target dev (vda, vdb, ...),
+with the source (a file's path, a block device's node) and libvirt's disk type as
+``kind``. vmreplica never writes their XML.
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ class DiskDef:
     format: str
     virtual_size: int
     created: bool = False
+    kind: str = "file"   # libvirt's disk type: file, block, network, volume, ...
 
 
 @dataclass
@@ -80,6 +87,9 @@ class VMDef:
     owns: list[str] = field(default_factory=list)
     title: str = ""
     description: str = ""
+    # An operator's domain without vmreplica metadata, taken as it is (existing_vm):
+    # never redefined, renamed or deleted by vmreplica.
+    existing: bool = False
 
     def disk(self, name: str) -> DiskDef:
         for d in self.disks:
@@ -110,10 +120,6 @@ def parse(xml: str) -> tuple[ET.Element, VMDef | None]:
         disks.append(DiskDef(d.get("name", ""), d.get("target", ""), sources.get(d.get("target", ""), ""),
                              d.get("format", "qcow2"), int(d.get("virtual-size", "0")),
                              d.get("created") == "yes"))
-    mem = root.find("memory")
-    assert mem is not None and mem.text is not None     # (libvirt writes it)
-    kib = int(mem.text) * {"KiB": 1, "MiB": 1024, "GiB": 1 << 20, "k": 1, "M": 1024,
-                           "G": 1 << 20}.get(mem.get("unit", "KiB"), 1)
     title = root.find("title")
     desc = root.find("description")
     try:
@@ -121,13 +127,71 @@ def parse(xml: str) -> tuple[ET.Element, VMDef | None]:
     except ValueError:
         created = 0.0
     vm = VMDef(dom_name=root.findtext("name", ""), name=text("name"), uuid=text("uuid"),
-               host=text("host"), home=text("home"), memory_mb=kib // 1024,
+               host=text("host"), home=text("home"), memory_mb=_memory_mb(root),
                guest=text("guest") or None, agent=text("agent") == "yes",
                network=text("network", "none") or "none", created_at=created, disks=disks,
                owns=[(p.text or "") for p in meta.findall(f"{vmr('owns')}/{vmr('path')}")],
                title=title.text if title is not None and title.text else "",
                description=desc.text if desc is not None and desc.text else "")
     return root, vm
+
+
+def _memory_mb(root: ET.Element) -> int:
+    mem = root.find("memory")
+    if mem is None or not mem.text:
+        return 0
+    # (libvirt writes it back in KiB, whatever unit it was defined with)
+    kib = int(mem.text) * {"KiB": 1, "MiB": 1024, "GiB": 1 << 20, "k": 1, "M": 1024,
+                           "G": 1 << 20}.get(mem.get("unit", "KiB"), 1)
+    return kib // 1024
+
+
+SOURCE_ATTRS = {"file": "file", "block": "dev", "dir": "dir", "volume": "volume",
+                "network": "name"}
+
+
+def existing_disks(root: ET.Element, sizes: dict[str, int] | None = None) -> list[DiskDef]:
+    """The ``<disk device='disk'>`` elements of a domain's XML, in their order, each named
+    by its target dev; ``sizes`` gives virtual sizes by target (libvirt knows them, the
+    XML does not). A disk without a driver type is raw (libvirt's default). CD-ROMs,
+    floppies and LUN pass-through are not disks to replicate and are left out."""
+    sizes = sizes or {}
+    out = []
+    for el in root.findall("devices/disk"):
+        if el.get("device", "disk") != "disk":
+            continue
+        target = el.find("target")
+        dev = target.get("dev", "") if target is not None else ""
+        if not dev:
+            continue
+        kind = el.get("type", "file")
+        src = el.find("source")
+        path = ""
+        if src is not None:
+            path = src.get(SOURCE_ATTRS.get(kind, "file"), "") or ""
+            if kind == "network" and src.get("protocol"):
+                path = f"{src.get('protocol')}:{path}"
+        drv = el.find("driver")
+        fmt = (drv.get("type") if drv is not None else None) or "raw"
+        out.append(DiskDef(dev, dev, path, fmt, int(sizes.get(dev, 0)), kind=kind))
+    return out
+
+
+def existing_vm(root: ET.Element, host: str, home: str,
+                sizes: dict[str, int] | None = None) -> VMDef:
+    """An operator's domain (no vmreplica metadata) as a VM of host ``host``: its libvirt
+    name, its domain uuid as identity, its disks (existing_disks), a guest agent if it has
+    the agent's channel. Its network is not carried yet ("none")."""
+    agent = any(t.get("name") == AGENT_PORT for t in root.findall("devices/channel/target"))
+    name = root.findtext("name", "")
+    title = root.find("title")
+    desc = root.find("description")
+    return VMDef(dom_name=name, name=name, uuid=(root.findtext("uuid") or "").strip(),
+                 host=host, home=home, memory_mb=_memory_mb(root), guest=None, agent=agent,
+                 network="none", created_at=0.0, disks=existing_disks(root, sizes),
+                 title=title.text if title is not None and title.text else "",
+                 description=desc.text if desc is not None and desc.text else "",
+                 existing=True)
 
 
 def meta_element(vm: VMDef) -> ET.Element:

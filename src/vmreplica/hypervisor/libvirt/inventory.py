@@ -1,7 +1,10 @@
-"""The libvirt driver's inventory and power: this host's VMs (``list_vms`` shows only
-domains whose metadata names this host's home), creating and defining them, their
+"""The libvirt driver's inventory and power: this host's VMs (``list_vms`` shows the
+domains whose metadata names this host's home, and the connection's existing domains —
+an operator's, without vmreplica metadata — by their libvirt name, origin "existing";
+domains with another home's metadata stay hidden), creating and defining them, their
 disks, labels and owned files, deleting them; start, stop, pause, resume. Domains are
-never autostarted.
+never autostarted. An existing domain is never redefined, renamed or deleted: ``delete``,
+``set_disks``, ``replace_disks``, ``add_owned`` and ``set_title`` refuse it.
 
 Files:
 
@@ -62,21 +65,29 @@ UNDEFINE_FLAGS = (libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
 class Inventory(LibvirtBase):
     # -- inventory ---------------------------------------------------------------------
     def list_vms(self) -> list[VMInfo]:
-        out = []
-        prefix = f"vmr-{self.host_name}-"
+        """This host's vmreplica VMs, and the existing domains (no vmreplica metadata) of
+        the connection not shadowed by a vmreplica VM of the same name."""
+        out, existing = [], []
         try:
             doms = self.conn.listAllDomains(0)
         except libvirt.libvirtError as e:
             raise HypervisorError(f"libvirt: {lv_error(e)}") from None
         for dom in doms:
             try:
-                if not dom.name().startswith(prefix):
-                    continue
-                _, vm = parse(self._xml(dom))
+                root, vm = parse(self._xml(dom))
+                if vm is None:
+                    existing.append((dom, root))
+                elif self._ours(vm) and dom.name() == self.domain_name(vm.name):
+                    out.append(self._info(dom, vm))
             except (HypervisorError, libvirt.libvirtError, ET.ParseError):
-                continue  # undefined meanwhile, or not ours
-            if self._ours(vm) and dom.name() == self.domain_name(vm.name):
-                out.append(self._info(dom, vm))
+                continue  # undefined meanwhile
+        names = {i.name for i in out}
+        for dom, root in existing:
+            try:
+                if dom.name() not in names:
+                    out.append(self._info(dom, self._existing(dom, root)))
+            except (HypervisorError, libvirt.libvirtError):
+                continue
         return sorted(out, key=lambda i: i.name)
 
     def inspect(self, name: str) -> VMInfo:
@@ -246,6 +257,12 @@ class Inventory(LibvirtBase):
 
     def delete(self, name: str) -> None:
         dom, _, vm = self._load(name)
+        if vm.existing:
+            raise Conflict(f"{name} is an existing libvirt domain (vmreplica did not create "
+                           "it): vmreplica never deletes or undefines it",
+                           hint=f"`vmreplica remove {name}` ends its replication; to delete "
+                                f"the domain itself use libvirt's tools (`virsh undefine "
+                                f"{name}`)")
         if self._active(dom):
             raise Conflict(f"VM {name} is running",
                            hint=f"stop it first: `vmreplica vm stop {name}`")
@@ -289,15 +306,18 @@ class Inventory(LibvirtBase):
         if self._active(dom):
             return
         for d in vm.disks:
+            if d.kind != "file":
+                continue
             if not Path(d.path).exists():
                 raise HypervisorError(f"disk {d.name} of {name} is missing: {d.path}")
             _check_traversable(Path(d.path))
         vmdir = self._dir(name)
-        self._mkdir_vm(vmdir)
-        _check_traversable(vmdir / "console.log")
-        console = vmdir / "console.log"
-        if console.exists() and console.stat().st_size > (8 << 20):
-            console.unlink()
+        console = vmdir / "console.log"     # (an existing domain has its own console)
+        if not vm.existing:
+            self._mkdir_vm(vmdir)
+            _check_traversable(console)
+            if console.exists() and console.stat().st_size > (8 << 20):
+                console.unlink()
         if vm.network == "isolated":
             self._ensure_isolated_network()
         try:
@@ -308,7 +328,8 @@ class Inventory(LibvirtBase):
                 reason += " (a replication cycle or another process holds the disk)"
             raise HypervisorError(f"libvirt could not start {name}: {reason}") from None
         if not self._active(dom):
-            raise HypervisorError(f"libvirt started {name} but it stopped at once; see {console}")
+            where = QEMU_LOG_DIR / f"{dom.name()}.log" if vm.existing else console
+            raise HypervisorError(f"libvirt started {name} but it stopped at once; see {where}")
 
     def _ensure_isolated_network(self) -> None:
         """A bridge with no address, no forward and no DHCP: VMs on it reach nothing but

@@ -180,7 +180,11 @@ def primary_view(host, peer: dict, vm: str) -> dict:
             rel = found
             break
     try:
-        power = host.driver.inspect(vm).state
+        info = host.driver.inspect(vm)
+        # A replica side's VM is one vmreplica made: an existing domain of that name (the
+        # primary's own, where one libvirtd holds both hosts) is not it.
+        replica_side = rel is not None and rel.role == "replica"
+        power = info.state if info.origin == "vmreplica" or not replica_side else None
     except Exception:  # noqa: BLE001 — the answer says "unknown"; the replica then goes by state
         power = None          # not defined here, or the hypervisor cannot say
     out = {"host": host.name, "vm": vm, "vm_state": power,

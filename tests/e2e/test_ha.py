@@ -209,6 +209,10 @@ def test_planned_move_and_checker_maintenance(cluster):
     c.vmr(a, "cluster", "checker", "suspend", VM)
     pid = c.json(a, "vm", "show", VM)["pid"]
     c.lab.run(a, ["kill", "-9", str(pid)])
+    # The killed QEMU takes a moment to be gone (its exit, then libvirtd's reaping: a
+    # check right after the kill found it, in a run of the suite). A restart would keep
+    # a QEMU of the VM there, and this wait would fail too.
+    _wait("the killed QEMU gone", lambda: c.qemu_nodes() == [], timeout=15)
     # For 8 s (Pacemaker's monitor interval is shorter): no QEMU of the VM anywhere (no
     # restart, no failover) and Pacemaker still places it on `a` (in maintenance it
     # neither monitors it nor records it stopped).

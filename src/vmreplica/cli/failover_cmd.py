@@ -34,8 +34,10 @@ def register(sub) -> None:
         g.add_argument(flag, dest="action", action="store_const",
                        const=flag[2:], help=text)
     p.add_argument("--point", help="recovery point id (default: the latest state)")
-    p.add_argument("--network", choices=["none", "isolated"], default="none",
-                   help="test failover: no NIC, or one on an isolated network")
+    p.add_argument("--network", metavar="none|isolated|NAME",
+                   help="test failover: the test VM's NICs on an isolated network (default "
+                        "for an existing libvirt domain's replica), none, or on this host's "
+                        "libvirt network or bridge NAME (default for other VMs: none)")
     p.add_argument("--shutdown", action="store_true",
                    help="with --prepare: shut the running VM down cleanly first")
     p.add_argument("--force", action="store_true",

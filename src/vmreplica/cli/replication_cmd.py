@@ -130,6 +130,10 @@ def _enable_options(p) -> None:
                    help="continuous: a write-blocking mirror, zero data loss (qemu driver)")
     p.add_argument("--max-stall", type=float, default=DEFAULTS.max_stall, metavar="SECONDS",
                    help="continuous: longest a guest write may wait for the replica")
+    p.add_argument("--network-map", action="append", default=[], metavar="SRC=DST",
+                   help="an existing libvirt domain's NICs on network or bridge SRC come up "
+                        "on DST of the replica host at failover (repeatable; overrides the "
+                        "replica server's default map)")
     p.add_argument("--dr", action="store_true",
                    help="a disaster-recovery link (NAME@dr) to a third host, beside the "
                         "VM's main relationship; it follows the VM to that relationship's "
@@ -144,11 +148,13 @@ def cmd_enable(args) -> int:
         "security_tag": args.security_tag, "history": args.recovery_history,
         "point_interval": args.point_interval, "app_every": args.app_consistent_every,
         "resync_window": args.resync_window, "mode": args.mode, "max_stall": args.max_stall,
-        "dr": args.dr})
+        "dr": args.dr, "network_map": args.network_map})
     what = "DR link" if args.dr else "replication"
     print(f"{what} of {info['vm']} to {info['replica']} enabled ({info['state']})"
           + (f"; it follows the VM to {', '.join(info['holders'][1:])}"
              if len(info.get("holders") or []) > 1 else ""))
+    for note in info.get("notes") or []:
+        print(f"  replica VM: {note}")
     print(f"next: {info['next']}")
     return 0
 

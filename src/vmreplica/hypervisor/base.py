@@ -44,6 +44,8 @@ class VMInfo:
     agent: bool = False  # has a guest-agent channel
     origin: str = "vmreplica"  # vmreplica: made by vmreplica (vm create, a replica);
                                # existing: an operator's libvirt domain, taken as it is
+    notes: list[str] = field(default_factory=list)  # define_vm: what it changed or left
+                               # out of a carried definition (hypervisor.libvirt.carry)
 
 
 @dataclass

@@ -54,9 +54,16 @@ def _overlays(rel: Relationship, layer: int, name: str) -> dict[str, str]:
 
 # -- test failover -------------------------------------------------------------------------
 
-def test_start(host, vm: str, point=None, network: str = "none") -> dict:
+def test_start(host, vm: str, point=None, network: str | None = None) -> dict:
+    """A test VM from a point (the latest state by default), its writes on overlays. Its
+    NICs: a replica carried from an existing libvirt domain puts every NIC on
+    ``network`` (default "isolated": no forwarding, made on demand; "none": no NIC; or a
+    network or bridge of this host); other VMs have none or one on "isolated"."""
     t0 = time.monotonic()
-    if network not in ("none", "isolated"):
+    carried = bool(host.driver.describe(vm).get("definition")) \
+        if host.driver.exists(vm) else False
+    network = network or ("isolated" if carried else "none")
+    if not carried and network not in ("none", "isolated"):
         raise UsageError(f"unknown network {network!r}", hint="choose none or isolated")
     with host.vm_lock(vm):
         rel = _replica_rel(host, vm)
@@ -84,6 +91,8 @@ def test_start(host, vm: str, point=None, network: str = "none") -> dict:
         desc.update(name=test_vm, uuid=None, network=network,
                     disks=[dict(d, path=overlays[d["name"]], format="qcow2")
                            for d in desc["disks"] if d["name"] in overlays])
+        if desc.get("definition"):       # every NIC of the whole VM on the test network
+            desc["network_map"] = {"*": None if network == "none" else network}
         host.store.update_relationship(vm, test={"vm": test_vm, "point": label,
                                                  "overlays": overlays})
         try:

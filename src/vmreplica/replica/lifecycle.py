@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from ..domain.networks import merged
 from ..domain.patterns import find_authorization
 from ..domain.relationship import DEFAULTS, Relationship
 from ..domain.states import Role, State
@@ -131,7 +132,10 @@ def create_relationship(host, peer: dict, body: dict) -> dict:
         replica_desc["disks"] = [dict(d, path=chains[d["name"]][-1], format="qcow2")
                                  for d in disks]
         replica_desc["owns"] = [str(rstore.vm_dir(storage, vm))]
-        host.driver.define_vm(replica_desc)
+        if desc.get("definition"):      # the whole domain: its NICs on this host's networks
+            replica_desc["network_map"] = merged(settings.get("network_map"),
+                                                 desc.get("network_map"))
+        notes = host.driver.define_vm(replica_desc).notes
         host.store.add_relationship(Relationship(
             vm=vm, id=body["id"], role=Role.REPLICA.value, peer=peer["name"],
             peer_address=peer.get("address"), state=State.WAITING_FOR_INITIAL.value,
@@ -162,7 +166,10 @@ def create_relationship(host, peer: dict, body: dict) -> dict:
     host.event("relationship", f"replica of {vm} created for primary {peer['name']}"
                + (f"; the kept replica in {kept} is ready for `initial {vm} --method existing "
                   f"--path {kept}`" if kept is not None else ""), vm)
-    return _describe(host, host.store.relationship(vm))
+    if notes:
+        host.event("relationship", "replica VM defined from the primary's domain: "
+                   + "; ".join(notes), vm)
+    return {**_describe(host, host.store.relationship(vm)), "notes": notes}
 
 
 def _describe(host, rel: Relationship) -> dict:

@@ -258,6 +258,9 @@ class LibvirtBase:
 
     def _define(self, vm: VMDef) -> libvirt.virDomain:
         self._refuse_existing(vm, "rewrite its definition")
+        if vm.carried:      # (its XML is the primary's, edited in place: _redefine)
+            raise HypervisorError(f"{vm.name} is defined from its primary's domain: its "
+                                  "XML is never regenerated")
         root = domain_xml(vm, self.domain_type(), self._dir(vm.name) / "console.log")
         dom = self._define_xml(ET.tostring(root, encoding="unicode"), vm.name)
         self._describe_to_folder(vm)

@@ -90,6 +90,10 @@ class VMDef:
     # An operator's domain without vmreplica metadata, taken as it is (existing_vm):
     # never redefined, renamed or deleted by vmreplica.
     existing: bool = False
+    # A VM defined from another domain's full XML (hypervisor.libvirt.carry): the
+    # replica of an existing domain, its failed-over or test VM. Its XML is edited in
+    # place, never regenerated from these fields.
+    carried: bool = False
 
     def disk(self, name: str) -> DiskDef:
         for d in self.disks:
@@ -130,6 +134,7 @@ def parse(xml: str) -> tuple[ET.Element, VMDef | None]:
                host=text("host"), home=text("home"), memory_mb=_memory_mb(root),
                guest=text("guest") or None, agent=text("agent") == "yes",
                network=text("network", "none") or "none", created_at=created, disks=disks,
+               carried=text("carried") == "yes",
                owns=[(p.text or "") for p in meta.findall(f"{vmr('owns')}/{vmr('path')}")],
                title=title.text if title is not None and title.text else "",
                description=desc.text if desc is not None and desc.text else "")
@@ -199,7 +204,8 @@ def meta_element(vm: VMDef) -> ET.Element:
     for tag, value in (("name", vm.name), ("uuid", vm.uuid), ("host", vm.host),
                        ("home", vm.home), ("guest", vm.guest or ""),
                        ("agent", "yes" if vm.agent else "no"), ("network", vm.network),
-                       ("created-at", repr(vm.created_at))):
+                       ("created-at", repr(vm.created_at)),
+                       ("carried", "yes" if vm.carried else "no")):
         ET.SubElement(m, vmr(tag)).text = value
     disks = ET.SubElement(m, vmr("disks"))
     for d in vm.disks:

@@ -52,7 +52,7 @@ def failover(host, vm: str, body: dict) -> dict:
     if action == "cancel" and rel.role == "primary":
         return planned.cancel(host, vm)
     actions = {
-        "test": lambda: rfailover.test_start(host, vm, point, body.get("network") or "none"),
+        "test": lambda: rfailover.test_start(host, vm, point, body.get("network") or None),
         "stop-test": lambda: rfailover.test_stop(host, vm),
         "start": lambda: rfailover.start(host, vm, point, force=bool(body.get("force"))),
         "cancel": lambda: rfailover.cancel(host, vm),

@@ -13,7 +13,10 @@ the guest-agent channel, is protected as a whole VM:
 - after a power cut of the primary, an unplanned failover to the latest point boots the
   VM on the replica host from its own disk, on the mapped network with its own MAC; its
   bank passes `PRAGMA integrity_check`, the total is unchanged and the counter is at
-  least what the primary had committed when the last cycle began.
+  least what the primary had committed when the last cycle began;
+- reverse makes the operator's domain the replica (kept as it is, only differences
+  move); a planned failback brings it home with zero loss (the counter continues from
+  the value read before the shutdown) and its XML exactly as defined; reverse again.
 
 Host names of their own (deb-a, deb-b), random domain and network names: the system
 libvirtd may be shared with another run.
@@ -160,6 +163,34 @@ def test_existing_domain_fails_over_whole_on_its_mapped_network(request, fresh_d
               f"{NAMES[1]}")
         b.run("failover", name, "--complete")
         assert b.json("status", name)[0]["state"] == "failed_over"
+        assert inactive_xml(name) == before
+
+        # Reverse: the operator's domain on deb-a becomes the replica, kept as it is (only
+        # the differences move); its XML is not touched.
+        back = b.json("reverse", name)
+        assert back["primary"] == NAMES[1] and back["bytes_moved"] < back["disk_bytes"] // 4
+        assert inactive_xml(name) == before
+        running = wait_bank_above(replica_dom, after["counter"])
+        assert_sound(running)
+        assert b.json("sync", name, "--verify")["verified"]
+
+        # Planned failback: zero loss, the domain at home exactly as it was defined.
+        last = bank_check(replica_dom)["counter"]
+        b.run("failover", name, "--prepare", "--shutdown")
+        home = a.json("failover", name)
+        assert home["planned"] is True and home["state"] == "failed_over", home
+        wait_for_agent(name, AGENT_TIMEOUT)
+        at_home = bank_check(name)
+        assert_sound(at_home)
+        assert at_home["counter"] >= last, (last, at_home)
+        assert inactive_xml(name) == before
+        again = a.json("reverse", name)                 # deb-b its replica again
+        assert again["bytes_moved"] < again["disk_bytes"] // 4
+        assert a.json("status", name)[0]["role"] == "primary"
+        assert a.json("sync", name, "--verify")["verified"]
+        print(f"[existing failover] reverse moved {back['bytes_moved']} B, failback merged "
+              f"{home.get('merged_bytes')} B, reverse home moved {again['bytes_moved']} B; "
+              f"bank {last} on {NAMES[1]} at shutdown -> {at_home['counter']} at home")
         assert inactive_xml(name) == before
     except BaseException:
         print(f"[existing failover] console of {name}:\n{console_tail(console)}")

@@ -14,6 +14,7 @@ from ..domain.links import vm_name
 from ..domain.relationship import Relationship
 from ..domain.states import State
 from ..errors import Conflict, NotFound, Unreachable, UsageError, VmreplicaError
+from ..qemutools import img
 from . import collapse, mirror, points
 from . import store as rstore
 
@@ -265,6 +266,15 @@ def start(host, vm: str, point=None, force: bool = False) -> dict:
         host.heads.close(vm)            # ...and no more cycles into the head from here on
         # The bases move into the VM's folder (O(1)) and the VM opens its chains so that
         # they can be merged into them live before `reverse` replicates from them.
+        if _in_place(host, vm):
+            layer, label = _layer_of(host, rel, "latest" if point is None else point)
+            failover = {"point": label, "layer": layer, "overlays": {}, "planned": planned,
+                        "at": time.time(), "in_place": True}
+            host.store.set_state(vm, State.FAILOVER_IN_PROGRESS.value,
+                                 failover=failover, index_valid=False)
+            merged = _commit_in_place(host, vm)
+            host.driver.start(vm)
+            return _in_place_done(host, vm, planned, label, guard, merged)
         bases = collapse.relocate_bases(host, vm)
         host.driver.collapse_prepare(vm, bases)
         rel = host.store.relationship(vm)
@@ -301,6 +311,56 @@ def start(host, vm: str, point=None, force: bool = False) -> dict:
     return out
 
 
+# -- an operator's existing domain, at home again (failback after a reverse) ----------------
+
+def _in_place(host, vm: str) -> bool:
+    """Whether ``vm`` is an operator's existing libvirt domain (the replica side of a
+    reverse, on the domain's own host): vmreplica never repoints its disks, so a
+    failover merges the point into them and starts the domain exactly as it is."""
+    return host.driver.inspect(vm).origin == "existing"
+
+
+def _commit_in_place(host, vm: str) -> int:
+    """Merge each disk's chain up to the failover's layer into its base (the domain's own
+    disk), offline, then commit the failover: the epoch goes up, the points and the
+    replica storage go. A crash midway leaves FAILOVER_IN_PROGRESS with the intent;
+    `--complete` merges again (the same bytes). Returns the bytes of the merged layers."""
+    rel = host.store.relationship(vm)
+    layer = int(rel.failover["layer"])
+    merged = 0
+    for chain in rel.chains.values():
+        if layer > 0 and Path(chain[layer]).exists():
+            merged += sum(rstore.layer_size(p) for p in chain[1:layer + 1])
+            img.commit(chain[layer], chain[0])
+    img.sync_files(*[c[0] for c in rel.chains.values()])
+    with host.store.transaction():
+        host.store.replace_points(vm, [])
+        host.store.set_state(vm, State.FAILED_OVER.value,
+                             chains={d: [c[0]] for d, c in rel.chains.items()},
+                             epoch=rel.epoch + 1, primary_prepared=None,
+                             failed_over_at=time.time(), collapse=None)
+    rstore.drop_layers([p for c in rel.chains.values() for p in c[1:]])
+    rstore.delete_chains(Path(rel.storage), vm)
+    return merged
+
+
+def _in_place_done(host, vm: str, planned: bool, label: str, guard, merged: int) -> dict:
+    kind = "planned" if planned else "unplanned"
+    if guard is not None:
+        host.event("failover", guard["event"], vm)
+    host.event("failover", f"{kind} failover: point {label} merged into the disks of the "
+                           f"existing domain {vm} ({merged / (1 << 20):.1f} MiB) and the "
+                           "domain started as it is; committed at once (an existing "
+                           "domain's own disks cannot be unwritten: no --cancel)", vm)
+    out = {"vm": vm, "planned": planned, "point": label, "state": State.FAILED_OVER.value,
+           "merged_bytes": merged, "next": f"vmreplica reverse {vm}"}
+    if guard is not None:
+        out["primary"] = {k: v for k, v in guard.items() if k not in ("event", "warning")}
+        if guard.get("warning"):
+            out["warning"] = guard["warning"]
+    return out
+
+
 def _undo(host, vm: str, failover: dict) -> None:
     try:
         host.driver.stop(vm, force=True)
@@ -318,6 +378,10 @@ def cancel(host, vm: str) -> dict:
         rel = _replica_rel(host, vm)
         if rel.state != State.FAILOVER_IN_PROGRESS.value:
             raise Conflict(f"no failover of {vm} is in progress (state {rel.state})")
+        if (rel.failover or {}).get("in_place"):
+            raise Conflict(f"the failover of {vm} is merging its point into the existing "
+                           "domain's own disks: it cannot be cancelled",
+                           hint=f"finish it: `vmreplica failover {vm} --complete`")
         _undo(host, vm, rel.failover or {})
     host.event("failover", f"failover cancelled: what {vm} wrote was discarded", vm)
     return {"vm": vm, "state": State.REPLICATING.value,
@@ -329,7 +393,12 @@ def complete(host, vm: str) -> dict:
         rel = _replica_rel(host, vm)
         if rel.state != State.FAILOVER_IN_PROGRESS.value:
             raise Conflict(f"no failover of {vm} is in progress (state {rel.state})")
-        _commit(host, vm)
+        if (rel.failover or {}).get("in_place"):
+            _commit_in_place(host, vm)      # (a crash stopped it: the same bytes again)
+            if host.driver.inspect(vm).state != "running":
+                host.driver.start(vm)
+        else:
+            _commit(host, vm)
         rel = host.store.relationship(vm)
     host.event("failover", f"failover completed: epoch {rel.epoch}; point "
                            f"{rel.failover['point']} is now the VM's disk", vm)

@@ -15,6 +15,7 @@ from ..domain.states import Role, State
 from ..errors import NotFound, Refused
 from ..tracking import scan
 from . import index as rindex
+from . import points
 from . import store as rstore
 
 log = logging.getLogger("vmreplica.replica")
@@ -47,7 +48,10 @@ def become_replica(host, peer: dict, vm: str, body: dict) -> dict:
         chains = rel.chains or {d.name: [d.path] for d in info.disks
                                 if d.name in rel.disks}
         storage = Path(entry["storage"] or settings.get("storage") or host.home.storage)
-        host.driver.add_owned(vm, [str(rstore.vm_dir(storage, vm))])
+        if info.origin == "vmreplica":
+            # (an operator's existing domain owns nothing of vmreplica's: its replica
+            # storage goes with the relationship, replica.removal)
+            host.driver.add_owned(vm, [str(rstore.vm_dir(storage, vm))])
         host.store.set_state(
             vm, State.RESYNCHRONIZING.value, why=f"reverse: {peer['name']} is the primary now",
             id=str(body["id"]), role=Role.REPLICA.value,
@@ -57,7 +61,7 @@ def become_replica(host, peer: dict, vm: str, body: dict) -> dict:
             fenced=None, failover=None, test=None, bitmap=None, cycle=-1, last_error=None,
             consecutive_failures=0, primary_prepared=None, pending_point=None,
             index_valid=False)
-        host.driver.set_disks(vm, {d: c[-1] for d, c in chains.items()})
+        points.follow_heads(host, vm, chains)
     host.event("relationship", f"now the replica of {vm} (epoch {epoch}, primary "
                                f"{peer['name']}); resynchronizing the differences", vm)
     return {"vm": vm, "replica": host.name, "epoch": epoch}

@@ -57,6 +57,7 @@ from .domainxml import (
 log = logging.getLogger("vmreplica.libvirt")
 
 QEMU_LOG_DIR = Path("/var/log/libvirt/qemu")
+ASK_AGAIN = 5.0      # seconds between shutdown requests to a guest that has not stopped
 UNDEFINE_FLAGS = (libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
                   | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
                   | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
@@ -498,21 +499,28 @@ class Inventory(LibvirtBase):
         if not self._active(dom):
             return
         if not force:
-            asked = False
-            if vm.agent:
-                try:
-                    dom.agentSetResponseTimeout(5)
-                    dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_GUEST_AGENT)
-                    asked = True
-                except libvirt.libvirtError as e:
-                    log.info("guest-agent shutdown of %s: %s", name, lv_error(e))
-            if not asked:
-                try:
-                    dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
-                except libvirt.libvirtError as e:
-                    log.info("ACPI shutdown of %s: %s", name, lv_error(e))
-            if _wait_inactive(dom, timeout):
-                return
+            # Asked again every few seconds: a guest still booting has no agent yet and
+            # ignores the power button until its init handles it (systemd-logind).
+            deadline = time.monotonic() + timeout
+            while True:
+                asked = False
+                if vm.agent:
+                    try:
+                        dom.agentSetResponseTimeout(5)
+                        dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_GUEST_AGENT)
+                        asked = True
+                    except libvirt.libvirtError as e:
+                        log.info("guest-agent shutdown of %s: %s", name, lv_error(e))
+                if not asked:
+                    try:
+                        dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+                    except libvirt.libvirtError as e:
+                        log.info("ACPI shutdown of %s: %s", name, lv_error(e))
+                left = deadline - time.monotonic()
+                if _wait_inactive(dom, min(ASK_AGAIN, max(left, 0))):
+                    return
+                if time.monotonic() >= deadline:
+                    break
             log.warning("%s did not shut down within %.0f s: powering it off", name, timeout)
         try:
             dom.destroy()   # SIGTERM (QEMU stores persistent bitmaps), SIGKILL after 10 s

@@ -33,7 +33,7 @@ def must(proc: subprocess.CompletedProcess) -> str:
 
 def agent(dom: str, execute: str, arguments: dict | None = None, timeout: int = 10) -> dict:
     """One guest agent command through libvirt; its "return" (raises on an error)."""
-    cmd = {"execute": execute}
+    cmd: dict = {"execute": execute}
     if arguments is not None:
         cmd["arguments"] = arguments
     proc = virsh("qemu-agent-command", dom, json.dumps(cmd), "--timeout", str(timeout),
@@ -86,9 +86,10 @@ def wait_bank_above(dom: str, counter: int, timeout: float = 90) -> dict:
     while time.monotonic() - t0 < timeout:
         code, out, err = guest_exec(dom, "/usr/local/bin/bank-check")
         if code == 0:
-            last = json.loads(out)
-            if last["counter"] is not None and last["counter"] > counter:
-                return last
+            check: dict = json.loads(out)
+            last = check
+            if check["counter"] is not None and check["counter"] > counter:
+                return check
         else:
             last = f"exit {code}: {out}{err}"
         time.sleep(1)

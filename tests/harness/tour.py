@@ -84,8 +84,8 @@ def fresh_ports() -> tuple[int, int]:
 def substitute(command: str, homes: dict[str, str], ports: dict[int, int]) -> str:
     for old, new in homes.items():
         command = command.replace(old, new)
-    for old, new in ports.items():
-        command = re.sub(rf"(?<![0-9]){old}(?![0-9])", str(new), command)
+    for port, to in ports.items():
+        command = re.sub(rf"(?<![0-9]){port}(?![0-9])", str(to), command)
     return command
 
 
@@ -98,11 +98,13 @@ class Shell:
         self.proc = subprocess.Popen(["bash", "--noprofile", "--norc"], cwd=REPO, env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT)
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.stdin, self.stdout = self.proc.stdin, self.proc.stdout
         self._send(f"set -o pipefail\ntrap 'echo \"{self.mark} failed $? at: $BASH_COMMAND\"' ERR\n")
 
     def _send(self, text: str) -> None:
-        self.proc.stdin.write(text.encode())
-        self.proc.stdin.flush()
+        self.stdin.write(text.encode())
+        self.stdin.flush()
 
     def run(self, command: str, timeout: float) -> tuple[bool, str]:
         # A group in this shell (exports stay), reading nothing of the script that feeds it.
@@ -114,20 +116,21 @@ class Shell:
             left = deadline - time.monotonic()
             if left <= 0:
                 return False, out.decode(errors="replace") + f"\n(no end after {timeout:.0f} s)"
-            ready, _, _ = select.select([self.proc.stdout], [], [], min(left, 1.0))
+            ready, _, _ = select.select([self.stdout], [], [], min(left, 1.0))
             if ready:
-                chunk = os.read(self.proc.stdout.fileno(), 65536)
+                chunk = os.read(self.stdout.fileno(), 65536)
                 if not chunk:
                     return False, out.decode(errors="replace") + "\n(the shell exited)"
                 out += chunk
         m = done.search(out)
+        assert m is not None
         text = out[:m.start()].decode(errors="replace")
         failed = int(m.group(1)) != 0 or f"{self.mark} failed" in text
         return not failed, text.replace(self.mark, "ERR")
 
     def close(self) -> None:
         try:
-            self.proc.stdin.close()
+            self.stdin.close()
             self.proc.wait(10)
         except (OSError, subprocess.TimeoutExpired):
             self.proc.kill()

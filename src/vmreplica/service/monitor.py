@@ -151,6 +151,8 @@ def _pending(host, rel: Relationship) -> int | None:
     lock = host.vm_lock(rel.vm)
     if not lock.acquire(timeout=5):
         return None          # a cycle runs right now
+    if dtracking.scanned(rel.disk_tracking, rel.disks):
+        return None          # a scanned disk's changes are known only by reading it
     try:
         with host.driver.block_session(rel.vm) as session:
             return sum(b.count for d in rel.disks for b in session.bitmaps(d)

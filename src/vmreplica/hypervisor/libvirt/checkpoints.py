@@ -67,13 +67,11 @@ class CheckpointOps:
         paths = {}
         for el in live.findall("devices/disk"):
             t, s = el.find("target"), el.find("source")
-            if t is not None and s is not None:
-                paths[t.get("dev")] = s.get("file")
+            if t is not None and s is not None:     # (a file's path, a block device's node)
+                paths[t.get("dev")] = s.get("file") or s.get("dev")
         out = {}
         for d in self.disks.values():
-            if not d.checkpointed:
-                continue    # (no bitmaps there; a block device's source is no file)
-            path = paths.get(d.target, d.path)
+            path = paths.get(d.target) or d.path
             for n in nodes:
                 name = n.get("node-name", "")
                 if (n.get("drv") in ("qcow2", "raw") and not name.startswith("#")

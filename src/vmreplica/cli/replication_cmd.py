@@ -244,6 +244,9 @@ def cmd_status(args) -> int:
     for r in rels:
         if r.get("activity"):
             print(f"  {r['vm']}: running: {progress_text(r['activity'])}")
+        if r.get("tracking"):
+            from ..domain.tracking import text_of  # (dataclasses: not for every command)
+            print(f"  {r['vm']}: tracking: " + "; ".join(text_of(t) for t in r["tracking"]))
         for reason in r["reasons"]:
             print(f"  {r['vm']}: {r['health']}: {reason}")
         if r.get("next"):

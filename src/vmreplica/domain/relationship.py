@@ -95,6 +95,11 @@ class Relationship(Settings):
     cycle: int = -1                      # the last cycle acknowledged
     bitmap: str | None = None            # the tracking point (bitmap) of that cycle
     bitmap_next: str | None = None       # continuous: the bitmap a catch-up moves to
+    # how each disk is tracked (domain.tracking: checkpoint, bitmap, scan, ...), as the
+    # driver said at enable and at the last cycle; what the last scan of each
+    # scan-tracked disk cost (domain.tracking.ScanCost as a dict)
+    disk_tracking: dict[str, str] = field(default_factory=dict)
+    scan_costs: dict[str, dict[str, Any]] = field(default_factory=dict)
     consecutive_failures: int = 0
     last_error_code: str | None = None
     last_error_hint: str | None = None

@@ -81,6 +81,7 @@ def enable(host, vm: str, replica: str, frequency: str = FREQUENCY_TEXT,
                          hint="--network-map is for existing libvirt domains")
     if nets:
         desc["network_map"] = nets
+    how = host.driver.disk_tracking(vm)       # (status shows it from now on)
     client = host.client_for_address(replica)  # NotTrusted if not paired
     peer = host.store.peer_by_address(f"{client.host}:{client.port}")
     if main is not None:
@@ -94,6 +95,7 @@ def enable(host, vm: str, replica: str, frequency: str = FREQUENCY_TEXT,
         "cluster": cluster, "holders": holders,
     })
     rel = primary_row(key, rel_id, peer, State.READY_FOR_INITIAL, 1, [d.name for d in disks],
+                      disk_tracking={d.name: how[d.name] for d in disks if d.name in how},
                       frequency=freq, compression=compression, excluded=exclude,
                       security_tag=security_tag, history=history, point_interval=interval,
                       app_every=int(app_every), resync_window=resync_window or None,

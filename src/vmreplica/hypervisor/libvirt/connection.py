@@ -31,7 +31,7 @@ import libvirt_qemu
 
 from ...errors import Conflict, HypervisorError, NotFound, UsageError
 from ...qemutools import qmp
-from ..base import DiskInfo, VMInfo
+from ..base import DiskInfo, VMInfo, block_device_size
 from .domainxml import VMDef, domain_xml, existing_disks, existing_vm, meta_element, parse, vmr
 
 QEMU_USER = "libvirt-qemu"
@@ -221,7 +221,8 @@ class LibvirtBase:
             try:
                 sizes[d.target] = int(dom.blockInfo(d.target, 0)[0])
             except libvirt.libvirtError:
-                sizes[d.target] = 0     # (a missing image: the size is unknown)
+                # (a missing image: the size is unknown; a block device: its own size)
+                sizes[d.target] = block_device_size(d.path) if d.kind == "block" else 0
         return existing_vm(root, self.host_name, str(self.home), sizes)
 
     def _dir(self, name: str) -> Path:

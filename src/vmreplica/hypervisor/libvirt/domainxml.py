@@ -69,6 +69,13 @@ class DiskDef:
     created: bool = False
     kind: str = "file"   # libvirt's disk type: file, block, network, volume, ...
 
+    @property
+    def checkpointed(self) -> bool:
+        """Tracked by libvirt checkpoints: a qcow2 image file, which can keep persistent
+        dirty bitmaps. Any other disk (a raw file, a block device) holds no bitmap and is
+        tracked by the hash scan (domain.tracking.SCAN)."""
+        return self.kind == "file" and self.format == "qcow2"
+
 
 @dataclass
 class VMDef:

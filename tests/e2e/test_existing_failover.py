@@ -7,7 +7,8 @@ the guest-agent channel, is protected as a whole VM:
   the primary's whole XML (CPU, machine, NIC with its MAC and model, the agent channel),
   its NIC on the mapped network;
 - it is seeded and replicated while its SQLite bank runs, and its XML is unchanged but
-  for checkpoints;
+  for checkpoints; its app-consistent points (qemu-guest-agent's fsfreeze) hold a root
+  filesystem that `e2fsck -n` finds clean;
 - a test failover puts the NIC on the isolated network; `--stop-test` leaves nothing
   behind (domain, network, files);
 - after a power cut of the primary, an unplanned failover to the latest point boots the
@@ -44,6 +45,7 @@ from harness.debian import (
     build,
     console_tail,
     domain_xml,
+    fsck_root,
     must,
     virsh,
     wait_bank_above,
@@ -117,7 +119,7 @@ def test_existing_domain_fails_over_whole_on_its_mapped_network(request, fresh_d
         # The replica server's default map; the replica VM is the whole VM.
         b.run("replica-server", "enable", "--network-map", f"{src_net}={dst_net}")
         assert b.json("replica-server", "show", "--json")["network_map"] == {src_net: dst_net}
-        a.run("enable", name, "--replica", b.address)
+        a.run("enable", name, "--replica", b.address, "--app-consistent-every", "1")
         assert iflist(replica_dom) == [("network", dst_net, MAC)]
         carried = inactive_xml(replica_dom)
         assert "org.qemu.guest_agent.0" in carried and "<model fallback='allow'>qemu64" in carried
@@ -133,6 +135,16 @@ def test_existing_domain_fails_over_whole_on_its_mapped_network(request, fresh_d
         stats = a.json("sync", name, "--verify")
         assert stats["verified"] and stats["raw_bytes"] > 0
         assert inactive_xml(name) == before            # checkpoints aside, untouched
+
+        # App-consistent points: the guest agent froze the file systems; the point's root
+        # filesystem is clean as it is (no journal to replay), by `e2fsck -n`.
+        points = a.json("points", name)
+        app = [p for p in points if p["kind"] == "app"]
+        assert app, points
+        fsck = fsck_root(Path(app[-1]["paths"]["vda"]), work)
+        assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+        # (a crash-consistent one has a journal to replay: e2fsck -n skips it and says so)
+        assert "journal recovery" not in fsck.stdout + fsck.stderr, fsck.stdout + fsck.stderr
 
         # Test failover: the NIC on the isolated network; nothing left after --stop-test.
         test = b.json("failover", name, "--test")

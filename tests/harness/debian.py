@@ -159,3 +159,27 @@ def build() -> str:
                           text=True, timeout=BUILD_TIMEOUT)
     assert proc.returncode == 0, f"build-debian-guest.sh failed:\n{proc.stdout}{proc.stderr}"
     return proc.stdout.strip().splitlines()[-1]
+
+
+def fsck_root(image: Path, work: Path) -> subprocess.CompletedProcess:
+    """``e2fsck -n -f`` of the guest's root filesystem (partition 1) as ``image`` (a qcow2
+    chain, e.g. a recovery point's layer) holds it: the image read whole into a raw file
+    under ``work``, partition 1 (from the MBR) attached read-only as a loop device."""
+    raw = work / "fsck.raw"
+    subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", str(image), str(raw)],
+                   check=True, capture_output=True)
+    with open(raw, "rb") as f:
+        mbr = f.read(512)
+    assert mbr[510:512] == b"\x55\xaa", f"{image}: no MBR partition table"
+    start = int.from_bytes(mbr[454:458], "little") * 512     # partition 1: first LBA
+    size = int.from_bytes(mbr[458:462], "little") * 512      # and its sectors
+    # (an offset loop device: containers have no udev to make /dev/loopNp1)
+    loop = subprocess.run(["losetup", "-r", "--show", "-f", "-o", str(start), "--sizelimit",
+                           str(size), str(raw)], check=True, capture_output=True,
+                          text=True).stdout.strip()
+    try:
+        return subprocess.run(["e2fsck", "-n", "-f", loop], capture_output=True,
+                              text=True, timeout=300)
+    finally:
+        subprocess.run(["losetup", "-d", loop], capture_output=True)
+        raw.unlink(missing_ok=True)

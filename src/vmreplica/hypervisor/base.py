@@ -47,6 +47,8 @@ class VMInfo:
                                # existing: an operator's libvirt domain, taken as it is
     notes: list[str] = field(default_factory=list)  # define_vm: what it changed or left
                                # out of a carried definition (hypervisor.libvirt.carry)
+    nics: list[str] = field(default_factory=list)   # the MAC address of each NIC, in the
+                               # order of its definition (failover IPs name them)
 
 
 @dataclass

@@ -15,7 +15,7 @@ from ..domain.relationship import Relationship
 from ..domain.states import State
 from ..errors import Conflict, NotFound, Unreachable, UsageError, VmreplicaError
 from ..qemutools import img
-from . import collapse, mirror, points
+from . import collapse, mirror, points, reip
 from . import store as rstore
 
 
@@ -55,12 +55,19 @@ def _overlays(rel: Relationship, layer: int, name: str) -> dict[str, str]:
 
 # -- test failover -------------------------------------------------------------------------
 
-def test_start(host, vm: str, point=None, network: str | None = None) -> dict:
+def test_start(host, vm: str, point=None, network: str | None = None,
+               re_ip: bool = False) -> dict:
     """A test VM from a point (the latest state by default), its writes on overlays. Its
     NICs: a replica carried from an existing libvirt domain puts every NIC on
     ``network`` (default "isolated": no forwarding, made on demand; "none": no NIC; or a
-    network or bridge of this host); other VMs have none or one on "isolated"."""
+    network or bridge of this host); other VMs have none or one on "isolated". With
+    ``re_ip`` the test VM gets the failover IPs once its agent answers (replica.reip);
+    without, it keeps the primary's addresses."""
     t0 = time.monotonic()
+    if re_ip and not _replica_rel(host, vm).failover_ips:
+        raise UsageError(f"{vm} has no failover IPs to set in the test VM",
+                         hint=f"on its primary: `vmreplica set {vm} --failover-ip "
+                              "NIC=ADDR/PREFIX[,gw=GW][,dns=A+B]`")
     carried = bool(host.driver.describe(vm).get("definition")) \
         if host.driver.exists(vm) else False
     network = network or ("isolated" if carried else "none")
@@ -102,10 +109,20 @@ def test_start(host, vm: str, point=None, network: str | None = None) -> dict:
         except Exception:
             test_stop(host, vm)
             raise
-    host.event("failover", f"test failover started: {test_vm} from point {label}", vm)
+        record = reip.launch(host, vm, test_vm, rel.failover_ips, "test") if re_ip else None
+    host.event("failover", f"test failover started: {test_vm} from point {label}"
+               + (" (re-IP once its guest agent answers)" if record else ""), vm)
     return {"vm": vm, "test_vm": test_vm, "point": label, "network": network,
-            "seconds": round(time.monotonic() - t0, 3),
+            "seconds": round(time.monotonic() - t0, 3), "re_ip": _reip_text(record),
             "next": f"vmreplica failover {vm} --stop-test"}
+
+
+def _reip_text(record: dict | None) -> str | None:
+    if record is None:
+        return None
+    return (f"{len(record['ips'])} NIC(s) get their failover IPs once the guest agent of "
+            f"{record['vm']} answers (up to {reip.AGENT_WAIT:.0f} s): a `re-ip` event says "
+            "how it went")
 
 
 def test_stop(host, vm: str) -> dict:
@@ -120,7 +137,7 @@ def test_stop(host, vm: str) -> dict:
         except NotFound:
             pass
         rstore.drop_layers(list(test["overlays"].values()))
-        host.store.update_relationship(vm, test=None)
+        host.store.update_relationship(vm, test=None, **_without_reip(rel, "test"))
         points.retain(host, vm)   # merges that waited for the test
     host.event("failover", f"test failover stopped: {test['vm']} and its files deleted", vm)
     return {"vm": vm, "stopped": test["vm"]}
@@ -292,6 +309,9 @@ def start(host, vm: str, point=None, force: bool = False) -> dict:
             raise
         if planned:
             _commit(host, vm)
+        # The addresses inside the guest: in the background, once its agent answers.
+        record = reip.launch(host, vm, vm, rel.failover_ips, "failover") \
+            if rel.failover_ips else None
     kind = "planned" if planned else "unplanned"
     if not planned:
         assert guard is not None                # (unplanned: the primary was asked above)
@@ -299,11 +319,12 @@ def start(host, vm: str, point=None, force: bool = False) -> dict:
     host.event("failover", f"{kind} failover: {vm} started from point {label}", vm)
     if planned:
         return {"vm": vm, "planned": True, "point": label, "state": State.FAILED_OVER.value,
-                "next": f"vmreplica reverse {vm}"}
+                "re_ip": _reip_text(record), "next": f"vmreplica reverse {vm}"}
     assert guard is not None                    # (unplanned: the primary was asked above)
     out = {"vm": vm, "planned": False, "point": label,
            "state": State.FAILOVER_IN_PROGRESS.value,
            "primary": {k: v for k, v in guard.items() if k not in ("event", "warning")},
+           "re_ip": _reip_text(record),
            "next": f"check the VM, then `vmreplica failover {vm} --complete` (or `--cancel` "
                    "to discard what it wrote and try another point)"}
     if guard.get("warning"):
@@ -370,7 +391,14 @@ def _undo(host, vm: str, failover: dict) -> None:
     host.driver.set_disks(vm, {d: c[-1] for d, c in rel.chains.items()})
     host.driver.collapse_prepare(vm, {})
     rstore.drop_layers(list(failover["overlays"].values()))
-    host.store.set_state(vm, State.REPLICATING.value, failover=None)
+    host.store.set_state(vm, State.REPLICATING.value, failover=None,
+                         **_without_reip(rel, "failover"))
+
+
+def _without_reip(rel: Relationship, purpose: str) -> dict:
+    """The change that forgets the re-IP of a VM that goes (its test VM, a cancelled
+    failover); a waiting thread then ends quietly."""
+    return {"reip": None} if rel.reip and rel.reip.get("for") == purpose else {}
 
 
 def cancel(host, vm: str) -> dict:

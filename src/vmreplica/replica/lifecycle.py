@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..domain.networks import merged
 from ..domain.patterns import find_authorization
+from ..domain.reip import FailoverIP
 from ..domain.relationship import DEFAULTS, Relationship
 from ..domain.states import Role, State
 from ..errors import Conflict, NotFound, Refused, UsageError
@@ -82,7 +83,16 @@ def _check_create_body(body: dict) -> tuple[str, list[dict]]:
     for key in ("security_tag", "mode"):
         if body.get(key) is not None and not isinstance(body[key], str):
             raise UsageError(f"{key} must be a string")
+    _failover_ips(body)
     return vm, disks
+
+
+def _failover_ips(body: dict) -> list[dict]:
+    """The failover IPs the primary sent (domain.reip), checked again here."""
+    ips = body.get("failover_ips") or []
+    if not isinstance(ips, list):
+        raise UsageError("failover_ips must be a list")
+    return [FailoverIP.from_dict(d).to_dict() for d in ips]
 
 
 def create_relationship(host, peer: dict, body: dict) -> dict:
@@ -150,7 +160,8 @@ def create_relationship(host, peer: dict, body: dict) -> dict:
             cluster=bool(body.get("cluster")),
             # The hosts that may take this replication over when the VM moves to them (a
             # DR link: the primary and the partner of its main relationship).
-            holders=[str(h) for h in body.get("holders") or [peer["name"]]]))
+            holders=[str(h) for h in body.get("holders") or [peer["name"]]],
+            failover_ips=_failover_ips(body)))
     except Exception:
         try:
             host.driver.delete(vm)
@@ -223,21 +234,26 @@ SYNC_STATES = (None, "catching_up", "in_sync", "degraded", "idle")
 
 
 def apply_settings(host, peer: dict, vm: str, body: dict) -> dict:
-    """The primary changed settings that the replica applies (retention history), or
-    tells it its replication mode and continuous sub-state (shown here as they are there)."""
+    """The primary changed settings that the replica applies (retention history, failover
+    IPs), or tells it its replication mode and continuous sub-state (shown here as they
+    are there)."""
     rel = checks.own_relationship(host, peer, vm)
     if "mode" in body:
         return _apply_mode(host, vm, body)
+    ips = {"failover_ips": _failover_ips(body)} if "failover_ips" in body else {}
+    if ips and "history" not in body and "point_interval" not in body:
+        host.store.update_relationship(vm, **ips)
+        return {"vm": vm, **ips}
     from ..domain import points as dp
     history = dp.validate_history(_field(body, "history", int, rel.history,
                                          high=_BIG))
     interval = _field(body, "point_interval", int, rel.point_interval, low=1,
                       high=_BIG)
     with host.vm_lock(vm):
-        host.store.update_relationship(vm, history=history, point_interval=interval)
+        host.store.update_relationship(vm, history=history, point_interval=interval, **ips)
         if rel.state == State.REPLICATING.value:
             points.retain(host, vm)
-    return {"vm": vm, "history": history}
+    return {"vm": vm, "history": history, **ips}
 
 
 def _apply_mode(host, vm: str, body: dict) -> dict:

@@ -60,7 +60,11 @@ def become_replica(host, peer: dict, vm: str, body: dict) -> dict:
             frequency=int(body.get("frequency", rel.frequency)),
             fenced=None, failover=None, test=None, bitmap=None, cycle=-1, last_error=None,
             consecutive_failures=0, primary_prepared=None, pending_point=None,
-            index_valid=False)
+            index_valid=False,
+            # Its failover IPs were the other site's addresses (this host was the
+            # primary): a failback must not bring them here (primary.reverse clears them
+            # on the other side too).
+            failover_ips=[], reip=None)
         points.follow_heads(host, vm, chains)
     host.event("relationship", f"now the replica of {vm} (epoch {epoch}, primary "
                                f"{peer['name']}); resynchronizing the differences", vm)

@@ -9,6 +9,7 @@ import time
 from ..domain import tracking as dtracking
 from ..domain.health import DEFAULT_THRESHOLDS, assess, measure
 from ..domain.links import vm_name
+from ..domain.reip import FailoverIP
 from ..domain.relationship import Relationship
 from ..domain.schedule import format_frequency
 from ..domain.states import next_step
@@ -82,6 +83,8 @@ def view(host, rel: Relationship, now: float | None = None) -> dict:
         "disks": rel.disks, "fenced": rel.fenced, "next": next_step(rel),
         "test_vm": (rel.test or {}).get("vm"),
         "tracking": disk_tracking(host, rel),
+        "failover_ips": [FailoverIP.from_dict(d).text() for d in rel.failover_ips],
+        "reip": rel.reip,
         **_running(host, rel.vm), "resync_window": rel.resync_window,
         "tags": host.store.tags(vm_name(rel.vm)),
     }

@@ -244,7 +244,7 @@ class LibvirtBase:
                       memory_mb=vm.memory_mb, guest=vm.guest, pid=pid, agent=vm.agent,
                       disks=[DiskInfo(d.name, d.path, d.format, d.virtual_size, d.kind)
                              for d in vm.disks],
-                      origin="existing" if vm.existing else "vmreplica")
+                      origin="existing" if vm.existing else "vmreplica", nics=vm.nics)
 
     # -- the persistent definition -----------------------------------------------------
     def _mkdir_vm(self, d: Path) -> None:

@@ -101,6 +101,7 @@ class VMDef:
     # replica of an existing domain, its failed-over or test VM. Its XML is edited in
     # place, never regenerated from these fields.
     carried: bool = False
+    nics: list[str] = field(default_factory=list)   # MAC of each NIC, in order
 
     def disk(self, name: str) -> DiskDef:
         for d in self.disks:
@@ -141,7 +142,7 @@ def parse(xml: str) -> tuple[ET.Element, VMDef | None]:
                host=text("host"), home=text("home"), memory_mb=_memory_mb(root),
                guest=text("guest") or None, agent=text("agent") == "yes",
                network=text("network", "none") or "none", created_at=created, disks=disks,
-               carried=text("carried") == "yes",
+               carried=text("carried") == "yes", nics=nic_macs(root),
                owns=[(p.text or "") for p in meta.findall(f"{vmr('owns')}/{vmr('path')}")],
                title=title.text if title is not None and title.text else "",
                description=desc.text if desc is not None and desc.text else "")
@@ -189,6 +190,15 @@ def existing_disks(root: ET.Element, sizes: dict[str, int] | None = None) -> lis
     return out
 
 
+def nic_macs(root: ET.Element) -> list[str]:
+    """The MAC address of each NIC of a domain, in order ("" where it has none yet)."""
+    out = []
+    for el in root.findall("devices/interface"):
+        mac = el.find("mac")
+        out.append((mac.get("address", "") if mac is not None else "").lower())
+    return out
+
+
 def existing_vm(root: ET.Element, host: str, home: str,
                 sizes: dict[str, int] | None = None) -> VMDef:
     """An operator's domain (no vmreplica metadata) as a VM of host ``host``: its libvirt
@@ -203,7 +213,7 @@ def existing_vm(root: ET.Element, host: str, home: str,
                  network="none", created_at=0.0, disks=existing_disks(root, sizes),
                  title=title.text if title is not None and title.text else "",
                  description=desc.text if desc is not None and desc.text else "",
-                 existing=True)
+                 existing=True, nics=nic_macs(root))
 
 
 def meta_element(vm: VMDef) -> ET.Element:

@@ -211,7 +211,8 @@ def management_routes(host, daemon) -> Router:
                            resync_window=b.get("resync_window"),
                            mode=b.get("mode") or DEFAULTS.mode,
                            max_stall=float(b.get("max_stall") or DEFAULTS.max_stall),
-                           dr=bool(b.get("dr")), network_map=b.get("network_map") or [])
+                           dr=bool(b.get("dr")), network_map=b.get("network_map") or [],
+                           failover_ips=b.get("failover_ips") or [])
 
     @r.route("POST", "/v1/relationships/{vm}/dr-adopt")
     def dr_adopt(req):

@@ -82,7 +82,8 @@ NETS = {"default": NetTarget("network", "dr-lan"), "br0": NetTarget("bridge", "b
 
 
 def test_the_whole_vm_is_carried_with_its_disks_on_the_replicas_heads():
-    root, notes = carry(OPERATOR_XML, replica_vm(), NETS, "/srv/b/vms/web1/console.log")
+    root, notes = carry(OPERATOR_XML, replica_vm(), NETS, "/srv/b/vms/web1/console.log",
+                        "/srv/b/vms/web1/VARS.fd")
     # Identity: never the primary's (both may share one libvirtd).
     assert root.findtext("name") == "vmr-site-b-web1"
     assert root.findtext("uuid") == domain_uuid("site-b", "1b4e28ba-2fa1-11d2-883f-0016d3cca427")
@@ -116,15 +117,14 @@ def test_the_whole_vm_is_carried_with_its_disks_on_the_replicas_heads():
         ("network", {"network": "dr-lan"}, "52:54:00:aa:bb:01", "virtio"),
         ("bridge", {"bridge": "br-dr"}, "52:54:00:aa:bb:02", "e1000e")]
     assert ifs[0].find("target") is None
-    # Host paths libvirt must pick per domain; NVRAM from the template (a note).
+    # Host paths libvirt must pick per domain, or the VM's own.
     assert "path" not in root.find("devices/channel/source").attrib
     assert root.find("devices/serial/source").get("path") == "/srv/b/vms/web1/console.log"
     g = root.find("devices/graphics")
     assert g.get("autoport") == "yes" and g.get("port") is None
-    nvram = root.find("os/nvram")
-    assert nvram is not None and not nvram.text
+    nvram = root.find("os/nvram")       # its own file; the variables come at failover
+    assert nvram is not None and nvram.text == "/srv/b/vms/web1/VARS.fd"
     assert nvram.get("template") == "/usr/share/OVMF/OVMF_VARS_4M.fd"
-    assert any("NVRAM" in n for n in notes)
     # vmreplica reads it back as a carried VM of site-b.
     _, vm = parse(ET.tostring(root, encoding="unicode"))
     assert vm is not None and vm.carried and vm.host == "site-b"

@@ -129,6 +129,9 @@ class Driver:
     def disk_tracking(self, name: str) -> dict[str, str]:
         return dict(self.tracking)
 
+    def nvram_path(self, name: str) -> str | None:
+        return None
+
     def inspect(self, name: str) -> VMInfo:
         return VMInfo(name, "uuid", self.vm.state, 256)
 

@@ -156,6 +156,10 @@ class Relationship(Settings):
     collapse: dict[str, Any] | None = None          # the chain merge after a failover
     reip: dict[str, Any] | None = None   # the last re-IP (replica.reip): of the failed-over
                                          # or test VM, waiting, done or failed
+    # UEFI variables (replica.nvram): the BLAKE3 of the NVRAM the last applied cycle
+    # carried, and of each point's (by point id); the files are content-addressed.
+    nvram: str | None = None
+    nvram_points: dict[str, str] = field(default_factory=dict)
     mirror_open: bool = False            # continuous: the mirror's export is open
     mirror_port: int | None = None
 

@@ -163,6 +163,9 @@ class Inventory(Protocol):
     def resume_left_paused(self) -> list[str]:
         """At daemon start: resume the VMs a dead daemon left paused; their names."""
     def check(self, name: str) -> VMCheck: ...
+    def nvram_path(self, name: str) -> str | None:
+        """The file of the VM's UEFI variables (libvirt's ``<nvram>``), None when it has
+        none (BIOS firmware; the qemu driver's VMs)."""
 
 
 class GuestAgent(Protocol):

@@ -13,6 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from ..domain import extents as ex
@@ -116,6 +117,7 @@ def run_cycle(host, vm: str, mode: str = "delta", verify: bool = False,
                         point = tracker.point(session, disks, since, new)
                     point.hold_pause = verify    # a live view is verified paused
                     freeze_time = time.time()
+                    nvram = read_nvram(host.driver.nvram_path(name))
                 finally:
                     if thaw:
                         thaw_guest(host, name)
@@ -127,7 +129,7 @@ def run_cycle(host, vm: str, mode: str = "delta", verify: bool = False,
                     _measure(op, point, export_to is None)
                     answer, writer = _ship(host, rel, name, cycle, mode, disks, point,
                                            freeze_time, verify, kind, final, export_to,
-                                           client)
+                                           client, nvram)
                     if verify:
                         op.phase = "verifying the replica"
                     differs = _verify(point, disks, answer) if verify else []
@@ -346,7 +348,7 @@ def _discard(client):
 
 def _ship(host, rel: Relationship, vm: str, cycle: int, mode: str, disks: list[str], point,
           freeze_time: float, verify: bool = False, recovery_point: str | None = None,
-          final: bool = False, export_to=None, client=None):
+          final: bool = False, export_to=None, client=None, nvram: dict | None = None):
     writer = wire.CycleWriter(
         {"vm": vm, "relationship": rel.id, "epoch": rel.epoch, "cycle": cycle,
          "initial": mode == "initial", "resync": mode == "resync", "disks": disks,
@@ -359,7 +361,8 @@ def _ship(host, rel: Relationship, vm: str, cycle: int, mode: str, disks: list[s
     body = _produce(writer, point, disks, {"cycle": cycle, "epoch": rel.epoch,
                                            "freeze_time": freeze_time,
                                            "initial": mode == "initial",
-                                           "point": recovery_point, "final": final},
+                                           "point": recovery_point, "final": final,
+                                           **(nvram or {})},
                     times)
     if export_to is not None:
         answer = _write_seed(export_to, body, cycle)
@@ -372,6 +375,33 @@ def _ship(host, rel: Relationship, vm: str, cycle: int, mode: str, disks: list[s
         raise OperationError(f"the replica acknowledged cycle {answer.get('cycle')}, "
                              f"expected {cycle}")
     return answer, writer
+
+
+NVRAM_MAX = 768 << 10      # packed, inside the trailer (transport.wire.MAX_HEADER: 1 MiB)
+
+
+def read_nvram(path: str | None) -> dict | None:
+    """The VM's UEFI variables for the cycle's trailer: {"nvram_hash": BLAKE3 hex,
+    "nvram": base64 of their zstd} (a 540 KiB OVMF store compresses to about 2 KiB), or
+    None when it has none. Read at the freeze; a running VM's firmware writes the file
+    rarely (boot entries), and its variable store survives a torn copy the way it
+    survives a power cut during a flash write (its fault-tolerant write log)."""
+    if not path:
+        return None
+    import base64
+
+    import blake3
+    import zstandard
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return None      # (not made yet: libvirt copies the template at the first start)
+    packed = base64.b64encode(zstandard.ZstdCompressor(level=3).compress(data)).decode()
+    if len(packed) > NVRAM_MAX:
+        raise OperationError(f"the UEFI variable store {path} is too large to carry with a "
+                             f"cycle ({len(packed) >> 10} KiB packed, at most "
+                             f"{NVRAM_MAX >> 10} KiB)")
+    return {"nvram_hash": blake3.blake3(data).hexdigest(), "nvram": packed}
 
 
 def _write_seed(path, body, cycle: int) -> dict:

@@ -15,7 +15,7 @@ from ..domain.relationship import Relationship
 from ..domain.states import State
 from ..errors import Conflict, NotFound, Unreachable, UsageError, VmreplicaError
 from ..qemutools import img
-from . import collapse, mirror, points, reip
+from . import collapse, mirror, nvram, points, reip
 from . import store as rstore
 
 
@@ -38,6 +38,11 @@ def _layer_of(host, rel: Relationship, point) -> tuple[int, str]:
         return len(next(iter(rel.chains.values()))) - 1, "latest"
     p = points.find(host, rel.vm, point)
     return p.layer, str(p.id)
+
+
+def _point_id(label: str) -> int | None:
+    """A point's id from its label (None: the latest state)."""
+    return None if label == "latest" else int(label)
 
 
 def _overlays(rel: Relationship, layer: int, name: str) -> dict[str, str]:
@@ -105,6 +110,7 @@ def test_start(host, vm: str, point=None, network: str | None = None,
                                                  "overlays": overlays})
         try:
             host.driver.define_vm(desc)
+            nvram.restore(rel, _point_id(label), host.driver.nvram_path(test_vm))
             host.driver.start(test_vm)
         except Exception:
             test_stop(host, vm)
@@ -289,6 +295,8 @@ def start(host, vm: str, point=None, force: bool = False) -> dict:
                         "at": time.time(), "in_place": True}
             host.store.set_state(vm, State.FAILOVER_IN_PROGRESS.value,
                                  failover=failover, index_valid=False)
+            # (its own NVRAM file: the variables of the point, before the storage goes)
+            nvram.restore(rel, _point_id(label), host.driver.nvram_path(vm))
             merged = _commit_in_place(host, vm)
             host.driver.start(vm)
             return _in_place_done(host, vm, planned, label, guard, merged)
@@ -302,6 +310,7 @@ def start(host, vm: str, point=None, force: bool = False) -> dict:
         host.store.set_state(vm, State.FAILOVER_IN_PROGRESS.value,
                                        failover=failover, index_valid=False)
         host.driver.set_disks(vm, overlays)
+        nvram.restore(rel, _point_id(label), host.driver.nvram_path(vm))
         try:
             host.driver.start(vm)
         except Exception:

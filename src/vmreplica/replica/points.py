@@ -14,6 +14,7 @@ from pathlib import Path
 from ..domain import points as dp
 from ..domain.relationship import Relationship
 from ..errors import NotFound, UsageError
+from . import nvram
 from . import store as rstore
 
 log = logging.getLogger("vmreplica.replica")
@@ -59,10 +60,16 @@ def create(host, vm: str, kind: str, point_time: float, apply_retention: bool = 
     with host.store.transaction():
         host.store.add_point(vm, point_id, point_time, kind, layer)
         _set_chains(host, vm, chains, next_point_id=point_id + 1, last_point_at=point_time,
-                    points_count=len(host.store.points(vm)), pending_point=None)
+                    points_count=len(host.store.points(vm)), pending_point=None,
+                    nvram_points=({**rel.nvram_points, str(point_id): rel.nvram}
+                                  if rel.nvram else rel.nvram_points))
     host.event("point", f"recovery point {point_id} ({kind}) made", vm)
     if apply_retention:
         retain(host, vm)
+    rel = host.store.relationship(vm)
+    if rel.nvram_points:
+        host.store.update_relationship(vm, nvram_points=nvram.prune(
+            rel, [p.id for p in host.store.points(vm)]))
     return {"id": point_id, "kind": kind, "point_time": point_time}
 
 

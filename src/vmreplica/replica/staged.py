@@ -17,7 +17,7 @@ from ..domain.states import State
 from ..errors import StorageFull
 from ..transport import wire
 from . import apply as applier
-from . import checkpoint, points
+from . import checkpoint, nvram, points
 from . import index as rindex
 from . import store as rstore
 
@@ -80,6 +80,9 @@ def record_applied(host, vm: str, cycle: int, header: dict | None,
     # later cycle means the primary runs again.
     changes["primary_prepared"] = {"cycle": cycle, "at": time.time()} if trailer.get("final") \
         else None
+    digest = nvram.keep(rel, trailer)       # (synced before the cycle is recorded)
+    if digest:
+        changes["nvram"] = digest
     if trailer.get("point") and rel.last_applied_cycle < cycle:
         # Recorded with the cycle, made right after: a crash in between makes it at start-up.
         changes["pending_point"] = {"kind": trailer["point"], "time": trailer.get("freeze_time")}

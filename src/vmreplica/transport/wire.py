@@ -48,7 +48,9 @@ HEADER_FIELDS = {"vm": (_STR,), "relationship": (_STR,), "epoch": (_INT,), "cycl
                  "disks": ("list[str]",)}
 TRAILER_FIELDS = {"cycle": (_INT,), "epoch": (_INT,), "freeze_time": (_NUM, _NONE),
                   "initial": (_BOOL,), "final": (_BOOL,), "point": (_STR, _NONE),
-                  "records": (_INT,), "raw_bytes": (_INT,), "zero_bytes": (_INT,)}
+                  "records": (_INT,), "raw_bytes": (_INT,), "zero_bytes": (_INT,),
+                  # the VM's UEFI variables (primary.cycle.read_nvram), when it has any
+                  "nvram_hash": (_STR,), "nvram": (_STR,)}
 
 
 def _has_type(value, kind: str) -> bool:

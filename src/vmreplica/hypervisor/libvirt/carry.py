@@ -19,8 +19,8 @@ What changes, and why:
     NICs            moved to the mapped network or bridge (``NetTarget``), MAC and model
                     kept; a NIC whose source has no mapping is refused (UsageError), not
                     found missing on the day of a disaster
-    NVRAM           the path goes (libvirt makes one per domain from the template); the
-                    variables are not replicated yet: a note says so
+    NVRAM           a file of the VM's own (in its folder); the primary's UEFI variables
+                    travel with every cycle and are written into it at failover
     host paths      a unix channel's socket path, a file serial/console, a graphics
                     port: per-domain values libvirt picks (two domains on one host must
                     not share them)
@@ -115,11 +115,11 @@ def unmapped(root: ET.Element, nets: dict[str, NetTarget | None]) -> list[Nic]:
 
 
 def carry(definition: str, vm: VMDef, nets: dict[str, NetTarget | None],
-          console: str) -> tuple[ET.Element, list[str]]:
+          console: str, nvram: str = "") -> tuple[ET.Element, list[str]]:
     """The domain XML of ``vm`` (a replica, a failed-over or test VM) from another
     domain's XML ``definition``: its disks on ``vm.disks`` (matched by target dev), its
     NICs on ``nets`` (source → target; None: the NIC is left out), a file serial console
-    at ``console``. Returns the element tree and notes (what was changed or left out).
+    at ``console``, its UEFI variables (if it has any) in the file ``nvram``. Returns the element tree and notes (what was changed or left out).
     Raises UsageError for what cannot be carried or a NIC without a mapping."""
     root = ET.fromstring(definition)
     if root.tag != "domain":
@@ -140,7 +140,7 @@ def carry(definition: str, vm: VMDef, nets: dict[str, NetTarget | None],
     _identity(root, vm)
     notes += carry_disks(root, vm)
     notes += _nics(root, nets)
-    notes += _host_paths(root, console)
+    notes += _host_paths(root, console, nvram)
     return root, notes
 
 
@@ -255,7 +255,7 @@ def _nics(root: ET.Element, nets: dict[str, NetTarget | None]) -> list[str]:
     return notes
 
 
-def _host_paths(root: ET.Element, console: str) -> list[str]:
+def _host_paths(root: ET.Element, console: str, nvram_file: str) -> list[str]:
     notes = []
     for el in root.findall("devices/channel"):
         src = el.find("source")
@@ -277,13 +277,13 @@ def _host_paths(root: ET.Element, console: str) -> list[str]:
             el.set("autoport", "yes")
     nvram = root.find("os/nvram")
     if nvram is not None:
-        nvram.text = None               # libvirt makes <name>_VARS.fd from the template
+        # Its own file (libvirt copies the template into it when it is missing); the
+        # primary's variables are written into it at failover (replica.nvram).
+        nvram.text = nvram_file or None
         for attr in ("type",):
             nvram.attrib.pop(attr, None)
         for child in list(nvram):
             nvram.remove(child)
-        notes.append("UEFI variables (NVRAM) are not replicated yet: this VM starts "
-                     "from the firmware's template")
     for el in root.findall("devices/tpm"):
         notes.append(f"TPM ({el.get('model', 'tpm')}): its state is not replicated")
     return notes

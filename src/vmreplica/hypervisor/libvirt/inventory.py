@@ -110,6 +110,15 @@ class Inventory(LibvirtBase):
             desc["definition"] = self._xml(dom)
         return desc
 
+    def nvram_path(self, name: str) -> str | None:
+        _, root, _ = self._load(name)
+        el = root.find("os/nvram")
+        if el is None:
+            return None
+        src = el.find("source")         # (newer libvirt: <nvram type='file'><source file=...)
+        text = (src.get("file") if src is not None else None) or (el.text or "").strip()
+        return text or None
+
     def exists(self, name: str) -> bool:
         try:
             self._load(name)
@@ -244,7 +253,8 @@ class Inventory(LibvirtBase):
                           for d in desc["disks"]],
                    title=desc.get("title") or "", description=desc.get("description") or "",
                    carried=True)
-        root, notes = carry(definition, vm, nets, str(vmdir / "console.log"))
+        root, notes = carry(definition, vm, nets, str(vmdir / "console.log"),
+                            str(vmdir / "VARS.fd"))
         notes += self._check_runnable(root, name)
         if vmdir.exists() and any(vmdir.iterdir()):
             raise Conflict(f"a VM folder {vmdir} already exists on this host",

@@ -94,6 +94,11 @@ class Inventory(GuestAgentPart):
             raise
         return self._info(desc)
 
+    def nvram_path(self, name: str) -> str | None:
+        """The qemu driver's VMs boot SeaBIOS: no UEFI variables."""
+        self.inspect(name)
+        return None
+
     def define_vm(self, desc: dict) -> VMInfo:
         """Define a VM whose disks already exist (a replica, a failed-over VM)."""
         name = desc["name"]

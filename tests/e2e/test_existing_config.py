@@ -222,6 +222,8 @@ def test_replica_definition_follows_the_primary(fresh_dir, libvirtd, workdir):
         assert set(shape(replica_dom)["disks"]) == {"vda", "vdc"}
         assert [d["name"] for d in b.vm(name)["disks"]] == ["vda", "vdc"]
         assert not vdb_dir.exists()
+        assert "vmreplica-" not in subprocess.run(["qemu-img", "info", "-U", str(vdb)],
+                                                  capture_output=True, text=True).stdout
         assert "disk vdb removed" in new_events(a, name, seen)
         assert_replica_equals(a, b, name)
         assert inactive_xml(name) == operator
@@ -249,6 +251,10 @@ def test_replica_definition_follows_the_primary(fresh_dir, libvirtd, workdir):
 
         a.run("remove", name)
         assert virsh("checkpoint-list", name, "--name").stdout.split() == []
+        for disk in (vda, vdb, vdc):         # (vdb's went when it left the domain)
+            out = subprocess.run(["qemu-img", "info", "-U", str(disk)], capture_output=True,
+                                 text=True, check=True).stdout
+            assert "bitmaps:" not in out, out
     finally:
         lab.teardown(a, b)
         virsh("undefine", name, "--checkpoints-metadata", check=False)

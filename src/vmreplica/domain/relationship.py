@@ -104,6 +104,8 @@ class Relationship(Settings):
     # (domain.config): the digest of its inactive XML, its disks' virtual sizes
     definition_digest: str | None = None
     disk_sizes: dict[str, int] = field(default_factory=dict)
+    disk_paths: dict[str, str] = field(default_factory=dict)   # (a disk removed from the
+                                         # domain: its image loses this relationship's bitmaps)
     consecutive_failures: int = 0
     last_error_code: str | None = None
     last_error_hint: str | None = None

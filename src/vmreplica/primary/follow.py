@@ -22,12 +22,15 @@ definition to follow: nothing happens.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 
 from ..domain import config as dconfig
 from ..domain.links import vm_name
 from ..domain.states import State
 from ..errors import TransportError, UsageError, VmreplicaError
+from ..qemutools import img
+from ..tracking.bitmap import bitmap_prefix
 from .common import check_disk
 from .cycle import run_cycle
 from .resync import resync, window_open
@@ -59,9 +62,12 @@ def follow(host, vm: str) -> Followed:
     definition = str(desc.get("definition") or "")
     digest = dconfig.digest(definition)
     current = [(d.name, d.virtual_size) for d in info.disks]
+    paths = {d.name: d.path for d in info.disks}
     if not rel.disk_sizes:          # (a row older than this: the sizes as they are now)
         rel = store.update_relationship(vm, disk_sizes={d: s for d, s in current
-                                                        if d in rel.disks})
+                                                        if d in rel.disks},
+                                        disk_paths={d: paths[d] for d in rel.disks
+                                                    if d in paths})
     sent = rel.disk_sizes
     plan = dconfig.disk_plan(rel.disks, rel.excluded, current, sent)
     if not plan.changed and digest == rel.definition_digest:
@@ -95,7 +101,8 @@ def follow(host, vm: str) -> Followed:
                 client.request("POST", f"/v1/replica/relationships/{name}/disks",
                                {"disks": [d for d in desc["disks"] if d["name"] in plan.disks]})
             sizes = {d: s for d, s in current if d in plan.disks}
-            changes = {"disks": plan.disks, "excluded": plan.excluded, "disk_sizes": sizes}
+            changes = {"disks": plan.disks, "excluded": plan.excluded, "disk_sizes": sizes,
+                       "disk_paths": {d: paths[d] for d in plan.disks}}
             if plan.resync:
                 why = ", ".join(plan.lines()[:3]) + " on the primary"
                 store.set_state(vm, State.RESYNC_REQUIRED, why=why, resync_reason=why,
@@ -104,6 +111,8 @@ def follow(host, vm: str) -> Followed:
             else:
                 store.update_relationship(vm, **changes)
             done.changes += plan.lines()
+            for d in plan.removed:
+                _drop_bitmaps(host, vm, rel, rel.disk_paths.get(d), set(paths.values()))
         if digest != rel.definition_digest:
             try:
                 answer = client.request("POST", f"/v1/replica/relationships/{name}/definition",
@@ -125,6 +134,22 @@ def follow(host, vm: str) -> Followed:
         host.event("config", f"the replica VM on {rel.peer} follows {name}'s configuration: "
                              + "; ".join(done.changes) + seeded, vm)
     return done
+
+
+def _drop_bitmaps(host, vm: str, rel, path: str | None, used: set[str]) -> None:
+    """A disk removed from the domain: its image (if it is still there, a qcow2 file the
+    domain no longer uses) loses this relationship's bitmaps — nothing left behind. An
+    image another process holds keeps them (an event says which)."""
+    if not path or path in used or not os.path.isfile(path):
+        return
+    prefix = bitmap_prefix(rel.id)
+    try:
+        names = [b["name"] for b in img.bitmaps(path) if b.get("name", "").startswith(prefix)]
+        img.bitmap(path, *(("--remove", n) for n in names))
+    except VmreplicaError as e:
+        host.event("config", f"the change-tracking bitmaps of {rel.id[:8]} stay on {path}, "
+                             f"a disk removed from {vm_name(vm)}: {e.message} (`qemu-img "
+                             f"bitmap --remove {path} NAME` once it is free)", vm)
 
 
 def cycle(host, vm: str, verify: bool = False) -> dict:

@@ -104,7 +104,8 @@ def enable(host, vm: str, replica: str, frequency: str = FREQUENCY_TEXT,
                       # (an existing domain's configuration as sent: primary.follow)
                       definition_digest=digest(desc["definition"])
                       if desc.get("definition") else None,
-                      disk_sizes={d.name: d.virtual_size for d in disks})
+                      disk_sizes={d.name: d.virtual_size for d in disks},
+                      disk_paths={d.name: d.path for d in disks})
     try:
         host.store.add_relationship(rel)
     except Exception:

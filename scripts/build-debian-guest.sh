@@ -286,7 +286,7 @@ TIMEOUT 0
 LABEL debian
     LINUX /boot/vmlinuz-$kver
     INITRD /boot/initrd.img-$kver
-    APPEND root=LABEL=$LABEL ro console=ttyS0,115200 quiet
+    APPEND root=LABEL=$LABEL ro console=ttyS0,115200 quiet no_timer_check
 EOF
 out=$(extlinux --install "$MNT/boot/extlinux" 2>&1) || die "extlinux --install failed: $out"
 used=$(df -h --output=used "$MNT" | tail -n1 | tr -d ' ')

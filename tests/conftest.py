@@ -64,7 +64,8 @@ DRIVERS = os.environ.get("VMREPLICA_TEST_DRIVERS", "qemu,libvirt").split(",")
 _CLUSTER_MODULES = {"test_ha", "test_cluster_lab"}
 _LIBVIRT_MODULES = {"test_libvirt_driver", "test_debian_guest", "test_existing_domain",
                     "test_existing_failover", "test_readme_tour_libvirt",
-                    "test_existing_raw_block", "test_existing_reip", "test_existing_uefi"}
+                    "test_existing_raw_block", "test_existing_reip", "test_existing_uefi",
+                    "test_existing_config"}
 
 
 @pytest.hookimpl(tryfirst=True)       # before xdist's own hook reads the groups

@@ -5,7 +5,13 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from vmreplica.errors import UsageError
-from vmreplica.hypervisor.libvirt.carry import NetTarget, carry, nics, uncarriable
+from vmreplica.hypervisor.libvirt.carry import (
+    NetTarget,
+    carry,
+    definition_changes,
+    nics,
+    uncarriable,
+)
 from vmreplica.hypervisor.libvirt.domainxml import DiskDef, VMDef, domain_uuid, parse
 
 # As virt-install leaves a UEFI guest (trimmed): two disks, a CD-ROM, two NICs, agent.
@@ -167,3 +173,74 @@ def test_what_cannot_be_carried_is_refused(device, why):
 def test_nics_are_listed_with_their_sources():
     assert [(n.mac, n.kind, n.source) for n in nics(ET.fromstring(OPERATOR_XML))] == [
         ("52:54:00:aa:bb:01", "network", "default"), ("52:54:00:aa:bb:02", "bridge", "br0")]
+
+
+# -- what changed between two definitions (the replica's definition follows) -------------
+
+def _edited(xml: str, *edits: tuple[str, str]) -> str:
+    for old, new in edits:
+        assert old in xml, old
+        xml = xml.replace(old, new, 1)
+    return xml
+
+
+def test_a_definition_carried_again_unchanged_shows_no_change():
+    a, _ = carry(OPERATOR_XML, replica_vm(), NETS, "/c.log")
+    b, _ = carry(OPERATOR_XML, replica_vm(), NETS, "/c.log")
+    assert definition_changes(a, b) == []
+
+
+RNG = "<rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>"
+
+
+def test_the_changes_an_operator_makes_are_said_one_by_one():
+    new_xml = _edited(
+        OPERATOR_XML,
+        ("<memory unit='KiB'>2097152</memory>", "<memory unit='GiB'>3</memory>"),
+        ("<vcpu placement='static'>2</vcpu>", "<vcpu placement='static' current='2'>4</vcpu>"),
+        ("<cpu mode='host-model' check='partial'/>",
+         "<cpu mode='custom'><model>qemu64</model></cpu>"),
+        ("machine='pc-q35-7.2'", "machine='pc-q35-8.0'"),
+        # a NIC removed, one moved to another network (model changed), one added
+        ("""    <interface type='bridge'>
+      <mac address='52:54:00:aa:bb:02'/>
+      <source bridge='br0'/>
+      <model type='e1000e'/>
+    </interface>""", """    <interface type='network'>
+      <mac address='52:54:00:aa:bb:03'/>
+      <source network='default'/>
+    </interface>"""),
+        ("<model type='virtio'/>\n    </interface>", "<model type='e1000e'/>\n    </interface>"),
+        ("<video>", RNG + "<video>"),
+    )
+    old, _ = carry(OPERATOR_XML, replica_vm(), NETS, "/c.log")
+    new, _ = carry(new_xml, replica_vm(), NETS, "/c.log")
+    assert definition_changes(old, new) == [
+        "memory 2048 MiB → 3072 MiB",
+        "vCPUs 2 → 2 of 4",
+        "CPU host-model → custom qemu64",
+        "machine pc-q35-7.2 → pc-q35-8.0",
+        "NIC 52:54:00:aa:bb:01: network dr-lan, model virtio → network dr-lan, model e1000e",
+        "NIC 52:54:00:aa:bb:03 added (network dr-lan)",
+        "NIC 52:54:00:aa:bb:02 removed (bridge br-dr, model e1000e)",
+        "rng devices 0 → 1",
+    ]
+
+
+def test_disks_and_current_memory_by_themselves():
+    old = ET.fromstring("<domain><memory unit='KiB'>524288</memory>"
+                        "<currentMemory unit='KiB'>524288</currentMemory><devices>"
+                        "<disk device='disk'><target dev='vda'/></disk>"
+                        "<disk device='cdrom'><target dev='sda'/></disk></devices></domain>")
+    new = ET.fromstring("<domain><memory unit='MiB'>512</memory>"
+                        "<currentMemory unit='MiB'>384</currentMemory><devices>"
+                        "<disk device='disk'><target dev='vdb'/></disk></devices>"
+                        "<on_reboot>destroy</on_reboot></domain>")
+    assert definition_changes(old, new) == ["current memory 512 MiB → 384 MiB",
+                                            "disk vdb added", "disk vda removed",
+                                            "on_reboot changed"]
+    # Memory and current memory that move together: one line.
+    grown = ET.fromstring("<domain><memory unit='MiB'>768</memory>"
+                          "<currentMemory unit='MiB'>768</currentMemory></domain>")
+    assert definition_changes(old, grown)[:2] == ["memory 512 MiB → 768 MiB",
+                                                  "disk vda removed"]

@@ -186,6 +186,18 @@ def _cycle_report(args, kind: str, stats: dict) -> int:
     if args.json:
         emit_json(stats)
         return 0
+    config = stats.get("config") or {}
+    for change in config.get("changes") or []:
+        print(f"{args.vm}: the replica follows: {change}")
+    if config.get("refused"):
+        print(f"{args.vm}: the replica VM cannot follow the new definition: "
+              f"{config['refused']}")
+    if stats.get("deferred"):
+        print(f"{kind} of {args.vm}: a resync seeds the new disk in the resync window "
+              f"{stats.get('window')}")
+        return 0
+    if stats.get("mode") == "resync":
+        kind += " (a resync: the new disk's data, the others' changes)"
     raw, wire = stats.get("raw_bytes", 0), stats.get("wire_bytes", 0)
     print(f"{kind} of {args.vm}: cycle {stats['cycle']} acknowledged in "
           f"{duration(stats.get('seconds'))}; {format_size(raw)} changed, "
@@ -232,7 +244,7 @@ def cmd_sync(args) -> int:
     # (its cycle, or the cycle running when it came, which it waits for: both are shown)
     return _cycle_report(args, "sync", watch(client, f"sync of {args.vm}",
                                              lambda: client.call("POST", path),
-                                             vm=args.vm, own=("delta",),
+                                             vm=args.vm, own=("delta", "resync"),
                                              show=not args.json))
 
 

@@ -103,6 +103,12 @@ class Relationship(Settings):
     # scan-tracked disk cost (domain.tracking.ScanCost as a dict)
     disk_tracking: dict[str, str] = field(default_factory=dict)
     scan_costs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # an existing libvirt domain's configuration as last sent to the replica
+    # (domain.config): the digest of its inactive XML, its disks' virtual sizes
+    definition_digest: str | None = None
+    disk_sizes: dict[str, int] = field(default_factory=dict)
+    disk_paths: dict[str, str] = field(default_factory=dict)   # (a disk removed from the
+                                         # domain: its image loses this relationship's bitmaps)
     consecutive_failures: int = 0
     last_error_code: str | None = None
     last_error_hint: str | None = None
@@ -162,6 +168,13 @@ class Relationship(Settings):
     nvram_points: dict[str, str] = field(default_factory=dict)
     mirror_open: bool = False            # continuous: the mirror's export is open
     mirror_port: int | None = None
+    # the VM's own network map (`enable --network-map`), over the replica server's default:
+    # where the NICs of its primary's definition go when the definition follows
+    network_map: dict[str, str] = field(default_factory=dict)
+
+    # -- both sides: a definition of the primary the replica VM could not follow (why),
+    # reported once (an event) until it changes or follows
+    definition_refused: str | None = None
 
     COLUMNS: ClassVar[tuple[str, ...]] = ("vm", "id", "role", "peer", "peer_address",
                                           "state", "epoch", "created_at", "updated_at")

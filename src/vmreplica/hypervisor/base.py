@@ -52,6 +52,14 @@ class VMInfo:
 
 
 @dataclass
+class DefinitionUpdate:
+    """What ``follow_definition`` changed in a replica VM's definition (one line each:
+    ``memory 256 MiB → 384 MiB``) and its notes (what the carry changed or left out)."""
+    changes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
 class BitmapInfo:
     name: str
     recording: bool
@@ -151,6 +159,12 @@ class Inventory(Protocol):
     def delete(self, name: str) -> None: ...
     def set_disks(self, name: str, disks: dict[str, str]) -> None: ...
     def replace_disks(self, name: str, disks: list[dict]) -> None: ...
+    def follow_definition(self, name: str, definition: str,
+                          network_map: dict[str, str]) -> DefinitionUpdate:
+        """Define the stopped replica VM ``name`` again from its primary's new whole
+        definition (an existing libvirt domain's XML), keeping its name, identity and
+        disks, its NICs on ``network_map``; what changed. Unsupported where VMs are not
+        defined from their primary's definition (the qemu driver)."""
     def add_owned(self, name: str, paths: list[str]) -> None: ...
     def set_title(self, name: str, title: str, description: str | None = None) -> None:
         """Label the VM in the hypervisor's own tools (libvirt's <title>, e.g. "replica

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 from ..domain import points as dp
+from ..domain.config import digest
 from ..domain.links import dr_key, vm_name
 from ..domain.networks import parse_network_map
 from ..domain.reip import format_failover_ips, parse_failover_ips, resolve
@@ -24,7 +25,7 @@ from ..errors import (
     UsageError,
 )
 from .common import COMPRESSIONS, check_disk, check_mode, primary_row, relationship_of
-from .cycle import run_cycle
+from .follow import cycle
 from .standing import check_peer, end_here, end_removed
 
 
@@ -109,7 +110,12 @@ def enable(host, vm: str, replica: str, frequency: str = FREQUENCY_TEXT,
                       security_tag=security_tag, history=history, point_interval=interval,
                       app_every=int(app_every), resync_window=resync_window or None,
                       mode=mode, max_stall=float(max_stall), cluster=cluster, holders=holders,
-                      failover_ips=ips)
+                      failover_ips=ips,
+                      # (an existing domain's configuration as sent: primary.follow)
+                      definition_digest=digest(desc["definition"])
+                      if desc.get("definition") else None,
+                      disk_sizes={d.name: d.virtual_size for d in disks},
+                      disk_paths={d.name: d.path for d in disks})
     try:
         host.store.add_relationship(rel)
     except Exception:
@@ -139,8 +145,8 @@ def sync(host, vm: str, verify: bool = False) -> dict:
             State.RESYNC_REQUIRED.value: "change tracking was broken: a resynchronization is required",
         }.get(rel.state)
         raise Conflict(f"{vm} cannot sync in state {rel.state}", hint=hint)
-    stats = run_cycle(host, vm, verify=verify)
-    if rel.state == State.ERROR.value:
+    stats = cycle(host, vm, verify=verify)      # (an existing domain's configuration first)
+    if rel.state == State.ERROR.value and not stats.get("deferred"):
         host.store.set_state(vm, State.REPLICATING.value)
     return stats
 

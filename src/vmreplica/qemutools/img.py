@@ -101,6 +101,13 @@ def compare(a: Path | str, b: Path | str) -> tuple[bool, str]:
     return proc.returncode == 0, (proc.stdout or proc.stderr).strip()
 
 
+def resize(path: Path | str, size: int) -> None:
+    """Grow (or shrink) a qcow2 image's virtual size to ``size`` bytes; an area it gains
+    reads as zeros, whatever a backing file holds there."""
+    _run(["qemu-img", "resize", "-q", "-f", "qcow2", "--shrink", str(path), str(int(size))],
+         f"resizing image {path}")
+
+
 def commit(top: Path | str, base: Path | str) -> None:
     """Write ``top``'s clusters into ``base`` (an image below it); ``top`` is left as is."""
     _run(["qemu-img", "commit", "-q", "-f", "qcow2", "-d", "-b", str(base), str(top)],

@@ -16,7 +16,9 @@ from ..domain.patterns import find_authorization
 from ..domain.reip import FailoverIP
 from ..domain.relationship import DEFAULTS, Relationship
 from ..domain.states import Role, State
+from ..domain.units import format_size
 from ..errors import Conflict, NotFound, Refused, UsageError
+from ..qemutools import img
 from . import checks, mirror, points, removal
 from . import index as rindex
 from . import store as rstore
@@ -158,6 +160,7 @@ def create_relationship(host, peer: dict, body: dict) -> dict:
             mode=body.get("mode") or DEFAULTS.mode,
             max_stall=float(body.get("max_stall", DEFAULTS.max_stall)),
             cluster=bool(body.get("cluster")),
+            network_map=_network_map(desc),
             # The hosts that may take this replication over when the VM moves to them (a
             # DR link: the primary and the partner of its main relationship).
             holders=[str(h) for h in body.get("holders") or [peer["name"]]],
@@ -181,6 +184,15 @@ def create_relationship(host, peer: dict, body: dict) -> dict:
         host.event("relationship", "replica VM defined from the primary's domain: "
                    + "; ".join(notes), vm)
     return {**_describe(host, host.store.relationship(vm)), "notes": notes}
+
+
+def _network_map(desc: dict) -> dict[str, str]:
+    """The VM's own network map from the primary's description, checked."""
+    nets = desc.get("network_map") or {}
+    if not isinstance(nets, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                             for k, v in nets.items()):
+        raise UsageError("the network map must map network names to network names")
+    return dict(nets)
 
 
 def _describe(host, rel: Relationship) -> dict:
@@ -288,8 +300,9 @@ def change_disks(host, peer: dict, vm: str, body: dict) -> dict:
     if not names or len(set(names)) != len(names):
         raise UsageError("disks must name each replicated disk once")
     for d in wanted:
-        if d["name"] not in rel.chains:
+        if d["name"] not in rel.chains or d.get("virtual_size") is not None:
             _field(d, "virtual_size", int, 0, low=1, high=1 << 55)
+    resized = []
     with host.vm_lock(vm):
         host.heads.close(vm)
         chains = dict(rel.chains)
@@ -298,17 +311,68 @@ def change_disks(host, peer: dict, vm: str, body: dict) -> dict:
         for d in wanted:
             if d["name"] not in chains:
                 chains[d["name"]] = rstore.new_chain(storage, vm, d, depth)
+            elif d.get("virtual_size") is not None:
+                # The primary's disk grew (or shrank): the head follows; the frozen
+                # layers below keep the size their points had.
+                old = rstore.resize_head(chains[d["name"]][-1], int(d["virtual_size"]))
+                if old is not None:
+                    resized.append(f"{d['name']} {format_size(old)} → "
+                                   f"{format_size(int(d['virtual_size']))}")
         dropped = [p for name, c in chains.items() if name not in names for p in c]
         chains = {n: chains[n] for n in names}
-        host.driver.replace_disks(vm, [dict(d, path=chains[d["name"]][-1], format="qcow2")
+        sizes = {d: int(img.info(c[-1])["virtual-size"]) for d, c in chains.items()
+                 if d in names}
+        host.driver.replace_disks(vm, [dict(d, path=chains[d["name"]][-1], format="qcow2",
+                                            virtual_size=sizes[d["name"]])
                                        for d in wanted])
         host.store.update_relationship(vm, chains=chains, disks=names, index_valid=False)
         rstore.drop_layers(dropped)
         for name in rel.disks:
             if name not in names:
                 rindex.path(storage, vm, name).unlink(missing_ok=True)
-    host.event("relationship", "replicated disks now: " + ", ".join(names), vm)
-    return {"vm": vm, "disks": names}
+                rstore.drop_disk_dir(storage, vm, name)
+    host.event("relationship", "replicated disks now: " + ", ".join(names)
+               + (f" (resized: {', '.join(resized)})" if resized else ""), vm)
+    return {"vm": vm, "disks": names, "resized": resized}
+
+
+MAX_DEFINITION = 1 << 20
+
+
+def follow_definition(host, peer: dict, vm: str, body: dict) -> dict:
+    """The primary's VM (an existing libvirt domain) has a new definition: the replica VM
+    is defined again from it (hypervisor.libvirt.carry: its name, identity and disks kept,
+    its NICs on the network map) and an event says what changed. What cannot follow — a
+    NIC whose network has no mapping here, a device that cannot be carried, a replica VM
+    that runs (failed over) — is refused with the reason, reported once as an event; the
+    replica VM keeps its definition and the primary asks again at its next cycles."""
+    rel = checks.own_relationship(host, peer, vm)
+    definition = body.get("definition")
+    if not isinstance(definition, str) or not definition.strip() \
+            or len(definition) > MAX_DEFINITION:
+        raise UsageError("definition must be a domain XML of at most 1 MiB")
+    if rel.state in (State.FAILOVER_IN_PROGRESS.value, State.FAILED_OVER.value) \
+            or rel.failover:
+        raise Conflict(f"{host.name} has failed {vm} over (state {rel.state}): its VM "
+                       "runs here and its definition is not changed")
+    settings = host.store.get_setting("replica_server") or {}
+    nets = merged(settings.get("network_map"), rel.network_map)
+    with host.vm_lock(vm):
+        try:
+            done = host.driver.follow_definition(vm, definition, nets)
+        except (UsageError, Conflict) as e:
+            why = e.message + (f" ({e.hint})" if e.hint else "")
+            if rel.definition_refused != why:
+                host.store.update_relationship(vm, definition_refused=why)
+                host.event("config", "the replica VM cannot follow the primary's new "
+                                     f"definition, it keeps its own: {why}", vm)
+            raise
+        host.store.update_relationship(vm, definition_refused=None)
+    host.event("config", "the replica VM's definition follows the primary's: "
+               + ("; ".join(done.changes) or "defined again, with no change to its memory, "
+                  "CPUs or NICs")
+               + (f" (notes: {'; '.join(done.notes)})" if done.notes else ""), vm)
+    return {"vm": vm, "changes": done.changes, "notes": done.notes}
 
 
 def point_now(host, peer: dict, vm: str, body: dict) -> dict:

@@ -67,6 +67,27 @@ def new_chain(storage: Path, vm: str, disk: dict, depth: int) -> list[str]:
     return chain
 
 
+def resize_head(head: str, size: int) -> int | None:
+    """The head of a chain to ``size`` bytes (its disk on the primary grew or shrank):
+    its old size, or None when it had that size already. The frozen layers below keep
+    theirs (their points had it): the head reads zeros beyond them."""
+    old = int(img.info(head)["virtual-size"])
+    if old == int(size):
+        return None
+    img.resize(head, size)
+    img.sync_files(head)
+    return old
+
+
+def drop_disk_dir(storage: Path, vm: str, disk: str) -> None:
+    """The folder of a disk no longer replicated, once its layers are dropped (nothing of
+    it is left behind; a folder that still holds something else stays)."""
+    try:
+        (vm_dir(storage, vm) / disk).rmdir()
+    except OSError:
+        pass        # (gone already; or not empty: a file that is not one of its layers)
+
+
 def delete_chains(storage: Path, vm: str) -> None:
     shutil.rmtree(vm_dir(storage, vm), ignore_errors=True)
 

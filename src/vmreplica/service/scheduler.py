@@ -255,8 +255,8 @@ class Scheduler:
                     lock.release()
 
     def _cycle(self, vm: str) -> None:
-        from ..primary.cycle import run_cycle
+        from ..primary.follow import cycle  # (an existing domain's configuration first)
         try:
-            run_cycle(self.host, vm)
+            cycle(self.host, vm)
         except Exception as e:  # noqa: BLE001 — recorded in the store by run_cycle
             log.warning("scheduled cycle of %s failed: %s", vm, getattr(e, "message", e))

@@ -287,3 +287,125 @@ def _host_paths(root: ET.Element, console: str, nvram_file: str) -> list[str]:
     for el in root.findall("devices/tpm"):
         notes.append(f"TPM ({el.get('model', 'tpm')}): its state is not replicated")
     return notes
+
+
+# -- what changed between two definitions of one VM --------------------------------------
+
+_KIB = {"b": 1 / 1024, "bytes": 1 / 1024, "KiB": 1, "k": 1, "KB": 1000 / 1024, "MiB": 1024,
+        "M": 1024, "MB": 1000 ** 2 / 1024, "GiB": 1 << 20, "G": 1 << 20,
+        "GB": 1000 ** 3 / 1024, "TiB": 1 << 30, "T": 1 << 30}
+# Top-level sections compared as a whole (what the lines above do not already say).
+_SECTIONS = ("features", "clock", "cputune", "memoryBacking", "numatune", "pm",
+             "on_poweroff", "on_reboot", "on_crash")
+# Devices counted by kind (disks and NICs are compared one by one; controllers and
+# addresses are libvirt's own additions).
+_SKIP_DEVICES = {"disk", "interface", "controller", "emulator"}
+
+
+def _mib(root: ET.Element, tag: str) -> int | None:
+    el = root.find(tag)
+    if el is None or not (el.text or "").strip():
+        return None
+    try:
+        return int(int(el.text.strip()) * _KIB.get(el.get("unit", "KiB"), 1)) // 1024  # type: ignore[union-attr]
+    except ValueError:
+        return None
+
+
+def _vcpus(root: ET.Element) -> str | None:
+    el = root.find("vcpu")
+    if el is None:
+        return None
+    n = (el.text or "").strip()
+    return f"{el.get('current')} of {n}" if el.get("current") and el.get("current") != n else n
+
+
+def _cpu(root: ET.Element) -> str:
+    el = root.find("cpu")
+    if el is None:
+        return "default"
+    words = [el.get("mode", "custom")]
+    model = el.findtext("model")
+    if model:
+        words.append(model.strip())
+    topo = el.find("topology")
+    if topo is not None:
+        words.append("topology " + "/".join(topo.get(k, "?") for k in
+                                            ("sockets", "cores", "threads")))
+    return " ".join(words)
+
+
+def _nic_words(el: ET.Element, nic: Nic) -> str:
+    model = el.find("model")
+    where = nic.where
+    return where + (f", model {model.get('type')}" if model is not None and model.get("type")
+                    else "")
+
+
+def _canon(el: ET.Element | None) -> str:
+    if el is None:
+        return ""
+    copy = ET.fromstring(ET.tostring(el))
+    for x in copy.iter():
+        x.text = (x.text or "").strip() or None
+        x.tail = None
+    return ET.tostring(copy, encoding="unicode")
+
+
+def definition_changes(old: ET.Element, new: ET.Element) -> list[str]:
+    """What an operator would say changed from definition ``old`` to ``new`` of one VM:
+    memory, vCPUs, CPU, machine type, NICs (by MAC: added, removed, moved, model),
+    disks (by target dev: added, removed), other devices by kind (how many), and some
+    whole sections (features, clock, ...). Identity, title, description and metadata
+    are the replica's own and never compared."""
+    out: list[str] = []
+    mem = (_mib(old, "memory"), _mib(new, "memory"))
+    if mem[0] != mem[1] and mem[1] is not None:
+        out.append(f"memory {mem[0] if mem[0] is not None else '?'} MiB → {mem[1]} MiB")
+    cur = (_mib(old, "currentMemory"), _mib(new, "currentMemory"))
+    if cur[0] != cur[1] and cur[1] is not None and cur != mem:   # (not when it follows)
+        out.append(f"current memory {cur[0] if cur[0] is not None else '?'} MiB → "
+                   f"{cur[1]} MiB")
+    a_cpu, b_cpu = _vcpus(old), _vcpus(new)
+    if a_cpu != b_cpu:
+        out.append(f"vCPUs {a_cpu or '?'} → {b_cpu or '?'}")
+    if _cpu(old) != _cpu(new):
+        out.append(f"CPU {_cpu(old)} → {_cpu(new)}")
+    a_os, b_os = old.find("os/type"), new.find("os/type")
+    a_m = a_os.get("machine", "") if a_os is not None else ""
+    b_m = b_os.get("machine", "") if b_os is not None else ""
+    if a_m != b_m:
+        out.append(f"machine {a_m or '?'} → {b_m or '?'}")
+    a_nics = {n.mac: (el, n) for el, n in zip(old.findall("devices/interface"), nics(old),
+                                               strict=True)}
+    b_nics = {n.mac: (el, n) for el, n in zip(new.findall("devices/interface"), nics(new),
+                                               strict=True)}
+    for mac, (el, n) in b_nics.items():
+        if mac not in a_nics:
+            out.append(f"NIC {mac or '?'} added ({_nic_words(el, n)})")
+        elif _nic_words(*a_nics[mac]) != _nic_words(el, n):
+            out.append(f"NIC {mac}: {_nic_words(*a_nics[mac])} → {_nic_words(el, n)}")
+    out += [f"NIC {mac or '?'} removed ({_nic_words(el, n)})"
+            for mac, (el, n) in a_nics.items() if mac not in b_nics]
+
+    def targets(root: ET.Element) -> list[str]:
+        return [t.get("dev", "") for el in root.findall("devices/disk")
+                if el.get("device", "disk") == "disk" and (t := el.find("target")) is not None]
+    a_disks, b_disks = targets(old), targets(new)
+    out += [f"disk {d} added" for d in b_disks if d not in a_disks]
+    out += [f"disk {d} removed" for d in a_disks if d not in b_disks]
+
+    def kinds(root: ET.Element) -> dict[str, int]:
+        count: dict[str, int] = {}
+        devices = root.find("devices")
+        for el in list(devices) if devices is not None else []:
+            if el.tag not in _SKIP_DEVICES:
+                count[el.tag] = count.get(el.tag, 0) + 1
+        return count
+    a_k, b_k = kinds(old), kinds(new)
+    for tag in sorted(set(a_k) | set(b_k)):
+        if a_k.get(tag, 0) != b_k.get(tag, 0):
+            out.append(f"{tag} devices {a_k.get(tag, 0)} → {b_k.get(tag, 0)}")
+    out += [f"{tag} changed" for tag in _SECTIONS
+            if _canon(old.find(tag)) != _canon(new.find(tag))]
+    return out

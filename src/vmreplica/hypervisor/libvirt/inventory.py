@@ -38,9 +38,17 @@ import libvirt
 
 from ...errors import Conflict, HypervisorError, NotFound, Unsupported, UsageError
 from ...qemutools import img
-from ..base import VMInfo
+from ..base import DefinitionUpdate, VMInfo
 from ..guest import guest_files
-from .carry import ALL_NICS, MAPPABLE_NICS, NetTarget, carry, carry_disks, nics
+from .carry import (
+    ALL_NICS,
+    MAPPABLE_NICS,
+    NetTarget,
+    carry,
+    carry_disks,
+    definition_changes,
+    nics,
+)
 from .connection import QEMU_USER, LibvirtBase, lv_error, qemu_ids
 from .domainxml import (
     ISOLATED_BRIDGE,
@@ -270,6 +278,36 @@ class Inventory(LibvirtBase):
         info = self._info(dom, vm2 or vm)
         info.notes = notes
         return info
+
+    def follow_definition(self, name: str, definition: str,
+                          network_map: dict[str, str]) -> DefinitionUpdate:
+        """The replica VM ``name`` (carried) defined again from its primary's new XML:
+        carried as at creation (``carry``), with this VM's name, uuid, title, description,
+        metadata and disks (by target dev: ``replace_disks`` has made them follow first),
+        its NICs on ``network_map``. A running VM (failed over, say) is not touched
+        (Conflict); what cannot be carried, a NIC with no mapping, or what this host
+        lacks to run it is refused (UsageError) and the old definition stays."""
+        dom, root, vm = self._load(name)
+        if not vm.carried:
+            raise Conflict(f"{name} is not defined from its primary's domain: its "
+                           "definition does not follow the primary's")
+        if self._active(dom):
+            raise Conflict(f"{name} is running on {self.host_name}: its definition is not "
+                           "changed while it runs")
+        try:
+            source = ET.fromstring(definition)
+        except ET.ParseError as e:
+            raise UsageError(f"the primary's definition of {name} is not XML: {e}") from None
+        nets = self._resolve_networks(source, network_map, name)
+        new, notes = carry(definition, vm, nets, str(self._dir(name) / "console.log"),
+                           str(self._dir(name) / "VARS.fd"))
+        notes += self._check_runnable(new, name)
+        # (where its NICs go was said when it was made; a new NIC's says its change line)
+        notes = [n for n in notes if not (n.startswith("NIC ") and " -> " in n)]
+        changes = definition_changes(root, new)
+        self._define_xml(ET.tostring(new, encoding="unicode"), name)
+        self._describe_to_folder(vm)
+        return DefinitionUpdate(changes, notes)
 
     def _resolve_networks(self, root: ET.Element, mapping: dict,
                           name: str) -> dict[str, NetTarget | None]:

@@ -33,7 +33,7 @@ from ...errors import Conflict, HypervisorError, NotFound, Unsupported, UsageErr
 from ...qemutools import img
 from ...qemutools.qmp import Monitor
 from .. import kvmprobe
-from ..base import VMInfo
+from ..base import DefinitionUpdate, VMInfo
 from ..guest import guest_files
 from .agent import GuestAgentPart
 from .cmdline import command, qemu_error, written_since
@@ -145,6 +145,12 @@ class Inventory(GuestAgentPart):
                           "format": d.get("format", "qcow2"),
                           "virtual_size": int(d["virtual_size"])} for d in disks]
         self._save(desc)
+
+    def follow_definition(self, name: str, definition: str,
+                          network_map: dict[str, str]) -> DefinitionUpdate:
+        raise Unsupported("a replica VM defined from its primary's whole domain definition "
+                          "needs the libvirt driver (this host runs VMs under the qemu "
+                          "driver, from vmreplica's own description)")
 
     def set_title(self, name: str, title: str, description: str | None = None) -> None:
         """No tool of the host shows labels of this driver's VMs: kept in vm.json."""

@@ -65,6 +65,11 @@ def replication_routes(host) -> Router:
         peer = trust.require_peer(host, req.peer_fingerprint)
         return lifecycle.change_disks(host, peer, req.params["vm"], req.json())
 
+    @r.route("POST", "/v1/replica/relationships/{vm}/definition")
+    def replica_definition(req):
+        peer = trust.require_peer(host, req.peer_fingerprint)
+        return lifecycle.follow_definition(host, peer, req.params["vm"], req.json())
+
     @r.route("POST", "/v1/replica/relationships/{vm}/settings")
     def replica_settings(req):
         peer = trust.require_peer(host, req.peer_fingerprint)

@@ -52,7 +52,7 @@ DRIVERS = os.environ.get("VMREPLICA_TEST_DRIVERS", "qemu,libvirt").split(",")
 # the clusters, in two pytest-xdist workers (--dist loadgroup): most of that time is spent
 # waiting (cycles, outages, a TCG guest booting), not computing. A group runs in one
 # worker, in order:
-#  - "libvirt": every test on the libvirt driver, and the libvirt driver's own tests.
+#  - "libvirt": every e2e test on the libvirt driver, and the Debian guest's.
 #    They share the one system libvirtd, where a domain is named vmr-HOST-VM, and the
 #    lab's hosts are site-a and site-b in every worker: two workers would collide.
 #  - every other module, its own group, so its module-scoped guests and hosts are built
@@ -62,10 +62,15 @@ DRIVERS = os.environ.get("VMREPLICA_TEST_DRIVERS", "qemu,libvirt").split(",")
 # suite's tightest, and a TCG guest booting in the other worker slowed a resource start
 # past its timeout.
 _CLUSTER_MODULES = {"test_ha", "test_cluster_lab"}
-_LIBVIRT_MODULES = {"test_libvirt_driver", "test_debian_guest", "test_existing_domain",
-                    "test_existing_failover", "test_readme_tour_libvirt",
-                    "test_existing_raw_block", "test_existing_reip", "test_existing_uefi",
-                    "test_existing_config"}
+_LIBVIRT_MODULES = {"test_debian_guest"}
+# - "libvirt-existing": the libvirt driver's own tests and those of operators' existing
+#   domains. Each uses host and domain names of its own (exist-a, deb-a, kvm-a, ...;
+#   random domain names), so they cannot collide with the "libvirt" group's site-a and
+#   site-b; they run one at a time because several use vmreplica's isolated network,
+#   which a test failover makes and removes with its last VM.
+_EXISTING_MODULES = {"test_libvirt_driver", "test_existing_domain", "test_existing_failover",
+                     "test_readme_tour_libvirt", "test_existing_raw_block",
+                     "test_existing_reip", "test_existing_uefi", "test_existing_config"}
 
 
 @pytest.hookimpl(tryfirst=True)       # before xdist's own hook reads the groups
@@ -77,6 +82,8 @@ def pytest_collection_modifyitems(config, items):
         if module in _CLUSTER_MODULES:
             item.add_marker(pytest.mark.cluster)
             group = "cluster"
+        elif module in _EXISTING_MODULES:
+            group = "libvirt-existing"
         elif params.get("driver") == "libvirt" or module in _LIBVIRT_MODULES:
             group = "libvirt"
         else:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import NotRequired, Protocol, TypedDict
 
@@ -33,6 +34,15 @@ class DiskInfo:
                          # and block disks, refuses the others)
 
 
+class Origin(StrEnum):
+    """Who made a VM. vmreplica: `vm create`, a replica, a failed-over or test copy — it
+    defines, repoints and deletes them. existing: an operator's libvirt domain, taken as
+    it is — never redefined, repointed or deleted (its disks stay where they are, even
+    as the replica side of a reverse: replica.points.follow_heads, replica.failover)."""
+    VMREPLICA = "vmreplica"
+    EXISTING = "existing"
+
+
 @dataclass
 class VMInfo:
     name: str
@@ -43,8 +53,7 @@ class VMInfo:
     guest: str | None = None
     pid: int | None = None
     agent: bool = False  # has a guest-agent channel
-    origin: str = "vmreplica"  # vmreplica: made by vmreplica (vm create, a replica);
-                               # existing: an operator's libvirt domain, taken as it is
+    origin: Origin = Origin.VMREPLICA
     notes: list[str] = field(default_factory=list)  # define_vm: what it changed or left
                                # out of a carried definition (hypervisor.libvirt.carry)
     nics: list[str] = field(default_factory=list)   # the MAC address of each NIC, in the

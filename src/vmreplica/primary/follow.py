@@ -29,6 +29,7 @@ from ..domain import config as dconfig
 from ..domain.links import vm_name
 from ..domain.states import State
 from ..errors import TransportError, UsageError, VmreplicaError
+from ..hypervisor.base import Origin
 from ..qemutools import img
 from ..tracking.bitmap import bitmap_prefix
 from .common import check_disk
@@ -56,7 +57,7 @@ def follow(host, vm: str) -> Followed:
     name = vm_name(vm)
     rel = store.relationship(vm)
     info = host.driver.inspect(name)
-    if info.origin != "existing":
+    if info.origin != Origin.EXISTING:
         return Followed()
     desc = host.driver.describe(name)
     definition = str(desc.get("definition") or "")

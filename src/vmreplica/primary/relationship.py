@@ -24,6 +24,7 @@ from ..errors import (
     Unreachable,
     UsageError,
 )
+from ..hypervisor.base import Origin
 from .common import COMPRESSIONS, check_disk, check_mode, primary_row, relationship_of
 from .follow import cycle
 from .standing import check_peer, end_here, end_removed
@@ -66,7 +67,7 @@ def enable(host, vm: str, replica: str, frequency: str = FREQUENCY_TEXT,
     nets = parse_network_map(network_map)
     reip = resolve(parse_failover_ips(failover_ips), info.nics, vm)
     ips = [ip.to_dict() for ip in reip]
-    check_mode(host, mode, max_stall, existing=info.origin == "existing")
+    check_mode(host, mode, max_stall, existing=info.origin == Origin.EXISTING)
     if compression not in COMPRESSIONS:
         raise UsageError(f"unknown compression {compression!r}", hint="choose zstd or none")
     names = [d.name for d in info.disks]
@@ -79,7 +80,7 @@ def enable(host, vm: str, replica: str, frequency: str = FREQUENCY_TEXT,
     if not disks:
         raise UsageError(f"every disk of {vm} is excluded: nothing to replicate")
     for d in disks:
-        check_disk(vm, d, existing=info.origin == "existing")
+        check_disk(vm, d, existing=info.origin == Origin.EXISTING)
     desc = host.driver.describe(vm)
     desc["disks"] = [{"name": d.name, "format": d.format, "virtual_size": d.virtual_size}
                      for d in disks]

@@ -10,6 +10,7 @@ from ..domain.links import vm_name
 from ..domain.reip import format_failover_ips, parse_failover_ips, resolve
 from ..domain.schedule import format_frequency, parse_frequency, parse_window
 from ..errors import UsageError
+from ..hypervisor.base import Origin
 from .common import COMPRESSIONS, check_disk, check_mode, relationship_of
 
 FIELDS = ("frequency", "history", "point_interval", "app_every", "compression",
@@ -77,7 +78,7 @@ def change_disks(host, vm: str, exclude: list[str], include: list[str]) -> dict:
     for name in include:
         if name in disks:
             raise UsageError(f"disk {name} of {vm} is already replicated")
-        check_disk(vm, by_name[name], existing=info.origin == "existing")
+        check_disk(vm, by_name[name], existing=info.origin == Origin.EXISTING)
     order = [d.name for d in info.disks]
     disks = sorted(disks + include, key=order.index)
     if not disks:
@@ -117,7 +118,7 @@ def apply(host, vm: str, changes: dict) -> dict:
                              hint="--failover-ip is for existing libvirt domains")
         changes["failover_ips"] = [ip.to_dict() for ip in ips]
     if changes.get("mode") == "continuous" and rel.mode != "continuous":
-        existing = host.driver.inspect(vm_name(vm)).origin == "existing"
+        existing = host.driver.inspect(vm_name(vm)).origin == Origin.EXISTING
         check_mode(host, "continuous", changes.get("max_stall", rel.max_stall), existing)
     if changes.get("mode") == "periodic" and rel.mode == "continuous":
         # The watchdog leaves it first (it follows continuous relationships only), then

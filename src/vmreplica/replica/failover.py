@@ -14,6 +14,7 @@ from ..domain.links import vm_name
 from ..domain.relationship import Relationship
 from ..domain.states import State
 from ..errors import Conflict, NotFound, Unreachable, UsageError, VmreplicaError
+from ..hypervisor.base import Origin
 from ..qemutools import img
 from . import collapse, mirror, nvram, points, reip
 from . import store as rstore
@@ -347,7 +348,7 @@ def _in_place(host, vm: str) -> bool:
     """Whether ``vm`` is an operator's existing libvirt domain (the replica side of a
     reverse, on the domain's own host): vmreplica never repoints its disks, so a
     failover merges the point into them and starts the domain exactly as it is."""
-    return host.driver.inspect(vm).origin == "existing"
+    return host.driver.inspect(vm).origin == Origin.EXISTING
 
 
 def _commit_in_place(host, vm: str) -> int:

@@ -14,6 +14,7 @@ from pathlib import Path
 from ..domain import points as dp
 from ..domain.relationship import Relationship
 from ..errors import NotFound, UsageError
+from ..hypervisor.base import Origin
 from . import nvram
 from . import store as rstore
 
@@ -35,7 +36,7 @@ def follow_heads(host, vm: str, chains: dict[str, list[str]]) -> None:
     libvirt domain (the replica side of a reverse, at the domain's own host): vmreplica
     never repoints its disks; it keeps its own disk (the chains' base) until a failover
     merges the chain into it (replica.failover, in place)."""
-    if host.driver.inspect(vm).origin == "existing":
+    if host.driver.inspect(vm).origin == Origin.EXISTING:
         return
     host.driver.set_disks(vm, {d: c[-1] for d, c in chains.items()})
 

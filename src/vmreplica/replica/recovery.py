@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 
 from ..domain.states import Role, State
+from ..hypervisor.base import Origin
 from ..qemutools import img
 from . import points, unapplied
 from . import store as rstore
@@ -80,7 +81,7 @@ def _reconcile_disks(host) -> None:
             info = host.driver.inspect(vm)
             have = {d.name: d.path for d in info.disks}
             wrong = {d: p for d, p in want.items() if d in have and have[d] != p}
-            if wrong and info.origin == "vmreplica":    # (points.follow_heads)
+            if wrong and info.origin == Origin.VMREPLICA:    # (points.follow_heads)
                 host.driver.set_disks(vm, wrong)
                 host.event("recovery", "the replica VM's disks named older layers after an "
                                        "unclean stop; they point at the heads again: " +

@@ -42,6 +42,7 @@ from ..errors import (
     TransportError,
     VmreplicaError,
 )
+from ..hypervisor.base import Origin
 from ..qemutools import img
 from . import mirror
 from . import store as rstore
@@ -86,7 +87,7 @@ def remove_relationship(host, vm: str, keep_replica: bool, tell_primary: bool = 
         removed_vm = False
         try:
             info = host.driver.inspect(vm)
-            if info.origin != "vmreplica":
+            if info.origin != Origin.VMREPLICA:
                 # No replica VM here; the name is an existing libvirt domain's (the
                 # primary's own, where one libvirtd holds both hosts): never touched.
                 raise NotFound(f"no replica VM {vm}")
@@ -237,7 +238,7 @@ def kept_replica(host, vm: str, identity: str | None) -> Path | None:
         info = host.driver.inspect(vm)
     except NotFound:
         return None
-    if info.origin != "vmreplica":
+    if info.origin != Origin.VMREPLICA:
         # An existing libvirt domain of that name (where one libvirtd holds both hosts,
         # the primary's own): the replica VM (vmr-HOST-NAME) shadows it, no conflict.
         return None

@@ -13,6 +13,7 @@ from ..domain.patterns import find_authorization
 from ..domain.relationship import Relationship
 from ..domain.states import Role, State
 from ..errors import NotFound, Refused
+from ..hypervisor.base import Origin
 from ..tracking import scan
 from . import index as rindex
 from . import points
@@ -48,7 +49,7 @@ def become_replica(host, peer: dict, vm: str, body: dict) -> dict:
         chains = rel.chains or {d.name: [d.path] for d in info.disks
                                 if d.name in rel.disks}
         storage = Path(entry["storage"] or settings.get("storage") or host.home.storage)
-        if info.origin == "vmreplica":
+        if info.origin == Origin.VMREPLICA:
             # (an operator's existing domain owns nothing of vmreplica's: its replica
             # storage goes with the relationship, replica.removal)
             host.driver.add_owned(vm, [str(rstore.vm_dir(storage, vm))])

@@ -31,7 +31,7 @@ import libvirt_qemu
 
 from ...errors import Conflict, HypervisorError, NotFound, UsageError
 from ...qemutools import qmp
-from ..base import DiskInfo, VMInfo, block_device_size
+from ..base import DiskInfo, Origin, VMInfo, block_device_size
 from .domainxml import VMDef, domain_xml, existing_disks, existing_vm, meta_element, parse, vmr
 
 QEMU_USER = "libvirt-qemu"
@@ -244,7 +244,7 @@ class LibvirtBase:
                       memory_mb=vm.memory_mb, guest=vm.guest, pid=pid, agent=vm.agent,
                       disks=[DiskInfo(d.name, d.path, d.format, d.virtual_size, d.kind)
                              for d in vm.disks],
-                      origin="existing" if vm.existing else "vmreplica", nics=vm.nics)
+                      origin=Origin.EXISTING if vm.existing else Origin.VMREPLICA, nics=vm.nics)
 
     # -- the persistent definition -----------------------------------------------------
     def _mkdir_vm(self, d: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ... import __version__
 from ...errors import Refused, UsageError
+from ...hypervisor.base import Origin
 from ...primary import relationship as prim
 from ...replica import lifecycle, receiver, removal
 from ...replica import points as rpoints
@@ -191,7 +192,7 @@ def primary_view(host, peer: dict, vm: str) -> dict:
         # A replica side's VM is one vmreplica made: an existing domain of that name (the
         # primary's own, where one libvirtd holds both hosts) is not it.
         replica_side = rel is not None and rel.role == "replica"
-        power = info.state if info.origin == "vmreplica" or not replica_side else None
+        power = info.state if info.origin == Origin.VMREPLICA or not replica_side else None
     except Exception:  # noqa: BLE001 — the answer says "unknown"; the replica then goes by state
         power = None          # not defined here, or the hypervisor cannot say
     out = {"host": host.name, "vm": vm, "vm_state": power,

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .relationship import Relationship
-from .schedule import parse_window
+from .schedule import judged_slots, parse_window, slot_index
 from .states import State
 
 WINDOW = 12 * 3600
@@ -57,12 +57,17 @@ def measure(rel: Relationship, cycles: list[CycleRecord], now: float) -> dict:
     sizes = [int(c.raw_bytes or 0) for c in ok]
     durations = [c.finished_at - c.started_at for c in ok if c.finished_at]
     freq = rel.frequency
-    since = max(now - WINDOW, float(rel.replicating_since or rel.created_at or now))
-    expected = int((now - since) // freq)
+    # Judged: the slots (domain.schedule) due since replication could run on this
+    # schedule (it began, was resumed, or its frequency or mode changed), and over by
+    # now; a slot is kept when a good cycle started in it.
+    since = max(now - WINDOW, float(rel.replicating_since or rel.created_at or now),
+                float(rel.schedule_since or 0.0))
+    slots = judged_slots(rel.vm, freq, since, now)
+    expected = len(slots)
     if rel.mode == "continuous" and rel.sync_state != "idle":
         expected = 0      # no schedule: cycles only catch up, then the mirror carries writes
-    scheduled_ok = len([c for c in ok if c.kind != "initial"])
-    missed = max(0, expected - scheduled_ok)
+    kept = {slot_index(rel.vm, freq, c.started_at) for c in ok if c.kind != "initial"}
+    missed = max(0, expected - sum(1 for k in kept if k in slots))
     raw = sum(sizes)
     wire = sum(int(c.wire_bytes or 0) for c in ok)
     busy = sum(durations)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import math
+
 from ..errors import UsageError
 from .units import parse_duration
 
@@ -27,8 +30,66 @@ def format_frequency(seconds: int) -> str:
 
 
 def next_due(last_attempt: float | None, frequency: int) -> float:
-    """The time the next cycle is due; a relationship never attempted is due at once."""
+    """The time the next periodic check is due (a seed poll, a resync retry, a peer
+    check): ``frequency`` after the last one; never done: at once. Cycles run on slots."""
     return 0.0 if last_attempt is None else last_attempt + frequency
+
+
+# -- cycle slots ------------------------------------------------------------------------
+# Cycles are anchored to the clock: the slots of a relationship are phase(vm) + k ×
+# frequency (k any integer, times in seconds since the epoch), so cycle k is due at a
+# fixed time, however long the cycles before it took. The phase, a stable offset within
+# the period derived from the VM's name, spreads VMs with the same frequency across it.
+# Its replication is judged from the first slot at or after it started, was resumed or
+# had its frequency changed (``schedule_since``).
+
+def phase(vm: str, frequency: int) -> float:
+    """The VM's stable offset within its period, in [0, frequency), to the millisecond:
+    the same on every host and every run (a hash of the name, not Python's ``hash``)."""
+    digest = hashlib.blake2b(vm.encode(), digest_size=8).digest()
+    return (int.from_bytes(digest, "big") % (int(frequency) * 1000)) / 1000.0
+
+
+def slot_index(vm: str, frequency: int, t: float) -> int:
+    """The number k of the slot that time ``t`` falls in: phase + k × frequency ≤ t."""
+    return math.floor((t - phase(vm, frequency)) / frequency)
+
+
+def slot_time(vm: str, frequency: int, k: int) -> float:
+    """When slot k is due."""
+    return phase(vm, frequency) + k * frequency
+
+
+def slot_at(vm: str, frequency: int, t: float) -> float:
+    """The due time of the slot ``t`` falls in (the latest slot due at or before ``t``)."""
+    return slot_time(vm, frequency, slot_index(vm, frequency, t))
+
+
+def due_slot(vm: str, frequency: int, now: float, *, last_slot: float | None,
+             last_attempt: float | None) -> float | None:
+    """The slot a scheduled cycle started ``now`` runs for, or None when that slot has
+    had its cycle. ``last_slot``: the slot the last scheduled cycle ran for;
+    ``last_attempt``: when a cycle last ran, None to run one at once (never run, the
+    daemon restarted, replication resumed). A cycle run outside the schedule (the
+    initial copy) before any scheduled one covers the slot it ended in. A cycle that
+    overran its slot finds later slots passed: one cycle runs at once for the latest of
+    them and the schedule goes on from the next one (no burst of catch-up cycles)."""
+    slot = slot_at(vm, frequency, now)
+    if last_attempt is None:
+        return slot
+    ran = last_slot if last_slot is not None else slot_at(vm, frequency, last_attempt)
+    if slot <= ran + 1e-3:
+        return None
+    return slot
+
+
+def judged_slots(vm: str, frequency: int, since: float, now: float) -> range:
+    """The slots health judges between ``since`` (replication began on this schedule)
+    and ``now``: those due at or after ``since`` whose whole slot is over by ``now`` (a
+    cycle had its full period to start in it)."""
+    first = math.ceil((since - phase(vm, frequency)) / frequency)
+    last = slot_index(vm, frequency, now) - 1
+    return range(first, max(first, last + 1))
 
 
 def missed_cycles(last_success: float | None, now: float, frequency: int) -> int:

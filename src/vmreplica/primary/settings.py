@@ -4,6 +4,8 @@ History goes to the replica too (its retention applies it at the next point)."""
 
 from __future__ import annotations
 
+import time
+
 from ..domain import points as dp
 from ..domain.links import vm_name
 from ..domain.schedule import format_frequency, parse_frequency, parse_window
@@ -115,7 +117,11 @@ def apply(host, vm: str, changes: dict) -> dict:
         host.client_for_peer(rel.peer, timeout=60).request(
             "POST", f"/v1/replica/relationships/{vm}/settings",
             {k: changes[k] for k in ("history", "point_interval") if k in changes})
-    host.store.update_relationship(vm, **changes)
+    if any(k in changes and changes[k] != getattr(rel, k) for k in ("frequency", "mode")):
+        # A new schedule: health judges its slots from now on (domain.schedule).
+        host.store.update_relationship(vm, schedule_since=time.time(), **changes)
+    else:
+        host.store.update_relationship(vm, **changes)
     shown = dict(changes)
     if "frequency" in shown:
         shown["frequency"] = format_frequency(shown["frequency"])

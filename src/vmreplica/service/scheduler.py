@@ -1,8 +1,13 @@
 """The cycle scheduler: runs each replicating relationship's cycle at its frequency.
 
-One thread wakes twice a second, starts a worker for every relationship that is due
-and has no cycle running; a failed cycle is retried at the next due time (the changes
-stay tracked). Manual `sync` and scheduled cycles share the VM lock, so they never overlap.
+Cycles are anchored to the clock (domain.schedule): a relationship's slots are a stable
+per-VM phase plus k × frequency, whatever the cycles took, so an on-time host misses
+none and VMs with the same frequency are spread across the period. One thread wakes
+twice a second and starts a worker for every relationship whose current slot has not
+had its cycle and that has no cycle running; a cycle that overran finds the slots it
+passed and runs once, late, then the schedule goes on; a failed cycle is retried at the
+next slot (the changes stay tracked). Manual `sync` and scheduled cycles share the VM
+lock, so they never overlap.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import time
 
 from ..domain.links import is_dr
 from ..domain.relationship import Relationship
-from ..domain.schedule import next_due
+from ..domain.schedule import due_slot, next_due
 from ..domain.states import CYCLING, State
 
 HEALTH_EVERY = 1.0           # seconds between health evaluations (changes become events)
@@ -118,11 +123,13 @@ class Scheduler:
             t = self._running.get(vm)
             if t is not None and t.is_alive():
                 continue
-            last = rel.last_attempt_at
-            if now < next_due(last, rel.frequency):
+            slot = due_slot(vm, rel.frequency, now, last_slot=rel.last_slot_at,
+                            last_attempt=rel.last_attempt_at)
+            if slot is None:
                 continue
-            # Mark the attempt first so a failing cycle is not retried in a tight loop.
-            self.host.store.update_relationship(vm, last_attempt_at=now)
+            # Mark the slot first: a failing cycle is retried at the next slot, not in a
+            # tight loop, and a late one covers the slots it passed.
+            self.host.store.update_relationship(vm, last_attempt_at=now, last_slot_at=slot)
             t = threading.Thread(target=self._cycle, args=(vm,), name=f"cycle-{vm}", daemon=True)
             self._running[vm] = t
             t.start()

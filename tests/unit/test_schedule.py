@@ -1,0 +1,199 @@
+"""Issue 20: cycles anchored to the clock. The real scheduler's decisions
+(service.scheduler.Scheduler.run_due) under a fake clock, judged by health's own
+counting (domain.health.measure / assess).
+
+The simulation: the scheduler's loop passes every tick (0.5 s) plus the pass's own
+time; a cycle it starts runs for the time the test gives it and, as
+primary.cycle.run_cycle does, sets ``last_attempt_at`` and ``last_success_at`` when it
+ends. The store is a dict of Relationship values; the threads are fakes that stay alive
+until their cycle's end on the fake clock.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import random
+import threading
+import types
+
+import pytest
+
+from vmreplica.domain import health, schedule
+from vmreplica.domain.relationship import Relationship
+from vmreplica.service import scheduler as scheduler_module
+
+T0 = 1_760_000_000.25       # when the initial copy ended (replicating since)
+TICK = 0.5
+
+
+class Store:
+    """The parts of service.store.Store that run_due uses."""
+
+    def __init__(self, rels: list[Relationship]):
+        self.rels = {r.vm: r for r in rels}
+
+    def relationships(self) -> list[Relationship]:
+        return list(self.rels.values())
+
+    def update_relationship(self, vm: str, **changes) -> Relationship:
+        self.rels[vm] = dataclasses.replace(self.rels[vm], **changes)
+        return self.rels[vm]
+
+
+class Sim:
+    def __init__(self, monkeypatch, vms: list[str], duration, frequency: int = 30,
+                 seed: int = 20, t0: float = T0):
+        self.now = t0
+        self.rand = random.Random(seed)
+        self.duration = duration            # (vm, n) -> seconds the n-th cycle takes
+        self.store = Store([Relationship(
+            vm=vm, id=f"id-{vm}", role="primary", peer="site-b", state="replicating",
+            frequency=frequency, created_at=t0 - 60, replicating_since=t0,
+            last_attempt_at=t0, last_success_at=t0) for vm in vms])
+        self.runs: dict[str, list[tuple[float, float]]] = {vm: [] for vm in vms}
+        self.in_flight: dict[str, float] = {}       # vm -> when its cycle ends
+        sim = self
+
+        class Thread:
+            def __init__(self, target, args=(), name="", daemon=None):
+                self.target, self.args, self.vm = target, args, args[0]
+
+            def start(self):
+                self.target(*self.args)
+
+            def is_alive(self):
+                return self.vm in sim.in_flight
+
+        class Scheduler(scheduler_module.Scheduler):
+            def _cycle(self, vm):
+                sim.start_cycle(vm)
+
+        monkeypatch.setattr(scheduler_module, "threading",
+                            types.SimpleNamespace(Thread=Thread, Event=threading.Event))
+        self.scheduler = Scheduler(types.SimpleNamespace(store=self.store))
+
+    def start_cycle(self, vm: str) -> None:
+        start = self.now + self.rand.uniform(0.001, 0.02)     # the thread starts
+        end = start + self.duration(vm, len(self.runs[vm]))
+        self.runs[vm].append((start, end))
+        self.in_flight[vm] = end
+
+    def step(self) -> None:
+        """One pass of the scheduler's loop: cycles that ended are recorded, then run_due."""
+        self.now += TICK + self.rand.uniform(0.001, 0.05)
+        for vm, end in list(self.in_flight.items()):
+            if end <= self.now:
+                del self.in_flight[vm]
+                self.store.update_relationship(vm, last_attempt_at=end, last_success_at=end)
+        self.scheduler.run_due(self.now)
+
+    def history(self, vm: str) -> list[health.CycleRecord]:
+        """The cycles as the store lists them at ``now``: newest first, running ones
+        without an outcome."""
+        return [health.CycleRecord(id=i, vm=vm, cycle=i, kind="delta", started_at=s,
+                                   finished_at=e if e <= self.now else None,
+                                   ok=1 if e <= self.now else None)
+                for i, (s, e) in reversed(list(enumerate(self.runs[vm])))
+                if s <= self.now]
+
+    def health(self, vm: str) -> tuple[dict, health.Health]:
+        rel = self.store.rels[vm]
+        stats = health.measure(rel, self.history(vm), self.now)
+        return stats, health.assess(rel, self.now, stats)
+
+
+def _slot_of(vm: str, t: float) -> int:
+    return schedule.slot_index(vm, 30, t)
+
+
+def test_the_schedule_does_not_drift_1000_cycles_0_missed(monkeypatch):
+    """Cycles of 0.1-5 s at 30 s: every slot gets its cycle, started within it (within
+    a pass of its due time), and health counts 0 missed."""
+    vm = "web1"
+    rand = random.Random(1)
+    sim = Sim(monkeypatch, [vm], lambda vm, n: rand.uniform(0.1, 5.0))
+    while len(sim.runs[vm]) < 1000:
+        sim.step()
+    starts = [s for s, _ in sim.runs[vm]]
+    slots = [_slot_of(vm, s) for s in starts]
+    assert slots == list(range(slots[0], slots[0] + 1000))      # one per slot, none skipped
+    late = [s - schedule.slot_time(vm, 30, k) for s, k in zip(starts, slots, strict=True)]
+    assert max(late) < TICK + 0.1                                # started on time
+    stats, h = sim.health(vm)
+    assert stats["expected_cycles"] >= 999 and stats["missed_cycles"] == 0
+    assert h.level == "normal", h.reasons
+
+
+def test_an_overrun_cycle_runs_once_late_then_the_schedule_goes_on(monkeypatch):
+    """The 10th cycle takes 70 s: the slots it passed get one late cycle, started as it
+    ends, then cycles are back on their slots; no burst."""
+    vm = "web1"
+    sim = Sim(monkeypatch, [vm], lambda vm, n: 70.0 if n == 9 else 1.0)
+    while len(sim.runs[vm]) < 20:
+        sim.step()
+    starts = [s for s, _ in sim.runs[vm]]
+    long_start, long_end = sim.runs[vm][9]
+    late = [s for s in starts if s - schedule.slot_at(vm, 30, s) > TICK + 0.1]
+    assert late == [starts[10]]                                  # exactly one late cycle
+    assert long_end <= starts[10] < long_end + TICK + 0.1        # as soon as it could
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert min(gaps) > 15                                        # no burst
+    slots = [_slot_of(vm, s) for s in starts]
+    k = _slot_of(vm, long_start)
+    assert slots[9:12] == [k, k + 2, k + 3]       # slot k+1 lost to the overrun, then on
+    assert slots[11:] == list(range(k + 3, k + 3 + 9))
+    stats, _ = sim.health(vm)
+    assert stats["missed_cycles"] == 1
+
+
+def test_100_vms_at_30s_are_spread_across_the_period(monkeypatch):
+    """100 VMs whose initial copies ended together do not start their cycles together."""
+    vms = [f"vm{i:03d}" for i in range(100)]
+    sim = Sim(monkeypatch, vms, lambda vm, n: 1.0)
+    while sim.now < T0 + 30:
+        sim.step()
+    firsts = [sim.runs[vm][0][0] for vm in vms]
+    per_second = collections.Counter(int(t) for t in firsts)
+    assert len(per_second) >= 25 and max(per_second.values()) <= 10
+    # Stable: the same spread on every host and run (not Python's salted hash).
+    assert schedule.phase("vm000", 30) == schedule.phase("vm000", 30)
+    assert len({schedule.phase(vm, 900) for vm in vms}) >= 95
+
+
+@pytest.mark.parametrize("first_slot_after", [0.3, 10.0, 29.7])
+def test_a_new_vm_is_never_warned_for_cycles_it_could_not_have_run(monkeypatch,
+                                                                    first_slot_after):
+    """A VM whose initial copy ended at t0 and that runs every cycle on time is normal
+    at every pass of its first 20 slots (it used to turn warning at its fifth expected
+    cycle), wherever its first slot falls after t0."""
+    vm = "new1"
+    t0 = schedule.slot_time(vm, 30, 58_666_667) - first_slot_after
+    rand = random.Random(int(first_slot_after))
+    sim = Sim(monkeypatch, [vm], lambda vm, n: rand.uniform(0.1, 5.0), t0=t0)
+    seen_five = False
+    while sim.now < t0 + 20 * 30:
+        sim.step()
+        stats, h = sim.health(vm)
+        assert h.level == "normal", (sim.now - T0, h.reasons)
+        seen_five = seen_five or stats["expected_cycles"] >= 5
+    assert seen_five
+
+
+def test_due_slot_rules():
+    vm, f = "web1", 30
+    s = schedule.slot_time(vm, f, 100)
+    assert schedule.due_slot(vm, f, s + 3, last_slot=None, last_attempt=None) == s
+    # The initial copy (no scheduled cycle yet) covers the slot it ended in.
+    assert schedule.due_slot(vm, f, s + 20, last_slot=None, last_attempt=s + 2) is None
+    assert schedule.due_slot(vm, f, s + 31, last_slot=None, last_attempt=s + 2) == s + 30
+    # A manual sync (last_attempt moved, last_slot not) does not take the slot's place.
+    assert schedule.due_slot(vm, f, s + 31, last_slot=s, last_attempt=s + 30.5) == s + 30
+    assert schedule.due_slot(vm, f, s + 29, last_slot=s, last_attempt=s + 2) is None
+    # Restarted or resumed (last_attempt None): at once, whatever ran before.
+    assert schedule.due_slot(vm, f, s + 29, last_slot=s, last_attempt=None) == s
+    # Judged: slots due at or after `since` and over by `now`.
+    assert list(schedule.judged_slots(vm, f, s + 1, s + 61)) == [101]
+    assert list(schedule.judged_slots(vm, f, s, s + 59)) == [100]
+    assert len(schedule.judged_slots(vm, f, s + 1, s + 2)) == 0

@@ -62,7 +62,9 @@ DRIVERS = os.environ.get("VMREPLICA_TEST_DRIVERS", "qemu,libvirt").split(",")
 # suite's tightest, and a TCG guest booting in the other worker slowed a resource start
 # past its timeout.
 _CLUSTER_MODULES = {"test_ha", "test_cluster_lab"}
-_LIBVIRT_MODULES = {"test_libvirt_driver", "test_debian_guest", "test_existing_domain"}
+_LIBVIRT_MODULES = {"test_libvirt_driver", "test_debian_guest", "test_existing_domain",
+                    "test_existing_failover", "test_readme_tour_libvirt",
+                    "test_existing_raw_block", "test_existing_reip"}
 
 
 @pytest.hookimpl(tryfirst=True)       # before xdist's own hook reads the groups

@@ -2,7 +2,9 @@
 outside any vmreplica home, no vmreplica metadata), is listed, enabled by its libvirt
 name, seeded and replicated — stopped (writes by qemu-io) and running (the demo guest
 writes its records) — and removing replication leaves its XML exactly as it was; it
-cannot be deleted through vmreplica; its raw and block disks are refused at enable.
+cannot be deleted through vmreplica; network disks, missing device nodes and block
+devices without a size are refused at enable (raw files and block devices replicate:
+test_existing_raw_block).
 
 The guest is the demo guest's kernel and initramfs (hypervisor.guest.guest_files): a
 running domain that really writes to its disk, so the running half proves changes made
@@ -61,8 +63,10 @@ def domain_xml(name: str, disks: list[tuple[str, str, str, str]]) -> str:
     devs = ""
     for kind, src, fmt, target in disks:
         attr = "dev" if kind == "block" else "file"
+        source = f"<source {attr}='{src}'/>" if kind != "network" else \
+            f"<source protocol='nbd' name='{src}'><host name='127.0.0.1' port='10809'/></source>"
         devs += (f"<disk type='{kind}' device='disk'><driver name='qemu' type='{fmt}'/>"
-                 f"<source {attr}='{src}'/><target dev='{target}' bus='virtio'/></disk>")
+                 f"{source}<target dev='{target}' bus='virtio'/></disk>")
     return f"""<domain type='qemu'>
   <name>{name}</name>
   <memory unit='MiB'>256</memory>
@@ -193,33 +197,51 @@ def test_existing_domain_is_replicated_and_left_as_it_was(exist_sites, workdir):
     assert virsh("domstate", name, check=False).returncode != 0
 
 
+def _free_loop_device() -> str:
+    """A loop device node with nothing attached: a block device whose size reads 0."""
+    return subprocess.run(["losetup", "-f"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
 def test_existing_domain_bad_input(exist_sites, workdir):
     a, b = exist_sites
     name = f"ops-{secrets.token_hex(4)}"
     raw, data = workdir / "raw.img", workdir / "data.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(raw), "16M"], check=True)
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(data), "16M"], check=True)
+    empty = _free_loop_device()
     try:
         define(workdir, name, [("file", str(raw), "raw", "vda"),
                                ("block", "/dev/vmr-no-such-lv", "raw", "vdb"),
-                               ("file", str(data), "qcow2", "vdc")])
+                               ("file", str(data), "qcow2", "vdc"),
+                               ("network", "export", "raw", "vdd"),
+                               ("block", empty, "raw", "vde")])
         before = inactive_xml(name)
         kinds = {d["name"]: (d["kind"], d["format"]) for d in a.vm(name)["disks"]}
         assert kinds == {"vda": ("file", "raw"), "vdb": ("block", "raw"),
-                         "vdc": ("file", "qcow2")}
+                         "vdc": ("file", "qcow2"), "vdd": ("network", "raw"),
+                         "vde": ("block", "raw")}
 
         r = a.run("enable", name, "--replica", b.address, "--mode", "continuous", check=False)
         assert r.returncode != 0, r.stdout
         assert "continuous mode is not available for existing libvirt domains" in r.stderr
+        # The raw file is taken (scan-tracked); a block device whose node is missing is not.
         r = a.run("enable", name, "--replica", b.address, check=False)
         assert r.returncode != 0
-        assert f"disk vda of {name} is a raw file" in r.stderr, r.stderr
-        assert "persistent dirty bitmap" in r.stderr and "--exclude-disk vda" in r.stderr
-        r = a.run("enable", name, "--replica", b.address, "--exclude-disk", "vda", check=False)
-        assert r.returncode != 0
-        assert f"disk vdb of {name} is a block disk (/dev/vmr-no-such-lv)" in r.stderr, r.stderr
+        assert f"disk vdb of {name} is a block device that is missing: no device node " \
+               "/dev/vmr-no-such-lv" in r.stderr, r.stderr
         assert "--exclude-disk vdb" in r.stderr
-        assert a.json("status") == [] and inactive_xml(name) == before
+        r = a.run("enable", name, "--replica", b.address, "--exclude-disk", "vdb", check=False)
+        assert r.returncode != 0
+        assert f"disk vdd of {name} is a network disk (nbd:export)" in r.stderr, r.stderr
+        assert "--exclude-disk vdd" in r.stderr
+        r = a.run("enable", name, "--replica", b.address, "--exclude-disk", "vdb",
+                  "--exclude-disk", "vdd", check=False)
+        assert r.returncode != 0
+        assert f"disk vde of {name}: the size of block device {empty} cannot be read" \
+            in r.stderr, r.stderr
+        assert a.json("status") == [] and b.json("status") == []    # nothing stored
+        assert inactive_xml(name) == before
 
         r = a.run("vm", "delete", name, check=False)
         assert r.returncode != 0 and "never deletes or undefines it" in r.stderr, r.stderr

@@ -80,7 +80,8 @@ def test_deleted_bitmap_resync_moves_only_changes(sites, vm_name):
 def test_raw_disk_vm_restart_is_resynchronised(sites, vm_name, driver):
     if driver == "libvirt":
         pytest.skip("libvirt checkpoints need qcow2: raw disks on libvirt hosts are "
-                    "resynchronised at every cycle (see docs/architecture.md)")
+                    "tracked by the hash scan at every cycle, a restart changes nothing "
+                    "(see docs/architecture.md; tests/e2e/test_existing_raw_block.py)")
     a, b = sites
     a.run("vm", "create", vm_name, "--disk", "64M", "--format", "raw", "--guest", "demo")
     a.run("vm", "start", vm_name)

@@ -123,6 +123,28 @@ def test_a_raw_image_is_read_directly(tmp_path):
     assert bytes(out[0][2]) == b"\x31" * 64 * KiB
 
 
+def test_a_block_device_is_read_directly_to_its_end(tmp_path):
+    """A raw block device (a loop device here, an LVM volume in use): its st_size is 0,
+    its size is where it ends."""
+    backing = tmp_path / "lv.img"
+    subprocess.run(["truncate", "-s", "16M", str(backing)], check=True)
+    dev = subprocess.run(["losetup", "-f", "--show", str(backing)], capture_output=True,
+                         text=True, check=True).stdout.strip()
+    try:
+        _qemu_io(dev, "write -P 0x51 15M 1M", fmt="raw")
+        reader = imagemap.open_image(dev, "raw")
+        try:
+            assert reader.pieces(15 * MiB, 1 * MiB) == [(15 * MiB, 1 * MiB)]
+            assert reader.pieces(15 * MiB, 2 * MiB) is None        # past its end
+            out = list(imagemap.read_extents(reader, [(15 * MiB, 64 * KiB)],
+                                             lambda rest: iter(()) if not rest else None))
+        finally:
+            reader.close()
+        assert bytes(out[0][2]) == b"\x51" * 64 * KiB
+    finally:
+        subprocess.run(["losetup", "-d", dev], capture_output=True)
+
+
 def test_extended_l2_entries_are_never_read_directly(tmp_path):
     img = tmp_path / "x.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "extended_l2=on",

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from harness import lab
-from vmreplica.errors import Conflict, HypervisorError, NotFound, TrackingError, Unsupported
+from vmreplica.errors import Conflict, HypervisorError, NotFound, Unsupported
 
 pytestmark = pytest.mark.integration
 
@@ -284,17 +284,22 @@ def test_inventory_two_hosts_one_libvirtd(hosts, root, libvirtd):
     assert _ours(a) == [] and not (a.home / "vms" / "vm1").exists()
 
 
-def test_raw_disk_cannot_hold_a_bitmap(hosts):
+def test_raw_disk_holds_no_bitmap_and_is_scan_tracked(hosts):
+    """A raw disk cannot hold a persistent bitmap: it is tracked by the hash scan (the
+    driver says so), no checkpoint covers it, and a freeze with ``since`` exports it
+    whole, without a dirty-bitmap context (the cycle compares its blocks instead)."""
     a, _ = hosts
     a.create_vm("raw1", [4 * MiB], disk_format="raw")
+    assert a.disk_tracking("raw1") == {"disk0": "scan"}
     with a.block_session("raw1") as s:
         assert not s.running
         e = s.freeze(["disk0"], None, PREFIX + "1")   # a full view works; no checkpoint
         assert e["disk0"].bitmap_context is None and e["disk0"].name == "vda"
         s.unexport()
         assert s.bitmaps("disk0") == []
-        with pytest.raises(TrackingError, match="raw"):
-            s.freeze(["disk0"], PREFIX + "1", PREFIX + "2")
+        e = s.freeze(["disk0"], PREFIX + "1", PREFIX + "2")
+        assert e["disk0"].bitmap_context is None and e["disk0"].size == 4 * MiB
+        s.unexport()
     assert a.checkpoints("raw1") == []
     a.delete("raw1")
 

@@ -20,6 +20,7 @@ import contextlib
 import io
 import threading
 import time
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from blake3 import blake3
@@ -40,7 +41,7 @@ from vmreplica.primary import relationship as operations
 from vmreplica.primary.cycle import run_cycle
 from vmreplica.service.scheduler import Scheduler
 from vmreplica.service.store import Store
-from vmreplica.tracking import scan
+from vmreplica.tracking import mixed, scan
 from vmreplica.tracking.base import Chunk
 from vmreplica.tracking.bitmap import bitmap_prefix
 from vmreplica.transport import wire
@@ -119,10 +120,14 @@ class Driver:
     def __init__(self, vm: VM):
         self.vm = vm
         self.stopped: list = []
+        self.tracking = {d: "bitmap" for d in DISKS}   # (domain.tracking's words)
 
     def block_session(self, name: str) -> Session:
         assert name == VM_NAME
         return Session(self.vm)
+
+    def disk_tracking(self, name: str) -> dict[str, str]:
+        return dict(self.tracking)
 
     def inspect(self, name: str) -> VMInfo:
         return VMInfo(name, "uuid", self.vm.state, 256)
@@ -176,6 +181,7 @@ class ChangePoint:
         self.exports = session.freeze(disks, since, new)
         self.readers: dict = {}
         self.read_bytes = 0
+        self.costs: dict = {}
         self.frozen = {d: bytes(self.vm.content[d]) for d in disks}
         if since is None:
             extents = [(d, o, K64, ex.DATA) for d in disks for o in range(0, SIZE, K64)
@@ -247,6 +253,34 @@ class ComparePoint(ChangePoint):
         self.vm.log.append(("commit", self.vm.stored_bitmap()))
 
 
+class MixedPoint(ChangePoint):
+    """A delta over both kinds of disk (tracking.mixed.MixedPoint's part): what ``since``
+    recorded on the disks that keep a bitmap, the blocks whose digest differs from the
+    replica's on the disks in ``remote`` (scan-tracked), with each scanned disk's cost."""
+
+    def __init__(self, session: Session, disks: list[str], since: str | None, new: str,
+                 remote: dict):
+        # (every disk scanned: no bitmap ``since`` exists to read)
+        super().__init__(session, disks, since if set(disks) - set(remote) else None, new)
+        self.remote = remote
+        self.plan = [p for p in self.plan if p[0] not in remote]
+        self.costs = {d: {"read": 0, "compared": 0, "moved": 0} for d in remote}
+
+    def chunks(self):
+        yield from super().chunks()
+        for disk in self.remote:
+            ours = digests(self.frozen[disk])
+            cost = self.costs[disk]
+            for i in range(SIZE // K64):
+                cost["read"] += K64
+                cost["compared"] += K64
+                d = scan.DIGEST
+                if ours[i * d:(i + 1) * d] != self.remote[disk][i * d:(i + 1) * d]:
+                    cost["moved"] += K64
+                    yield Chunk(disk, ex.DATA, i * K64, K64,
+                                self.frozen[disk][i * K64:(i + 1) * K64])
+
+
 class Tracker:
     """A change tracker (tracking.bitmap.BitmapTracker's interface) over ``VM``."""
 
@@ -311,8 +345,10 @@ class Replica:
                 answer["manifest"] = {d: scan.encode(digests(self.copy[d])) for d in DISKS}
             return answer
         if "/manifest?" in path:
-            return {"block": self.block, "read_bytes": 2 * SIZE,
-                    "disks": {d: scan.encode(digests(self.copy[d])) for d in DISKS}}
+            asked = parse_qs(urlsplit(path).query).get("disks")
+            disks = asked[0].split(",") if asked else DISKS
+            return {"block": self.block, "read_bytes": len(disks) * SIZE,
+                    "disks": {d: scan.encode(digests(self.copy[d])) for d in disks}}
         if "/state?" in path:
             return {"state": "replicating"}
         raise AssertionError(f"unexpected request {method} {path}")
@@ -437,6 +473,58 @@ def test_the_old_point_is_released_only_after_the_ack_and_the_new_point_is_recor
     assert commits == [("commit", f"{PREFIX}5")]
     assert log.index(commits[0]) > log.index("ack")
     assert since not in host.vm.bitmaps
+
+
+def test_a_delta_compares_a_scan_tracked_disk_with_the_replica_and_ships_what_differs(
+        host, monkeypatch):
+    """A disk that holds no bitmap (a raw file or a block device of a libvirt domain):
+    the cycle asks the replica's index for that disk's digests only, checks the tracking
+    point on the other disks only, and ships the blocks whose digests differ."""
+    since = protect(host)
+    monkeypatch.setattr(mixed, "MixedPoint", MixedPoint)   # run_cycle imports it per cycle
+    host.driver.tracking["disk1"] = "scan"
+    host.vm.write("disk0", 0, noise(1))
+    host.vm.content["disk1"][5 * K64:6 * K64] = noise(2)     # no bitmap sees it
+    stats = run_cycle(host, VM_NAME)
+    assert host.replica.requests[0] == (
+        "GET", f"/v1/replica/relationships/{VM_NAME}/manifest?epoch=1&disks=disk1")
+    assert ("prepare", since) in host.vm.log
+    assert host.replica.sent() == [(wire.Kind.DATA, "disk0", 0, K64),
+                                   (wire.Kind.DATA, "disk1", 5 * K64, K64)]
+    assert host.replica.copy == host.vm.content
+    assert stats["scanned"] == {"disk1": {"read": SIZE, "compared": SIZE, "moved": K64}}
+    rel = host.store.relationship(VM_NAME)
+    assert rel.disk_tracking == {"disk0": "bitmap", "disk1": "scan"}
+    assert rel.scan_costs["disk1"]["read"] == SIZE and rel.scan_costs["disk1"]["moved"] == K64
+    assert rel.bitmap == f"{PREFIX}5" and since not in host.vm.bitmaps
+
+    # Nothing changed: the scan reads the disk again and moves nothing.
+    host.replica.requests.clear()
+    stats = run_cycle(host, VM_NAME)
+    assert host.replica.sent() == [] and stats["raw_bytes"] == 0
+    assert host.store.relationship(VM_NAME).scan_costs["disk1"]["moved"] == 0
+
+
+def test_a_delta_of_disks_that_all_hold_no_bitmap_checks_no_tracking_point(host, monkeypatch):
+    protect(host, bitmap=f"{PREFIX}4")
+    monkeypatch.setattr(mixed, "MixedPoint", MixedPoint)
+    host.driver.tracking = {d: "scan" for d in DISKS}
+    del host.vm.bitmaps[f"{PREFIX}4"]        # no bitmap exists on scan-tracked disks
+    host.vm.content["disk0"][0:K64] = noise(3)
+    run_cycle(host, VM_NAME)
+    assert not any(isinstance(e, tuple) and e[0] == "prepare" for e in host.vm.log)
+    assert ("GET", f"/v1/replica/relationships/{VM_NAME}/manifest?epoch=1&disks=disk0%2Cdisk1") \
+        in host.replica.requests
+    assert host.replica.sent() == [(wire.Kind.DATA, "disk0", 0, K64)]
+    assert host.store.relationship(VM_NAME).state == "replicating"
+
+
+def test_a_delta_of_bitmap_tracked_disks_asks_the_replica_for_no_digests(host):
+    protect(host)
+    host.vm.write("disk0", 0, noise(4))
+    stats = run_cycle(host, VM_NAME)
+    assert not any("/manifest" in p for _, p in host.replica.requests)
+    assert stats["scanned"] == {} and host.store.relationship(VM_NAME).scan_costs == {}
 
 
 # -- a failed send keeps everything for the next cycle ----------------------------------------

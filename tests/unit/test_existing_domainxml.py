@@ -73,3 +73,12 @@ def test_the_vm_keeps_the_domains_name_and_uuid():
 def test_no_agent_channel_no_agent():
     xml = XML.replace("org.qemu.guest_agent.0", "org.example.other")
     assert existing_vm(ET.fromstring(xml), "h", "/h").agent is False
+
+
+def test_the_nics_macs_in_order():
+    nics = ("<interface type='network'><mac address='52:54:00:AA:00:01'/>"
+            "<source network='lan'/></interface><interface type='bridge'>"
+            "<source bridge='br0'/></interface>")
+    xml = XML.replace("<channel type='unix'>", nics + "<channel type='unix'>")
+    assert existing_vm(ET.fromstring(xml), "h", "/h").nics == ["52:54:00:aa:00:01", ""]
+    assert existing_vm(ET.fromstring(XML), "h", "/h").nics == []

@@ -1,3 +1,5 @@
+import dataclasses
+
 from vmreplica.domain import health, schedule
 from vmreplica.domain.relationship import Relationship
 
@@ -123,3 +125,15 @@ def test_a_staged_cycle_not_applied_is_critical_on_the_replica():
                               "60.0 MiB needed for it)"})
     h = health.assess(rel, 100.0)
     assert h.level == "critical" and "60.0 MiB needed" in h.reasons[0]
+
+
+def test_a_failed_re_ip_is_a_warning_not_more():
+    rec = {"vm": "v", "for": "failover", "state": "failed", "message": "no interface with MAC "
+           "52:54:00:00:00:01 in the guest"}
+    rel = _rel(role="replica", state="failed_over", last_success_at=None, reip=rec)
+    h = health.assess(rel, 100.0)
+    assert h.level == "warning" and h.reasons == [
+        "re-IP of v failed: no interface with MAC 52:54:00:00:00:01 in the guest"]
+    for state in ("waiting", "done"):
+        assert health.assess(dataclasses.replace(rel, reip=dict(rec, state=state)),
+                             100.0).level == "normal"

@@ -34,8 +34,13 @@ def register(sub) -> None:
         g.add_argument(flag, dest="action", action="store_const",
                        const=flag[2:], help=text)
     p.add_argument("--point", help="recovery point id (default: the latest state)")
-    p.add_argument("--network", choices=["none", "isolated"], default="none",
-                   help="test failover: no NIC, or one on an isolated network")
+    p.add_argument("--network", metavar="none|isolated|NAME",
+                   help="test failover: the test VM's NICs on an isolated network (default "
+                        "for an existing libvirt domain's replica), none, or on this host's "
+                        "libvirt network or bridge NAME (default for other VMs: none)")
+    p.add_argument("--re-ip", action="store_true",
+                   help="test failover: set the failover IPs in the test VM too (by default "
+                        "it keeps the primary's addresses)")
     p.add_argument("--shutdown", action="store_true",
                    help="with --prepare: shut the running VM down cleanly first")
     p.add_argument("--force", action="store_true",
@@ -72,7 +77,7 @@ def cmd_points(args) -> int:
 
 def cmd_failover(args) -> int:
     body = {"action": args.action, "point": args.point, "network": args.network,
-            "shutdown": args.shutdown, "force": args.force}
+            "shutdown": args.shutdown, "force": args.force, "re_ip": args.re_ip}
     from .render import watch
     client = client_of(args)
     label = {"test": "test failover", "prepare": "prepare"}.get(args.action, "failover")
@@ -104,6 +109,8 @@ def cmd_failover(args) -> int:
             print(f"the primary {primary['primary']} could not be reached: {primary['error']}")
     elif a in ("cancel", "complete"):
         print(f"{info['vm']}: {info['state']}")
+    if info.get("re_ip"):
+        print(f"re-IP: {info['re_ip']}")
     if info.get("next"):
         print(f"next: {info['next']}")
     return 0

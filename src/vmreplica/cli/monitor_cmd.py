@@ -55,6 +55,9 @@ def cmd_measure(args) -> int:
          f"{format_size(m['throughput_bps'])}/s"),
         ("last error", m["last_error"] or "-"),
     ]
+    if m.get("tracking"):
+        from ..domain.tracking import text_of  # (dataclasses: not for every command)
+        rows.insert(4, ("tracking", f"\n{'':22}".join(text_of(t) for t in m["tracking"])))
     if m.get("activity"):
         from .render import progress_text
         rows.insert(2, ("running", progress_text(m["activity"])))

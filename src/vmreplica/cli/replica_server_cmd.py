@@ -15,6 +15,10 @@ def register(sub) -> None:
                    help="primary host name pattern: name, '*', '*.example.com' (repeatable)")
     e.add_argument("--storage", help="where replica disks of these primaries are stored")
     e.add_argument("--tag", default="", help="security tag the primaries must present")
+    e.add_argument("--network-map", action="append", default=[], metavar="SRC=DST",
+                   help="default for every VM from these primaries: NICs on their network "
+                        "or bridge SRC come up on this host's DST at failover (repeatable; "
+                        "a VM's own --network-map overrides it)")
     e.set_defaults(func=cmd_enable)
     d = rsub.add_parser("disable", help="stop accepting new relationships")
     d.set_defaults(func=cmd_disable)
@@ -25,7 +29,8 @@ def register(sub) -> None:
 
 def cmd_enable(args) -> int:
     info = client_of(args).call("POST", "/v1/replica-server", {
-        "enabled": True, "allow": args.allow, "storage": args.storage, "tag": args.tag})
+        "enabled": True, "allow": args.allow, "storage": args.storage, "tag": args.tag,
+        "network_map": args.network_map or None})
     _print(info)
     return 0
 
@@ -48,6 +53,9 @@ def _print(info) -> None:
     print(f"replica server on {info['name']} ({info['listen']}): "
           f"{'enabled' if info['enabled'] else 'disabled'}")
     print(f"  default storage {info['storage']}")
+    if info.get("network_map"):
+        print("  default network map "
+              + ", ".join(f"{s}={d}" for s, d in sorted(info["network_map"].items())))
     if info["authorizations"]:
         table([[a["pattern"], a["storage"], a["tag"] or "-"] for a in info["authorizations"]],
               ["ALLOWED PRIMARY", "STORAGE", "TAG"])

@@ -45,6 +45,10 @@ def register(sub) -> None:
                    help="stop replicating this disk (repeatable)")
     p.add_argument("--include-disk", action="append", default=[], metavar="NAME",
                    help="start replicating this disk too (a resync seeds it)")
+    p.add_argument("--failover-ip", action="append", dest="failover_ips",
+                   metavar="NIC=ADDR/PREFIX[,gw=GW][,dns=A+B]|none",
+                   help="the VM's failover addresses, replacing the ones set (repeatable, "
+                        "one per NIC by MAC or index); none: no re-IP")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=bulk.each(cmd_set))
 
@@ -130,6 +134,15 @@ def _enable_options(p) -> None:
                    help="continuous: a write-blocking mirror, zero data loss (qemu driver)")
     p.add_argument("--max-stall", type=float, default=DEFAULTS.max_stall, metavar="SECONDS",
                    help="continuous: longest a guest write may wait for the replica")
+    p.add_argument("--network-map", action="append", default=[], metavar="SRC=DST",
+                   help="an existing libvirt domain's NICs on network or bridge SRC come up "
+                        "on DST of the replica host at failover (repeatable; overrides the "
+                        "replica server's default map)")
+    p.add_argument("--failover-ip", action="append", default=[],
+                   metavar="NIC=ADDR/PREFIX[,gw=GW][,dns=A+B]",
+                   help="after a failover, once the guest agent answers, set this address "
+                        "inside the guest on the NIC (its MAC, or its index: 0 first); "
+                        "repeatable, one per NIC; an existing libvirt domain's")
     p.add_argument("--dr", action="store_true",
                    help="a disaster-recovery link (NAME@dr) to a third host, beside the "
                         "VM's main relationship; it follows the VM to that relationship's "
@@ -144,11 +157,13 @@ def cmd_enable(args) -> int:
         "security_tag": args.security_tag, "history": args.recovery_history,
         "point_interval": args.point_interval, "app_every": args.app_consistent_every,
         "resync_window": args.resync_window, "mode": args.mode, "max_stall": args.max_stall,
-        "dr": args.dr})
+        "dr": args.dr, "network_map": args.network_map, "failover_ips": args.failover_ip})
     what = "DR link" if args.dr else "replication"
     print(f"{what} of {info['vm']} to {info['replica']} enabled ({info['state']})"
           + (f"; it follows the VM to {', '.join(info['holders'][1:])}"
              if len(info.get("holders") or []) > 1 else ""))
+    for note in info.get("notes") or []:
+        print(f"  replica VM: {note}")
     print(f"next: {info['next']}")
     return 0
 
@@ -238,6 +253,9 @@ def cmd_status(args) -> int:
     for r in rels:
         if r.get("activity"):
             print(f"  {r['vm']}: running: {progress_text(r['activity'])}")
+        if r.get("tracking"):
+            from ..domain.tracking import text_of  # (dataclasses: not for every command)
+            print(f"  {r['vm']}: tracking: " + "; ".join(text_of(t) for t in r["tracking"]))
         for reason in r["reasons"]:
             print(f"  {r['vm']}: {r['health']}: {reason}")
         if r.get("next"):
@@ -305,7 +323,8 @@ def cmd_resync(args) -> int:
 
 def cmd_set(args) -> int:
     body = {k: getattr(args, k) for k in ("frequency", "history", "point_interval", "app_every",
-                                          "compression", "resync_window", "mode", "max_stall")}
+                                          "compression", "resync_window", "mode", "max_stall",
+                                          "failover_ips")}
     body.update(exclude_disks=args.exclude_disk, include_disks=args.include_disk)
     info = client_of(args).call("POST", f"/v1/relationships/{args.vm}/settings", body)
     if args.json:

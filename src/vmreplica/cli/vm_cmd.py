@@ -97,6 +97,15 @@ def cmd_show(args) -> int:
           + (", an existing libvirt domain" if vm.get("origin") == "existing" else ""))
     table([[d["name"], d["format"], size(d["virtual_size"]), d["path"]] for d in vm["disks"]],
           ["DISK", "FORMAT", "SIZE", "PATH"])
+    if vm.get("nics"):
+        print("NICs: " + ", ".join(f"{i}={m}" for i, m in enumerate(vm["nics"])))
+    if vm.get("failover_ips"):
+        print("failover IPs: " + "; ".join(vm["failover_ips"]))
+    reip = vm.get("reip")
+    if reip and reip.get("state") != "failed":
+        print(f"re-IP of {reip['vm']}: {reip['state']}: {reip.get('message') or ''}")
+    for w in vm.get("warnings") or []:
+        print(f"warning: {w}")
     return 0
 
 

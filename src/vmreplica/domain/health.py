@@ -124,6 +124,10 @@ def assess(rel: Relationship, now: float, stats: dict | None = None,
         h.raise_to("warning", "resynchronizing")
     elif state in (State.READY_FOR_INITIAL, State.WAITING_FOR_INITIAL, State.INITIAL_IN_PROGRESS):
         h.raise_to("warning", "initial replication has not completed")
+    if rel.reip and rel.reip.get("state") == "failed":
+        # (a failed re-IP is a warning on the VM that failed over, never a failed failover)
+        h.raise_to("warning", f"re-IP of {rel.reip.get('vm')} failed: "
+                              f"{rel.reip.get('message')}")
     if state == State.REPLICATING and \
             rel.mode == "continuous" and rel.sync_state in ("degraded", "catching_up"):
         h.raise_to("warning", f"continuous mode {rel.sync_state}"

@@ -39,6 +39,9 @@ class Settings:
     cluster: bool = False                # protected by the cluster (cluster protect)
     holders: list[str] = field(default_factory=list)    # DR link: hosts that may hold it
     tracker: str = "bitmap"              # the change tracker (tracking.factory.get_tracker)
+    # Re-IP at failover: each NIC's address inside the guest on the replica host
+    # (domain.reip.FailoverIP.to_dict, NICs by MAC); the replica applies them.
+    failover_ips: list[dict[str, Any]] = field(default_factory=list)
     # Pending changes over this share of the replicated disks' size need a resync
     # (like Hyper-V's log overflow); not set by any command, a knob for the row.
     pending_bound: float = 0.5
@@ -95,6 +98,11 @@ class Relationship(Settings):
     cycle: int = -1                      # the last cycle acknowledged
     bitmap: str | None = None            # the tracking point (bitmap) of that cycle
     bitmap_next: str | None = None       # continuous: the bitmap a catch-up moves to
+    # how each disk is tracked (domain.tracking: checkpoint, bitmap, scan, ...), as the
+    # driver said at enable and at the last cycle; what the last scan of each
+    # scan-tracked disk cost (domain.tracking.ScanCost as a dict)
+    disk_tracking: dict[str, str] = field(default_factory=dict)
+    scan_costs: dict[str, dict[str, Any]] = field(default_factory=dict)
     consecutive_failures: int = 0
     last_error_code: str | None = None
     last_error_hint: str | None = None
@@ -151,6 +159,8 @@ class Relationship(Settings):
     failed_over_at: float | None = None
     test: dict[str, Any] | None = None              # the test failover running
     collapse: dict[str, Any] | None = None          # the chain merge after a failover
+    reip: dict[str, Any] | None = None   # the last re-IP (replica.reip): of the failed-over
+                                         # or test VM, waiting, done or failed
     mirror_open: bool = False            # continuous: the mirror's export is open
     mirror_port: int | None = None
 

@@ -29,7 +29,8 @@ class DiskInfo:
     format: str          # qcow2 | raw
     virtual_size: int
     kind: str = "file"   # file; an existing libvirt domain's disk may also be block,
-                         # network, volume, ... (libvirt's disk type; `enable` refuses them)
+                         # network, volume, ... (libvirt's disk type; `enable` takes file
+                         # and block disks, refuses the others)
 
 
 @dataclass
@@ -44,6 +45,10 @@ class VMInfo:
     agent: bool = False  # has a guest-agent channel
     origin: str = "vmreplica"  # vmreplica: made by vmreplica (vm create, a replica);
                                # existing: an operator's libvirt domain, taken as it is
+    notes: list[str] = field(default_factory=list)  # define_vm: what it changed or left
+                               # out of a carried definition (hypervisor.libvirt.carry)
+    nics: list[str] = field(default_factory=list)   # the MAC address of each NIC, in the
+                               # order of its definition (failover IPs name them)
 
 
 @dataclass
@@ -175,11 +180,17 @@ class BlockAccess(Protocol):
     ``live_views``: its block sessions can read a live view that converges (settle)
     where a frozen one is refused, i.e. beside continuous mode's mirror (a DR link
     beside continuous mode needs it). ``io`` runs a qemu-io command through the VM's
-    own device (benchmarks; Unsupported where the driver cannot)."""
+    own device (benchmarks; Unsupported where the driver cannot).
+
+    ``disk_tracking(name)``: how each disk of the VM is tracked (domain.tracking). A
+    ``scan`` disk holds no bitmap: its session's ``freeze`` ignores ``since`` for it and
+    exports it without a dirty-bitmap context, ``bitmaps`` lists none on it, and a delta
+    cycle compares it block by block with the replica's hash index."""
 
     live_views: bool
 
     def block_session(self, name: str) -> BlockSession: ...
+    def disk_tracking(self, name: str) -> dict[str, str]: ...
     def drop_left_views(self) -> list[str]:
         """At daemon start: remove what a dead daemon's block session left in running
         VMs; the names of the VMs it cleaned."""
@@ -249,3 +260,18 @@ def process_age(pid: int) -> float | None:
     except (OSError, ValueError, IndexError):
         return None
     return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+
+
+def block_device_size(path: str) -> int:
+    """A block device's size in bytes (where it ends: its st_size says 0), 0 if it
+    cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return 0
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    except OSError:
+        return 0
+    finally:
+        os.close(fd)

@@ -4,12 +4,15 @@ of a disk that `enable` and `set` both make."""
 
 from __future__ import annotations
 
+import os
+import stat
 from typing import Any
 
 from ..domain.links import is_dr, vm_name
 from ..domain.relationship import Relationship
 from ..domain.states import Role, State
 from ..errors import NotFound, UsageError
+from ..hypervisor.base import block_device_size
 
 
 def relationship_of(host, vm: str, role: str = "primary") -> Relationship:
@@ -64,21 +67,26 @@ def check_mode(host, mode: str, max_stall: float, existing: bool = False) -> Non
 
 def check_disk(vm: str, d, existing: bool = False) -> None:
     """qcow2 (v3: persistent bitmaps) and raw (tracked while the VM runs, resynchronised
-    after a restart) image files can be replicated; nothing else. An existing libvirt
-    domain's (``existing``) raw files are refused for now: its tracking of raw disks is
-    not built yet."""
+    after a restart) image files can be replicated; for an existing libvirt domain
+    (``existing``) also raw block devices (an LVM logical volume, say). Raw files and
+    block devices of existing domains hold no bitmap: they are tracked by the hash scan
+    (domain.tracking.SCAN). Anything else — a network disk, a pool volume, a missing
+    image or device node, a block device whose size cannot be read — is refused."""
     from ..qemutools import img
-    if d.kind != "file":
+    allowed = ("file", "block") if existing else ("file",)
+    if d.kind not in allowed:
+        what = "image files (qcow2, raw) and block devices" if existing else \
+            "disks that are image files (qcow2, raw)"
         raise UsageError(f"disk {d.name} of {vm} is a {d.kind} disk ({d.path or 'no source'}):"
-                         " only disks that are image files (qcow2) can be replicated yet",
+                         f" only {what} can be replicated",
                          hint=f"exclude it with `--exclude-disk {d.name}`")
-    if d.format == "raw" and existing:
-        raise UsageError(f"disk {d.name} of {vm} is a raw file ({d.path}): QEMU cannot keep a "
-                         "persistent dirty bitmap in it, and vmreplica does not track raw "
-                         "disks of existing libvirt domains yet",
-                         hint=f"convert it to qcow2 while the domain is off (`qemu-img convert "
-                              f"-O qcow2 {d.path} NEW.qcow2`, then `virsh edit {vm}`), or "
-                              f"exclude it with `--exclude-disk {d.name}`")
+    if d.kind == "block":
+        _check_block_device(vm, d)
+        return
+    if existing and not os.path.isfile(d.path):
+        raise UsageError(f"disk {d.name} of {vm} is missing: no image file {d.path}",
+                         hint=f"restore it, fix the domain (`virsh edit {vm}`), or exclude it "
+                              f"with `--exclude-disk {d.name}`")
     if d.format == "raw":
         return
     if d.format != "qcow2":
@@ -92,3 +100,25 @@ def check_disk(vm: str, d, existing: bool = False) -> None:
                          "keep persistent dirty bitmaps",
                          hint=f"upgrade it while the VM is off: `qemu-img amend -o compat=1.1 "
                               f"{d.path}`, or exclude it with `--exclude-disk {d.name}`")
+
+
+def _check_block_device(vm: str, d) -> None:
+    """A block disk: a device node that exists, holds the guest's bytes as they are (raw),
+    and has a size (libvirt's, else the device's own)."""
+    hint = f"fix the domain (`virsh edit {vm}`) or exclude it with `--exclude-disk {d.name}`"
+    try:
+        st = os.stat(d.path) if d.path else None
+    except OSError:
+        st = None
+    if st is None:
+        raise UsageError(f"disk {d.name} of {vm} is a block device that is missing: no device "
+                         f"node {d.path or '(no source)'}", hint=hint)
+    if not stat.S_ISBLK(st.st_mode):
+        raise UsageError(f"disk {d.name} of {vm} is a block disk, but {d.path} is not a block "
+                         "device", hint=hint)
+    if d.format != "raw":
+        raise UsageError(f"disk {d.name} of {vm} is a block device holding {d.format}: only "
+                         "raw block devices can be replicated", hint=hint)
+    if block_device_size(d.path) <= 0 or d.virtual_size <= 0:
+        raise UsageError(f"disk {d.name} of {vm}: the size of block device {d.path} cannot be "
+                         "read", hint=hint)

@@ -13,9 +13,11 @@ import logging
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 from ..domain import extents as ex
 from ..domain import points as dp
+from ..domain import tracking as dtracking
 from ..domain.links import is_dr, vm_name
 from ..domain.relationship import Relationship
 from ..domain.states import State
@@ -54,8 +56,9 @@ def run_cycle(host, vm: str, mode: str = "delta", verify: bool = False,
     """Run one cycle of ``vm`` now; returns figures; raises on failure.
 
     ``mode``: ``initial`` (allocated data onto empty heads), ``delta`` (the extents the
-    tracking bitmap marked), ``resync`` (the blocks whose digests differ from the
-    replica's, whatever the bitmaps say). Each starts a new tracking bitmap. With
+    tracking bitmap marked; on disks that hold no bitmap — domain.tracking.SCAN, per the
+    driver — the blocks whose digests differ from the replica's hash index), ``resync``
+    (the blocks whose digests differ from the replica's, whatever the bitmaps say). Each starts a new tracking bitmap. With
     ``export_to`` (initial only) the stream goes to that file instead of the replica: a
     seed for removable media, imported on the replica with `initial VM --import`.
 
@@ -73,6 +76,8 @@ def run_cycle(host, vm: str, mode: str = "delta", verify: bool = False,
         new = bitmap_name(rel, cycle)
         tracker = host.tracker(rel.tracker)
         disks = list(rel.disks)
+        how = host.driver.disk_tracking(name)
+        scanned = dtracking.scanned(how, disks) if mode == "delta" else []
         row = store.start_cycle(vm, cycle, mode)
         t0 = time.monotonic()
         stats: dict = {"vm": vm, "cycle": cycle, "initial": initial, "mode": mode}
@@ -80,9 +85,10 @@ def run_cycle(host, vm: str, mode: str = "delta", verify: bool = False,
             if mode == "delta" and not since:
                 raise TrackingError(f"{vm} has no change-tracking point")
             remote = None
-            if mode == "resync":
+            if mode == "resync" or scanned:
                 op.phase = f"{rel.peer} reads its copy for the block digests"
-                remote, stats["replica_read_bytes"] = _remote_manifest(host, rel, name)
+                remote, stats["replica_read_bytes"] = _remote_manifest(
+                    host, rel, name, scanned if mode == "delta" else None)
             op.phase = "freezing the disks"
             committed: list[bool] = []
             client = None
@@ -91,16 +97,21 @@ def run_cycle(host, vm: str, mode: str = "delta", verify: bool = False,
                 client = host.client_for_peer(rel.peer, timeout=600)
                 client.connect_ahead()
             with _session(host, vm, cycle, name, committed) as session, _discard(client):
-                if since:
-                    tracker.prepare(session, disks, since, bitmap_prefix(rel.id))
+                tracked = [d for d in disks if d not in scanned]
+                if since and tracked:
+                    tracker.prepare(session, tracked, since, bitmap_prefix(rel.id))
                 kind = _recovery_point_kind(rel, time.time())
                 thaw = kind == dp.APP and freeze_guest(host, name, session.running)
                 if kind == dp.APP and not thaw:
                     kind = dp.CRASH
+                point: Any      # (tracking.base.Point: a bitmap, scan or mixed point)
                 try:
-                    if remote is not None:
+                    if mode == "resync":
                         from ..tracking.scan import ScanPoint
-                        point = ScanPoint(session, disks, new, remote)
+                        point = ScanPoint(session, disks, new, remote or {})
+                    elif remote is not None:     # a delta with scan-tracked disks
+                        from ..tracking.mixed import MixedPoint
+                        point = MixedPoint(session, disks, since, new, remote)
                     else:
                         point = tracker.point(session, disks, since, new)
                     point.hold_pause = verify    # a live view is verified paused
@@ -142,7 +153,9 @@ def run_cycle(host, vm: str, mode: str = "delta", verify: bool = False,
                     store.update_relationship(vm, last_point_at=freeze_time,
                                               points_made=rel.points_made + 1)
                 store.update_relationship(vm, cycle=cycle, bitmap=point.tracking,
-                                          bitmap_next=None,
+                                          bitmap_next=None, disk_tracking=how,
+                                          scan_costs=_scan_costs(rel, how, point,
+                                                                 freeze_time),
                                           last_success_at=freeze_time,
                                           last_cycle_at=time.time(),
                                           consecutive_failures=0, last_error=None,
@@ -165,7 +178,9 @@ def run_cycle(host, vm: str, mode: str = "delta", verify: bool = False,
                          wire_bytes=writer.wire_bytes, records=writer.records,
                          replica={k: v for k, v in answer.items() if k != "manifest"},
                          verified=verify, ship_seconds=round(time.monotonic() - t_ship, 4),
-                         compared_bytes=point.compared)
+                         compared_bytes=point.compared,
+                         tracking=how, scanned={d: c for d, c in point.costs.items()
+                                                if how.get(d) == dtracking.SCAN})
         except Exception as e:
             _failed(host, vm, cycle, row, e)
             raise
@@ -295,11 +310,25 @@ def thaw_guest(host, vm: str) -> None:
         host.event("point", f"the guest agent did not thaw: {e.message}", vm)
 
 
-def _remote_manifest(host, rel: Relationship, vm: str) -> tuple[dict[str, bytes], int]:
-    """The replica's block digests (from its hash index), and how much it had to read."""
+def _scan_costs(rel: Relationship, how: dict[str, str], point, at: float) -> dict:
+    """The relationship's last scan cost of each scan-tracked disk, with this cycle's."""
+    costs = {d: c for d, c in rel.scan_costs.items() if how.get(d) == dtracking.SCAN}
+    for d, c in point.costs.items():
+        if how.get(d) == dtracking.SCAN:
+            costs[d] = dtracking.ScanCost(c["read"], c["compared"], c["moved"], at).to_dict()
+    return costs
+
+
+def _remote_manifest(host, rel: Relationship, vm: str,
+                     disks: list[str] | None = None) -> tuple[dict[str, bytes], int]:
+    """The replica's block digests (from its hash index) of ``disks`` (None: all), and
+    how much it had to read."""
+    from urllib.parse import quote
+
     from ..tracking import scan
+    q = f"&disks={quote(','.join(disks))}" if disks is not None else ""
     answer = host.client_for_peer(rel.peer, timeout=3600).request(
-        "GET", f"/v1/replica/relationships/{vm}/manifest?epoch={rel.epoch}")
+        "GET", f"/v1/replica/relationships/{vm}/manifest?epoch={rel.epoch}{q}")
     if int(answer.get("block", 0)) != scan.BLOCK:
         raise OperationError(f"{rel.peer} hashes blocks of {answer.get('block')} bytes, "
                              f"this host {scan.BLOCK}", hint="run the same vmreplica version")

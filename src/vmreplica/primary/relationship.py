@@ -7,6 +7,8 @@ import uuid
 
 from ..domain import points as dp
 from ..domain.links import dr_key, vm_name
+from ..domain.networks import parse_network_map
+from ..domain.reip import format_failover_ips, parse_failover_ips, resolve
 from ..domain.relationship import (
     DEFAULTS,
     FREQUENCY_TEXT,
@@ -33,10 +35,13 @@ def enable(host, vm: str, replica: str, frequency: str = FREQUENCY_TEXT,
            point_interval: str = POINT_INTERVAL_TEXT, app_every: int = DEFAULTS.app_every,
            resync_window: str | None = DEFAULTS.resync_window, mode: str = DEFAULTS.mode,
            max_stall: float = DEFAULTS.max_stall, cluster: bool = False,
-           dr: bool = False) -> dict:
+           dr: bool = False, network_map: list[str] | None = None,
+           failover_ips: list[str] | None = None) -> dict:
     """Replicate ``vm`` to ``replica`` (its main relationship), or with ``dr`` as its
     disaster-recovery link (key NAME@dr, periodic; see domain.links): then the partner of
-    the main relationship, if any, may take the link over when the VM moves there."""
+    the main relationship, if any, may take the link over when the VM moves there.
+    ``failover_ips``: ``--failover-ip`` entries (domain.reip), checked against the VM's
+    NICs here, before anything is created."""
     info = host.driver.inspect(vm)  # NotFound with a clear message
     key = dr_key(vm) if dr else vm
     existing = host.store.relationship(key)
@@ -58,6 +63,9 @@ def enable(host, vm: str, replica: str, frequency: str = FREQUENCY_TEXT,
     if int(app_every) < 0:
         raise UsageError("--app-consistent-every must be 0 (never) or more")
     parse_window(resync_window)
+    nets = parse_network_map(network_map)
+    reip = resolve(parse_failover_ips(failover_ips), info.nics, vm)
+    ips = [ip.to_dict() for ip in reip]
     check_mode(host, mode, max_stall, existing=info.origin == "existing")
     if compression not in COMPRESSIONS:
         raise UsageError(f"unknown compression {compression!r}", hint="choose zstd or none")
@@ -72,26 +80,37 @@ def enable(host, vm: str, replica: str, frequency: str = FREQUENCY_TEXT,
         raise UsageError(f"every disk of {vm} is excluded: nothing to replicate")
     for d in disks:
         check_disk(vm, d, existing=info.origin == "existing")
+    desc = host.driver.describe(vm)
+    desc["disks"] = [{"name": d.name, "format": d.format, "virtual_size": d.virtual_size}
+                     for d in disks]
+    if nets and not desc.get("definition"):
+        raise UsageError(f"{vm} was made by vmreplica: its replica has no NICs to map",
+                         hint="--network-map is for existing libvirt domains")
+    if nets:
+        desc["network_map"] = nets
+    how = host.driver.disk_tracking(vm)       # (status shows it from now on)
+    if reip and not desc.get("definition"):
+        raise UsageError(f"{vm} was made by vmreplica: its replica has no NICs to re-IP",
+                         hint="--failover-ip is for existing libvirt domains")
     client = host.client_for_address(replica)  # NotTrusted if not paired
     peer = host.store.peer_by_address(f"{client.host}:{client.port}")
     if main is not None:
         from .dr import tell_partner
         tell_partner(host, vm, main, peer)
-    desc = host.driver.describe(vm)
-    desc["disks"] = [{"name": d.name, "format": d.format, "virtual_size": d.virtual_size}
-                     for d in disks]
     rel_id = uuid.uuid4().hex
     answer = client.request("POST", "/v1/replica/relationships", {
         "vm": vm, "id": rel_id, "epoch": 1, "security_tag": security_tag,
         "frequency": freq, "description": desc, "history": history,
         "point_interval": interval, "mode": mode, "max_stall": float(max_stall),
-        "cluster": cluster, "holders": holders,
+        "cluster": cluster, "holders": holders, "failover_ips": ips,
     })
     rel = primary_row(key, rel_id, peer, State.READY_FOR_INITIAL, 1, [d.name for d in disks],
+                      disk_tracking={d.name: how[d.name] for d in disks if d.name in how},
                       frequency=freq, compression=compression, excluded=exclude,
                       security_tag=security_tag, history=history, point_interval=interval,
                       app_every=int(app_every), resync_window=resync_window or None,
-                      mode=mode, max_stall=float(max_stall), cluster=cluster, holders=holders)
+                      mode=mode, max_stall=float(max_stall), cluster=cluster, holders=holders,
+                      failover_ips=ips)
     try:
         host.store.add_relationship(rel)
     except Exception:
@@ -99,10 +118,11 @@ def enable(host, vm: str, replica: str, frequency: str = FREQUENCY_TEXT,
         raise
     host.event("relationship", f"{'DR link' if dr else 'replication'} enabled to "
                                f"{peer['name']} every {format_frequency(freq)}"
-               + (f" (it follows the VM to {', '.join(holders[1:])})" if holders[1:] else ""),
-               key)
+               + (f" (it follows the VM to {', '.join(holders[1:])})" if holders[1:] else "")
+               + (f"; failover IPs {format_failover_ips(reip)}" if reip else ""), key)
     return {"vm": key, "replica": peer["name"], "state": rel.state, "holders": holders,
-            "replica_heads": answer.get("heads"), "next": f"vmreplica initial {key}"}
+            "replica_heads": answer.get("heads"), "notes": answer.get("notes") or [],
+            "next": f"vmreplica initial {key}"}
 
 
 def sync(host, vm: str, verify: bool = False) -> dict:

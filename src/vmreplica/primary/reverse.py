@@ -47,9 +47,14 @@ def reverse(host, vm: str) -> dict:
         role=Role.PRIMARY.value, cycle=-1, bitmap=None,
         tracker="bitmap", consecutive_failures=0, last_error=None, last_point_at=None,
         points_made=0, failover=None, test=None, reversed_at=time.time(), sync_state=None,
-        sync_reason=None, peer_told=None)
+        sync_reason=None, peer_told=None, reip=None,
+        # The failover IPs were this host's addresses: the new replica has none yet.
+        failover_ips=[])
     host.event("relationship", f"reverse replication: {host.name} is the primary of {vm}, "
-                               f"{rel.peer} its replica (epoch {rel.epoch})", vm)
+                               f"{rel.peer} its replica (epoch {rel.epoch})"
+               + (f"; its failover IPs (addresses on {host.name}) are cleared: set "
+                  f"those for {rel.peer} with `vmreplica set {vm} --failover-ip`"
+                  if rel.failover_ips else ""), vm)
     stats = resync(host, vm)
     size = sum(d.virtual_size for d in info.disks if d.name in rel.disks)
     return {"vm": vm, "primary": host.name, "replica": rel.peer, "epoch": rel.epoch,

@@ -1,6 +1,7 @@
 """`set VM...`: change how existing relationships replicate, without re-seeding: frequency,
-recovery history and interval, app-consistent cadence, compression, resync window.
-History goes to the replica too (its retention applies it at the next point)."""
+recovery history and interval, app-consistent cadence, compression, resync window,
+failover IPs. History and failover IPs go to the replica too (its retention applies
+the history at the next point; its failovers, the IPs)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ import time
 
 from ..domain import points as dp
 from ..domain.links import vm_name
+from ..domain.reip import format_failover_ips, parse_failover_ips, resolve
 from ..domain.schedule import format_frequency, parse_frequency, parse_window
 from ..errors import UsageError
 from .common import COMPRESSIONS, check_disk, check_mode, relationship_of
 
 FIELDS = ("frequency", "history", "point_interval", "app_every", "compression",
-          "resync_window", "mode", "max_stall")
+          "resync_window", "mode", "max_stall", "failover_ips")
 
 
 def validate(changes: dict) -> dict:
@@ -43,6 +45,10 @@ def validate(changes: dict) -> dict:
             if not 0.5 <= float(value) <= 120:
                 raise UsageError("--max-stall must be between 0.5 and 120 seconds")
             out[key] = float(value)
+        elif key == "failover_ips":
+            if not isinstance(value, list):
+                raise UsageError("failover_ips must be a list of NIC=ADDR/PREFIX[,...] entries")
+            out[key] = parse_failover_ips(value)    # resolved against the VM's NICs by apply
         elif key == "resync_window":
             out[key] = None if value in ("", "none", "always") else value
             parse_window(out[key])
@@ -105,6 +111,13 @@ def change_disks(host, vm: str, exclude: list[str], include: list[str]) -> dict:
 
 def apply(host, vm: str, changes: dict) -> dict:
     rel = relationship_of(host, vm)
+    changes = dict(changes)
+    if "failover_ips" in changes:        # checked against the VM's NICs before any change
+        ips = resolve(changes["failover_ips"], host.driver.inspect(vm_name(vm)).nics, vm)
+        if ips and not host.driver.describe(vm_name(vm)).get("definition"):
+            raise UsageError(f"{vm} was made by vmreplica: its replica has no NICs to re-IP",
+                             hint="--failover-ip is for existing libvirt domains")
+        changes["failover_ips"] = [ip.to_dict() for ip in ips]
     if changes.get("mode") == "continuous" and rel.mode != "continuous":
         existing = host.driver.inspect(vm_name(vm)).origin == "existing"
         check_mode(host, "continuous", changes.get("max_stall", rel.max_stall), existing)
@@ -113,10 +126,11 @@ def apply(host, vm: str, changes: dict) -> dict:
         # the mirror ends; the bitmap carries on: no re-seeding either way.
         host.store.update_relationship(vm, mode="periodic")
         host.continuous.stop(vm)
-    if "history" in changes or "point_interval" in changes:
+    told = {k: changes[k] for k in ("history", "point_interval", "failover_ips")
+            if k in changes}
+    if told:
         host.client_for_peer(rel.peer, timeout=60).request(
-            "POST", f"/v1/replica/relationships/{vm}/settings",
-            {k: changes[k] for k in ("history", "point_interval") if k in changes})
+            "POST", f"/v1/replica/relationships/{vm}/settings", told)
     if any(k in changes and changes[k] != getattr(rel, k) for k in ("frequency", "mode")):
         # A new schedule: health judges its slots from now on (domain.schedule).
         host.store.update_relationship(vm, schedule_since=time.time(), **changes)
@@ -125,6 +139,8 @@ def apply(host, vm: str, changes: dict) -> dict:
     shown = dict(changes)
     if "frequency" in shown:
         shown["frequency"] = format_frequency(shown["frequency"])
+    if "failover_ips" in shown:
+        shown["failover_ips"] = format_failover_ips(ips)
     host.event("relationship", "settings changed: " + ", ".join(f"{k}={v}" for k, v in
                                                                   shown.items()), vm)
     return {"vm": vm, **shown}

@@ -57,7 +57,8 @@ def open_image(path: str, fmt: str) -> ImageReader | None:
         return None
     try:
         if fmt == "raw":
-            return ImageReader(str(path), fd, _RawMap(os.fstat(fd).st_size))
+            # (a block device's size is where it ends: st_size says 0)
+            return ImageReader(str(path), fd, _RawMap(os.lseek(fd, 0, os.SEEK_END)))
         if fmt == "qcow2":
             m = _Qcow2Map.load(fd)
             if m is not None:

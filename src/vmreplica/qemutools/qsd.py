@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -357,11 +358,22 @@ def qcow2_node(path: Path | str, node: str, read_only: bool = False,
     return nodes + [fmt]
 
 
-def image_node(path: Path | str, node: str, fmt: str) -> list[dict]:
+def image_node(path: Path | str, node: str, fmt: str, read_only: bool = False) -> list[dict]:
     """The blockdevs that open a VM's disk image ``path`` (``fmt`` qcow2 or raw) as node
     ``node`` (a qcow2 with qcow2_node's defaults): a block session's storage daemon over
-    a powered-off VM's disks."""
-    if fmt == "qcow2":
-        return qcow2_node(path, node)
-    return [{"driver": "file", "filename": path, "node-name": f"{node}-file"},
-            {"driver": "raw", "file": f"{node}-file", "node-name": node}]
+    a powered-off VM's disks. A block device (an LVM volume, a loop device) is opened
+    with QEMU's ``host_device`` driver; ``read_only`` for a disk that is only read (its
+    lock still keeps a VM from opening it for writing meanwhile)."""
+    if fmt == "qcow2" and not is_block_device(path):
+        return qcow2_node(path, node, read_only=read_only)
+    proto = "host_device" if is_block_device(path) else "file"
+    return [{"driver": proto, "filename": str(path), "node-name": f"{node}-file",
+             "read-only": read_only},
+            {"driver": fmt, "file": f"{node}-file", "node-name": node, "read-only": read_only}]
+
+
+def is_block_device(path: Path | str) -> bool:
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False

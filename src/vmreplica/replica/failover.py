@@ -14,7 +14,8 @@ from ..domain.links import vm_name
 from ..domain.relationship import Relationship
 from ..domain.states import State
 from ..errors import Conflict, NotFound, Unreachable, UsageError, VmreplicaError
-from . import collapse, mirror, points
+from ..qemutools import img
+from . import collapse, mirror, points, reip
 from . import store as rstore
 
 
@@ -54,9 +55,23 @@ def _overlays(rel: Relationship, layer: int, name: str) -> dict[str, str]:
 
 # -- test failover -------------------------------------------------------------------------
 
-def test_start(host, vm: str, point=None, network: str = "none") -> dict:
+def test_start(host, vm: str, point=None, network: str | None = None,
+               re_ip: bool = False) -> dict:
+    """A test VM from a point (the latest state by default), its writes on overlays. Its
+    NICs: a replica carried from an existing libvirt domain puts every NIC on
+    ``network`` (default "isolated": no forwarding, made on demand; "none": no NIC; or a
+    network or bridge of this host); other VMs have none or one on "isolated". With
+    ``re_ip`` the test VM gets the failover IPs once its agent answers (replica.reip);
+    without, it keeps the primary's addresses."""
     t0 = time.monotonic()
-    if network not in ("none", "isolated"):
+    if re_ip and not _replica_rel(host, vm).failover_ips:
+        raise UsageError(f"{vm} has no failover IPs to set in the test VM",
+                         hint=f"on its primary: `vmreplica set {vm} --failover-ip "
+                              "NIC=ADDR/PREFIX[,gw=GW][,dns=A+B]`")
+    carried = bool(host.driver.describe(vm).get("definition")) \
+        if host.driver.exists(vm) else False
+    network = network or ("isolated" if carried else "none")
+    if not carried and network not in ("none", "isolated"):
         raise UsageError(f"unknown network {network!r}", hint="choose none or isolated")
     with host.vm_lock(vm):
         rel = _replica_rel(host, vm)
@@ -84,6 +99,8 @@ def test_start(host, vm: str, point=None, network: str = "none") -> dict:
         desc.update(name=test_vm, uuid=None, network=network,
                     disks=[dict(d, path=overlays[d["name"]], format="qcow2")
                            for d in desc["disks"] if d["name"] in overlays])
+        if desc.get("definition"):       # every NIC of the whole VM on the test network
+            desc["network_map"] = {"*": None if network == "none" else network}
         host.store.update_relationship(vm, test={"vm": test_vm, "point": label,
                                                  "overlays": overlays})
         try:
@@ -92,10 +109,20 @@ def test_start(host, vm: str, point=None, network: str = "none") -> dict:
         except Exception:
             test_stop(host, vm)
             raise
-    host.event("failover", f"test failover started: {test_vm} from point {label}", vm)
+        record = reip.launch(host, vm, test_vm, rel.failover_ips, "test") if re_ip else None
+    host.event("failover", f"test failover started: {test_vm} from point {label}"
+               + (" (re-IP once its guest agent answers)" if record else ""), vm)
     return {"vm": vm, "test_vm": test_vm, "point": label, "network": network,
-            "seconds": round(time.monotonic() - t0, 3),
+            "seconds": round(time.monotonic() - t0, 3), "re_ip": _reip_text(record),
             "next": f"vmreplica failover {vm} --stop-test"}
+
+
+def _reip_text(record: dict | None) -> str | None:
+    if record is None:
+        return None
+    return (f"{len(record['ips'])} NIC(s) get their failover IPs once the guest agent of "
+            f"{record['vm']} answers (up to {reip.AGENT_WAIT:.0f} s): a `re-ip` event says "
+            "how it went")
 
 
 def test_stop(host, vm: str) -> dict:
@@ -110,7 +137,7 @@ def test_stop(host, vm: str) -> dict:
         except NotFound:
             pass
         rstore.drop_layers(list(test["overlays"].values()))
-        host.store.update_relationship(vm, test=None)
+        host.store.update_relationship(vm, test=None, **_without_reip(rel, "test"))
         points.retain(host, vm)   # merges that waited for the test
     host.event("failover", f"test failover stopped: {test['vm']} and its files deleted", vm)
     return {"vm": vm, "stopped": test["vm"]}
@@ -256,6 +283,15 @@ def start(host, vm: str, point=None, force: bool = False) -> dict:
         host.heads.close(vm)            # ...and no more cycles into the head from here on
         # The bases move into the VM's folder (O(1)) and the VM opens its chains so that
         # they can be merged into them live before `reverse` replicates from them.
+        if _in_place(host, vm):
+            layer, label = _layer_of(host, rel, "latest" if point is None else point)
+            failover = {"point": label, "layer": layer, "overlays": {}, "planned": planned,
+                        "at": time.time(), "in_place": True}
+            host.store.set_state(vm, State.FAILOVER_IN_PROGRESS.value,
+                                 failover=failover, index_valid=False)
+            merged = _commit_in_place(host, vm)
+            host.driver.start(vm)
+            return _in_place_done(host, vm, planned, label, guard, merged)
         bases = collapse.relocate_bases(host, vm)
         host.driver.collapse_prepare(vm, bases)
         rel = host.store.relationship(vm)
@@ -273,6 +309,9 @@ def start(host, vm: str, point=None, force: bool = False) -> dict:
             raise
         if planned:
             _commit(host, vm)
+        # The addresses inside the guest: in the background, once its agent answers.
+        record = reip.launch(host, vm, vm, rel.failover_ips, "failover") \
+            if rel.failover_ips else None
     kind = "planned" if planned else "unplanned"
     if not planned:
         assert guard is not None                # (unplanned: the primary was asked above)
@@ -280,15 +319,66 @@ def start(host, vm: str, point=None, force: bool = False) -> dict:
     host.event("failover", f"{kind} failover: {vm} started from point {label}", vm)
     if planned:
         return {"vm": vm, "planned": True, "point": label, "state": State.FAILED_OVER.value,
-                "next": f"vmreplica reverse {vm}"}
+                "re_ip": _reip_text(record), "next": f"vmreplica reverse {vm}"}
     assert guard is not None                    # (unplanned: the primary was asked above)
     out = {"vm": vm, "planned": False, "point": label,
            "state": State.FAILOVER_IN_PROGRESS.value,
            "primary": {k: v for k, v in guard.items() if k not in ("event", "warning")},
+           "re_ip": _reip_text(record),
            "next": f"check the VM, then `vmreplica failover {vm} --complete` (or `--cancel` "
                    "to discard what it wrote and try another point)"}
     if guard.get("warning"):
         out["warning"] = guard["warning"]
+    return out
+
+
+# -- an operator's existing domain, at home again (failback after a reverse) ----------------
+
+def _in_place(host, vm: str) -> bool:
+    """Whether ``vm`` is an operator's existing libvirt domain (the replica side of a
+    reverse, on the domain's own host): vmreplica never repoints its disks, so a
+    failover merges the point into them and starts the domain exactly as it is."""
+    return host.driver.inspect(vm).origin == "existing"
+
+
+def _commit_in_place(host, vm: str) -> int:
+    """Merge each disk's chain up to the failover's layer into its base (the domain's own
+    disk), offline, then commit the failover: the epoch goes up, the points and the
+    replica storage go. A crash midway leaves FAILOVER_IN_PROGRESS with the intent;
+    `--complete` merges again (the same bytes). Returns the bytes of the merged layers."""
+    rel = host.store.relationship(vm)
+    layer = int(rel.failover["layer"])
+    merged = 0
+    for chain in rel.chains.values():
+        if layer > 0 and Path(chain[layer]).exists():
+            merged += sum(rstore.layer_size(p) for p in chain[1:layer + 1])
+            img.commit(chain[layer], chain[0])
+    img.sync_files(*[c[0] for c in rel.chains.values()])
+    with host.store.transaction():
+        host.store.replace_points(vm, [])
+        host.store.set_state(vm, State.FAILED_OVER.value,
+                             chains={d: [c[0]] for d, c in rel.chains.items()},
+                             epoch=rel.epoch + 1, primary_prepared=None,
+                             failed_over_at=time.time(), collapse=None)
+    rstore.drop_layers([p for c in rel.chains.values() for p in c[1:]])
+    rstore.delete_chains(Path(rel.storage), vm)
+    return merged
+
+
+def _in_place_done(host, vm: str, planned: bool, label: str, guard, merged: int) -> dict:
+    kind = "planned" if planned else "unplanned"
+    if guard is not None:
+        host.event("failover", guard["event"], vm)
+    host.event("failover", f"{kind} failover: point {label} merged into the disks of the "
+                           f"existing domain {vm} ({merged / (1 << 20):.1f} MiB) and the "
+                           "domain started as it is; committed at once (an existing "
+                           "domain's own disks cannot be unwritten: no --cancel)", vm)
+    out = {"vm": vm, "planned": planned, "point": label, "state": State.FAILED_OVER.value,
+           "merged_bytes": merged, "next": f"vmreplica reverse {vm}"}
+    if guard is not None:
+        out["primary"] = {k: v for k, v in guard.items() if k not in ("event", "warning")}
+        if guard.get("warning"):
+            out["warning"] = guard["warning"]
     return out
 
 
@@ -301,7 +391,14 @@ def _undo(host, vm: str, failover: dict) -> None:
     host.driver.set_disks(vm, {d: c[-1] for d, c in rel.chains.items()})
     host.driver.collapse_prepare(vm, {})
     rstore.drop_layers(list(failover["overlays"].values()))
-    host.store.set_state(vm, State.REPLICATING.value, failover=None)
+    host.store.set_state(vm, State.REPLICATING.value, failover=None,
+                         **_without_reip(rel, "failover"))
+
+
+def _without_reip(rel: Relationship, purpose: str) -> dict:
+    """The change that forgets the re-IP of a VM that goes (its test VM, a cancelled
+    failover); a waiting thread then ends quietly."""
+    return {"reip": None} if rel.reip and rel.reip.get("for") == purpose else {}
 
 
 def cancel(host, vm: str) -> dict:
@@ -309,6 +406,10 @@ def cancel(host, vm: str) -> dict:
         rel = _replica_rel(host, vm)
         if rel.state != State.FAILOVER_IN_PROGRESS.value:
             raise Conflict(f"no failover of {vm} is in progress (state {rel.state})")
+        if (rel.failover or {}).get("in_place"):
+            raise Conflict(f"the failover of {vm} is merging its point into the existing "
+                           "domain's own disks: it cannot be cancelled",
+                           hint=f"finish it: `vmreplica failover {vm} --complete`")
         _undo(host, vm, rel.failover or {})
     host.event("failover", f"failover cancelled: what {vm} wrote was discarded", vm)
     return {"vm": vm, "state": State.REPLICATING.value,
@@ -320,7 +421,12 @@ def complete(host, vm: str) -> dict:
         rel = _replica_rel(host, vm)
         if rel.state != State.FAILOVER_IN_PROGRESS.value:
             raise Conflict(f"no failover of {vm} is in progress (state {rel.state})")
-        _commit(host, vm)
+        if (rel.failover or {}).get("in_place"):
+            _commit_in_place(host, vm)      # (a crash stopped it: the same bytes again)
+            if host.driver.inspect(vm).state != "running":
+                host.driver.start(vm)
+        else:
+            _commit(host, vm)
         rel = host.store.relationship(vm)
     host.event("failover", f"failover completed: epoch {rel.epoch}; point "
                            f"{rel.failover['point']} is now the VM's disk", vm)

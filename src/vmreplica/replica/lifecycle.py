@@ -11,7 +11,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from ..domain.networks import merged
 from ..domain.patterns import find_authorization
+from ..domain.reip import FailoverIP
 from ..domain.relationship import DEFAULTS, Relationship
 from ..domain.states import Role, State
 from ..errors import Conflict, NotFound, Refused, UsageError
@@ -81,7 +83,16 @@ def _check_create_body(body: dict) -> tuple[str, list[dict]]:
     for key in ("security_tag", "mode"):
         if body.get(key) is not None and not isinstance(body[key], str):
             raise UsageError(f"{key} must be a string")
+    _failover_ips(body)
     return vm, disks
+
+
+def _failover_ips(body: dict) -> list[dict]:
+    """The failover IPs the primary sent (domain.reip), checked again here."""
+    ips = body.get("failover_ips") or []
+    if not isinstance(ips, list):
+        raise UsageError("failover_ips must be a list")
+    return [FailoverIP.from_dict(d).to_dict() for d in ips]
 
 
 def create_relationship(host, peer: dict, body: dict) -> dict:
@@ -131,7 +142,10 @@ def create_relationship(host, peer: dict, body: dict) -> dict:
         replica_desc["disks"] = [dict(d, path=chains[d["name"]][-1], format="qcow2")
                                  for d in disks]
         replica_desc["owns"] = [str(rstore.vm_dir(storage, vm))]
-        host.driver.define_vm(replica_desc)
+        if desc.get("definition"):      # the whole domain: its NICs on this host's networks
+            replica_desc["network_map"] = merged(settings.get("network_map"),
+                                                 desc.get("network_map"))
+        notes = host.driver.define_vm(replica_desc).notes
         host.store.add_relationship(Relationship(
             vm=vm, id=body["id"], role=Role.REPLICA.value, peer=peer["name"],
             peer_address=peer.get("address"), state=State.WAITING_FOR_INITIAL.value,
@@ -146,7 +160,8 @@ def create_relationship(host, peer: dict, body: dict) -> dict:
             cluster=bool(body.get("cluster")),
             # The hosts that may take this replication over when the VM moves to them (a
             # DR link: the primary and the partner of its main relationship).
-            holders=[str(h) for h in body.get("holders") or [peer["name"]]]))
+            holders=[str(h) for h in body.get("holders") or [peer["name"]]],
+            failover_ips=_failover_ips(body)))
     except Exception:
         try:
             host.driver.delete(vm)
@@ -162,7 +177,10 @@ def create_relationship(host, peer: dict, body: dict) -> dict:
     host.event("relationship", f"replica of {vm} created for primary {peer['name']}"
                + (f"; the kept replica in {kept} is ready for `initial {vm} --method existing "
                   f"--path {kept}`" if kept is not None else ""), vm)
-    return _describe(host, host.store.relationship(vm))
+    if notes:
+        host.event("relationship", "replica VM defined from the primary's domain: "
+                   + "; ".join(notes), vm)
+    return {**_describe(host, host.store.relationship(vm)), "notes": notes}
 
 
 def _describe(host, rel: Relationship) -> dict:
@@ -216,21 +234,26 @@ SYNC_STATES = (None, "catching_up", "in_sync", "degraded", "idle")
 
 
 def apply_settings(host, peer: dict, vm: str, body: dict) -> dict:
-    """The primary changed settings that the replica applies (retention history), or
-    tells it its replication mode and continuous sub-state (shown here as they are there)."""
+    """The primary changed settings that the replica applies (retention history, failover
+    IPs), or tells it its replication mode and continuous sub-state (shown here as they
+    are there)."""
     rel = checks.own_relationship(host, peer, vm)
     if "mode" in body:
         return _apply_mode(host, vm, body)
+    ips = {"failover_ips": _failover_ips(body)} if "failover_ips" in body else {}
+    if ips and "history" not in body and "point_interval" not in body:
+        host.store.update_relationship(vm, **ips)
+        return {"vm": vm, **ips}
     from ..domain import points as dp
     history = dp.validate_history(_field(body, "history", int, rel.history,
                                          high=_BIG))
     interval = _field(body, "point_interval", int, rel.point_interval, low=1,
                       high=_BIG)
     with host.vm_lock(vm):
-        host.store.update_relationship(vm, history=history, point_interval=interval)
+        host.store.update_relationship(vm, history=history, point_interval=interval, **ips)
         if rel.state == State.REPLICATING.value:
             points.retain(host, vm)
-    return {"vm": vm, "history": history}
+    return {"vm": vm, "history": history, **ips}
 
 
 def _apply_mode(host, vm: str, body: dict) -> dict:

@@ -25,8 +25,18 @@ def _storage(rel: Relationship) -> Path:
 
 def _set_chains(host, vm: str, chains: dict[str, list[str]], **changes) -> Relationship:
     rel = host.store.update_relationship(vm, chains=chains, **changes)
-    host.driver.set_disks(vm, {d: c[-1] for d, c in chains.items()})
+    follow_heads(host, vm, chains)
     return rel
+
+
+def follow_heads(host, vm: str, chains: dict[str, list[str]]) -> None:
+    """The replica VM's disks name its chains' heads — except an operator's existing
+    libvirt domain (the replica side of a reverse, at the domain's own host): vmreplica
+    never repoints its disks; it keeps its own disk (the chains' base) until a failover
+    merges the chain into it (replica.failover, in place)."""
+    if host.driver.inspect(vm).origin == "existing":
+        return
+    host.driver.set_disks(vm, {d: c[-1] for d, c in chains.items()})
 
 
 def create(host, vm: str, kind: str, point_time: float, apply_retention: bool = True) -> dict:

@@ -77,9 +77,10 @@ def _reconcile_disks(host) -> None:
         vm = rel.vm
         want = {d: c[-1] for d, c in rel.chains.items()}
         try:
-            have = {d.name: d.path for d in host.driver.inspect(vm).disks}
+            info = host.driver.inspect(vm)
+            have = {d.name: d.path for d in info.disks}
             wrong = {d: p for d, p in want.items() if d in have and have[d] != p}
-            if wrong:
+            if wrong and info.origin == "vmreplica":    # (points.follow_heads)
                 host.driver.set_disks(vm, wrong)
                 host.event("recovery", "the replica VM's disks named older layers after an "
                                        "unclean stop; they point at the heads again: " +

@@ -97,6 +97,10 @@ class Daemon:
                         "(a cycle or continuous mode's hand-over)", vm)
             host.event("daemon", "resumed the VM: the previous daemon died while it held the "
                                  "VM paused (a cycle or continuous mode's hand-over)", vm)
+        from ..replica.reip import resume_all
+        for vm in resume_all(host):
+            log.warning("re-IP of %s taken up again: the previous daemon stopped while it "
+                        "waited for the guest agent", vm)
         h, port = parse_address(host.listen)
         try:
             repl = TLSHTTPServer((h, port), replication_routes(host), host.server_context)

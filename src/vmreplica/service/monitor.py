@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import time
 
+from ..domain import tracking as dtracking
 from ..domain.health import DEFAULT_THRESHOLDS, assess, measure
 from ..domain.links import vm_name
+from ..domain.reip import FailoverIP
 from ..domain.relationship import Relationship
 from ..domain.schedule import format_frequency
 from ..domain.states import next_step
@@ -80,9 +82,27 @@ def view(host, rel: Relationship, now: float | None = None) -> dict:
         "epoch": rel.epoch, "last_error": rel.last_error,
         "disks": rel.disks, "fenced": rel.fenced, "next": next_step(rel),
         "test_vm": (rel.test or {}).get("vm"),
+        "tracking": disk_tracking(host, rel),
+        "failover_ips": [FailoverIP.from_dict(d).text() for d in rel.failover_ips],
+        "reip": rel.reip,
         **_running(host, rel.vm), "resync_window": rel.resync_window,
         "tags": host.store.tags(vm_name(rel.vm)),
     }
+
+
+def disk_tracking(host, rel: Relationship) -> list[dict]:
+    """Primary side: how each replicated disk is tracked (domain.tracking), and what the
+    last cycle's scan of a scan-tracked disk read and moved. (A relationship enabled
+    before this was recorded asks the driver.)"""
+    if rel.role != "primary":
+        return []
+    how = rel.disk_tracking
+    if not how:
+        try:
+            how = host.driver.disk_tracking(vm_name(rel.vm))
+        except Exception:  # noqa: BLE001 — a status line must not fail over it (VM gone)
+            how = {}
+    return [line.to_dict() for line in dtracking.disk_lines(rel.disks, how, rel.scan_costs)]
 
 
 def _running(host, vm: str) -> dict:
@@ -122,7 +142,7 @@ def measure_vm(host, vm: str) -> dict:
            **measure(rel, host.store.cycles(vm, limit=5000), now)}
     health = assess(rel, now, out, thresholds(host))
     out.update(health=health.level, reasons=health.reasons, pending_bytes=None,
-               **_running(host, vm))
+               tracking=disk_tracking(host, rel), **_running(host, vm))
     continuous_figures(host, rel, out, now)
     if out["pending_bytes"] is None and rel.role == "primary" and rel.bitmap and \
             rel.state == "replicating" and out["activity"] is None:  # (a cycle holds them)
@@ -134,6 +154,8 @@ def _pending(host, rel: Relationship) -> int | None:
     lock = host.vm_lock(rel.vm)
     if not lock.acquire(timeout=5):
         return None          # a cycle runs right now
+    if dtracking.scanned(rel.disk_tracking, rel.disks):
+        return None          # a scanned disk's changes are known only by reading it
     try:
         with host.driver.block_session(rel.vm) as session:
             return sum(b.count for d in rel.disks for b in session.bitmaps(d)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..domain.reip import FailoverIP
 from ..domain.units import parse_size
 from ..errors import Conflict, UsageError
 from .home import validate_host_name
@@ -13,14 +14,28 @@ def role_of(host, vm: str) -> str:
 
 
 def vm_json(host, info, tags: list[str] | None = None) -> dict:
+    rel = host.store.relationship(info.name)
     return {
         "tags": host.store.tags(info.name) if tags is None else tags,
-        "name": info.name, "state": info.state, "role": role_of(host, info.name),
+        "name": info.name, "state": info.state, "role": rel.role if rel else "none",
         "origin": info.origin,
         "memory_mb": info.memory_mb, "guest": info.guest, "pid": info.pid,
         "disks": [{"name": d.name, "path": d.path, "format": d.format, "kind": d.kind,
                    "virtual_size": d.virtual_size} for d in info.disks],
+        "nics": info.nics,
+        "failover_ips": [FailoverIP.from_dict(d).text() for d in rel.failover_ips]
+        if rel else [],
+        "reip": rel.reip if rel else None,
+        "warnings": _warnings(rel),
     }
+
+
+def _warnings(rel) -> list[str]:
+    """What the operator must know about the VM beyond its relationship's health: a
+    re-IP at failover that failed (the VM runs, without its failover addresses)."""
+    if rel is None or not rel.reip or rel.reip.get("state") != "failed":
+        return []
+    return [f"re-IP of {rel.reip.get('vm')} failed: {rel.reip.get('message')}"]
 
 
 def create(host, body: dict) -> dict:

@@ -1,6 +1,7 @@
 """What every tracker yields (the registry that picks a tracker by name: ``factory``).
 
-A tracker's frozen point (``bitmap.BitmapPoint``, ``scan.ScanPoint``) is read by the cycle
+A tracker's frozen point (``bitmap.BitmapPoint``, ``scan.ScanPoint``, and
+``mixed.MixedPoint`` over both kinds of disk) is read by the cycle
 through the attributes of ``Point``; the two kinds are told apart by ``compared`` (None:
 the point ships changes; a byte count: it compares block digests), never by probing."""
 
@@ -27,4 +28,5 @@ class Point(Protocol):
     readers: dict           # disk -> an image read from its file at rest (or absent)
     read_bytes: int
     compared: int | None    # bytes of digests compared so far; None for a change point
+    costs: dict             # disk -> {read, compared, moved} of each disk it scanned
     hold_pause: bool        # keep a live view's guest paused until the cycle verified

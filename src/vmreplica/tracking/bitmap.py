@@ -64,18 +64,24 @@ class BitmapTracker:
 
 
 class BitmapPoint:
-    """A frozen point: the changed extents since ``since`` (everything allocated if None)."""
+    """A frozen point: the changed extents since ``since`` (everything allocated if None).
+    With ``exports`` (a view another point froze: tracking.mixed) it reads those, and
+    leaves ending the view to that point."""
 
     compared: int | None = None   # a change point compares no digests (ScanPoint does)
     hold_pause = False            # set by primary.cycle: a live view is verified paused
 
-    def __init__(self, session, disks: list[str], since: str | None, new: str):
+    def __init__(self, session, disks: list[str], since: str | None, new: str,
+                 exports: dict | None = None):
         self.session, self.disks, self.since, self.new = session, disks, since, new
-        self.exports = session.freeze(disks, since, new)
+        self.owns_view = exports is None
+        self.exports = session.freeze(disks, since, new) if exports is None else \
+            {d: exports[d] for d in disks}
         self.handles: dict[str, Any] = {}      # nbd.NBD handles
         self._status: dict[str, Any] = {}    # connections opened by allocation_handle
         self.readers: dict[str, imagemap.ImageReader] = {}
         self.read_bytes = 0
+        self.costs: dict[str, dict[str, int]] = {}   # (no disk scanned)
         self.plan: dict[str, list[tuple[str, int, int]]] = {}
         try:
             for disk in disks:
@@ -108,10 +114,11 @@ class BitmapPoint:
                                        if p[0] == ex.DATA]
         except BaseException:
             self.close()
-            try:
-                self.abort()   # undo the freeze: nothing may be lost, nothing left behind
-            except Exception:  # noqa: BLE001 — the next cycle folds leftovers in
-                pass
+            if self.owns_view:
+                try:
+                    self.abort()   # undo the freeze: nothing may be lost, nothing left behind
+                except Exception:  # noqa: BLE001 — the next cycle folds leftovers in
+                    pass
             raise
 
     def dirty_bytes(self) -> int:
@@ -130,7 +137,8 @@ class BitmapPoint:
     def chunks(self) -> Iterator[Chunk]:
         for disk in self.disks:
             yield from plan_chunks(self, disk, self.handles[disk], self.plan[disk])
-        yield from tail_chunks(self)
+        if self.owns_view:      # (else the point that froze the view reads its tail)
+            yield from tail_chunks(self)
 
     def allocation_handle(self, disk: str):
         """A connection to ``disk``'s frozen view that reports base:allocation (for a
@@ -151,7 +159,8 @@ class BitmapPoint:
         for r in self.readers.values():
             r.close()
         self.readers = {}
-        self.session.unexport()
+        if self.owns_view:
+            self.session.unexport()
 
     def commit(self) -> None:
         """The replica acknowledged: the old point (and a settled live view's ``new``) is

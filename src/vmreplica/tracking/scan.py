@@ -37,11 +37,12 @@ def manifest(h, size: int, block: int = BLOCK) -> bytes:
     return bytes(out)
 
 
-def _blocks(h, size: int, block: int,
-            reader: imagemap.ImageReader | None = None) -> Iterator[tuple[bool, memoryview | bytes]]:
+def _blocks(h, size: int, block: int, reader: imagemap.ImageReader | None = None,
+            read: list[int] | None = None) -> Iterator[tuple[bool, memoryview | bytes]]:
     """(is_zero, contents) of every block in order; blocks that read as zero per block
     status are not read, the others are read in runs of up to 1 MiB, 16 in flight (from
-    the image file itself where ``reader`` maps them: an image at rest)."""
+    the image file itself where ``reader`` maps them: an image at rest). ``read[0]``
+    counts the bytes read."""
     alloc = nbdio.block_status(h, "base:allocation", size)
     data_blocks = {i for off, ln in ex.unselected(alloc, ex.ZERO)
                    for i in range(off // block, (off + ln - 1) // block + 1)}
@@ -65,6 +66,8 @@ def _blocks(h, size: int, block: int,
             continue
         if cur is None or off >= cur[0] + cur[1]:
             cur = next(pending)
+            if read is not None:
+                read[0] += cur[1]
         at = off - cur[0]
         if nbdio.is_zero(cur[2], at, n):
             yield True, _zeros(n)
@@ -98,22 +101,31 @@ def decode(text: str) -> bytes:
 
 
 class ScanPoint:
-    """A frozen view whose chunks are the blocks that differ from ``remote`` digests."""
+    """A frozen view whose chunks are the blocks that differ from ``remote`` digests.
+
+    ``costs``: per disk, the bytes read (and hashed), compared and shipped
+    (domain.tracking.ScanCost), complete once ``chunks`` is exhausted. With ``exports``
+    (a view another point froze: tracking.mixed) it reads those, and leaves ending the
+    view and its bitmaps to that point."""
 
     hold_pause = False      # set by primary.cycle: a live view is verified paused
 
     def __init__(self, session, disks: list[str], new: str, remote: dict[str, bytes],
-                 block: int = BLOCK):
+                 block: int = BLOCK, exports: dict | None = None):
         self.session, self.disks, self.new, self.block = session, disks, new, block
         self.remote = remote
         self.since = None
         self.tail: str | None = None
         self.read_bytes = 0
-        self.exports = session.freeze(disks, None, new)
+        self.owns_view = exports is None
+        self.exports = session.freeze(disks, None, new) if exports is None else \
+            {d: exports[d] for d in disks}
         self.handles: dict[str, object] = {}
         self.readers: dict[str, imagemap.ImageReader] = {}
         self.compared = 0
         self.differing = 0
+        self.costs: dict[str, dict[str, int]] = {
+            d: {"read": 0, "compared": 0, "moved": 0} for d in disks}
         try:
             for disk in disks:
                 e = self.exports[disk]
@@ -129,29 +141,38 @@ class ScanPoint:
                         self.readers[disk] = reader
         except BaseException:
             self.close()
-            try:
-                self.abort()   # undo the freeze: nothing may be lost, nothing left behind
-            except Exception:  # noqa: BLE001 — the next cycle folds leftovers in
-                pass
+            if self.owns_view:
+                try:
+                    self.abort()   # undo the freeze: nothing may be lost, nothing left behind
+                except Exception:  # noqa: BLE001 — the next cycle folds leftovers in
+                    pass
             raise
 
     def chunks(self) -> Iterator[Chunk]:
         for disk in self.disks:
             e = self.exports[disk]
             theirs = self.remote[disk]
+            cost = self.costs[disk]
+            read = [0]
             pos = 0
-            blocks = _blocks(self.handles[disk], e.size, self.block, self.readers.get(disk))
+            blocks = _blocks(self.handles[disk], e.size, self.block, self.readers.get(disk),
+                             read)
             for i, (is_zero, data) in enumerate(blocks):
                 n = len(data)
                 mine = zero_digest(n) if is_zero else blake3(data).digest(DIGEST)
                 self.compared += n
+                cost["compared"] += n
+                cost["read"] = read[0]
                 if mine != theirs[i * DIGEST:(i + 1) * DIGEST]:
                     self.differing += n
+                    cost["moved"] += n
                     if is_zero:
                         yield Chunk(disk, ex.ZEROED, pos, n)
                     else:
                         yield Chunk(disk, ex.DATA, pos, n, bytes(data))
                 pos += n
+        if not self.owns_view:
+            return      # (the point that froze the view reads its tail)
         from .bitmap import tail_chunks
         for chunk in tail_chunks(self):      # a live view: the blocks written meanwhile
             self.differing += chunk.length
@@ -175,7 +196,8 @@ class ScanPoint:
         for r in self.readers.values():
             r.close()
         self.readers = {}
-        self.session.unexport()
+        if self.owns_view:
+            self.session.unexport()
 
     def commit(self) -> None:
         """The new bitmap (or a live view's tail) is now the relationship's tracking point."""

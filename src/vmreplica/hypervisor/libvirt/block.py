@@ -9,8 +9,14 @@ bookkeeping is ``checkpoints.CheckpointOps``), and the driver's block-access par
   context ``qemu:dirty-bitmap:backup-vda``.
 - Off, QEMU refuses a read-only NBD export of an enabled bitmap, so the view exports a
   disabled copy named like libvirt's (``backup-vdX``).
-- A freeze with ``since`` over a raw disk raises ``TrackingError`` (the caller
-  resynchronises).
+- Disks that cannot hold a persistent bitmap — raw files, block devices
+  (``DiskDef.checkpointed`` false) — are tracked by the hash scan (``disk_tracking``):
+  no checkpoint covers them (``checkpoint='no'``), a freeze with ``since`` exports them
+  whole (``backupmode='full'`` in the pull backup), without a dirty-bitmap context, and
+  the cycle compares their blocks with the replica's hash index. While the domain is off
+  the storage daemon opens them read-only (a block device through ``host_device``): its
+  lock keeps the domain from starting while a cycle reads them, and the data is read
+  straight from the file or the device node (qemutools.imagemap).
 - libvirt's pull backup is its only frozen view, and libvirt refuses it beside the
   mirror continuous mode runs: no live views (a DR link beside continuous mode needs the
   qemu driver).
@@ -25,8 +31,8 @@ Files:
 
 An existing domain (an operator's, vmreplica did not create it) has no VM folder of its
 own: its session makes HOME/vms/NAME/ for the scratch images and the socket and removes
-it again at close. Only its file disks are opened while it is off (``enable`` refuses
-replicating any other kind).
+it again at close. While it is off only its file and block disks that exist are opened
+(``enable`` refuses replicating any other kind, or a missing one).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from pathlib import Path
 
 import libvirt
 
+from ...domain import tracking
 from ...errors import HypervisorError, TrackingError, Unsupported
 from ...qemutools import qmpsteps
 from ...qemutools.qmp import QMPError
@@ -82,8 +89,10 @@ class LibvirtBlockSession(CheckpointOps):
         else:
             blockdevs = []
             for d in vm.disks:
-                if d.kind == "file":
-                    blockdevs += image_node(d.path, d.name, d.format)
+                if d.kind in ("file", "block") and d.path and os.path.exists(d.path):
+                    # (a scan-tracked disk is only read: opened read-only)
+                    blockdevs += image_node(d.path, d.name, d.format,
+                                            read_only=not d.checkpointed)
             short = domain_uuid(vm.host, vm.uuid)[:8]
             self.qsd = StorageDaemon(driver.run_dir, f"lv-{short}-bs", blockdevs).start()
             assert self.qsd.qmp is not None         # (started)
@@ -105,12 +114,9 @@ class LibvirtBlockSession(CheckpointOps):
         unknown = [x for x in disks if x not in self.disks]
         if unknown:
             raise HypervisorError(f"VM {self.vm.name} has no disk {unknown[0]}")
-        if since:
-            raw = [x for x in disks if self.disks[x].format != "qcow2"]
-            if raw:
-                raise TrackingError(f"disk {raw[0]} of {self.vm.name} is raw: it cannot hold "
-                                    "a persistent dirty bitmap")
-            self._require_checkpoint(disks, since)
+        tracked = [x for x in disks if self.disks[x].checkpointed]
+        if since and tracked:
+            self._require_checkpoint(tracked, since)
         if self.running:
             return self._freeze_running(disks, since, new)
         return self._freeze_off(disks, since, new)
@@ -156,14 +162,16 @@ class LibvirtBlockSession(CheckpointOps):
                 scratch = self.vmdir / f"scratch-{d.target}.qcow2"
                 scratch.unlink(missing_ok=True)   # libvirt creates (and labels) it
                 self._scratch.append(scratch)
-                el = ET.SubElement(bdisks, "disk", {"name": d.target, "backup": "yes",
-                                                   "type": "file"})
+                attrs = {"name": d.target, "backup": "yes", "type": "file"}
+                if since and not d.checkpointed:
+                    attrs["backupmode"] = "full"      # scan-tracked: no checkpoint
+                el = ET.SubElement(bdisks, "disk", attrs)
                 ET.SubElement(el, "scratch", {"file": str(scratch)})
             else:
                 ET.SubElement(bdisks, "disk", {"name": d.target, "backup": "no"})
         checkpoint = None
         if new:
-            targets = {self.disks[x].target for x in disks if self.disks[x].format == "qcow2"}
+            targets = {self.disks[x].target for x in disks if self.disks[x].checkpointed}
             if targets:
                 checkpoint = self._checkpoint_xml(new, targets)
         try:
@@ -183,7 +191,8 @@ class LibvirtBlockSession(CheckpointOps):
                 d = self.disks[x]
                 size = int(self.dom.blockInfo(d.target)[0])
                 exports[x] = Export(str(sock), d.target, size,
-                                    f"qemu:dirty-bitmap:backup-{d.target}" if since else None)
+                                    f"qemu:dirty-bitmap:backup-{d.target}"
+                                    if since and d.checkpointed else None)
         except libvirt.libvirtError as e:
             self.unexport()
             raise HypervisorError(f"libvirt: {lv_error(e)}") from None
@@ -195,10 +204,10 @@ class LibvirtBlockSession(CheckpointOps):
         targets = set()
         for x in disks:
             d = self.disks[x]
-            if new and d.format == "qcow2":
+            if new and d.checkpointed:
                 actions.append(qmpsteps.bitmap_add(x, new, persistent=True))
                 targets.add(d.target)
-            if since:
+            if since and d.checkpointed:
                 # QEMU exports no enabled bitmap read-only: a frozen copy, named like libvirt's.
                 tmp = f"backup-{d.target}"
                 actions += [qmpsteps.bitmap_add(x, tmp, persistent=False, disabled=True),
@@ -224,12 +233,15 @@ class LibvirtBlockSession(CheckpointOps):
             nodes = self._nodes()
             for x in disks:
                 d = self.disks[x]
-                qmpsteps.export_view(self.qmp, f"exp-{x}", x, d.target,
-                                     f"backup-{d.target}" if since else None)
+                if x not in nodes:
+                    raise HypervisorError(f"disk {x} of {self.vm.name} cannot be opened: "
+                                          f"{d.path or 'it has no source'} is missing")
+                bitmap = f"backup-{d.target}" if since and d.checkpointed else None
+                qmpsteps.export_view(self.qmp, f"exp-{x}", x, d.target, bitmap)
                 self._exports.append(f"exp-{x}")
                 size = int(nodes[x].get("image", {}).get("virtual-size") or d.virtual_size)
                 exports[x] = Export(self.nbd_socket, d.target, size,
-                                    f"qemu:dirty-bitmap:backup-{d.target}" if since else None,
+                                    f"qemu:dirty-bitmap:{bitmap}" if bitmap else None,
                                     image=d.path, image_format=d.format)
         except BaseException:
             self.unexport()
@@ -328,6 +340,13 @@ class BlockAccessPart(LibvirtBase):
     def block_session(self, name: str) -> LibvirtBlockSession:
         dom, _, vm = self._load(name)
         return LibvirtBlockSession(self, dom, vm)
+
+    def disk_tracking(self, name: str) -> dict[str, str]:
+        """Checkpoints for qcow2 image files; the hash scan for every other disk (a raw
+        file, a block device: no persistent bitmap, and libvirt has no other tracking)."""
+        _, _, vm = self._load(name)
+        return {d.name: tracking.CHECKPOINT if d.checkpointed else tracking.SCAN
+                for d in vm.disks}
 
     def drop_left_views(self) -> list[str]:
         """Nothing to do at daemon start: a dead daemon's pull backup is ended by the next

@@ -20,7 +20,9 @@ Change tracking, as verified on libvirt 9.0 + QEMU 7.2:
   keeps libvirt's metadata in step with ``checkpointCreateXML(REDEFINE)`` and
   ``delete(METADATA_ONLY)``; once the domain runs again libvirt uses those checkpoints
   like its own.
-- A raw disk cannot hold a persistent bitmap: it gets ``checkpoint='no'``.
+- A raw disk or a block device cannot hold a persistent bitmap (``DiskDef.checkpointed``
+  is false): it gets ``checkpoint='no'``, ``bitmaps`` lists nothing on it, and the
+  tracker compares it by hash scan instead.
 """
 
 from __future__ import annotations
@@ -65,11 +67,11 @@ class CheckpointOps:
         paths = {}
         for el in live.findall("devices/disk"):
             t, s = el.find("target"), el.find("source")
-            if t is not None and s is not None:
-                paths[t.get("dev")] = s.get("file")
+            if t is not None and s is not None:     # (a file's path, a block device's node)
+                paths[t.get("dev")] = s.get("file") or s.get("dev")
         out = {}
         for d in self.disks.values():
-            path = paths.get(d.target, d.path)
+            path = paths.get(d.target) or d.path
             for n in nodes:
                 name = n.get("node-name", "")
                 if (n.get("drv") in ("qcow2", "raw") and not name.startswith("#")
@@ -118,6 +120,8 @@ class CheckpointOps:
         d = self.disks.get(disk)
         if d is None:
             raise HypervisorError(f"VM {self.vm.name} has no disk {disk}")
+        if not d.checkpointed:
+            return []       # (a raw file or a block device: scan-tracked, no bitmap)
         on_disk = self._disk_bitmaps(disk)
         out, seen = [], set()
         for name, targets in sorted(self._checkpoints().items()):

@@ -31,7 +31,7 @@ import libvirt_qemu
 
 from ...errors import Conflict, HypervisorError, NotFound, UsageError
 from ...qemutools import qmp
-from ..base import DiskInfo, VMInfo
+from ..base import DiskInfo, VMInfo, block_device_size
 from .domainxml import VMDef, domain_xml, existing_disks, existing_vm, meta_element, parse, vmr
 
 QEMU_USER = "libvirt-qemu"
@@ -221,7 +221,8 @@ class LibvirtBase:
             try:
                 sizes[d.target] = int(dom.blockInfo(d.target, 0)[0])
             except libvirt.libvirtError:
-                sizes[d.target] = 0     # (a missing image: the size is unknown)
+                # (a missing image: the size is unknown; a block device: its own size)
+                sizes[d.target] = block_device_size(d.path) if d.kind == "block" else 0
         return existing_vm(root, self.host_name, str(self.home), sizes)
 
     def _dir(self, name: str) -> Path:
@@ -243,7 +244,7 @@ class LibvirtBase:
                       memory_mb=vm.memory_mb, guest=vm.guest, pid=pid, agent=vm.agent,
                       disks=[DiskInfo(d.name, d.path, d.format, d.virtual_size, d.kind)
                              for d in vm.disks],
-                      origin="existing" if vm.existing else "vmreplica")
+                      origin="existing" if vm.existing else "vmreplica", nics=vm.nics)
 
     # -- the persistent definition -----------------------------------------------------
     def _mkdir_vm(self, d: Path) -> None:
@@ -258,6 +259,9 @@ class LibvirtBase:
 
     def _define(self, vm: VMDef) -> libvirt.virDomain:
         self._refuse_existing(vm, "rewrite its definition")
+        if vm.carried:      # (its XML is the primary's, edited in place: _redefine)
+            raise HypervisorError(f"{vm.name} is defined from its primary's domain: its "
+                                  "XML is never regenerated")
         root = domain_xml(vm, self.domain_type(), self._dir(vm.name) / "console.log")
         dom = self._define_xml(ET.tostring(root, encoding="unicode"), vm.name)
         self._describe_to_folder(vm)

@@ -69,6 +69,13 @@ class DiskDef:
     created: bool = False
     kind: str = "file"   # libvirt's disk type: file, block, network, volume, ...
 
+    @property
+    def checkpointed(self) -> bool:
+        """Tracked by libvirt checkpoints: a qcow2 image file, which can keep persistent
+        dirty bitmaps. Any other disk (a raw file, a block device) holds no bitmap and is
+        tracked by the hash scan (domain.tracking.SCAN)."""
+        return self.kind == "file" and self.format == "qcow2"
+
 
 @dataclass
 class VMDef:
@@ -90,6 +97,11 @@ class VMDef:
     # An operator's domain without vmreplica metadata, taken as it is (existing_vm):
     # never redefined, renamed or deleted by vmreplica.
     existing: bool = False
+    # A VM defined from another domain's full XML (hypervisor.libvirt.carry): the
+    # replica of an existing domain, its failed-over or test VM. Its XML is edited in
+    # place, never regenerated from these fields.
+    carried: bool = False
+    nics: list[str] = field(default_factory=list)   # MAC of each NIC, in order
 
     def disk(self, name: str) -> DiskDef:
         for d in self.disks:
@@ -130,6 +142,7 @@ def parse(xml: str) -> tuple[ET.Element, VMDef | None]:
                host=text("host"), home=text("home"), memory_mb=_memory_mb(root),
                guest=text("guest") or None, agent=text("agent") == "yes",
                network=text("network", "none") or "none", created_at=created, disks=disks,
+               carried=text("carried") == "yes", nics=nic_macs(root),
                owns=[(p.text or "") for p in meta.findall(f"{vmr('owns')}/{vmr('path')}")],
                title=title.text if title is not None and title.text else "",
                description=desc.text if desc is not None and desc.text else "")
@@ -177,6 +190,15 @@ def existing_disks(root: ET.Element, sizes: dict[str, int] | None = None) -> lis
     return out
 
 
+def nic_macs(root: ET.Element) -> list[str]:
+    """The MAC address of each NIC of a domain, in order ("" where it has none yet)."""
+    out = []
+    for el in root.findall("devices/interface"):
+        mac = el.find("mac")
+        out.append((mac.get("address", "") if mac is not None else "").lower())
+    return out
+
+
 def existing_vm(root: ET.Element, host: str, home: str,
                 sizes: dict[str, int] | None = None) -> VMDef:
     """An operator's domain (no vmreplica metadata) as a VM of host ``host``: its libvirt
@@ -191,7 +213,7 @@ def existing_vm(root: ET.Element, host: str, home: str,
                  network="none", created_at=0.0, disks=existing_disks(root, sizes),
                  title=title.text if title is not None and title.text else "",
                  description=desc.text if desc is not None and desc.text else "",
-                 existing=True)
+                 existing=True, nics=nic_macs(root))
 
 
 def meta_element(vm: VMDef) -> ET.Element:
@@ -199,7 +221,8 @@ def meta_element(vm: VMDef) -> ET.Element:
     for tag, value in (("name", vm.name), ("uuid", vm.uuid), ("host", vm.host),
                        ("home", vm.home), ("guest", vm.guest or ""),
                        ("agent", "yes" if vm.agent else "no"), ("network", vm.network),
-                       ("created-at", repr(vm.created_at))):
+                       ("created-at", repr(vm.created_at)),
+                       ("carried", "yes" if vm.carried else "no")):
         ET.SubElement(m, vmr(tag)).text = value
     disks = ET.SubElement(m, vmr("disks"))
     for d in vm.disks:

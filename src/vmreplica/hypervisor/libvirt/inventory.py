@@ -40,6 +40,7 @@ from ...errors import Conflict, HypervisorError, NotFound, Unsupported, UsageErr
 from ...qemutools import img
 from ..base import VMInfo
 from ..guest import guest_files
+from .carry import ALL_NICS, MAPPABLE_NICS, NetTarget, carry, carry_disks, nics
 from .connection import QEMU_USER, LibvirtBase, lv_error, qemu_ids
 from .domainxml import (
     ISOLATED_BRIDGE,
@@ -56,6 +57,7 @@ from .domainxml import (
 log = logging.getLogger("vmreplica.libvirt")
 
 QEMU_LOG_DIR = Path("/var/log/libvirt/qemu")
+ASK_AGAIN = 5.0      # seconds between shutdown requests to a guest that has not stopped
 UNDEFINE_FLAGS = (libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
                   | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
                   | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
@@ -96,11 +98,17 @@ class Inventory(LibvirtBase):
 
     def describe(self, name: str) -> dict:
         """Portable description: what another host needs to define the same VM."""
-        _, _, vm = self._load(name)
-        return {"name": vm.name, "uuid": vm.uuid, "memory_mb": vm.memory_mb,
+        dom, _, vm = self._load(name)
+        desc = {"name": vm.name, "uuid": vm.uuid, "memory_mb": vm.memory_mb,
                 "guest": vm.guest, "agent": vm.agent, "network": vm.network or "none",
                 "disks": [{"name": d.name, "format": d.format, "virtual_size": d.virtual_size}
                           for d in vm.disks]}
+        if vm.existing or vm.carried:
+            # The whole domain goes with it: the replica is defined from this XML
+            # (hypervisor.libvirt.carry), not from the fields above; its disks are named
+            # by their target dev.
+            desc["definition"] = self._xml(dom)
+        return desc
 
     def exists(self, name: str) -> bool:
         try:
@@ -173,11 +181,15 @@ class Inventory(LibvirtBase):
         return self._info(dom, vm)
 
     def define_vm(self, desc: dict) -> VMInfo:
-        """Define a VM whose disks already exist (a replica, a failed-over VM)."""
+        """Define a VM whose disks already exist (a replica, a failed-over VM). A
+        description with a ``definition`` (an existing domain's XML, or a carried VM's)
+        is carried whole (``_define_carried``)."""
         name = desc["name"]
         for d in desc["disks"]:
             if not d.get("path"):
                 raise UsageError(f"disk {d['name']} of {name} has no path")
+        if desc.get("definition"):
+            return self._define_carried(desc)
         network = desc.get("network") or "none"
         if network not in ("none", "isolated"):
             raise UsageError(f"unsupported network {network!r}", hint="use none or isolated")
@@ -207,12 +219,120 @@ class Inventory(LibvirtBase):
             raise
         return self._info(dom, vm)
 
+    def _define_carried(self, desc: dict) -> VMInfo:
+        """A VM defined from another domain's whole XML (hypervisor.libvirt.carry): its
+        NICs on the networks ``desc["network_map"]`` maps their sources to (a libvirt
+        network or bridge of this host; "isolated": vmreplica's isolated network; None:
+        the NIC is left out; key "*": every NIC), its disks on ``desc["disks"]``."""
+        name = desc["name"]
+        definition = str(desc["definition"])
+        identity = desc.get("uuid") or str(uuidlib.uuid4())
+        self._check_free(name, identity)
+        source = ET.fromstring(definition)
+        nets = self._resolve_networks(source, desc.get("network_map") or {}, name)
+        vmdir = self._dir(name)
+        vm = VMDef(dom_name=self.domain_name(name), name=name, uuid=identity,
+                   host=self.host_name, home=str(self.home),
+                   memory_mb=int(desc.get("memory_mb") or 0), guest=None,
+                   agent=bool(desc.get("agent")),
+                   network="isolated" if any(t is not None and t.name == ISOLATED_NETWORK
+                                             for t in nets.values()) else "none",
+                   created_at=time.time(),
+                   owns=[str(p) for p in desc.get("owns") or []],
+                   disks=[DiskDef(d["name"], d.get("target") or d["name"], str(d["path"]),
+                                  d.get("format", "qcow2"), int(d["virtual_size"]))
+                          for d in desc["disks"]],
+                   title=desc.get("title") or "", description=desc.get("description") or "",
+                   carried=True)
+        root, notes = carry(definition, vm, nets, str(vmdir / "console.log"))
+        notes += self._check_runnable(root, name)
+        if vmdir.exists() and any(vmdir.iterdir()):
+            raise Conflict(f"a VM folder {vmdir} already exists on this host",
+                           hint="delete the leftover folder, or choose another name")
+        self._mkdir_vm(vmdir)
+        try:
+            dom = self._define_xml(ET.tostring(root, encoding="unicode"), name)
+            self._describe_to_folder(vm)
+        except BaseException:
+            shutil.rmtree(vmdir, ignore_errors=True)
+            raise
+        _, vm2 = parse(self._xml(dom))
+        info = self._info(dom, vm2 or vm)
+        info.notes = notes
+        return info
+
+    def _resolve_networks(self, root: ET.Element, mapping: dict,
+                          name: str) -> dict[str, NetTarget | None]:
+        """The targets on this host of the NIC sources ``root`` uses, from ``mapping``
+        (source → a libvirt network or bridge name, "isolated", or None)."""
+        used = {n.source for n in nics(root) if n.kind in MAPPABLE_NICS}
+        out: dict[str, NetTarget | None] = {}
+        for src, dst in mapping.items():
+            if src != ALL_NICS and src not in used:
+                continue        # (a server-wide default this VM does not need)
+            if dst is None or dst == "":
+                out[src] = None
+            elif dst == "isolated":
+                out[src] = NetTarget("network", ISOLATED_NETWORK)
+            else:
+                out[src] = self._net_target(str(dst), name)
+        return out
+
+    def _net_target(self, dst: str, vm: str) -> NetTarget:
+        try:
+            self.conn.networkLookupByName(dst)
+            return NetTarget("network", dst)
+        except libvirt.libvirtError:
+            pass
+        if Path(f"/sys/class/net/{dst}/bridge").is_dir():
+            return NetTarget("bridge", dst)
+        try:
+            networks = sorted(self.conn.listNetworks() + self.conn.listDefinedNetworks())
+        except libvirt.libvirtError:
+            networks = []
+        bridges = sorted(p.parent.name for p in Path("/sys/class/net").glob("*/bridge"))
+        raise UsageError(f"{self.host_name} has no libvirt network or bridge named {dst!r} "
+                         f"(the network map of {vm})",
+                         hint=f"its networks: {', '.join(networks) or 'none'}; its bridges: "
+                              f"{', '.join(bridges) or 'none'}")
+
+    def _check_runnable(self, root: ET.Element, name: str) -> list[str]:
+        """What this host lacks to run a carried definition (firmware, kernel files) is
+        refused; what it runs differently is a note."""
+        notes = []
+        for tag in ("os/loader", "os/kernel", "os/initrd"):
+            el = root.find(tag)
+            if el is not None and el.text and el.text.strip() \
+                    and not Path(el.text.strip()).exists():
+                raise UsageError(f"{self.host_name} cannot run {name}: its "
+                                 f"{tag.split('/')[1]} {el.text.strip()} is missing here",
+                                 hint="install the same firmware or files on this host "
+                                      "(OVMF: apt-get install ovmf)")
+        if root.get("type") == "kvm" and self.accel_setting == "tcg":
+            root.set("type", "qemu")
+            notes.append(f"runs under TCG (host {self.host_name} is set to accel tcg)")
+        return notes
+
     def replace_disks(self, name: str, disks: list[dict]) -> None:
         """Give a stopped VM another list of disks ({name, path, format, virtual_size}),
         in guest order (a replica whose set of replicated disks changed)."""
-        dom, _, vm = self._load(name)
+        dom, root, vm = self._load(name)
         if self._active(dom):
             raise Conflict(f"VM {name} is running")
+        if vm.carried:      # its own XML, edited: disks by target dev
+            vm.disks = [DiskDef(d["name"], d.get("target") or d["name"], str(d["path"]),
+                                d.get("format", "qcow2"), int(d["virtual_size"]))
+                        for d in disks]
+            keep = {d.target for d in vm.disks}
+            devices = root.find("devices")
+            for el in root.findall("devices/disk"):
+                t = el.find("target")
+                if el.get("device", "disk") == "disk" and t is not None \
+                        and t.get("dev") not in keep and devices is not None:
+                    devices.remove(el)
+            carry_disks(root, vm)
+            self._redefine(root, vm)
+            return
         vm.disks = [DiskDef(d["name"], target_of(i), str(d["path"]), d.get("format", "qcow2"),
                             int(d["virtual_size"])) for i, d in enumerate(disks)]
         self._define(vm)
@@ -299,6 +419,8 @@ class Inventory(LibvirtBase):
         shutil.rmtree(vmdir, ignore_errors=True)
         for p in QEMU_LOG_DIR.glob(f"{vm.dom_name}.log*"):
             p.unlink(missing_ok=True)
+        if vm.network == "isolated":
+            self._release_isolated_network()
 
     # -- power -------------------------------------------------------------------------
     def start(self, name: str) -> None:
@@ -353,27 +475,52 @@ class Inventory(LibvirtBase):
             if not net.isActive():
                 raise HypervisorError(f"cannot start the isolated network: {lv_error(e)}") from None
 
+    def _release_isolated_network(self) -> None:
+        """The isolated network goes with the last domain defined on it (it is made on
+        demand by ``start``): a test failover leaves nothing behind."""
+        try:
+            doms = self.conn.listAllDomains(0)
+            users = [d.name() for d in doms
+                     if f"network='{ISOLATED_NETWORK}'" in d.XMLDesc(0)
+                     or f"network='{ISOLATED_NETWORK}'" in self._xml(d)]
+            if users:
+                return
+            net = self.conn.networkLookupByName(ISOLATED_NETWORK)
+            if net.isActive():
+                net.destroy()
+            if net.isPersistent():
+                net.undefine()
+        except (libvirt.libvirtError, HypervisorError) as e:
+            log.info("isolated network left in place: %s", e)
+
     def stop(self, name: str, force: bool = False, timeout: float = 60.0) -> None:
         """Shut down cleanly (guest agent, then ACPI), power off after ``timeout``; --force: at once."""
         dom, _, vm = self._load(name)
         if not self._active(dom):
             return
         if not force:
-            asked = False
-            if vm.agent:
-                try:
-                    dom.agentSetResponseTimeout(5)
-                    dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_GUEST_AGENT)
-                    asked = True
-                except libvirt.libvirtError as e:
-                    log.info("guest-agent shutdown of %s: %s", name, lv_error(e))
-            if not asked:
-                try:
-                    dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
-                except libvirt.libvirtError as e:
-                    log.info("ACPI shutdown of %s: %s", name, lv_error(e))
-            if _wait_inactive(dom, timeout):
-                return
+            # Asked again every few seconds: a guest still booting has no agent yet and
+            # ignores the power button until its init handles it (systemd-logind).
+            deadline = time.monotonic() + timeout
+            while True:
+                asked = False
+                if vm.agent:
+                    try:
+                        dom.agentSetResponseTimeout(5)
+                        dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_GUEST_AGENT)
+                        asked = True
+                    except libvirt.libvirtError as e:
+                        log.info("guest-agent shutdown of %s: %s", name, lv_error(e))
+                if not asked:
+                    try:
+                        dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+                    except libvirt.libvirtError as e:
+                        log.info("ACPI shutdown of %s: %s", name, lv_error(e))
+                left = deadline - time.monotonic()
+                if _wait_inactive(dom, min(ASK_AGAIN, max(left, 0))):
+                    return
+                if time.monotonic() >= deadline:
+                    break
             log.warning("%s did not shut down within %.0f s: powering it off", name, timeout)
         try:
             dom.destroy()   # SIGTERM (QEMU stores persistent bitmaps), SIGKILL after 10 s

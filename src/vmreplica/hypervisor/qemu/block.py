@@ -10,6 +10,7 @@ import logging
 import subprocess
 import time
 
+from ...domain import tracking
 from ...domain.units import format_size
 from ...errors import HypervisorError, NotFound, UsageError
 from ...qemutools.qmp import Monitor
@@ -30,6 +31,12 @@ class BlockAccessPart(Inventory):
     def block_session(self, name: str) -> QemuBlockSession:
         desc = self._load(name)
         return QemuBlockSession(self, desc)
+
+    def disk_tracking(self, name: str) -> dict[str, str]:
+        """Every disk has a bitmap: persistent in a qcow2 image; in a raw one only while
+        its QEMU runs (QemuBlockSession._persistent), a restart resynchronises it."""
+        return {d["name"]: tracking.BITMAP if d["format"] == "qcow2" else tracking.VOLATILE
+                for d in self._load(name)["disks"]}
 
     def drop_left_views(self) -> list[str]:
         """At daemon start: remove what a dead daemon's block session left in its running

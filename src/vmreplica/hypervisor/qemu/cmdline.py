@@ -21,6 +21,7 @@ from ..guest import guest_files
 log = logging.getLogger("vmreplica.qemu")
 
 QEMU = "qemu-system-x86_64"
+ISOLATED_MAC = "52:54:00:12:34:56"     # the isolated NIC's MAC (QEMU's own default, named)
 
 
 def command(desc: dict, accel: str, rt: Callable[[str], Path], vmdir: Path) -> list[str]:
@@ -44,7 +45,7 @@ def command(desc: dict, accel: str, rt: Callable[[str], Path], vmdir: Path) -> l
             "-serial", f"file:{vmdir / 'console.log'}"]
     if desc.get("network") == "isolated":
         # User-mode networking with restrict=on: a NIC that reaches nothing outside.
-        args += ["-nic", "user,model=virtio-net-pci,restrict=on"]
+        args += ["-nic", f"user,model=virtio-net-pci,restrict=on,mac={ISOLATED_MAC}"]
     else:
         args += ["-nic", "none"]
     if accel == "kvm":

@@ -16,6 +16,7 @@ from pathlib import Path
 from ...errors import Conflict, NotFound
 from ...qemutools.qmp import Monitor
 from ..base import DiskInfo, VMInfo
+from .cmdline import ISOLATED_MAC
 
 
 class QemuFiles:
@@ -62,7 +63,9 @@ class QemuFiles:
             memory_mb=desc["memory_mb"], guest=desc.get("guest"), pid=pid,
             agent=bool(desc.get("agent")),
             disks=[DiskInfo(d["name"], d["path"], d["format"], int(d["virtual_size"]))
-                   for d in desc["disks"]])
+                   for d in desc["disks"]],
+            # its one NIC, on the isolated network (a test VM), has QEMU's default MAC
+            nics=[ISOLATED_MAC] if desc.get("network") == "isolated" else [])
 
     def monitor(self, name: str, timeout: float = 30.0) -> Monitor:
         desc = self._load(name)

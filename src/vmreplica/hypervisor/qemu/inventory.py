@@ -29,7 +29,7 @@ import time
 import uuid as uuidlib
 from pathlib import Path
 
-from ...errors import Conflict, HypervisorError, NotFound, UsageError
+from ...errors import Conflict, HypervisorError, NotFound, Unsupported, UsageError
 from ...qemutools import img
 from ...qemutools.qmp import Monitor
 from .. import kvmprobe
@@ -97,6 +97,12 @@ class Inventory(GuestAgentPart):
     def define_vm(self, desc: dict) -> VMInfo:
         """Define a VM whose disks already exist (a replica, a failed-over VM)."""
         name = desc["name"]
+        if desc.get("definition"):
+            raise Unsupported(f"{name} is a libvirt domain: its whole definition (CPU, "
+                              "firmware, NICs) can be carried only to a host that runs the "
+                              "libvirt driver",
+                              hint="replicate it to a host whose home was made with "
+                                   "`vmreplica init --driver libvirt`")
         if self.exists(name):
             raise Conflict(f"a VM named {name} already exists on this host")
         for d in desc["disks"]:

@@ -41,18 +41,24 @@ def recovery_points(host, vm: str) -> list[dict]:
 
 
 def failover(host, vm: str, body: dict) -> dict:
-    """`failover VM [--test|--stop-test|--prepare|--cancel|--complete] [--point ID] [--force]`."""
+    """`failover VM [--test [--re-ip]|--stop-test|--prepare|--cancel|--complete] [--point ID]
+    [--force]`."""
     action = body.get("action") or "start"
     rel = host.store.relationship(vm)
     if rel is None:
         relationship_of(host, vm, role="")
     point = body.get("point")
+    if body.get("re_ip") and action != "test":
+        raise UsageError("--re-ip is for a test failover (--test)",
+                         hint="a planned or unplanned failover sets the failover IPs of a VM "
+                              "that has them by itself")
     if action == "prepare":
         return planned.prepare(host, vm, shutdown=bool(body.get("shutdown")))
     if action == "cancel" and rel.role == "primary":
         return planned.cancel(host, vm)
     actions = {
-        "test": lambda: rfailover.test_start(host, vm, point, body.get("network") or "none"),
+        "test": lambda: rfailover.test_start(host, vm, point, body.get("network") or None,
+                                             re_ip=bool(body.get("re_ip"))),
         "stop-test": lambda: rfailover.test_stop(host, vm),
         "start": lambda: rfailover.start(host, vm, point, force=bool(body.get("force"))),
         "cancel": lambda: rfailover.cancel(host, vm),

@@ -11,6 +11,7 @@ import threading
 import time
 
 from ... import __version__
+from ...domain.networks import merged, parse_network_map
 from ...domain.patterns import validate_pattern
 from ...domain.relationship import DEFAULTS, FREQUENCY_TEXT, POINT_INTERVAL_TEXT
 from ...errors import UsageError
@@ -115,6 +116,7 @@ def management_routes(host, daemon) -> Router:
         settings = host.store.get_setting("replica_server") or {}
         return {"name": host.name, "enabled": bool(settings.get("enabled")),
                 "listen": host.listen, "storage": settings.get("storage"),
+                "network_map": settings.get("network_map") or {},
                 "fingerprint": host.fingerprint,
                 "authorizations": host.store.authorizations()}
 
@@ -135,6 +137,9 @@ def management_routes(host, daemon) -> Router:
             host.store.add_authorization(p, storage, tag)
         for p in body.get("disallow") or []:
             host.store.remove_authorization(p.lower())
+        if body.get("network_map") is not None:
+            settings["network_map"] = merged(settings.get("network_map"),
+                                             parse_network_map(body["network_map"]))
         settings.update(enabled=bool(enable), storage=storage)
         host.store.set_setting("replica_server", settings)
         host.event("replica-server", ("enabled" if enable else "disabled")
@@ -206,7 +211,8 @@ def management_routes(host, daemon) -> Router:
                            resync_window=b.get("resync_window"),
                            mode=b.get("mode") or DEFAULTS.mode,
                            max_stall=float(b.get("max_stall") or DEFAULTS.max_stall),
-                           dr=bool(b.get("dr")))
+                           dr=bool(b.get("dr")), network_map=b.get("network_map") or [],
+                           failover_ips=b.get("failover_ips") or [])
 
     @r.route("POST", "/v1/relationships/{vm}/dr-adopt")
     def dr_adopt(req):

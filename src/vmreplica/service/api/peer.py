@@ -139,7 +139,9 @@ def replication_routes(host) -> Router:
     @r.route("GET", "/v1/replica/relationships/{vm}/manifest")
     def replica_manifest(req):
         peer = trust.require_peer(host, req.peer_fingerprint)
-        return rreverse.manifest(host, peer, req.params["vm"], _epoch(req))
+        disks = req.query.get("disks")
+        return rreverse.manifest(host, peer, req.params["vm"], _epoch(req),
+                                 disks.split(",") if disks is not None else None)
 
     @r.route("POST", "/v1/replica/relationships/{vm}/reverse")
     def replica_reverse(req):

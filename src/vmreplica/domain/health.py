@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .relationship import Relationship
-from .schedule import judged_slots, parse_window, slot_index
+from .schedule import covered_slots, judged_slots, parse_window, slot_index, slot_time
 from .states import State
 
 WINDOW = 12 * 3600
@@ -36,6 +36,7 @@ class CycleRecord:
     wire_bytes: int = 0
     extents: int = 0
     error: str | None = None
+    slot: float | None = None            # scheduled: the due time of its slot; else None
 
 
 @dataclass
@@ -59,14 +60,18 @@ def measure(rel: Relationship, cycles: list[CycleRecord], now: float) -> dict:
     freq = rel.frequency
     # Judged: the slots (domain.schedule) due since replication could run on this
     # schedule (it began, was resumed, or its frequency or mode changed), and over by
-    # now; a slot is kept when a good cycle started in it.
+    # now; a slot is kept when a good cycle started in it, or the scheduler skipped it
+    # for an unscheduled cycle (domain.schedule.unscheduled_cover).
     since = max(now - WINDOW, float(rel.replicating_since or rel.created_at or now),
                 float(rel.schedule_since or 0.0))
     slots = judged_slots(rel.vm, freq, since, now)
     expected = len(slots)
     if rel.mode == "continuous" and rel.sync_state != "idle":
         expected = 0      # no schedule: cycles only catch up, then the mirror carries writes
-    kept = {slot_index(rel.vm, freq, c.started_at) for c in ok if c.kind != "initial"}
+    kept = kept_slots(rel.vm, freq, ok)
+    if rel.unscheduled_until:
+        # (an initial copy imported from media has no cycle here: its cover is on rel)
+        kept.update(k for k in slots if slot_time(rel.vm, freq, k) < rel.unscheduled_until)
     missed = max(0, expected - sum(1 for k in kept if k in slots))
     raw = sum(sizes)
     wire = sum(int(c.wire_bytes or 0) for c in ok)
@@ -90,6 +95,19 @@ def measure(rel: Relationship, cycles: list[CycleRecord], now: float) -> dict:
         "last_failure": {"at": failed[0].started_at, "error": failed[0].error}
         if failed else None,
     }
+
+
+def kept_slots(vm: str, frequency: int, good: list[CycleRecord]) -> set[int]:
+    """The slots the good cycles kept: the slot a cycle (not an initial copy) started
+    in; and an unscheduled cycle (no ``slot``: initial, resync, manual) also stands for
+    the slots the scheduler skipped after it (domain.schedule.covered_slots)."""
+    kept: set[int] = set()
+    for c in good:
+        if c.kind != "initial":
+            kept.add(slot_index(vm, frequency, c.started_at))
+        if c.slot is None and c.finished_at is not None:
+            kept.update(covered_slots(vm, frequency, c.kind, c.finished_at))
+    return kept
 
 
 def assess(rel: Relationship, now: float, stats: dict | None = None,
@@ -143,7 +161,13 @@ def assess(rel: Relationship, now: float, stats: dict | None = None,
         last = rel.last_success_at
         if rel.mode == "continuous" and rel.sync_state == "in_sync":
             last = None       # the mirror has every write: no lag
-        if last is not None and now - last > float(t["lag_warning_factor"]) * freq:
+        bound = float(t["lag_warning_factor"]) * freq
+        if last is not None and rel.unscheduled_until and rel.unscheduled_until > last:
+            # After a cycle run outside the schedule the next one is held back until
+            # unscheduled_until (domain.schedule.unscheduled_cover): the bound counts
+            # from there, not from that cycle's freeze (a new VM's initial copy).
+            bound += rel.unscheduled_until - last
+        if last is not None and now - last > bound:
             h.raise_to("warning", f"lag {now - last:.0f} s is over "
                                   f"{t['lag_warning_factor']:g} times the frequency ({freq} s)")
         if stats and stats.get("expected_cycles", 0) >= 5 and \

@@ -112,6 +112,9 @@ class Relationship(Settings):
     # or mode changed): health judges only the slots from then on
     last_slot_at: float | None = None
     schedule_since: float | None = None
+    # scheduled slots due before this do not run: the last cycle run outside the
+    # schedule (initial, resync, manual sync) stands for them (schedule.unscheduled_cover)
+    unscheduled_until: float | None = None
     last_success_at: float | None = None
     last_cycle_at: float | None = None
     last_cycle_seconds: float | None = None

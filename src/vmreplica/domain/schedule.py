@@ -65,22 +65,53 @@ def slot_at(vm: str, frequency: int, t: float) -> float:
     return slot_time(vm, frequency, slot_index(vm, frequency, t))
 
 
+# Kinds of cycle that start replication afresh: the first scheduled cycle after one
+# comes a whole frequency after it ended (nothing to ship sooner; and a test or an
+# operator that counts what it moved sees no scheduled cycle race it).
+FRESH_KINDS = ("initial", "resync")
+
+
+def unscheduled_cover(kind: str, ended: float, frequency: int) -> float:
+    """A cycle not started by the scheduler (the initial copy, a resync, a manual `sync`,
+    the final cycle of a planned failover) that ended at ``ended`` stands for the
+    scheduled slots due before the time returned: they do not run, and health counts
+    them kept. After an initial copy or a resync: one frequency after it ended. After
+    any other: half a frequency — the slot it ended in is its own, and the next one
+    too when that is due less than half a period after it ended (so a scheduled cycle
+    never follows a manual one within half a period, and the gap between two cycles is
+    at most 1.5 periods: the lag stays under its 2 × frequency bound)."""
+    return ended + (frequency if kind in FRESH_KINDS else frequency / 2)
+
+
 def due_slot(vm: str, frequency: int, now: float, *, last_slot: float | None,
-             last_attempt: float | None) -> float | None:
+             last_attempt: float | None, unscheduled_until: float | None = None
+             ) -> float | None:
     """The slot a scheduled cycle started ``now`` runs for, or None when that slot has
     had its cycle. ``last_slot``: the slot the last scheduled cycle ran for;
     ``last_attempt``: when a cycle last ran, None to run one at once (never run, the
-    daemon restarted, replication resumed). A cycle run outside the schedule (the
-    initial copy) before any scheduled one covers the slot it ended in. A cycle that
-    overran its slot finds later slots passed: one cycle runs at once for the latest of
-    them and the schedule goes on from the next one (no burst of catch-up cycles)."""
+    daemon restarted, replication resumed); ``unscheduled_until``: slots due before it
+    are covered by the last cycle run outside the schedule (``unscheduled_cover``). A
+    cycle that overran its slot finds later slots passed: one cycle runs at once for the
+    latest of them and the schedule goes on from the next one (no burst of catch-up
+    cycles)."""
     slot = slot_at(vm, frequency, now)
     if last_attempt is None:
         return slot
+    if unscheduled_until is not None and slot < unscheduled_until - 1e-3:
+        return None
     ran = last_slot if last_slot is not None else slot_at(vm, frequency, last_attempt)
     if slot <= ran + 1e-3:
         return None
     return slot
+
+
+def covered_slots(vm: str, frequency: int, kind: str, ended: float) -> range:
+    """The slots an unscheduled cycle that ended at ``ended`` stands for: due from the
+    slot it ended in up to ``unscheduled_cover``."""
+    cover = unscheduled_cover(kind, ended, frequency)
+    first = slot_index(vm, frequency, ended)
+    last = math.ceil((cover - 1e-3 - phase(vm, frequency)) / frequency) - 1
+    return range(first, max(first, last + 1))
 
 
 def judged_slots(vm: str, frequency: int, since: float, now: float) -> range:

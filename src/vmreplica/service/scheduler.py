@@ -7,7 +7,9 @@ twice a second and starts a worker for every relationship whose current slot has
 had its cycle and that has no cycle running; a cycle that overran finds the slots it
 passed and runs once, late, then the schedule goes on; a failed cycle is retried at the
 next slot (the changes stay tracked). Manual `sync` and scheduled cycles share the VM
-lock, so they never overlap.
+lock, so they never overlap; a cycle run outside the schedule stands for the slots
+due soon after it (domain.schedule.unscheduled_cover): a scheduled cycle that waited
+for the lock behind one finds its slot covered and does not run.
 """
 
 from __future__ import annotations
@@ -124,13 +126,15 @@ class Scheduler:
             if t is not None and t.is_alive():
                 continue
             slot = due_slot(vm, rel.frequency, now, last_slot=rel.last_slot_at,
-                            last_attempt=rel.last_attempt_at)
+                            last_attempt=rel.last_attempt_at,
+                            unscheduled_until=rel.unscheduled_until)
             if slot is None:
                 continue
             # Mark the slot first: a failing cycle is retried at the next slot, not in a
             # tight loop, and a late one covers the slots it passed.
             self.host.store.update_relationship(vm, last_attempt_at=now, last_slot_at=slot)
-            t = threading.Thread(target=self._cycle, args=(vm,), name=f"cycle-{vm}", daemon=True)
+            t = threading.Thread(target=self._cycle, args=(vm, slot), name=f"cycle-{vm}",
+                                 daemon=True)
             self._running[vm] = t
             t.start()
             started.append(vm)
@@ -261,9 +265,9 @@ class Scheduler:
                 finally:
                     lock.release()
 
-    def _cycle(self, vm: str) -> None:
+    def _cycle(self, vm: str, slot: float) -> None:
         from ..primary.cycle import run_cycle
         try:
-            run_cycle(self.host, vm)
+            run_cycle(self.host, vm, slot=slot)
         except Exception as e:  # noqa: BLE001 — recorded in the store by run_cycle
             log.warning("scheduled cycle of %s failed: %s", vm, getattr(e, "message", e))

@@ -24,7 +24,13 @@ from ..domain.states import State, check_transition
 
 log = logging.getLogger("vmreplica.store")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+# Columns added after a table was first created: (table, column, its definition). A
+# database made by an older version gets them at open (``_migrate``).
+_ADDED_COLUMNS = [
+    ("cycles", "slot", "REAL"),            # 2: the due time of a scheduled cycle's slot
+]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -48,7 +54,7 @@ CREATE TABLE IF NOT EXISTS cycles (
     id INTEGER PRIMARY KEY AUTOINCREMENT, vm TEXT NOT NULL, cycle INTEGER NOT NULL,
     kind TEXT NOT NULL, started_at REAL NOT NULL, finished_at REAL, ok INTEGER,
     raw_bytes INTEGER DEFAULT 0, wire_bytes INTEGER DEFAULT 0, extents INTEGER DEFAULT 0,
-    error TEXT);
+    error TEXT, slot REAL);
 CREATE INDEX IF NOT EXISTS cycles_vm ON cycles (vm, started_at);
 CREATE TABLE IF NOT EXISTS recovery_points (
     vm TEXT NOT NULL, id INTEGER NOT NULL, point_time REAL NOT NULL, kind TEXT NOT NULL,
@@ -72,8 +78,18 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
-        if self.get_setting("schema_version") is None:
-            self.set_setting("schema_version", SCHEMA_VERSION)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring a database an older version made up to ``SCHEMA_VERSION``: new tables
+        come from ``_SCHEMA`` (CREATE ... IF NOT EXISTS), new columns from here."""
+        with self.transaction():
+            for table, column, kind in _ADDED_COLUMNS:
+                have = {r["name"] for r in self._all(f"PRAGMA table_info({table})")}
+                if column not in have:
+                    self._exec(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+            if (self.get_setting("schema_version") or 0) < SCHEMA_VERSION:
+                self.set_setting("schema_version", SCHEMA_VERSION)
 
     def close(self) -> None:
         with self._lock:
@@ -287,9 +303,9 @@ class Store:
                             p.created_at or time.time()))
 
     # -- cycle history ---------------------------------------------------------------
-    def start_cycle(self, vm: str, cycle: int, kind: str) -> int:
-        cur = self._exec("INSERT INTO cycles(vm, cycle, kind, started_at) VALUES(?,?,?,?)",
-                         (vm, cycle, kind, time.time()))
+    def start_cycle(self, vm: str, cycle: int, kind: str, slot: float | None = None) -> int:
+        cur = self._exec("INSERT INTO cycles(vm, cycle, kind, started_at, slot) "
+                         "VALUES(?,?,?,?,?)", (vm, cycle, kind, time.time(), slot))
         assert cur.lastrowid is not None            # (an INSERT sets it)
         return cur.lastrowid
 

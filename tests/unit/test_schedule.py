@@ -1,6 +1,7 @@
 """Issue 20: cycles anchored to the clock. The real scheduler's decisions
 (service.scheduler.Scheduler.run_due) under a fake clock, judged by health's own
-counting (domain.health.measure / assess).
+counting (domain.health.assess on the running aggregates of domain.history, checked
+equal to domain.health.measure on the rows).
 
 The simulation: the scheduler's loop passes every tick (0.5 s) plus the pass's own
 time; a cycle it starts runs for the time the test gives it and, as
@@ -20,7 +21,7 @@ import types
 
 import pytest
 
-from vmreplica.domain import health, schedule
+from vmreplica.domain import health, history, schedule
 from vmreplica.domain.relationship import Relationship
 from vmreplica.service import scheduler as scheduler_module
 
@@ -61,6 +62,10 @@ class Sim:
         # (start, end, kind, slot): every cycle, the initial copy first
         self.runs: dict[str, list[tuple[float, float, str, float | None]]] = {
             vm: [(t0 - initial, t0, "initial", None)] for vm in vms}
+        # the running aggregates the daemon judges health on (domain.history), fed as
+        # the store feeds them: a cycle added as it starts, finished as it ends
+        self.windows = {vm: history.CycleWindow.of(vm, frequency, self.history(vm))
+                        for vm in vms}
         self.in_flight: dict[str, tuple[float, str, float | None]] = {}  # vm -> end, ...
         self.waiting: dict[str, float] = {}   # vm -> the slot of a cycle waiting for its lock
         sim = self
@@ -99,6 +104,8 @@ class Sim:
         end = start + (self.duration(vm, n) if seconds is None else seconds)
         self.runs[vm].append((start, end, kind, slot))
         self.in_flight[vm] = (end, kind, slot)
+        self.windows[vm].add(health.CycleRecord(id=len(self.runs[vm]) - 1, vm=vm, cycle=0,
+                                                kind=kind, started_at=start, slot=slot))
 
     def manual(self, vm: str, seconds: float) -> None:
         """`vmreplica sync VM` now: a cycle outside the schedule."""
@@ -112,6 +119,7 @@ class Sim:
         for vm, (end, kind, slot) in list(self.in_flight.items()):
             if end <= self.now:
                 del self.in_flight[vm]
+                self.windows[vm].finish(len(self.runs[vm]) - 1, ok=1, finished_at=end)
                 cover = {} if slot is not None else {
                     "unscheduled_until": schedule.unscheduled_cover(kind, end,
                                                                     self.frequency)}
@@ -133,8 +141,14 @@ class Sim:
                 if s <= self.now]
 
     def health(self, vm: str) -> tuple[dict, health.Health]:
+        """Health as the daemon judges it, on the running aggregates; the same as
+        health.measure on the rows."""
         rel = self.store.rels[vm]
-        stats = health.measure(rel, self.history(vm), self.now)
+        stats = self.windows[vm].measure(rel, self.now)
+        scanned = health.measure(rel, self.history(vm), self.now)
+        assert stats["avg_cycle_seconds"] == pytest.approx(scanned["avg_cycle_seconds"],
+                                                           abs=1e-3)
+        assert dict(stats, avg_cycle_seconds=0) == dict(scanned, avg_cycle_seconds=0)
         return stats, health.assess(rel, self.now, stats)
 
 

@@ -50,8 +50,18 @@ class Health:
         self.reasons.append(reason)
 
 
+def judged_since(rel: Relationship, now: float) -> float:
+    """Since when the slots of ``rel`` are judged: the last 12 h, from when replication
+    could run on this schedule (it began, was resumed, or its frequency or mode
+    changed)."""
+    return max(now - WINDOW, float(rel.replicating_since or rel.created_at or now),
+               float(rel.schedule_since or 0.0))
+
+
 def measure(rel: Relationship, cycles: list[CycleRecord], now: float) -> dict:
-    """Statistics of the last 12 hours of cycles (newest first, as the store lists them)."""
+    """Statistics of the last 12 hours of cycles (newest first, as the store lists them).
+    (The daemon keeps them as running aggregates instead: domain.history.CycleWindow,
+    which gives the same figures without going through the rows.)"""
     recent = [c for c in cycles if c.started_at >= now - WINDOW]
     ok = [c for c in recent if c.ok]
     failed = [c for c in recent if c.ok == 0]
@@ -59,41 +69,53 @@ def measure(rel: Relationship, cycles: list[CycleRecord], now: float) -> dict:
     durations = [c.finished_at - c.started_at for c in ok if c.finished_at]
     freq = rel.frequency
     # Judged: the slots (domain.schedule) due since replication could run on this
-    # schedule (it began, was resumed, or its frequency or mode changed), and over by
-    # now; a slot is kept when a good cycle started in it, or the scheduler skipped it
-    # for an unscheduled cycle (domain.schedule.unscheduled_cover).
-    since = max(now - WINDOW, float(rel.replicating_since or rel.created_at or now),
-                float(rel.schedule_since or 0.0))
-    slots = judged_slots(rel.vm, freq, since, now)
+    # schedule, and over by now; a slot is kept when a good cycle started in it, or the
+    # scheduler skipped it for an unscheduled cycle (domain.schedule.unscheduled_cover).
+    slots = judged_slots(rel.vm, freq, judged_since(rel, now), now)
     expected = len(slots)
     if rel.mode == "continuous" and rel.sync_state != "idle":
         expected = 0      # no schedule: cycles only catch up, then the mirror carries writes
     kept = kept_slots(rel.vm, freq, ok)
     if rel.unscheduled_until:
-        # (an initial copy imported from media has no cycle here: its cover is on rel)
-        kept.update(k for k in slots if slot_time(rel.vm, freq, k) < rel.unscheduled_until)
+        # (an initial copy imported from media has no cycle here: the slot due in the
+        # frequency before unscheduled_until is covered, as the scheduler skips it)
+        kept.update(k for k in slots if rel.unscheduled_until - freq <=
+                    slot_time(rel.vm, freq, k) < rel.unscheduled_until)
     missed = max(0, expected - sum(1 for k in kept if k in slots))
-    raw = sum(sizes)
-    wire = sum(int(c.wire_bytes or 0) for c in ok)
-    busy = sum(durations)
+    return figures(rel, now, ok=len(ok), errors=len(failed), expected=expected,
+                   missed=missed, raw=sum(sizes),
+                   wire=sum(int(c.wire_bytes or 0) for c in ok),
+                   max_bytes=max(sizes, default=0), busy=sum(durations),
+                   durations=len(durations),
+                   max_seconds=max(durations) if durations else None,
+                   last_seconds=durations[0] if durations else None,
+                   last_error=recent[0].error if recent and recent[0].ok == 0 else None,
+                   last_failure=failed[0] if failed else None)
+
+
+def figures(rel: Relationship, now: float, *, ok: int, errors: int, expected: int,
+            missed: int, raw: int, wire: int, max_bytes: int, busy: float, durations: int,
+            max_seconds: float | None, last_seconds: float | None, last_error: str | None,
+            last_failure: CycleRecord | None) -> dict:
+    """The figures of `measure` (and status, health) from the counts of the window."""
     last = rel.last_success_at if rel.role == "primary" else rel.last_freeze_at
     return {
-        "cycles": len(ok), "errors": len(failed), "expected_cycles": expected,
+        "cycles": ok, "errors": errors, "expected_cycles": expected,
         "missed_cycles": missed,
         "missed_pct": round(100.0 * missed / expected, 1) if expected else 0.0,
-        "avg_cycle_bytes": int(raw / len(sizes)) if sizes else 0,
-        "max_cycle_bytes": max(sizes, default=0),
-        "avg_cycle_seconds": round(busy / len(durations), 3) if durations else None,
-        "max_cycle_seconds": round(max(durations), 3) if durations else None,
-        "last_cycle_seconds": round(durations[0], 3) if durations else None,
+        "avg_cycle_bytes": int(raw / ok) if ok else 0,
+        "max_cycle_bytes": max_bytes,
+        "avg_cycle_seconds": round(busy / durations, 3) if durations else None,
+        "max_cycle_seconds": round(max_seconds, 3) if max_seconds is not None else None,
+        "last_cycle_seconds": round(last_seconds, 3) if last_seconds is not None else None,
         "bytes_raw": raw, "bytes_sent": wire,
         "throughput_bps": int(raw / busy) if busy else None,
         "last_cycle_at": last, "lag_seconds": (now - last) if last else None,
         # The last cycle's error: a good cycle after it clears it (the failures stay
         # counted in "errors", the newest one in "last_failure").
-        "last_error": recent[0].error if recent and recent[0].ok == 0 else None,
-        "last_failure": {"at": failed[0].started_at, "error": failed[0].error}
-        if failed else None,
+        "last_error": last_error,
+        "last_failure": {"at": last_failure.started_at, "error": last_failure.error}
+        if last_failure is not None else None,
     }
 
 

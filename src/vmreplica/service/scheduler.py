@@ -89,7 +89,7 @@ class Scheduler:
                     record_health_changes(self.host)
                 if now - self._last_purge >= 3600:
                     self._last_purge = now
-                    self.host.store.purge_events(now - EVENT_RETENTION)
+                    self.keep_history(now)
             except Exception:  # noqa: BLE001 — the scheduler must keep going
                 log.exception("scheduler pass failed")
 
@@ -139,6 +139,12 @@ class Scheduler:
             t.start()
             started.append(vm)
         return started
+
+    def keep_history(self, now: float) -> dict:
+        """Bounded history (README, "What is kept"), hourly: events kept 30 days, cycles
+        in full a day, then per-hour aggregates 90 days (service.store.roll_up)."""
+        return {"events_purged": self.host.store.purge_events(now - EVENT_RETENTION),
+                "cycles_rolled_up": self.host.store.roll_up(now)}
 
     def _background(self, vm: str, what: str, fn, rel: Relationship) -> None:
         t = self._running.get(vm)

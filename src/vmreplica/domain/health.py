@@ -21,7 +21,7 @@ DEFAULT_THRESHOLDS = {
 LEVELS = ("normal", "warning", "critical")
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class CycleRecord:
     """One cycle in the history (a row of the store's ``cycles``): started, then
     finished with its outcome; ``ok`` is None while it runs (1 done, 0 failed)."""

@@ -297,3 +297,27 @@ def test_due_slot_rules():
     assert list(schedule.judged_slots(vm, f, s + 1, s + 61)) == [101]
     assert list(schedule.judged_slots(vm, f, s, s + 59)) == [100]
     assert len(schedule.judged_slots(vm, f, s + 1, s + 2)) == 0
+
+
+def test_run_cycle_does_not_run_a_scheduled_cycle_whose_slot_a_manual_one_covered(tmp_path):
+    """primary.cycle.run_cycle, given its slot by the scheduler, finds (under the VM's
+    lock, after a manual sync that held it) the slot covered and runs nothing: no cycle
+    row, no new cycle number; a slot not covered goes on into the cycle (and fails here
+    at once: this host has no driver)."""
+    import contextlib
+
+    from vmreplica.primary.cycle import run_cycle
+    from vmreplica.service.store import Store
+
+    store = Store(tmp_path / "state.db")
+    vm = "web1"
+    s = schedule.slot_time(vm, 30, 100)
+    store.add_relationship(Relationship(
+        vm=vm, id="id-web1", role="primary", peer="site-b", state="replicating",
+        frequency=30, cycle=7, bitmap="b7",
+        unscheduled_until=schedule.unscheduled_cover("delta", s + 20, 30)))
+    host = types.SimpleNamespace(store=store, vm_lock=lambda vm: contextlib.nullcontext())
+    assert run_cycle(host, vm, slot=s + 30) == {"vm": vm, "skipped": True, "slot": s + 30}
+    assert store.cycles(vm) == [] and store.relationship(vm).cycle == 7
+    with pytest.raises(AttributeError):          # went on: the host has no driver
+        run_cycle(host, vm, slot=s + 60)

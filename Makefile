@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo demo-ha test lint bench clean unit chaos
+.PHONY: setup demo demo-ha test lint bench bench-scale clean unit chaos
 
 setup:
 	bash scripts/setup.sh
@@ -37,6 +37,12 @@ bench: setup
 	$(PY) bench/bench_continuous.py --work bench-run/continuous
 	$(PY) bench/bench_floor.py
 	$(PY) bench/soak_cycles.py --driver libvirt --minutes 3 --work bench-run/soak
+	$(PY) bench/bench_scale.py --work bench-run/scale
+
+# issue 20: N powered-off VMs at 30 s over H hours of history (VMS, HISTORY_H, MINUTES)
+bench-scale: setup
+	$(PY) bench/bench_scale.py --vms $${VMS:-100} --history-hours $${HISTORY_H:-48} \
+		--minutes $${MINUTES:-5} --work bench-run/scale
 
 # Crash states of replica heads (issue 16): STATES=N (default 1000), bounded; then the
 # randomized fault soak of a replicated running VM: FAULTS=N (default 1000), bounded.

@@ -1,6 +1,6 @@
 import dataclasses
 
-from vmreplica.domain import health
+from vmreplica.domain import health, schedule
 from vmreplica.domain.relationship import Relationship
 
 
@@ -43,10 +43,12 @@ def test_thresholds_are_configurable():
 
 
 def test_missed_cycles_in_12h():
-    now = 100_000.0
-    cycles = [_cycle(started_at=now - 60 * i, finished_at=now - 60 * i + 2, ok=1,
+    # Judged: the 20 slots of the last 600 s that are over (now is when the next one is
+    # due); a good cycle ran in every other one.
+    now = schedule.slot_time("v", 30, 3334)
+    cycles = [_cycle(started_at=now - 30 - 60 * i, finished_at=now - 28 - 60 * i, ok=1,
                      raw_bytes=1000 * i, wire_bytes=10 * i, kind="delta") for i in range(10)]
-    cycles.append(_cycle(started_at=now - 30, finished_at=now - 29, ok=0, error="boom",
+    cycles.append(_cycle(started_at=now - 60, finished_at=now - 59, ok=0, error="boom",
                          kind="delta"))
     rel = _rel(frequency=30, created_at=now - 600, last_success_at=now)
     stats = health.measure(rel, cycles, now)

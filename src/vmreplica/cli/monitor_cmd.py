@@ -10,6 +10,9 @@ from .render import ago, duration, emit_json
 def register(sub) -> None:
     p = sub.add_parser("measure", help="sizes, lag, durations, missed cycles, errors, bytes")
     p.add_argument("vm")
+    p.add_argument("--hours", type=int, default=48,
+                   help="the history line covers this many hours (default 48; cycles are "
+                        "kept in full a day, per hour 90 days)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_measure)
 
@@ -27,7 +30,8 @@ def register(sub) -> None:
 
 
 def cmd_measure(args) -> int:
-    m = client_of(args).call("GET", f"/v1/relationships/{args.vm}/measure")
+    m = client_of(args).call("GET", f"/v1/relationships/{args.vm}/measure"
+                                    f"?hours={int(getattr(args, 'hours', 48))}")
     if args.json:
         emit_json(m)
         return 0
@@ -55,6 +59,14 @@ def cmd_measure(args) -> int:
          f"{format_size(m['throughput_bps'])}/s"),
         ("last error", m["last_error"] or "-"),
     ]
+    hist = m.get("history")
+    if hist:
+        rows.append((f"history ({hist['hours']} h)",
+                     (f"{hist['cycles']} done, {hist['failures']} failed, {hist['late']} late, "
+                     f"{format_size(hist['bytes_raw'])} changed, "
+                     f"{format_size(hist['bytes_sent'])} sent, cycle duration avg "
+                     f"{duration(hist['avg_cycle_seconds'])}, max "
+                     f"{duration(hist['max_cycle_seconds'])}")))
     if m.get("tracking"):
         from ..domain.tracking import text_of  # (dataclasses: not for every command)
         rows.insert(4, ("tracking", f"\n{'':22}".join(text_of(t) for t in m["tracking"])))

@@ -113,6 +113,14 @@ class Relationship(Settings):
     last_error_code: str | None = None
     last_error_hint: str | None = None
     last_attempt_at: float | None = None
+    # the cycle schedule (domain.schedule): the slot the last scheduled cycle ran for,
+    # and when this schedule began if later than replicating_since (resumed, frequency
+    # or mode changed): health judges only the slots from then on
+    last_slot_at: float | None = None
+    schedule_since: float | None = None
+    # scheduled slots due before this do not run: the last cycle run outside the
+    # schedule (initial, resync, manual sync) stands for them (schedule.unscheduled_cover)
+    unscheduled_until: float | None = None
     last_success_at: float | None = None
     last_cycle_at: float | None = None
     last_cycle_seconds: float | None = None

@@ -21,6 +21,7 @@ from ..domain import points as dp
 from ..domain import tracking as dtracking
 from ..domain.links import is_dr, vm_name
 from ..domain.relationship import Relationship
+from ..domain.schedule import unscheduled_cover
 from ..domain.states import State
 from ..domain.units import format_size
 from ..errors import (
@@ -53,7 +54,7 @@ MODES = ("initial", "delta", "resync")
 
 
 def run_cycle(host, vm: str, mode: str = "delta", verify: bool = False,
-              final: bool = False, export_to=None) -> dict:
+              final: bool = False, export_to=None, slot: float | None = None) -> dict:
     """Run one cycle of ``vm`` now; returns figures; raises on failure.
 
     ``mode``: ``initial`` (allocated data onto empty heads), ``delta`` (the extents the
@@ -65,11 +66,18 @@ def run_cycle(host, vm: str, mode: str = "delta", verify: bool = False,
 
     With ``verify`` the replica returns the block digests of its heads after the apply
     and they are compared with the frozen point's before it is released.
+
+    ``slot``: the due time of the slot the scheduler runs this cycle for (None: run
+    outside the schedule). A scheduled cycle whose slot a cycle run meanwhile stands for
+    (it waited for the VM's lock behind a manual sync) does not run: ``{"skipped": True}``.
     """
     store = host.store
     name = vm_name(vm)        # ``vm`` is the relationship's key: NAME, or NAME@dr
     with host.vm_lock(vm), _running(host, vm, mode) as op:
         rel = store.relationship(vm)
+        if slot is not None and rel.unscheduled_until is not None and \
+                slot < rel.unscheduled_until - 1e-3:
+            return {"vm": vm, "skipped": True, "slot": slot}
         initial = mode == "initial"
         cycle = rel.cycle + 1
         op.label = _label(mode, cycle, final, export_to)
@@ -79,7 +87,7 @@ def run_cycle(host, vm: str, mode: str = "delta", verify: bool = False,
         disks = list(rel.disks)
         how = host.driver.disk_tracking(name)
         scanned = dtracking.scanned(how, disks) if mode == "delta" else []
-        row = store.start_cycle(vm, cycle, mode)
+        row = store.start_cycle(vm, cycle, mode, slot=slot)
         t0 = time.monotonic()
         stats: dict = {"vm": vm, "cycle": cycle, "initial": initial, "mode": mode}
         try:
@@ -188,8 +196,11 @@ def run_cycle(host, vm: str, mode: str = "delta", verify: bool = False,
             raise
         stats["seconds"] = round(time.monotonic() - t0, 4)
         store.finish_cycle(row, True, stats["raw_bytes"], stats["wire_bytes"], stats["records"])
-        store.update_relationship(vm, last_attempt_at=time.time(),
-                                  last_cycle_seconds=stats["seconds"])
+        ended = time.time()
+        cover = {} if slot is not None or export_to is not None else \
+            {"unscheduled_until": unscheduled_cover(mode, ended, rel.frequency)}
+        store.update_relationship(vm, last_attempt_at=ended,
+                                  last_cycle_seconds=stats["seconds"], **cover)
         return stats
 
 

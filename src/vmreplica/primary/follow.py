@@ -153,7 +153,7 @@ def _drop_bitmaps(host, vm: str, rel, path: str | None, used: set[str]) -> None:
                              f"bitmap --remove {path} NAME` once it is free)", vm)
 
 
-def cycle(host, vm: str, verify: bool = False) -> dict:
+def cycle(host, vm: str, verify: bool = False, slot: float | None = None) -> dict:
     """A cycle of ``vm``, its configuration followed first: a delta cycle, or the resync
     that seeds a disk added to it (deferred to the resync window when there is one and
     it is shut: then the figures say ``deferred``)."""
@@ -176,7 +176,7 @@ def cycle(host, vm: str, verify: bool = False) -> dict:
                     "config": followed.to_dict()}
         stats = resync(host, vm)
     else:
-        stats = run_cycle(host, vm, verify=verify)
+        stats = run_cycle(host, vm, verify=verify, slot=slot)
     if followed.changes or followed.refused:
         stats["config"] = followed.to_dict()
     return stats

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 from ..domain import points as dp
@@ -169,7 +170,8 @@ def resume(host, vm: str) -> dict:
     if back == State.SUSPENDED.value:
         back = State.REPLICATING.value
     check_transition(State.SUSPENDED, back)
-    host.store.set_state(vm, back, last_attempt_at=None)
+    # A cycle at once, and health judges the slots from now on (not the suspension).
+    host.store.set_state(vm, back, last_attempt_at=None, schedule_since=time.time())
     host.event("relationship", "replication resumed", vm)
     return {"vm": vm, "state": back}
 

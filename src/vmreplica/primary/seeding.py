@@ -15,7 +15,7 @@ import os
 import time
 from pathlib import Path
 
-from ..domain.schedule import parse_when
+from ..domain.schedule import parse_when, unscheduled_cover
 from ..domain.states import State
 from ..domain.units import format_size
 from ..errors import Conflict, UsageError
@@ -115,7 +115,8 @@ def imported(host, vm: str, answer: dict) -> bool:
     seed = rel.seed
     if not seed or int(answer.get("last_applied_cycle", -1)) < int(seed["cycle"]):
         return False
-    host.store.set_state(vm, State.REPLICATING.value, seed=None,
-                                   replicating_since=time.time())
+    now = time.time()
+    host.store.set_state(vm, State.REPLICATING.value, seed=None, replicating_since=now,
+                         unscheduled_until=unscheduled_cover("initial", now, rel.frequency))
     host.event("initial", f"{rel.peer} imported the seed: replicating", vm)
     return True

@@ -5,6 +5,8 @@ the history at the next point; its failovers, the IPs)."""
 
 from __future__ import annotations
 
+import time
+
 from ..domain import points as dp
 from ..domain.links import vm_name
 from ..domain.reip import format_failover_ips, parse_failover_ips, resolve
@@ -130,7 +132,11 @@ def apply(host, vm: str, changes: dict) -> dict:
     if told:
         host.client_for_peer(rel.peer, timeout=60).request(
             "POST", f"/v1/replica/relationships/{vm}/settings", told)
-    host.store.update_relationship(vm, **changes)
+    if any(k in changes and changes[k] != getattr(rel, k) for k in ("frequency", "mode")):
+        # A new schedule: health judges its slots from now on (domain.schedule).
+        host.store.update_relationship(vm, schedule_since=time.time(), **changes)
+    else:
+        host.store.update_relationship(vm, **changes)
     shown = dict(changes)
     if "frequency" in shown:
         shown["frequency"] = format_frequency(shown["frequency"])

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 
-from ..domain.health import LEVELS, measure
+from ..domain.health import LEVELS
 from ..domain.states import State
 from .monitor import view
 
@@ -43,7 +43,7 @@ def render(host) -> bytes:
     for rel in host.store.relationships():
         key = (rel.vm, rel.role, rel.peer)
         v = view(host, rel, now)
-        stats = measure(rel, host.store.cycles(rel.vm, limit=5000), now)
+        stats = host.store.cycle_stats(rel, now)
         if v["lag_seconds"] is not None:
             lag.labels(*key).set(v["lag_seconds"])
         for s in State:

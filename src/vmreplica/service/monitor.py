@@ -1,13 +1,16 @@
 """What operators watch: status, health with reasons (judged on the last 12 h of cycles
 and configurable thresholds), Measure-VMReplication-style statistics, and the health
-changes that become events. Read models for the CLI, the dashboard and /metrics."""
+changes that become events. Read models for the CLI, the dashboard and /metrics.
+Health and status read the store's running aggregates (Store.cycle_stats), never the
+cycle rows: their cost per VM does not grow with the history."""
 
 from __future__ import annotations
 
 import time
 
 from ..domain import tracking as dtracking
-from ..domain.health import DEFAULT_THRESHOLDS, assess, measure
+from ..domain.health import DEFAULT_THRESHOLDS, assess
+from ..domain.history import hour_of, total
 from ..domain.links import vm_name
 from ..domain.reip import FailoverIP
 from ..domain.relationship import Relationship
@@ -67,7 +70,7 @@ def continuous_figures(host, rel: Relationship, stats: dict, now: float) -> None
 
 def view(host, rel: Relationship, now: float | None = None) -> dict:
     now = time.time() if now is None else now
-    stats = measure(rel, host.store.cycles(rel.vm, limit=5000), now)
+    stats = host.store.cycle_stats(rel, now)
     continuous_figures(host, rel, stats, now)
     health = assess(rel, now, stats, thresholds(host))
     return {
@@ -127,9 +130,15 @@ def status(host, vm: str | None = None) -> list[dict]:
     return [view(host, rel, now) for rel in host.store.relationships()]
 
 
-def measure_vm(host, vm: str) -> dict:
-    """`measure VM`: sizes, lag, durations, missed cycles, errors, bytes, throughput,
-    and (on the primary) what is pending: the bytes the tracking bitmap holds now."""
+HISTORY_HOURS = 48
+
+
+def measure_vm(host, vm: str, hours: int = HISTORY_HOURS) -> dict:
+    """`measure VM`: sizes, lag, durations, missed cycles, errors, bytes, throughput
+    over the last 12 h, and (on the primary) what is pending: the bytes the tracking
+    bitmap holds now; ``history``: the cycles of the last ``hours`` hours (from the
+    start of the hour), per hour and in all, from the cycles kept in full and the
+    per-hour aggregates older ones were rolled up into (service.store.roll_up)."""
     rel = host.store.relationship(vm)
     if rel is None:
         from ..primary.common import relationship_of
@@ -139,8 +148,11 @@ def measure_vm(host, vm: str) -> dict:
            "frequency": format_frequency(rel.frequency),
            "mode": rel.mode, "sync_state": rel.sync_state,
            "sync_reason": rel.sync_reason, "mode_label": mode_label(rel),
-           **measure(rel, host.store.cycles(vm, limit=5000), now)}
+           **host.store.cycle_stats(rel, now)}
     health = assess(rel, now, out, thresholds(host))
+    since = hour_of(now - hours * 3600)
+    out["history"] = {"hours": hours,
+                      **total(vm, host.store.cycle_hours(vm, since), since)}
     out.update(health=health.level, reasons=health.reasons, pending_bytes=None,
                tracking=disk_tracking(host, rel), **_running(host, vm))
     continuous_figures(host, rel, out, now)

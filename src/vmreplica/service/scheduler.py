@@ -1,8 +1,15 @@
 """The cycle scheduler: runs each replicating relationship's cycle at its frequency.
 
-One thread wakes twice a second, starts a worker for every relationship that is due
-and has no cycle running; a failed cycle is retried at the next due time (the changes
-stay tracked). Manual `sync` and scheduled cycles share the VM lock, so they never overlap.
+Cycles are anchored to the clock (domain.schedule): a relationship's slots are a stable
+per-VM phase plus k × frequency, whatever the cycles took, so an on-time host misses
+none and VMs with the same frequency are spread across the period. One thread wakes
+twice a second and starts a worker for every relationship whose current slot has not
+had its cycle and that has no cycle running; a cycle that overran finds the slots it
+passed and runs once, late, then the schedule goes on; a failed cycle is retried at the
+next slot (the changes stay tracked). Manual `sync` and scheduled cycles share the VM
+lock, so they never overlap; a cycle run outside the schedule stands for the slots
+due soon after it (domain.schedule.unscheduled_cover): a scheduled cycle that waited
+for the lock behind one finds its slot covered and does not run.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import time
 
 from ..domain.links import is_dr
 from ..domain.relationship import Relationship
-from ..domain.schedule import next_due
+from ..domain.schedule import due_slot, next_due
 from ..domain.states import CYCLING, State
 
 HEALTH_EVERY = 1.0           # seconds between health evaluations (changes become events)
@@ -82,7 +89,7 @@ class Scheduler:
                     record_health_changes(self.host)
                 if now - self._last_purge >= 3600:
                     self._last_purge = now
-                    self.host.store.purge_events(now - EVENT_RETENTION)
+                    self.keep_history(now)
             except Exception:  # noqa: BLE001 — the scheduler must keep going
                 log.exception("scheduler pass failed")
 
@@ -118,16 +125,26 @@ class Scheduler:
             t = self._running.get(vm)
             if t is not None and t.is_alive():
                 continue
-            last = rel.last_attempt_at
-            if now < next_due(last, rel.frequency):
+            slot = due_slot(vm, rel.frequency, now, last_slot=rel.last_slot_at,
+                            last_attempt=rel.last_attempt_at,
+                            unscheduled_until=rel.unscheduled_until)
+            if slot is None:
                 continue
-            # Mark the attempt first so a failing cycle is not retried in a tight loop.
-            self.host.store.update_relationship(vm, last_attempt_at=now)
-            t = threading.Thread(target=self._cycle, args=(vm,), name=f"cycle-{vm}", daemon=True)
+            # Mark the slot first: a failing cycle is retried at the next slot, not in a
+            # tight loop, and a late one covers the slots it passed.
+            self.host.store.update_relationship(vm, last_attempt_at=now, last_slot_at=slot)
+            t = threading.Thread(target=self._cycle, args=(vm, slot), name=f"cycle-{vm}",
+                                 daemon=True)
             self._running[vm] = t
             t.start()
             started.append(vm)
         return started
+
+    def keep_history(self, now: float) -> dict:
+        """Bounded history (README, "What is kept"), hourly: events kept 30 days, cycles
+        in full a day, then per-hour aggregates 90 days (service.store.roll_up)."""
+        return {"events_purged": self.host.store.purge_events(now - EVENT_RETENTION),
+                "cycles_rolled_up": self.host.store.roll_up(now)}
 
     def _background(self, vm: str, what: str, fn, rel: Relationship) -> None:
         t = self._running.get(vm)
@@ -254,9 +271,9 @@ class Scheduler:
                 finally:
                     lock.release()
 
-    def _cycle(self, vm: str) -> None:
+    def _cycle(self, vm: str, slot: float) -> None:
         from ..primary.follow import cycle  # (an existing domain's configuration first)
         try:
-            cycle(self.host, vm)
+            cycle(self.host, vm, slot=slot)
         except Exception as e:  # noqa: BLE001 — recorded in the store by run_cycle
             log.warning("scheduled cycle of %s failed: %s", vm, getattr(e, "message", e))

@@ -18,13 +18,25 @@ from pathlib import Path
 from typing import Any
 
 from ..domain.health import CycleRecord
+from ..domain.history import CycleWindow, HourAggregate, aggregate, hour_of
 from ..domain.points import Point
 from ..domain.relationship import Relationship
 from ..domain.states import State, check_transition
 
 log = logging.getLogger("vmreplica.store")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+# What the cycle history keeps (README, "What is kept"): every cycle in full for a day,
+# then per-hour aggregates (domain.history.HourAggregate) for 90 days.
+CYCLES_KEPT = 24 * 3600
+HOURS_KEPT = 90 * 86400
+
+# Columns added after a table was first created: (table, column, its definition). A
+# database made by an older version gets them at open (``_migrate``).
+_ADDED_COLUMNS = [
+    ("cycles", "slot", "REAL"),            # 2: the due time of a scheduled cycle's slot
+]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -48,8 +60,14 @@ CREATE TABLE IF NOT EXISTS cycles (
     id INTEGER PRIMARY KEY AUTOINCREMENT, vm TEXT NOT NULL, cycle INTEGER NOT NULL,
     kind TEXT NOT NULL, started_at REAL NOT NULL, finished_at REAL, ok INTEGER,
     raw_bytes INTEGER DEFAULT 0, wire_bytes INTEGER DEFAULT 0, extents INTEGER DEFAULT 0,
-    error TEXT);
+    error TEXT, slot REAL);
 CREATE INDEX IF NOT EXISTS cycles_vm ON cycles (vm, started_at);
+CREATE TABLE IF NOT EXISTS cycle_hours (
+    vm TEXT NOT NULL, hour REAL NOT NULL, cycles INTEGER NOT NULL DEFAULT 0,
+    failures INTEGER NOT NULL DEFAULT 0, raw_bytes INTEGER NOT NULL DEFAULT 0,
+    wire_bytes INTEGER NOT NULL DEFAULT 0, seconds_sum REAL NOT NULL DEFAULT 0,
+    seconds_max REAL NOT NULL DEFAULT 0, bytes_max INTEGER NOT NULL DEFAULT 0,
+    late INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (vm, hour));
 CREATE TABLE IF NOT EXISTS recovery_points (
     vm TEXT NOT NULL, id INTEGER NOT NULL, point_time REAL NOT NULL, kind TEXT NOT NULL,
     layer INTEGER NOT NULL, created_at REAL NOT NULL, PRIMARY KEY (vm, id));
@@ -66,14 +84,28 @@ class Store:
         self.path = Path(path)
         self._lock = threading.RLock()
         self._dropped: set[tuple[str, tuple[str, ...]]] = set()
+        # the running aggregates of each VM's last 12 h of cycles (domain.history),
+        # loaded from the rows the first time a VM is measured, then kept as cycles
+        # start and end: health and status never go through the rows again
+        self._windows: dict[str, CycleWindow] = {}
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30,
                                    isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
-        if self.get_setting("schema_version") is None:
-            self.set_setting("schema_version", SCHEMA_VERSION)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring a database an older version made up to ``SCHEMA_VERSION``: new tables
+        come from ``_SCHEMA`` (CREATE ... IF NOT EXISTS), new columns from here."""
+        with self.transaction():
+            for table, column, kind in _ADDED_COLUMNS:
+                have = {r["name"] for r in self._all(f"PRAGMA table_info({table})")}
+                if column not in have:
+                    self._exec(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+            if (self.get_setting("schema_version") or 0) < SCHEMA_VERSION:
+                self.set_setting("schema_version", SCHEMA_VERSION)
 
     def close(self) -> None:
         with self._lock:
@@ -252,7 +284,9 @@ class Store:
             self._exec("DELETE FROM relationships WHERE vm=?", (vm,))
             self._exec("DELETE FROM staged_cycles WHERE vm=?", (vm,))
             self._exec("DELETE FROM cycles WHERE vm=?", (vm,))
+            self._exec("DELETE FROM cycle_hours WHERE vm=?", (vm,))
             self._exec("DELETE FROM recovery_points WHERE vm=?", (vm,))
+            self._windows.pop(vm, None)
 
     # -- staged cycles (replica) -----------------------------------------------------
     def add_staged(self, vm: str, cycle: int, path: str) -> None:
@@ -287,23 +321,105 @@ class Store:
                             p.created_at or time.time()))
 
     # -- cycle history ---------------------------------------------------------------
-    def start_cycle(self, vm: str, cycle: int, kind: str) -> int:
-        cur = self._exec("INSERT INTO cycles(vm, cycle, kind, started_at) VALUES(?,?,?,?)",
-                         (vm, cycle, kind, time.time()))
-        assert cur.lastrowid is not None            # (an INSERT sets it)
-        return cur.lastrowid
+    # Every cycle in full for CYCLES_KEPT (`cycles`), older ones rolled up into per-hour
+    # aggregates (`cycle_hours`) kept for HOURS_KEPT (roll_up, run hourly by the
+    # scheduler); health and status read the running aggregates (cycle_stats).
+    def start_cycle(self, vm: str, cycle: int, kind: str, slot: float | None = None,
+                    at: float | None = None) -> int:
+        """Record a cycle that starts (``at``: when, default now)."""
+        started = time.time() if at is None else at
+        with self._lock:
+            cur = self._exec("INSERT INTO cycles(vm, cycle, kind, started_at, slot) "
+                             "VALUES(?,?,?,?,?)", (vm, cycle, kind, started, slot))
+            assert cur.lastrowid is not None            # (an INSERT sets it)
+            window = self._windows.get(vm)
+            if window is not None:
+                window.add(CycleRecord(id=cur.lastrowid, vm=vm, cycle=cycle, kind=kind,
+                                       started_at=started, slot=slot))
+            return cur.lastrowid
 
     def finish_cycle(self, row_id: int, ok: bool, raw_bytes=0, wire_bytes=0, extents=0,
-                     error: str | None = None) -> None:
-        self._exec("UPDATE cycles SET finished_at=?, ok=?, raw_bytes=?, wire_bytes=?, "
-                   "extents=?, error=? WHERE id=?",
-                   (time.time(), int(ok), raw_bytes, wire_bytes, extents, error, row_id))
+                     error: str | None = None, at: float | None = None) -> None:
+        """Record how cycle ``row_id`` ended (``at``: when, default now)."""
+        ended = time.time() if at is None else at
+        with self._lock:
+            self._exec("UPDATE cycles SET finished_at=?, ok=?, raw_bytes=?, wire_bytes=?, "
+                       "extents=?, error=? WHERE id=?",
+                       (ended, int(ok), raw_bytes, wire_bytes, extents, error, row_id))
+            for window in self._windows.values():
+                if window.holds(row_id):
+                    window.finish(row_id, finished_at=ended, ok=int(ok),
+                                  raw_bytes=raw_bytes, wire_bytes=wire_bytes,
+                                  extents=extents, error=error)
+                    break
 
     def cycles(self, vm: str, limit: int = 100) -> list[CycleRecord]:
-        """The newest ``limit`` cycles of ``vm``, newest first."""
+        """The newest ``limit`` cycles of ``vm`` kept in full, newest first."""
         return [CycleRecord(**r) for r in
                 self._all("SELECT * FROM cycles WHERE vm=? ORDER BY id DESC LIMIT ?",
                           (vm, limit))]
+
+    def cycle_stats(self, rel: Relationship, now: float) -> dict:
+        """``health.measure`` of ``rel``'s last 12 h of cycles, from the running
+        aggregates (domain.history.CycleWindow): no rows read but the first time."""
+        with self._lock:
+            window = self._windows.get(rel.vm)
+            if window is None:
+                from ..domain.health import WINDOW
+                rows = self._all("SELECT * FROM cycles WHERE vm=? AND started_at>=? "
+                                 "ORDER BY id DESC", (rel.vm, now - WINDOW))
+                window = CycleWindow.of(rel.vm, rel.frequency,
+                                        [CycleRecord(**r) for r in rows])
+                self._windows[rel.vm] = window
+            return window.measure(rel, now)
+
+    def roll_up(self, now: float | None = None) -> int:
+        """Roll the cycles that started before the hour ``CYCLES_KEPT`` ago began into
+        per-hour aggregates (whole hours only: a window counted in hours reads the same
+        before and after), and drop the aggregates older than ``HOURS_KEPT``. Returns
+        how many cycles were rolled up. One transaction: a crash leaves the rows."""
+        now = time.time() if now is None else now
+        before = hour_of(now - CYCLES_KEPT)
+        with self.transaction():
+            rows = [CycleRecord(**r) for r in
+                    self._all("SELECT * FROM cycles WHERE started_at<? ORDER BY id",
+                              (before,))]
+            by_vm: dict[str, list[CycleRecord]] = {}
+            for c in rows:
+                by_vm.setdefault(c.vm, []).append(c)
+            for vm, cycles in by_vm.items():
+                for h in aggregate(vm, cycles):
+                    self._exec(
+                        "INSERT INTO cycle_hours(vm, hour, cycles, failures, raw_bytes, "
+                        "wire_bytes, seconds_sum, seconds_max, bytes_max, late) "
+                        "VALUES(?,?,?,?,?,?,?,?,?,?) ON CONFLICT(vm, hour) DO UPDATE SET "
+                        "cycles=cycles+excluded.cycles, failures=failures+excluded.failures,"
+                        " raw_bytes=raw_bytes+excluded.raw_bytes, "
+                        "wire_bytes=wire_bytes+excluded.wire_bytes, "
+                        "seconds_sum=seconds_sum+excluded.seconds_sum, "
+                        "seconds_max=MAX(seconds_max, excluded.seconds_max), "
+                        "bytes_max=MAX(bytes_max, excluded.bytes_max), "
+                        "late=late+excluded.late",
+                        (vm, h.hour, h.cycles, h.failures, h.raw_bytes, h.wire_bytes,
+                         h.seconds_sum, h.seconds_max, h.bytes_max, h.late))
+            self._exec("DELETE FROM cycles WHERE started_at<?", (before,))
+            self._exec("DELETE FROM cycle_hours WHERE hour<?", (hour_of(now - HOURS_KEPT),))
+        return len(rows)
+
+    def cycle_hours(self, vm: str, since: float) -> list[HourAggregate]:
+        """Per-hour aggregates of ``vm``'s cycles from the hour ``since`` falls in,
+        oldest first: the rolled-up hours and the hours still kept in full."""
+        since = hour_of(since)
+        rolled = [HourAggregate(**r) for r in
+                  self._all("SELECT * FROM cycle_hours WHERE vm=? AND hour>=? ORDER BY hour",
+                            (vm, since))]
+        live = aggregate(vm, [CycleRecord(**r) for r in
+                              self._all("SELECT * FROM cycles WHERE vm=? AND started_at>=? "
+                                        "ORDER BY id", (vm, since))])
+        hours = {h.hour: h for h in rolled}
+        for h in live:
+            hours[h.hour] = hours[h.hour].plus(h) if h.hour in hours else h
+        return [hours[k] for k in sorted(hours)]
 
     # -- tags --------------------------------------------------------------------------
     def tags(self, vm: str) -> list[str]:

@@ -87,6 +87,7 @@ svg.chart rect.bar { fill:#54aeff; } svg.chart rect.bar:hover { fill:#0969da; }
 svg.chart rect.bar.initial, svg.chart rect.bar.resync { fill:#8250df; }
 svg.chart rect.bar.clipped { fill:#a475f9; }
 svg.chart rect.bar.failed { fill:#cf222e; }
+svg.chart rect.hour { fill:#54aeff; } svg.chart rect.hour.failures { fill:#bf8700; }
 svg.chart line.axis { stroke:#d0d7de; stroke-width:1; }
 svg.chart line.grid { stroke:#eaeef2; stroke-width:1; }
 svg.chart text { font-size:11px; fill:#656d76; font-family:system-ui,sans-serif; }

@@ -209,6 +209,43 @@ def _chart(host, vm: str, rel: Relationship) -> str:
     return "".join(parts) + legend
 
 
+def _hours_chart(hist: dict) -> str:
+    """Bytes changed per hour over measure's history (service.monitor.measure_vm): the
+    hours kept in full and those rolled up alike (README, "What is kept")."""
+    hours = hist["per_hour"]
+    if not hours:
+        return '<p class="empty">No cycle in these hours.</p>'
+    W, H, left, top, bottom = 1160, 120, 64, 10, 22
+    plot_h = H - top - bottom
+    n = int(hist["hours"]) + 1
+    first = float(hist["since"])
+    scale = max(int(h["bytes_raw"]) for h in hours) or 1
+    slot = (W - left - 8) / n
+    bw = max(2.0, slot * 0.8)
+    base = top + plot_h
+    parts = [(f'<svg class="chart" viewBox="0 0 {W} {H}" role="img" '
+              f'aria-label="bytes changed per hour, last {n - 1} hours">'),
+             f'<line class="axis" x1="{left}" x2="{W - 4}" y1="{base}" y2="{base}"/>',
+             (f'<text x="{left - 6}" y="{top + 4}" text-anchor="end">'
+              f'{e(format_size(scale))}</text>'),
+             f'<text x="{left - 6}" y="{base + 4}" text-anchor="end">0</text>']
+    for h in hours:
+        i = round((float(h["hour"]) - first) / 3600)
+        if not 0 <= i < n:
+            continue
+        x = left + 4 + i * slot
+        height = max(1.5, plot_h * int(h["bytes_raw"]) / scale)
+        cls = "hour" + (" failures" if h["failures"] else "")
+        tip = (f"{clock(h['hour'])}: {h['cycles']} cycles, {h['failures']} failed, "
+               f"{h['late']} late, {format_size(h['bytes_raw'])} changed, "
+               f"{format_size(h['bytes_sent'])} sent")
+        parts.append(f'<rect class="{cls}" data-hour="{int(h["hour"])}" '
+                     f'data-bytes="{h["bytes_raw"]}" x="{x:.1f}" y="{base - height:.1f}" '
+                     f'width="{bw:.1f}" height="{height:.1f}"><title>{e(tip)}</title></rect>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
 def _points_table(pts: list[dict]) -> str:
     if not pts:
         return '<p class="empty">No recovery point yet.</p>'
@@ -275,9 +312,17 @@ def vm_live(host, name: str, session: dict) -> str:
 
     if rel.role == "replica":
         figures, measure_rows = "Replica", _replica_figures(host, rel)
+        hours_card = ""
     else:
         figures = 'Measure <span class="small muted">(last 12 h)</span>'
-        measure_rows = _primary_figures(monitor.measure_vm(host, name))
+        measured = monitor.measure_vm(host, name)
+        measure_rows = _primary_figures(measured)
+        hist = measured["history"]
+        hours_card = (
+            f'<div class="card stack" id="hours"><h2>Per hour <span class="small muted">'
+            f'(bytes changed, last {hist["hours"]} h: {hist["cycles"]} cycles, '
+            f'{hist["failures"]} failed, {hist["late"]} late)</span></h2>'
+            f'{_hours_chart(hist)}</div>')
     return "".join([
         stamp(),
         (f'<div class="card stack" id="actions-card"><h2>Actions</h2>'
@@ -289,6 +334,7 @@ def vm_live(host, name: str, session: dict) -> str:
         (f'<div class="card stack" id="chart"><h2>Cycle history '
          f'<span class="small muted">(bytes changed per cycle, last {CHART_CYCLES})</span></h2>'
          f'{_chart(host, name, rel)}</div>'),
+        hours_card,
         '<div class="grid stack">',
         f'<div class="card"><h2>Recovery points</h2>{_points_table(pts)}</div>',
         f'<div class="card"><h2>Events</h2>{_events_table(host, name)}</div>',

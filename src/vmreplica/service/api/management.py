@@ -303,7 +303,11 @@ def management_routes(host, daemon) -> Router:
 
     @r.route("GET", "/v1/relationships/{vm}/measure")
     def measure(req):
-        return monitor.measure_vm(host, req.params["vm"])
+        hours = req.query.get("hours")
+        if hours is not None and (not str(hours).isdigit() or not 1 <= int(hours) <= 90 * 24):
+            raise UsageError(f"invalid hours {hours!r}", hint="a whole number, 1 to 2160")
+        return monitor.measure_vm(host, req.params["vm"],
+                                  int(hours) if hours else monitor.HISTORY_HOURS)
 
     @r.route("GET", "/v1/health-thresholds")
     def get_thresholds(req):

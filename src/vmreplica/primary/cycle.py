@@ -89,7 +89,9 @@ def run_cycle(host, vm: str, mode: str = "delta", verify: bool = False,
         scanned = dtracking.scanned(how, disks) if mode == "delta" else []
         row = store.start_cycle(vm, cycle, mode, slot=slot)
         t0 = time.monotonic()
-        stats: dict = {"vm": vm, "cycle": cycle, "initial": initial, "mode": mode}
+        clock = Phases(t0)
+        stats: dict = {"vm": vm, "cycle": cycle, "initial": initial, "mode": mode,
+                       "phases": clock.phases}
         try:
             if mode == "delta" and not since:
                 raise TrackingError(f"{vm} has no change-tracking point")
@@ -105,10 +107,13 @@ def run_cycle(host, vm: str, mode: str = "delta", verify: bool = False,
                 # Connected while the disks freeze: the handshakes cost the cycle nothing.
                 client = host.client_for_peer(rel.peer, timeout=600)
                 client.connect_ahead()
+            clock.mark("start (peer connection begun)")
             with _session(host, vm, cycle, name, committed) as session, _discard(client):
+                clock.mark("open the block session")
                 tracked = [d for d in disks if d not in scanned]
                 if since and tracked:
                     tracker.prepare(session, tracked, since, bitmap_prefix(rel.id))
+                clock.mark("check the tracking point")
                 kind = _recovery_point_kind(rel, time.time())
                 thaw = kind == dp.APP and freeze_guest(host, name, session.running)
                 if kind == dp.APP and not thaw:
@@ -130,6 +135,7 @@ def run_cycle(host, vm: str, mode: str = "delta", verify: bool = False,
                     if thaw:
                         thaw_guest(host, name)
                 stats["freeze_seconds"] = round(time.monotonic() - t0, 4)
+                clock.mark("freeze: view, new point, NBD connect, block status")
                 t_ship = time.monotonic()
                 try:
                     if mode == "delta":
@@ -142,6 +148,7 @@ def run_cycle(host, vm: str, mode: str = "delta", verify: bool = False,
                         op.phase = "verifying the replica"
                     differs = _verify(point, disks, answer) if verify else []
                     session.end_pause()
+                    clock.mark("read, ship, replica stages + applies + acks")
                 except BaseException:
                     point.close()
                     try:
@@ -150,6 +157,7 @@ def run_cycle(host, vm: str, mode: str = "delta", verify: bool = False,
                         log.exception("could not fold the tracking point back for %s", vm)
                     raise
                 point.close()
+                clock.mark("end the frozen view")
                 paused = session.paused_seconds
                 if paused:
                     # (continuous mode holds the disks: the frozen view was the paused guest)
@@ -170,8 +178,10 @@ def run_cycle(host, vm: str, mode: str = "delta", verify: bool = False,
                                           last_cycle_at=time.time(),
                                           consecutive_failures=0, last_error=None,
                                           last_error_code=None, last_error_hint=None)
+                clock.mark("record the new point")
                 point.commit()
                 committed.append(True)
+                clock.mark("release the old point")
                 if mode != "delta":
                     # A fresh start: whatever tracking this relationship had is superseded.
                     stale = tracker.owned(session, disks, bitmap_prefix(rel.id)) - \
@@ -194,6 +204,7 @@ def run_cycle(host, vm: str, mode: str = "delta", verify: bool = False,
         except Exception as e:
             _failed(host, vm, cycle, row, e)
             raise
+        clock.mark("close the block session")
         stats["seconds"] = round(time.monotonic() - t0, 4)
         store.finish_cycle(row, True, stats["raw_bytes"], stats["wire_bytes"], stats["records"])
         ended = time.time()
@@ -202,6 +213,20 @@ def run_cycle(host, vm: str, mode: str = "delta", verify: bool = False,
         store.update_relationship(vm, last_attempt_at=ended,
                                   last_cycle_seconds=stats["seconds"], **cover)
         return stats
+
+
+class Phases:
+    """Where a cycle's time goes: [phase, seconds] in order (``--json``'s ``phases``;
+    bench/bench_libvirt_cycle.py prints them)."""
+
+    def __init__(self, t0: float):
+        self.phases: list[list] = []
+        self._last = t0
+
+    def mark(self, phase: str) -> None:
+        now = time.monotonic()
+        self.phases.append([phase, round(now - self._last, 4)])
+        self._last = now
 
 
 @contextlib.contextmanager

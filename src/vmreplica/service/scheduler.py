@@ -49,11 +49,13 @@ class Scheduler:
         self._last_revive = 0.0
 
     def start(self) -> None:
-        # After a (re)start every replicating relationship runs a cycle at once: it catches
-        # up, and a primary that was replaced while it was down learns so (and is fenced).
+        # After a (re)start every replicating relationship runs a cycle at once, even in
+        # a slot a manual cycle covered before the stop: it catches up, and a primary that
+        # was replaced while it was down learns so (and is fenced).
         for rel in self.host.store.relationships():
             if rel.role == "primary" and State(rel.state) in CYCLING:
-                self.host.store.update_relationship(rel.vm, last_attempt_at=None)
+                self.host.store.update_relationship(rel.vm, last_attempt_at=None,
+                                                    unscheduled_until=None)
         self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
         self._thread.start()
 

@@ -27,26 +27,14 @@ from pathlib import Path
 import pytest
 
 from harness import lab
+from harness.operator import inactive_xml, network, virsh
 from helpers import assert_replica_equals, qemu_io
 
 pytestmark = pytest.mark.e2e
 
-URI = "qemu:///system"
 NAMES = ("cfg-a", "cfg-b")
 MAC1, MAC2, MAC3 = "52:54:00:c0:f1:01", "52:54:00:c0:f1:02", "52:54:00:c0:f1:03"
 K64 = 64 << 10
-
-
-def virsh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(["virsh", "-q", "-c", URI, *args], capture_output=True, text=True,
-                          timeout=120)
-    if check:
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc
-
-
-def inactive_xml(name: str) -> str:
-    return virsh("dumpxml", "--inactive", name).stdout
 
 
 def shape(name: str) -> dict:
@@ -97,12 +85,6 @@ def domain_xml(name: str, disks: list[tuple[Path, str]], net: str) -> str:
 </domain>"""
 
 
-def _net(name: str, bridge: str, work: Path) -> None:
-    (work / f"{name}.xml").write_text(
-        f"<network><name>{name}</name><bridge name='{bridge}'/></network>\n")
-    virsh("net-create", str(work / f"{name}.xml"))    # no forward, no address
-
-
 def qcow2(path: Path, size: str) -> None:
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), size], check=True)
 
@@ -135,7 +117,7 @@ def test_replica_definition_follows_the_primary(fresh_dir, libvirtd, workdir):
     nets = []
     try:
         for net, br in ((src, f"vmrcs{tag}"), (dst, f"vmrcd{tag}"), (other, f"vmrco{tag}")):
-            _net(net, br, workdir)
+            network(net, br, workdir)
             nets.append(net)
         (workdir / "domain.xml").write_text(domain_xml(name, [(vda, "vda"), (vdb, "vdb")], src))
         virsh("define", str(workdir / "domain.xml"))

@@ -25,29 +25,13 @@ from pathlib import Path
 import pytest
 
 from harness import lab
+from harness.operator import checkpoints, demo_domain_xml, inactive_xml, undefine, virsh
 from helpers import assert_replica_equals, qemu_io, wait_until
-from vmreplica.hypervisor.guest import guest_files, read_demo_records
+from vmreplica.hypervisor.guest import read_demo_records
 
 pytestmark = pytest.mark.e2e
 
-URI = "qemu:///system"
 NAMES = ("exist-a", "exist-b")
-
-
-def virsh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(["virsh", "-q", "-c", URI, *args], capture_output=True, text=True,
-                          timeout=120)
-    if check:
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc
-
-
-def inactive_xml(name: str) -> str:
-    return virsh("dumpxml", "--inactive", name).stdout
-
-
-def checkpoints(name: str) -> list[str]:
-    return [x for x in virsh("checkpoint-list", name, "--name").stdout.split() if x]
 
 
 def bitmaps(path: Path) -> list[str]:
@@ -57,40 +41,10 @@ def bitmaps(path: Path) -> list[str]:
     return [b["name"] for b in data.get("bitmaps", [])]
 
 
-def domain_xml(name: str, disks: list[tuple[str, str, str, str]]) -> str:
-    """A domain as an operator writes it: (libvirt disk type, source, format, target)."""
-    g = guest_files("demo")
-    devs = ""
-    for kind, src, fmt, target in disks:
-        attr = "dev" if kind == "block" else "file"
-        source = f"<source {attr}='{src}'/>" if kind != "network" else \
-            f"<source protocol='nbd' name='{src}'><host name='127.0.0.1' port='10809'/></source>"
-        devs += (f"<disk type='{kind}' device='disk'><driver name='qemu' type='{fmt}'/>"
-                 f"{source}<target dev='{target}' bus='virtio'/></disk>")
-    return f"""<domain type='qemu'>
-  <name>{name}</name>
-  <memory unit='MiB'>256</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type>
-    <kernel>{g['kernel']}</kernel><initrd>{g['initrd']}</initrd>
-    <cmdline>{g['cmdline']}</cmdline></os>
-  <cpu mode='custom' match='exact'><model fallback='allow'>qemu64</model></cpu>
-  <on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot>
-  <devices>{devs}<memballoon model='none'/></devices>
-</domain>"""
-
-
 def define(workdir: Path, name: str, disks) -> None:
     xml = workdir / f"{name}.xml"
-    xml.write_text(domain_xml(name, disks))
+    xml.write_text(demo_domain_xml(name, disks))
     virsh("define", str(xml))
-
-
-def undefine(name: str) -> None:
-    if virsh("domstate", name, check=False).returncode != 0:
-        return
-    virsh("destroy", name, check=False)
-    virsh("undefine", name, "--checkpoints-metadata", check=False)
 
 
 @pytest.fixture

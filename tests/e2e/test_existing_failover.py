@@ -51,6 +51,7 @@ from harness.debian import (
     wait_bank_above,
     wait_for_agent,
 )
+from harness.operator import inactive_xml, network
 
 pytestmark = pytest.mark.e2e
 
@@ -66,16 +67,6 @@ def iflist(dom: str) -> list[tuple[str, str, str]]:
         if len(f) >= 5:
             out.append((f[1], f[2], f[4]))
     return out
-
-
-def inactive_xml(name: str) -> str:
-    return must(virsh("dumpxml", "--inactive", name))
-
-
-def _net(name: str, bridge: str, work: Path) -> None:
-    (work / f"{name}.xml").write_text(
-        f"<network><name>{name}</name><bridge name='{bridge}'/></network>\n")
-    must(virsh("net-create", str(work / f"{name}.xml")))    # no forward, no address
 
 
 @pytest.mark.timeout(BUILD_TIMEOUT + 1200)
@@ -98,7 +89,7 @@ def test_existing_domain_fails_over_whole_on_its_mapped_network(request, fresh_d
     nets = []
     try:
         for net, br in ((src_net, f"vmrs{tag}"), (dst_net, f"vmrd{tag}")):
-            _net(net, br, work)
+            network(net, br, work)
             nets.append(net)
         (work / "domain.xml").write_text(domain_xml(name, disk, console, src_net, MAC))
         must(virsh("define", str(work / "domain.xml")))

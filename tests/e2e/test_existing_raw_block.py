@@ -28,31 +28,15 @@ from pathlib import Path
 import pytest
 
 from harness import lab
+from harness.operator import checkpoints, demo_domain_xml, inactive_xml, undefine, virsh
 from helpers import images_identical, qemu_io, wait_until
-from vmreplica.hypervisor.guest import guest_files, read_demo_records
+from vmreplica.hypervisor.guest import read_demo_records
 
 pytestmark = pytest.mark.e2e
 
-URI = "qemu:///system"
 NAMES = ("rawblk-a", "rawblk-b")
 K64 = 64 << 10
 MiB = 1 << 20
-
-
-def virsh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(["virsh", "-q", "-c", URI, *args], capture_output=True, text=True,
-                          timeout=120)
-    if check:
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc
-
-
-def inactive_xml(name: str) -> str:
-    return virsh("dumpxml", "--inactive", name).stdout
-
-
-def checkpoints(name: str) -> list[str]:
-    return [x for x in virsh("checkpoint-list", name, "--name").stdout.split() if x]
 
 
 def raw_io(path, *commands: str) -> None:
@@ -62,34 +46,6 @@ def raw_io(path, *commands: str) -> None:
         args += ["-c", c]
     proc = subprocess.run(args + [str(path)], capture_output=True, text=True)
     assert proc.returncode == 0 and "error" not in proc.stdout.lower(), proc.stdout + proc.stderr
-
-
-def domain_xml(name: str, disks: list[tuple[str, str, str, str]]) -> str:
-    """(libvirt disk type, source, format, target) of each disk, as an operator writes it."""
-    g = guest_files("demo")
-    devs = ""
-    for kind, src, fmt, target in disks:
-        attr = "dev" if kind == "block" else "file"
-        devs += (f"<disk type='{kind}' device='disk'><driver name='qemu' type='{fmt}'/>"
-                 f"<source {attr}='{src}'/><target dev='{target}' bus='virtio'/></disk>")
-    return f"""<domain type='qemu'>
-  <name>{name}</name>
-  <memory unit='MiB'>256</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type>
-    <kernel>{g['kernel']}</kernel><initrd>{g['initrd']}</initrd>
-    <cmdline>{g['cmdline']}</cmdline></os>
-  <cpu mode='custom' match='exact'><model fallback='allow'>qemu64</model></cpu>
-  <on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot>
-  <devices>{devs}<memballoon model='none'/></devices>
-</domain>"""
-
-
-def undefine(name: str) -> None:
-    if virsh("domstate", name, check=False).returncode != 0:
-        return
-    virsh("destroy", name, check=False)
-    virsh("undefine", name, "--checkpoints-metadata", check=False)
 
 
 @pytest.fixture
@@ -150,7 +106,7 @@ def test_raw_file_and_block_device_replicate_byte_exact_beside_a_qcow2_disk(
     raw_io(loop_device, "write -P 0x31 1M 3M", "write -P 0x32 60M 64k")
     paths = {"vda": str(data), "vdb": str(raw), "vdc": loop_device}
     try:
-        (workdir / f"{name}.xml").write_text(domain_xml(name, [
+        (workdir / f"{name}.xml").write_text(demo_domain_xml(name, [
             ("file", str(data), "qcow2", "vda"), ("file", str(raw), "raw", "vdb"),
             ("block", loop_device, "raw", "vdc")]))           # the guest writes on vdc
         virsh("define", str(workdir / f"{name}.xml"))
@@ -268,7 +224,7 @@ def test_an_all_raw_domain_has_no_checkpoint_at_all(sites, workdir, loop_device)
     subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(raw), "16M"], check=True)
     raw_io(raw, "write -P 0x41 0 1M")
     try:
-        (workdir / f"{name}.xml").write_text(domain_xml(name, [
+        (workdir / f"{name}.xml").write_text(demo_domain_xml(name, [
             ("file", str(raw), "raw", "vda"), ("block", loop_device, "raw", "vdb")]))
         virsh("define", str(workdir / f"{name}.xml"))
         before = inactive_xml(name)

@@ -45,6 +45,7 @@ from harness.debian import (
     virsh,
     wait_for_agent,
 )
+from harness.operator import network
 
 pytestmark = pytest.mark.e2e
 
@@ -52,12 +53,6 @@ NAMES = ("reip-a", "reip-b")
 MAC = "52:54:00:5e:19:01"
 FAILOVER_IP = f"{MAC}=10.77.0.5/24,gw=10.77.0.1,dns=10.77.0.53"
 RESOLV = "# written by vmreplica at failover (re-IP)\nnameserver 10.77.0.53\n"
-
-
-def _net(name: str, bridge: str, work: Path) -> None:
-    (work / f"{name}.xml").write_text(
-        f"<network><name>{name}</name><bridge name='{bridge}'/></network>\n")
-    must(virsh("net-create", str(work / f"{name}.xml")))    # no forward, no address
 
 
 def addresses(dom: str, mac: str) -> set[str]:
@@ -111,7 +106,7 @@ def test_failover_ip_set_inside_the_guest(request, fresh_dir):
     nets = []
     try:
         for net, br in ((src_net, f"vmrs{tag}"), (dst_net, f"vmrd{tag}")):
-            _net(net, br, work)
+            network(net, br, work)
             nets.append(net)
         (work / "domain.xml").write_text(domain_xml(name, disk, console, src_net, MAC))
         must(virsh("define", str(work / "domain.xml")))

@@ -11,10 +11,11 @@ import subprocess
 import time
 from pathlib import Path
 
+from harness import operator
+
 REPO = Path(__file__).parents[2]
 BUILD_SCRIPT = REPO / "scripts" / "build-debian-guest.sh"
 GUEST_CACHE = REPO / "guest" / "debian"
-URI = "qemu:///system"
 
 BUILD_TIMEOUT = 1500        # a first build: ~1-2 min here, more on a loaded machine
 AGENT_TIMEOUT = 150         # boot to guest-ping: 25-45 s under TCG here; a busy machine is slower
@@ -22,8 +23,8 @@ BANK_TOTAL = 10 * 1000      # 10 accounts of 1000 (guest-src/debian/vmr-bank)
 
 
 def virsh(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(["virsh", "-q", "-c", URI, *args], capture_output=True, text=True,
-                          timeout=timeout)
+    """virsh on the system libvirtd, its result as it is (``must`` checks it)."""
+    return operator.virsh(*args, check=False, timeout=timeout)
 
 
 def must(proc: subprocess.CompletedProcess) -> str:

@@ -312,3 +312,22 @@ def test_every_field_a_module_writes_is_a_field():
             wrong += [f"{path.relative_to(SRC)}:{n.lineno}: {name}"
                       for name in sorted(names - fields)]
     assert wrong == [], "\n".join(wrong)
+
+
+def test_from_dict_builds_what_the_constructor_builds():
+    """from_dict skips the frozen dataclass's __init__ (the scheduler decodes every
+    relationship twice a second): the same value, fresh containers, the same refusals."""
+    values = {"vm": "vm1", "id": "r1", "role": "primary", "peer": "site-b",
+              "state": State.REPLICATING.value, "disks": ["vda"], "chains": {"vda": ["x"]},
+              "frequency": 300, "failover": {"at": 1.0}}
+    rel, unknown = Relationship.from_dict({**values, "gone": 1})
+    assert unknown == ["gone"]
+    assert rel == Relationship(**values)
+    assert dataclasses.asdict(rel) == dataclasses.asdict(Relationship(**values))
+    a, _ = Relationship.from_dict(values)
+    b, _ = Relationship.from_dict(values)
+    assert a.excluded is not b.excluded and a.network_map is not b.network_map
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.state = "x"          # type: ignore[misc]
+    with pytest.raises(TypeError):
+        Relationship.from_dict({k: v for k, v in values.items() if k != "peer"})

@@ -220,6 +220,12 @@ class BlockAccess(Protocol):
     def drop_left_views(self) -> list[str]:
         """At daemon start: remove what a dead daemon's block session left in running
         VMs; the names of the VMs it cleaned."""
+    def close_idle(self) -> None:
+        """Stop what the driver keeps between block sessions (a storage daemon for the
+        sessions of powered-off VMs) once it has had nothing open for a while; the
+        scheduler asks at every tick."""
+    def close_kept(self) -> None:
+        """At daemon stop: stop what the driver keeps between block sessions."""
     def io(self, name: str, disk: str, command: str) -> str: ...
 
 

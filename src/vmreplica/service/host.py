@@ -113,6 +113,11 @@ class Host:
     def event(self, kind: str, message: str, vm: str | None = None) -> None:
         self.store.add_event(kind, message, vm)
 
+    def close_idle_parts(self) -> None:
+        """What the driver keeps between block sessions, once idle (the scheduler asks)."""
+        if self._driver is not None:
+            self._driver.close_idle()
+
     def close(self) -> None:
         from ..replica import checkpoint
         from ..replica.mirror import close_target
@@ -120,6 +125,8 @@ class Host:
         for vm in list(self.mirror_targets):
             close_target(self, vm, keep_open_flag=True)   # reopened at the next start
         self.heads.close_all()
+        if self._driver is not None:
+            self._driver.close_kept()
         self.store.close()
 
 

@@ -79,6 +79,7 @@ class Scheduler:
                                      name="cluster", daemon=True).start() \
                         if not self._cluster_busy() else None
                 self.close_idle_heads()
+                self.host.close_idle_parts()
                 if self.host.mirror_targets and now - self._last_revive >= 1.0:
                     self._last_revive = now
                     self._revive_targets()

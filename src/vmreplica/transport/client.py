@@ -20,6 +20,21 @@ from .. import errors
 from . import tls
 
 
+class _Connection(http.client.HTTPSConnection):
+    """An HTTPS connection that offers a TLS session to resume (tls.Sessions)."""
+
+    def __init__(self, host: str, port: int, *, context: ssl.SSLContext, timeout: float,
+                 session: ssl.SSLSession | None = None):
+        super().__init__(host, port, context=context, timeout=timeout)
+        self._tls = context
+        self._session = session
+
+    def connect(self) -> None:
+        http.client.HTTPConnection.connect(self)
+        self.sock = self._tls.wrap_socket(self.sock, server_hostname=self.host,
+                                          session=self._session)
+
+
 class PeerClient:
     def __init__(self, host: str, port: int, cert: Path | None, key: Path | None,
                  pinned_pem: str | None, expect_fingerprint: str | None,
@@ -79,12 +94,27 @@ class PeerClient:
         label = f"{self.host}:{self.port}"
         return f"{self.peer_name} ({label})" if self.peer_name else label
 
-    def _connect(self) -> http.client.HTTPSConnection:
-        ctx = tls.client_context(self.cert, self.key,
-                                 [self.pinned_pem] if self.pinned_pem else None)
-        conn = http.client.HTTPSConnection(self.host, self.port, context=ctx, timeout=self.timeout)
+    def _session_key(self, ctx: ssl.SSLContext) -> tuple:
+        return (ctx, self.host, self.port, self.expect_fingerprint)
+
+    def _connect(self) -> _Connection:
+        # A pinned peer: its context is built once and its last session offered again.
+        # Pairing (nothing pinned yet) always makes a full handshake of its own.
+        if self.pinned_pem:
+            ctx = tls.cached_client_context(self.cert, self.key, [self.pinned_pem])
+            session = tls.SESSIONS.get(self._session_key(ctx))
+        else:
+            ctx, session = tls.client_context(self.cert, self.key, None), None
+        conn = _Connection(self.host, self.port, context=ctx, timeout=self.timeout,
+                           session=session)
         try:
-            conn.connect()
+            try:
+                conn.connect()
+            except ValueError:          # a session this context cannot offer: not again
+                conn.close()
+                tls.SESSIONS.forget(self._session_key(ctx))
+                conn = _Connection(self.host, self.port, context=ctx, timeout=self.timeout)
+                conn.connect()
         except ssl.SSLCertVerificationError as e:
             conn.close()
             raise errors.NotTrusted(
@@ -152,6 +182,9 @@ class PeerClient:
                     f"connection to {self.where} was cut: {cause}",
                     hint="the changes are kept and sent again (a cycle or a resync runs "
                          "again); the replica never exposes part of one") from None
+            if self.pinned_pem and isinstance(conn.sock, ssl.SSLSocket):
+                # (a TLS 1.3 ticket arrives after the handshake: read with the answer)
+                tls.SESSIONS.put(self._session_key(conn.sock.context), conn.sock.session)
         finally:
             conn.close()
         try:

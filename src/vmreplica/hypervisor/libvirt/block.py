@@ -348,6 +348,12 @@ class BlockAccessPart(LibvirtBase):
         return {d.name: tracking.CHECKPOINT if d.checkpointed else tracking.SCAN
                 for d in vm.disks}
 
+    def close_idle(self) -> None:
+        """Nothing is kept: a shut-off domain's session starts a storage daemon of its own."""
+
+    def close_kept(self) -> None:
+        """Nothing is kept between sessions."""
+
     def drop_left_views(self) -> list[str]:
         """Nothing to do at daemon start: a dead daemon's pull backup is ended by the next
         block session of its domain (LibvirtBlockSession._end_stale_backup)."""

@@ -60,6 +60,12 @@ class BlockAccessPart(Inventory):
                 log.warning("clearing what a dead daemon left in %s: %s", info.name, e)
         return done
 
+    def close_idle(self) -> None:
+        self.at_rest.close_idle()
+
+    def close_kept(self) -> None:
+        self.at_rest.close()
+
     def io(self, name: str, disk: str, command: str) -> str:
         """Run a qemu-io command on a disk through the VM's own device (its guest-facing
         path, mirror included): for benchmarks; the VM needs `share_rw`.

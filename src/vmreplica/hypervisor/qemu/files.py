@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from ...errors import Conflict, NotFound
+from ...qemutools.atrest import AtRestDaemon
 from ...qemutools.qmp import Monitor
 from ..base import DiskInfo, VMInfo
 from .cmdline import ISOLATED_MAC
@@ -25,6 +26,8 @@ class QemuFiles:
         self.vms_dir = self.home / "vms"
         self.run_dir = self.home / "run"
         self.accel_setting = config.get("accel") or "auto"
+        # the storage daemon the block sessions of powered-off VMs share (session.py)
+        self.at_rest = AtRestDaemon(self.run_dir)
 
     def _dir(self, name: str) -> Path:
         return self.vms_dir / name

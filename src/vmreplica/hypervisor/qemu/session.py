@@ -5,7 +5,9 @@ qemu-storage-daemon over its disks while it is off. Bitmaps are per disk.
 
     HOME/run/<uuid8>-fleece-DISK.qcow2   a running VM's fleecing image (while a view is out)
     HOME/run/<uuid8>.nbd                 the NBD socket of a running VM's views
-    HOME/run/<uuid8>-bs.*                the storage daemon of a powered-off VM's session
+    HOME/run/atrest-PID.*                the storage daemon the sessions of powered-off VMs
+                                         share (qemutools.atrest): their images are
+                                         added at a session's start, removed at its end
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from pathlib import Path
 
 from ...errors import HypervisorError
 from ...qemutools import img, qmpsteps
+from ...qemutools.atrest import Images
 from ...qemutools.qmp import Monitor
-from ...qemutools.qsd import StorageDaemon, image_node
+from ...qemutools.qsd import image_node
 from ..base import BitmapInfo, Export
 from .files import QemuFiles
 
@@ -37,7 +40,7 @@ class QemuBlockSession:
         self.sizes = {d["name"]: int(d["virtual_size"]) for d in desc["disks"]}
         self.formats = {d["name"]: d["format"] for d in desc["disks"]}
         self.paths = {d["name"]: d["path"] for d in desc["disks"]}
-        self.qsd: StorageDaemon | None = None
+        self.images: Images | None = None       # (powered off: in the at-rest daemon)
         self._exports: list[str] = []
         self._fleece: list[str] = []
         self._nbd_started = False
@@ -45,23 +48,27 @@ class QemuBlockSession:
         self.live = False                  # the view is live and converges (settle())
         self.paused_seconds = 0.0          # how long settle() paused the guest
         self.running = driver._pid(desc) is not None
+        self.mon: Monitor | Images
+        # A disk's node and export names: in the VM's QEMU its own name; in the at-rest
+        # daemon, which holds other VMs' disks too, prefixed with the VM's uuid.
+        self.node = {d["name"]: d["name"] if self.running else f"v{self.short}-{d['name']}"
+                     for d in desc["disks"]}
         if self.running:
             self.mon = Monitor(driver._rt(desc, "qmp"), timeout=60)
             self.nbd_socket = str(driver._rt(desc, "nbd"))
         else:
             blockdevs = []
             for d in desc["disks"]:
-                blockdevs += image_node(d["path"], d["name"], d["format"])
-            self.qsd = StorageDaemon(driver.run_dir, f"{self.short}-bs", blockdevs).start()
-            assert self.qsd.qmp is not None             # (started)
-            self.mon = self.qsd.qmp
-            self.nbd_socket = str(self.qsd.nbd_socket)
+                blockdevs += image_node(d["path"], self.node[d["name"]], d["format"])
+            self.images = driver.at_rest.attach(self.short, blockdevs)
+            self.mon = self.images
+            self.nbd_socket = self.images.nbd_socket
 
     # -- bitmaps -----------------------------------------------------------------------
     def bitmaps(self, disk: str) -> list[BitmapInfo]:
         nodes = self.mon.execute("query-named-block-nodes", {"flat": True})
         for n in nodes:
-            if n.get("node-name") == disk:
+            if n.get("node-name") == self.node[disk]:
                 # A block job's own bitmap (an active mirror's) has no name: not ours.
                 return [BitmapInfo.from_qmp(b["name"], b)
                         for b in n.get("dirty-bitmaps", []) if b.get("name")]
@@ -78,9 +85,10 @@ class QemuBlockSession:
         actions: list[dict] = []
         for disk in disks:
             if new:
-                actions.append(qmpsteps.bitmap_add(disk, new, persistent=self._persistent(disk)))
+                actions.append(qmpsteps.bitmap_add(self.node[disk], new,
+                                                   persistent=self._persistent(disk)))
             if since:
-                actions.append(qmpsteps.bitmap_disable(disk, since))
+                actions.append(qmpsteps.bitmap_disable(self.node[disk], since))
         if self.running and self._mirrored(disks):
             # QEMU refuses a fleecing backup job on a disk an active mirror holds
             # (continuous mode): the view is live instead, and converges — what the guest
@@ -106,8 +114,8 @@ class QemuBlockSession:
                                                            "data": {"path": self.nbd_socket}}})
             self._nbd_started = True
         for disk in disks:
-            node = f"fleece-{disk}" if disk in self._fleece else disk
-            exports[disk] = self._export(disk, node, disk, since)
+            node = f"fleece-{disk}" if disk in self._fleece else self.node[disk]
+            exports[disk] = self._export(disk, node, self.node[disk], since)
         return exports
 
     def _export(self, disk: str, node: str, name: str, bitmap: str | None) -> Export:
@@ -195,7 +203,8 @@ class QemuBlockSession:
     def add_bitmap(self, disks: list[str], name: str) -> None:
         """Start recording into a new bitmap (continuous mode rotates them). Idempotent: a
         disk that has it already (an earlier rotation stopped half-way) keeps it."""
-        qmpsteps.transaction(self.mon, [qmpsteps.bitmap_add(d, name, persistent=self._persistent(d))
+        qmpsteps.transaction(self.mon, [qmpsteps.bitmap_add(self.node[d], name,
+                                                            persistent=self._persistent(d))
                                         for d in disks
                                         if name not in {b.name for b in self.bitmaps(d)}])
 
@@ -204,7 +213,7 @@ class QemuBlockSession:
         actions = []
         for disk in disks:
             have = {b.name for b in self.bitmaps(disk)}
-            actions += [qmpsteps.bitmap_remove(disk, n) for n in names if n in have]
+            actions += [qmpsteps.bitmap_remove(self.node[disk], n) for n in names if n in have]
         qmpsteps.transaction(self.mon, actions)
 
     def restore(self, disks: list[str], since: str, new: str) -> None:
@@ -212,12 +221,13 @@ class QemuBlockSession:
         actions = []
         for disk in disks:
             have = {b.name for b in self.bitmaps(disk)}
+            node = self.node[disk]
             if since in have:
-                actions.append(qmpsteps.bitmap_enable(disk, since))
+                actions.append(qmpsteps.bitmap_enable(node, since))
                 if new in have:
-                    actions.append(qmpsteps.bitmap_merge(disk, since, [new]))
+                    actions.append(qmpsteps.bitmap_merge(node, since, [new]))
             if new in have:
-                actions.append(qmpsteps.bitmap_remove(disk, new))
+                actions.append(qmpsteps.bitmap_remove(node, new))
         qmpsteps.transaction(self.mon, actions)
 
     def merge(self, disks: list[str], target: str, sources: list[str]) -> None:
@@ -226,19 +236,20 @@ class QemuBlockSession:
         for disk in disks:
             have = {b.name: b for b in self.bitmaps(disk)}
             srcs = [s for s in sources if s in have and s != target]
+            node = self.node[disk]
             if target in have and not have[target].recording:
-                actions.append(qmpsteps.bitmap_enable(disk, target))
+                actions.append(qmpsteps.bitmap_enable(node, target))
             if srcs:
-                actions.append(qmpsteps.bitmap_merge(disk, target, srcs))
-                actions += [qmpsteps.bitmap_remove(disk, s) for s in srcs]
+                actions.append(qmpsteps.bitmap_merge(node, target, srcs))
+                actions += [qmpsteps.bitmap_remove(node, s) for s in srcs]
         qmpsteps.transaction(self.mon, actions)
 
     def close(self) -> None:
         try:
             self.unexport()
         finally:
-            if self.qsd is not None:
-                self.qsd.close()
+            if self.images is not None:
+                self.images.close()          # (flushed, bitmaps stored: qemutools.atrest)
             else:
                 self.mon.close()
 

@@ -8,8 +8,9 @@ each host's state database through the store's own interface (Store.start_cycle 
 finish_cycle, with their times), and start again (the first hourly pass rolls what
 is older than a day up into per-hour aggregates). After a warm-up the window runs:
 ``--write-mib`` of new data per VM per cycle (qemu-io on the image between cycles),
-the CPU time of each daemon and of the helpers it started and waited for (its
-storage daemons: /proc utime+stime+cutime+cstime), the replica's resident memory
+the CPU time of each daemon and of every helper it started (/proc utime+stime+cutime+
+cstime of the daemon and of its live descendants: the storage daemons, the kept ones
+included), the replica's resident memory
 (the daemon and its children) per VM, the scheduled cycles done and late (started
 over 1 s after their slot) against the slots due in the window, and the time the
 management API takes to answer `status` (median of 5, in this process, after the
@@ -50,9 +51,19 @@ CLK = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid`` and of its children it waited for."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(fields[i]) for i in (11, 12, 13, 14)) / CLK
+    """utime + stime of ``pid``, of the children it waited for, and of its descendants
+    alive now (long-lived helpers: the primary's at-rest storage daemon, the replica's
+    head servers — their time reaches the parent's cutime only when they exit). A
+    helper alive at both ends of the window counts its time in between; one that ended
+    in between, at the second reading, in its parent's cutime."""
+    total = 0
+    for p in tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue                        # (ended meanwhile: in its parent's cutime)
+        total += sum(int(fields[i]) for i in (11, 12, 13, 14))
+    return total / CLK
 
 
 def tree(pid: int) -> list[int]:

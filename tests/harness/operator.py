@@ -43,6 +43,17 @@ def network(name: str, bridge: str, work: Path) -> None:
     virsh("net-create", str(work / f"{name}.xml"))
 
 
+def network_users(name: str) -> list[str]:
+    """The domains (running or not) with a NIC on libvirt network ``name``."""
+    users = []
+    for dom in virsh("list", "--all", "--name", check=False).stdout.split():
+        xml = virsh("dumpxml", dom, check=False).stdout + \
+            virsh("dumpxml", "--inactive", dom, check=False).stdout
+        if f"network='{name}'" in xml:
+            users.append(dom)
+    return users
+
+
 def demo_domain_xml(name: str, disks: list[tuple[str, str, str, str]]) -> str:
     """A domain booting the demo guest's kernel and initramfs, as an operator writes it:
     (libvirt disk type, source, format, target) of each disk."""

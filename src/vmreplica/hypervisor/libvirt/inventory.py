@@ -535,6 +535,8 @@ class Inventory(LibvirtBase):
         for d in doms:
             try:
                 if on_it in d.XMLDesc(0) or on_it in d.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE):
+                    log.info("isolated network %s kept: domain %s is on it",
+                             ISOLATED_NETWORK, d.name())
                     return          # (still in use)
             except libvirt.libvirtError:
                 continue            # undefined meanwhile (another host's VM on this libvirtd)

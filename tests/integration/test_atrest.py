@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -133,3 +134,34 @@ def test_one_a_dead_vmreplica_daemon_left_is_reaped(tmp_path):
     # SIGTERM: it stored the bitmap of the image it had open
     assert _bitmaps_on_disk(path) == {"kept": ["auto"]}
     d._qsd = None                                    # (that process is gone)
+
+
+def test_an_image_another_process_holds_is_asked_for_again_then_refused_clearly(tmp_path,
+                                                                                daemon):
+    """A tool holding a powered-off VM's image (here qemu-io, as the scale benchmark's
+    writer) for a moment costs the session a short wait, not the cycle; one that keeps
+    it is named."""
+    path = _image(tmp_path, "a")
+    # qemu-io holds the image's write lock while it sleeps (1.0 s: inside the retries)
+    holder = subprocess.Popen(["qemu-io", "-f", "qcow2", "-c", "sleep 1000", str(path)])
+    try:
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        images = daemon.attach("vm-a", image_node(path, "vvm-a-d0", "qcow2"))
+        assert 0.4 < time.monotonic() - t0 < 3.0
+        images.close()
+    finally:
+        holder.wait(10)
+    holder = subprocess.Popen(["qemu-io", "-f", "qcow2", "-c", "sleep 6000", str(path)])
+    try:
+        time.sleep(0.3)
+        with pytest.raises(HypervisorError) as info:
+            daemon.attach("vm-a", image_node(path, "vvm-a-d0", "qcow2"))
+        assert "held by another process" in info.value.message, info.value.message
+        assert "next cycle tries again" in (info.value.hint or "")
+    finally:
+        holder.kill()
+        holder.wait()
+    images = daemon.attach("vm-a", image_node(path, "vvm-a-d0", "qcow2"))   # free again
+    images.close()
+    assert daemon.started == 1

@@ -36,6 +36,7 @@ bench: setup
 	$(PY) bench/bench_cycle.py --work bench-run/cycle
 	$(PY) bench/bench_continuous.py --work bench-run/continuous
 	$(PY) bench/bench_floor.py
+	$(PY) bench/bench_handshake.py
 	$(PY) bench/bench_libvirt_cycle.py --work /tmp/vmr-bench-lvcycle
 	$(PY) bench/soak_cycles.py --driver libvirt --minutes 3 --work bench-run/soak
 	$(PY) bench/bench_scale.py --work bench-run/scale

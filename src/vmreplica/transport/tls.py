@@ -207,6 +207,18 @@ class Sessions:
         with self._lock:
             self._by.pop(key, None)
 
+    def clear(self) -> None:
+        with self._lock:
+            self._by.clear()
+
+
+def forget_kept() -> None:
+    """Drop every kept client context and session (the next connection makes a full
+    handshake with a new context): for benchmarks that measure what they save."""
+    with _contexts_lock:
+        _CLIENT_CONTEXTS.clear()
+    SESSIONS.clear()
+
 
 SESSIONS = Sessions()
 

@@ -165,3 +165,20 @@ def test_an_image_another_process_holds_is_asked_for_again_then_refused_clearly(
     images = daemon.attach("vm-a", image_node(path, "vvm-a-d0", "qcow2"))   # free again
     images.close()
     assert daemon.started == 1
+
+
+def test_a_dead_daemons_files_are_swept_at_start_and_the_live_ones_kept(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("atrest-1.nbd", "atrest-1.qmp", "atrest-77.err", "0a1b2c3d.nbd"):
+        (run / name).write_text("")
+    d = AtRestDaemon(run)
+    images = d.attach("vm-a", image_node(_image(tmp_path, "a"), "vvm-a-d0", "qcow2"))
+    try:
+        gone = sorted(p.name for p in d.sweep_stale())
+        assert gone == ["atrest-1.nbd", "atrest-1.qmp", "atrest-77.err"]
+        assert (run / "0a1b2c3d.nbd").exists()            # (a running VM's: not ours)
+        assert (run / f"atrest-{os.getpid()}.nbd").exists()
+    finally:
+        images.close()
+        d.close()

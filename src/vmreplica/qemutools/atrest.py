@@ -132,6 +132,18 @@ class AtRestDaemon:
         with self._lock:
             self._stop()
 
+    def sweep_stale(self) -> list[Path]:
+        """At daemon start, after ``qsd.reap`` stopped the storage daemons a dead daemon
+        left: remove the files of at-rest daemons of other processes (their NBD socket,
+        which QEMU leaves behind, their monitor and error files). Returns them."""
+        mine = f"atrest-{os.getpid()}."
+        gone = []
+        for f in self.run_dir.glob("atrest-*"):
+            if not f.name.startswith(mine):
+                f.unlink(missing_ok=True)
+                gone.append(f)
+        return gone
+
     @property
     def pid(self) -> int | None:
         qsd = self._qsd

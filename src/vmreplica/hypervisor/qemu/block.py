@@ -43,7 +43,9 @@ class BlockAccessPart(Inventory):
         VMs' QEMU — fleecing jobs and nodes, NBD exports and the NBD server (a daemon that
         starts holds no session). Left there, every later cycle of the VM failed
         ("Duplicate nodes with node-name='fleece-disk0'", "NBD server already running").
-        Active mirrors (continuous mode) are not touched."""
+        Active mirrors (continuous mode) are not touched. The files of a dead daemon's
+        at-rest storage daemon go too (qemutools.atrest)."""
+        self.at_rest.sweep_stale()
         done = []
         for info in self.list_vms():
             if info.state != "running":

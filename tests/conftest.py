@@ -61,7 +61,7 @@ DRIVERS = os.environ.get("VMREPLICA_TEST_DRIVERS", "qemu,libvirt").split(",")
 # fencing with 60 s operation timeouts), alone on the machine: their timings are the
 # suite's tightest, and a TCG guest booting in the other worker slowed a resource start
 # past its timeout.
-_CLUSTER_MODULES = {"test_ha", "test_cluster_lab"}
+_CLUSTER_MODULES = {"test_ha", "test_ha_existing", "test_cluster_lab"}
 _LIBVIRT_MODULES = {"test_debian_guest"}
 # - the libvirt driver's own tests and those of operators' existing domains join the
 #   "libvirt" group too. They use host and domain names of their own (exist-a, deb-a,
@@ -70,7 +70,8 @@ _LIBVIRT_MODULES = {"test_debian_guest"}
 #   demo guest's agent missed a 15 s fsfreeze while TCG guests booted in both workers.
 _EXISTING_MODULES = {"test_libvirt_driver", "test_existing_domain", "test_existing_failover",
                      "test_readme_tour_libvirt", "test_existing_raw_block",
-                     "test_existing_reip", "test_existing_uefi", "test_existing_config"}
+                     "test_existing_reip", "test_existing_uefi", "test_existing_config",
+                     "test_existing_continuous"}
 
 
 @pytest.hookimpl(tryfirst=True)       # before xdist's own hook reads the groups

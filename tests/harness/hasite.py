@@ -1,6 +1,7 @@
 """A protected VM on the namespace cluster lab: a vmreplica daemon on each of the lab's two
-nodes, paired, the demo guest created on the first and protected by the cluster
-(continuous replication to the other node plus its Pacemaker resource). The nodes' hosts
+nodes, paired, the demo guest created on the first (or, ``existing``, an operator's
+libvirt domain defined there with virsh) and protected by the cluster (continuous
+replication to the other node plus its Pacemaker resource). The nodes' hosts
 use the qemu driver, or the libvirt driver on a lab whose nodes run their own libvirtd.
 Shared by the HA end-to-end tests and `make demo-ha`; every step is the real CLI run
 inside a node.
@@ -20,19 +21,28 @@ from vmreplica.hypervisor.guest import read_demo_records
 
 from .lab import cli_path
 from .nslab import ClusterLab, LabError, wait_for
+from .operator import demo_domain_xml
 
 PORT = 7700
+NETWORK, MAC = "vmrlan", "52:54:00:5e:19:01"     # an existing domain's NIC (define_existing)
 
 
 class HASite:
     def __init__(self, lab: ClusterLab, homes_root: Path, vm: str = "ha-vm",
-                 echo: Callable[[str], None] | None = None, driver: str = "qemu"):
+                 echo: Callable[[str], None] | None = None, driver: str = "qemu",
+                 existing: bool = False):
         if driver == "libvirt" and not lab.libvirtd:
             raise LabError("the libvirt driver needs a lab whose nodes run libvirtd "
                            "(ClusterLab(..., libvirtd=True))")
+        if existing and driver != "libvirt":
+            raise LabError("an existing domain is a libvirt domain: use driver='libvirt'")
         self.lab = lab
         self.driver = driver
         self.vm = vm
+        # An operator's domain, defined with virsh on the first node (not `vm create`):
+        # its QEMU names the domain as the operator did; the replica VM is vmr-NODE-VM.
+        self.existing = existing
+        self.images = Path(homes_root).parent / f"images-{vm}"
         self.rsc = f"vm-{vm}"
         self.homes = {n: Path(homes_root) / n for n in lab.nodes}
         self.cli = cli_path()
@@ -97,14 +107,17 @@ class HASite:
         out = []
         for n in self.lab.nodes:
             # the qemu driver's QEMU names the VM; libvirt's names the domain
-            mark = (f"process=vmreplica-{self.vm}" if self.driver == "qemu"
-                    else f"guest=vmr-{n}-{self.vm},").encode()
+            marks = [f"process=vmreplica-{self.vm}" if self.driver == "qemu"
+                     else f"guest=vmr-{n}-{self.vm},"]
+            if self.existing:
+                marks.append(f"guest={self.vm},")
             for pid in self.lab.processes(n):
                 try:
                     with open(f"/proc/{pid}/cmdline", "rb") as f:
-                        if mark in f.read():
-                            out.append(n)
-                            break
+                        cmdline = f.read()
+                    if any(m.encode() in cmdline for m in marks):
+                        out.append(n)
+                        break
                 except OSError:
                     continue
         return out
@@ -144,8 +157,10 @@ class HASite:
 
     # -- building it -----------------------------------------------------------------------
 
-    def build(self, wait: Callable, *, stop_mode: str = "stop") -> None:
-        """Daemons on both nodes, trust, the demo guest on the first node, protected."""
+    def build(self, wait: Callable, *, stop_mode: str = "stop",
+              protect: tuple[str, ...] = ()) -> None:
+        """Daemons on both nodes, trust, the demo guest on the first node, protected
+        (``protect``: more options of `cluster protect`)."""
         first, second = self.lab.nodes
         for n in self.lab.nodes:
             self.vmr(n, "init", "--name", n, "--listen", self.addr(n), "--accel", "tcg",
@@ -155,15 +170,58 @@ class HASite:
         self.vmr(first, "trust", "pair", self.addr(second), token)
         for n in self.lab.nodes:
             self.vmr(n, "replica-server", "enable", "--allow", self.other(n))
-        self.vmr(first, "vm", "create", self.vm, "--disk", "64M", "--disk", "32M",
-                 "--guest", "demo")
+        if self.existing:
+            self.define_existing(first)
+        else:
+            self.vmr(first, "vm", "create", self.vm, "--disk", "64M", "--disk", "32M",
+                     "--guest", "demo")
         self.vmr(first, "vm", "start", self.vm)
         wait("the guest's records", lambda: (self.records(first)["top"] or 0) >= 3)
         self.vmr(first, "cluster", "protect", self.vm, "--peer", self.addr(second), "--homes",
                  ",".join(f"{n}={h}" for n, h in self.homes.items()), "--prefer", first,
-                 "--stop-mode", stop_mode, "--stop-timeout", "20", "--point-interval", "1h")
+                 "--stop-mode", stop_mode, "--stop-timeout", "20", "--point-interval", "1h",
+                 *protect)
         wait("PRIM/SECOND", lambda: self.states(first) == {first: "PRIM", second: "SECOND"},
              timeout=120)
+
+    def define_existing(self, node: str) -> None:
+        """The operator's domain on ``node``: the demo guest with two qcow2 disks of its
+        own (outside any vmreplica home) and a NIC on the network NETWORK, which each
+        node's libvirtd has, defined with virsh in the node's libvirtd. NETWORK is a
+        bridge of the node's network namespace, made here, that libvirt only uses
+        (forward mode bridge): the namespace outlives a power-off, and so would a bridge
+        libvirt made, which its libvirtd then fails to make again at the next boot
+        ("File exists": the network stays inactive, the domain cannot start)."""
+        bridge = f"{NETWORK}0"
+        for n in self.lab.nodes:
+            xml = self.images / f"{NETWORK}-{n}.xml"
+            self.images.mkdir(parents=True, exist_ok=True)
+            xml.write_text(f"<network><name>{NETWORK}</name><forward mode='bridge'/>"
+                           f"<bridge name='{bridge}'/></network>\n")
+            for argv in (["ip", "link", "add", bridge, "type", "bridge"],
+                         ["ip", "link", "set", bridge, "up"]):
+                p = self.lab.run(n, argv)
+                if p.returncode != 0:
+                    raise RuntimeError(f"[{n}] {' '.join(argv)}: {p.stdout}{p.stderr}")
+            for verb in (["net-define", str(xml)], ["net-autostart", NETWORK],
+                         ["net-start", NETWORK]):
+                p = self.lab.run(n, ["virsh", "-q", "-c", "qemu:///system", *verb])
+                if p.returncode != 0:
+                    raise RuntimeError(f"[{n}] virsh {' '.join(verb)}: {p.stdout}{p.stderr}")
+        self.images.chmod(0o755)                # (libvirt-qemu opens the disks)
+        disks = []
+        for target, size in (("vda", "64M"), ("vdb", "32M")):
+            path = self.images / f"{target}.qcow2"
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), size],
+                           check=True)
+            disks.append(("file", str(path), "qcow2", target))
+        xml = self.images / "domain.xml"
+        xml.write_text(demo_domain_xml(self.vm, disks, acpi=True, nics=[(NETWORK, MAC)]))
+        if self.echo:
+            self.echo(f"[{node}]$ virsh define {xml}")
+        p = self.lab.run(node, ["virsh", "-q", "-c", "qemu:///system", "define", str(xml)])
+        if p.returncode != 0:
+            raise RuntimeError(f"[{node}] virsh define {xml}: {p.stdout}{p.stderr}")
 
     def add_dr_site(self, name: str = "drsite") -> str:
         """A third vmreplica host, the disaster-recovery site, on the witness machine (a

@@ -54,9 +54,14 @@ def network_users(name: str) -> list[str]:
     return users
 
 
-def demo_domain_xml(name: str, disks: list[tuple[str, str, str, str]]) -> str:
+def demo_domain_xml(name: str, disks: list[tuple[str, str, str, str]],
+                    acpi: bool = False, nics: list[tuple[str, str]] | None = None) -> str:
     """A domain booting the demo guest's kernel and initramfs, as an operator writes it:
-    (libvirt disk type, source, format, target) of each disk."""
+    (libvirt disk type, source, format, target) of each disk; with ``acpi`` the guest
+    gets ACPI, so it powers off cleanly at the power button (a shutdown, a planned
+    failover's `--prepare --shutdown`), else only a power-off stops it; a virtio NIC on
+    libvirt network NET with MAC for each (NET, MAC) of ``nics`` (the demo guest does not
+    use it: it is there to be carried)."""
     g = guest_files("demo")
     devs = ""
     for kind, src, fmt, target in disks:
@@ -65,6 +70,10 @@ def demo_domain_xml(name: str, disks: list[tuple[str, str, str, str]]) -> str:
             f"<source protocol='nbd' name='{src}'><host name='127.0.0.1' port='10809'/></source>"
         devs += (f"<disk type='{kind}' device='disk'><driver name='qemu' type='{fmt}'/>"
                  f"{source}<target dev='{target}' bus='virtio'/></disk>")
+    for net, mac in nics or []:
+        devs += (f"<interface type='network'><mac address='{mac}'/><source network='{net}'/>"
+                 "<model type='virtio'/></interface>")
+    features = "<features><acpi/></features>" if acpi else ""
     return f"""<domain type='qemu'>
   <name>{name}</name>
   <memory unit='MiB'>256</memory>
@@ -72,6 +81,7 @@ def demo_domain_xml(name: str, disks: list[tuple[str, str, str, str]]) -> str:
   <os><type arch='x86_64' machine='pc'>hvm</type>
     <kernel>{g['kernel']}</kernel><initrd>{g['initrd']}</initrd>
     <cmdline>{g['cmdline']}</cmdline></os>
+  {features}
   <cpu mode='custom' match='exact'><model fallback='allow'>qemu64</model></cpu>
   <on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot>
   <devices>{devs}<memballoon model='none'/></devices>

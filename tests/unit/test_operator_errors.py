@@ -115,3 +115,19 @@ def test_the_console_offers_no_initial_copy_after_enable_failed(tmp_path, monkey
     assert "$ vmreplica enable web1" in out and "(failed, exit" in out
     assert "initial copy now" not in out and "$ vmreplica initial" not in out
     assert "not enabled" in out
+
+
+# -- continuous mode and a disk only the hash scan tracks (issue 19) ----------------------
+def test_continuous_mode_refuses_a_scan_tracked_disk_with_the_ways_out():
+    from vmreplica.domain import tracking
+    from vmreplica.primary.common import check_mirrorable
+    how = {"vda": tracking.CHECKPOINT, "vdb": tracking.SCAN, "vdc": tracking.SCAN,
+           "vdd": tracking.BITMAP}
+    check_mirrorable("ops1", how, ["vda", "vdd"])            # bitmaps: mirrored
+    with pytest.raises(UsageError) as e:
+        check_mirrorable("ops1", how, ["vda", "vdb", "vdc"])
+    assert "continuous mode cannot replicate disks vdb, vdc of ops1" in e.value.message
+    assert "hash scan" in e.value.message
+    assert e.value.hint is not None
+    assert "--mode periodic" in e.value.hint and "--exclude-disk vdb" in e.value.hint
+    assert "qemu-img convert -O qcow2" in e.value.hint

@@ -37,6 +37,9 @@ def register(sub) -> None:
     # (the daemon's defaults: domain.relationship)
     s.add_argument("--max-stall", type=float)
     s.add_argument("--point-interval")
+    s.add_argument("--network-map", action="append", default=[], metavar="SRC=DST",
+                   help="an existing libvirt domain's NICs on network or bridge SRC come up "
+                        "on DST on the other node (as `enable --network-map`)")
     s.set_defaults(func=cmd_protect)
 
     s = c.add_parser("status", help="each protected VM's state on each node "
@@ -118,7 +121,8 @@ def cmd_protect(args) -> int:
     info = client_of(args).call("POST", "/v1/cluster/protect", {
         "vm": args.vm, "peer": args.peer, "homes": args.homes, "stop_mode": args.stop_mode,
         "stop_timeout": args.stop_timeout, "prefer": args.prefer,
-        "max_stall": args.max_stall, "point_interval": args.point_interval})
+        "max_stall": args.max_stall, "point_interval": args.point_interval,
+        "network_map": args.network_map})
     print(f"{info['vm']} protected by the cluster as {info['resource']} "
           f"(stop mode {info['stop_mode']})")
     return 0

@@ -10,7 +10,11 @@ from . import pacemaker
 
 
 def protect(host, body: dict) -> dict:
-    """Continuous replication to the other node plus the Pacemaker resource."""
+    """Continuous replication to the other node plus the Pacemaker resource. A VM not
+    replicated yet is enabled (continuous; an existing libvirt domain's NICs mapped by
+    ``network_map``, as `enable --network-map`) and seeded; one replicated already is
+    switched to continuous mode as `set --mode continuous` switches it (refused the
+    same way: a disk tracked by hash scan cannot be mirrored)."""
     from ..primary import relationship as prim
     from ..primary import seeding
     vm = str(body.get("vm") or "")
@@ -21,6 +25,7 @@ def protect(host, body: dict) -> dict:
     stop_mode = body.get("stop_mode") or "stop"
     if stop_mode not in ("stop", "save", "off"):
         raise UsageError(f"unknown stop mode {stop_mode!r}", hint="choose stop, save or off")
+    network_map = list(body.get("network_map") or [])
     rel = host.store.relationship(vm)
     if rel is None:
         prim.enable(host, vm, str(body.get("peer") or ""), frequency="30s",
@@ -28,12 +33,20 @@ def protect(host, body: dict) -> dict:
                     max_stall=float(body.get("max_stall") or DEFAULTS.max_stall),
                     history=int(body.get("history", DEFAULTS.history)),
                     point_interval=body.get("point_interval") or POINT_INTERVAL_TEXT,
-                    cluster=True)
+                    cluster=True, network_map=network_map)
         seeding.initial(host, vm)
     elif rel.role != "primary":
         raise UsageError(f"run `cluster protect` on the node where {vm} runs (its primary)")
+    elif network_map:
+        raise UsageError(f"{vm} is replicated already: its replica VM's networks were mapped "
+                         "when replication was enabled",
+                         hint=f"protect it without --network-map, or `vmreplica remove {vm}` "
+                              "first")
     else:
-        host.store.update_relationship(vm, cluster=True, mode="continuous")
+        if rel.mode != "continuous":      # (checked as `set --mode continuous` checks it)
+            from ..primary import settings
+            settings.apply(host, vm, {"mode": "continuous"})
+        host.store.update_relationship(vm, cluster=True)
     pacemaker.ensure_daemon_clone(homes)
     rid = pacemaker.add_vm_resource(vm, homes, stop_mode, int(body.get("stop_timeout") or 60),
                                     body.get("prefer"))

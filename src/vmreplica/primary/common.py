@@ -11,6 +11,7 @@ from typing import Any
 from ..domain.links import is_dr, vm_name
 from ..domain.relationship import Relationship
 from ..domain.states import Role, State
+from ..domain.tracking import scanned
 from ..errors import NotFound, UsageError
 from ..hypervisor.base import block_device_size
 
@@ -50,19 +51,35 @@ MODES = ("periodic", "continuous")
 COMPRESSIONS = ("zstd", "none")
 
 
-def check_mode(host, mode: str, max_stall: float, existing: bool = False) -> None:
-    """A replication mode this host's driver can run (for an existing libvirt domain,
-    ``existing``: periodic only, for now), and a stall bound in range."""
+def check_mode(host, mode: str, max_stall: float) -> None:
+    """A replication mode this host's driver can run, and a stall bound in range (the
+    disks a continuous mirror can take: ``check_mirrorable``)."""
     if mode not in MODES:
         raise UsageError(f"unknown mode {mode!r}", hint="choose periodic or continuous")
     if mode == "continuous" and not host.driver.continuous:
         raise UsageError(f"continuous mode is not available on {host.driver.name} hosts",
                          hint="use --mode periodic")
-    if mode == "continuous" and existing:
-        raise UsageError("continuous mode is not available for existing libvirt domains yet",
-                         hint="use --mode periodic")
     if not 0.5 <= float(max_stall) <= 120:
         raise UsageError("--max-stall must be between 0.5 and 120 seconds")
+
+
+def check_mirrorable(vm: str, tracking: dict[str, str], disks: list[str]) -> None:
+    """Continuous mode for ``disks`` of ``vm`` (their change tracking as the driver says,
+    ``tracking``): refused for a disk tracked by hash scan (an existing libvirt domain's
+    raw file or block device: no dirty bitmap). The mirror starts, and comes back after
+    its job is lost, from the tracking: a cycle with the guest paused for its length
+    (primary.mirror_steps), which for such a disk reads and hashes the whole disk."""
+    scan = scanned(tracking, disks)
+    if not scan:
+        return
+    which = f"disk{'s' if len(scan) > 1 else ''} {', '.join(scan)}"
+    raise UsageError(
+        f"continuous mode cannot replicate {which} of {vm}: a raw file or block device "
+        "holds no dirty bitmap, so it is tracked by hash scan, and every start of the "
+        "mirror would pause the VM while the whole disk is read and compared",
+        hint=f"replicate it periodically (--mode periodic), exclude it "
+             f"(--exclude-disk {scan[0]}), or convert it to qcow2 while the VM is off "
+             f"(`qemu-img convert -O qcow2`, then `virsh edit {vm}`)")
 
 
 def check_disk(vm: str, d, existing: bool = False) -> None:

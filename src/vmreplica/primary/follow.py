@@ -7,7 +7,8 @@ disks' sizes are compared with the ones last sent (domain.config); on a differen
   with them; a new disk is seeded by a resync — the disks already replicated match the
   replica's copy and move only their changes — run at once where the relationship's
   resync window allows, else in the window. A new disk that cannot be replicated (a
-  network disk, say) is excluded and reported, never silently dropped.
+  network disk, say; in continuous mode also a raw file or block device, which only the
+  hash scan tracks) is excluded and reported, never silently dropped.
 - the definition (memory, vCPUs, CPU, NICs, ...): the replica VM is defined again from
   the new XML (``POST …/definition``, replica.lifecycle.follow_definition). A refusal
   there (a new NIC on a network with no mapping, a device that cannot be carried) is
@@ -32,7 +33,7 @@ from ..errors import TransportError, UsageError, VmreplicaError
 from ..hypervisor.base import Origin
 from ..qemutools import img
 from ..tracking.bitmap import bitmap_prefix
-from .common import check_disk
+from .common import check_disk, check_mirrorable
 from .cycle import run_cycle
 from .resync import resync, window_open
 
@@ -77,9 +78,12 @@ def follow(host, vm: str) -> Followed:
         return Followed()
     by_name = {d.name: d for d in info.disks}
     refused = {}
+    tracking = host.driver.disk_tracking(name) if plan.added and rel.mode == "continuous" \
+        else {}
     for d in plan.added:
         try:
             check_disk(name, by_name[d], existing=True)
+            check_mirrorable(name, tracking, [d])     # (continuous mode: no scanned disk)
         except UsageError as e:
             refused[d] = e.message
     plan = plan.refusing(list(refused))

@@ -26,7 +26,14 @@ from ..errors import (
     UsageError,
 )
 from ..hypervisor.base import Origin
-from .common import COMPRESSIONS, check_disk, check_mode, primary_row, relationship_of
+from .common import (
+    COMPRESSIONS,
+    check_disk,
+    check_mirrorable,
+    check_mode,
+    primary_row,
+    relationship_of,
+)
 from .follow import cycle
 from .standing import check_peer, end_here, end_removed
 
@@ -68,7 +75,7 @@ def enable(host, vm: str, replica: str, frequency: str = FREQUENCY_TEXT,
     nets = parse_network_map(network_map)
     reip = resolve(parse_failover_ips(failover_ips), info.nics, vm)
     ips = [ip.to_dict() for ip in reip]
-    check_mode(host, mode, max_stall, existing=info.origin == Origin.EXISTING)
+    check_mode(host, mode, max_stall)
     if compression not in COMPRESSIONS:
         raise UsageError(f"unknown compression {compression!r}", hint="choose zstd or none")
     names = [d.name for d in info.disks]
@@ -82,6 +89,9 @@ def enable(host, vm: str, replica: str, frequency: str = FREQUENCY_TEXT,
         raise UsageError(f"every disk of {vm} is excluded: nothing to replicate")
     for d in disks:
         check_disk(vm, d, existing=info.origin == Origin.EXISTING)
+    how = host.driver.disk_tracking(vm)       # (status shows it from now on)
+    if mode == "continuous":
+        check_mirrorable(vm, how, [d.name for d in disks])
     desc = host.driver.describe(vm)
     desc["disks"] = [{"name": d.name, "format": d.format, "virtual_size": d.virtual_size}
                      for d in disks]
@@ -90,7 +100,6 @@ def enable(host, vm: str, replica: str, frequency: str = FREQUENCY_TEXT,
                          hint="--network-map is for existing libvirt domains")
     if nets:
         desc["network_map"] = nets
-    how = host.driver.disk_tracking(vm)       # (status shows it from now on)
     if reip and not desc.get("definition"):
         raise UsageError(f"{vm} was made by vmreplica: its replica has no NICs to re-IP",
                          hint="--failover-ip is for existing libvirt domains")

@@ -13,7 +13,7 @@ from ..domain.reip import format_failover_ips, parse_failover_ips, resolve
 from ..domain.schedule import format_frequency, parse_frequency, parse_window
 from ..errors import UsageError
 from ..hypervisor.base import Origin
-from .common import COMPRESSIONS, check_disk, check_mode, relationship_of
+from .common import COMPRESSIONS, check_disk, check_mirrorable, check_mode, relationship_of
 
 FIELDS = ("frequency", "history", "point_interval", "app_every", "compression",
           "resync_window", "mode", "max_stall", "failover_ips")
@@ -81,6 +81,8 @@ def change_disks(host, vm: str, exclude: list[str], include: list[str]) -> dict:
         if name in disks:
             raise UsageError(f"disk {name} of {vm} is already replicated")
         check_disk(vm, by_name[name], existing=info.origin == Origin.EXISTING)
+    if include and rel.mode == "continuous":
+        check_mirrorable(vm, host.driver.disk_tracking(vm), include)
     order = [d.name for d in info.disks]
     disks = sorted(disks + include, key=order.index)
     if not disks:
@@ -120,8 +122,8 @@ def apply(host, vm: str, changes: dict) -> dict:
                              hint="--failover-ip is for existing libvirt domains")
         changes["failover_ips"] = [ip.to_dict() for ip in ips]
     if changes.get("mode") == "continuous" and rel.mode != "continuous":
-        existing = host.driver.inspect(vm_name(vm)).origin == Origin.EXISTING
-        check_mode(host, "continuous", changes.get("max_stall", rel.max_stall), existing)
+        check_mode(host, "continuous", changes.get("max_stall", rel.max_stall))
+        check_mirrorable(vm, host.driver.disk_tracking(vm_name(vm)), rel.disks)
     if changes.get("mode") == "periodic" and rel.mode == "continuous":
         # The watchdog leaves it first (it follows continuous relationships only), then
         # the mirror ends; the bitmap carries on: no re-seeding either way.

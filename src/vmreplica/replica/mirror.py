@@ -53,11 +53,18 @@ class MirrorTarget:
             self.nodes[disk] = []
             for k, path in enumerate(self.chains[disk]):
                 node = self._new_node()
+                # Each layer on the one below; the base on its own backing file, if it
+                # has one: an operator's existing domain whose disk is an overlay (its
+                # image, the base of the chain on the domain's own host after a reverse).
+                # Cut off from it, the head read zeros where that file holds the data, and
+                # a write into a cluster the disk does not hold yet filled the rest of the
+                # cluster with those zeros.
+                below = {"backing": self.nodes[disk][-1]} if k else {}
                 blockdevs += [{"driver": "file", "filename": path, "node-name": f"{node}f",
                                **DISCARD},
                               {"driver": "qcow2", "file": f"{node}f", "node-name": node,
                                "read-only": k < len(self.chains[disk]) - 1,
-                               "backing": self.nodes[disk][-1] if k else None, **DISCARD}]
+                               **below, **DISCARD}]
                 self.nodes[disk].append(node)
         exports = [{"type": "nbd", "id": f"e{i}", "node-name": self.nodes[disk][-1],
                     "name": disk, "writable": True, "writethrough": True}

@@ -74,6 +74,12 @@ _EXISTING_MODULES = {"test_libvirt_driver", "test_existing_domain", "test_existi
                      "test_existing_continuous"}
 
 
+# NOTE (stop 20): with pytest 9 and pytest-xdist 3.8 these groups are inert: xdist's
+# worker appends "@GROUP" to an item's `_nodeid`, which pytest 9 no longer reads back,
+# so the controller schedules test by test (a module's tests, the libvirt tests, run on
+# both workers). Measured: a module marked `xdist_group("g")` ran its two tests on gw0
+# and gw1. Tests therefore must not collide across workers on the one libvirtd: each
+# worker has its own lab root, `vm_name` carries the worker, fixed names are per test.
 @pytest.hookimpl(tryfirst=True)       # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
     for item in items:
@@ -141,12 +147,18 @@ def own_sites(fresh_dir, driver):
 
 
 _vm_counter = iter(range(10_000))
+# The xdist worker (gw0, gw1): each worker counts from 0, and the libvirt hosts of both
+# (site-a, site-b, each worker's own lab root) share the system libvirtd, where a domain
+# is named vmr-HOST-VM — the same test on both workers made the same domain name
+# (CI: "libvirt already has a domain named vmr-site-a-tampered-stream-is-r-33").
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
 
 
 @pytest.fixture
 def vm_name(request):
     base = request.node.name.split("[")[0].replace("test_", "")[:20].replace("_", "-")
-    return f"{base}-{next(_vm_counter)}"
+    return f"{base}-{_WORKER}-{next(_vm_counter)}" if _WORKER else \
+        f"{base}-{next(_vm_counter)}"
 
 
 # -- what the daemons said, on a failure -------------------------------------------------

@@ -4,7 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONDONTWRITEBYTECODE=1
 # Two phases (tests/conftest.py says why): everything but the namespace clusters in two
-# workers (VMREPLICA_TEST_WORKERS=0: one process), grouped as tests/conftest.py says;
+# workers (VMREPLICA_TEST_WORKERS=0: one process; --dist loadgroup, whose groups pytest 9
+# leaves inert: tests/conftest.py);
 # then the clusters alone. Both phases always run; the exit status is the first failure's.
 workers=${VMREPLICA_TEST_WORKERS:-2}
 parallel=()

@@ -61,8 +61,10 @@ class AtRestDaemon:
             except QMPError as e:
                 if "lock" not in e.desc or attempt == len(LOCK_RETRIES):
                     if "lock" in e.desc:
+                        files = ", ".join(str(bd["filename"]) for bd in blockdevs
+                                          if "filename" in bd)
                         raise HypervisorError(
-                            f"a disk image of {owner} is held by another process: {e.desc}",
+                            f"a disk image is held by another process ({e.desc}): {files}",
                             hint="a VM started meanwhile, or a tool (qemu-img, qemu-io, a "
                                  "backup) has the image open; the next cycle tries again"
                         ) from None

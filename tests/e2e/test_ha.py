@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from harness.hasite import HASite, poll
+from harness.hasite import HASite, events_tail, poll
 from harness.nslab import ClusterLab, namespaces_available
 from vmreplica.cluster import agent
 from vmreplica.hypervisor.guest import read_demo_records
@@ -59,22 +59,8 @@ def _diagnosis() -> str:
                 except OSError:
                     continue
                 out.append(f"--- {n}: daemon.log\n" + "\n".join(tail[-30:]))
-                out.append(f"--- {n}: events\n" + _events_tail(home / n))
+                out.append(f"--- {n}: events\n" + events_tail(home / n))
     return "\n".join(out)
-
-
-def _events_tail(home, n: int = 80) -> str:
-    """The last events of a node's home, read from its store (the daemon may be down)."""
-    import sqlite3
-    try:
-        db = sqlite3.connect(f"file:{home / 'state.db'}?mode=ro", uri=True, timeout=5)
-        rows = db.execute("SELECT ts, vm, kind, message FROM events ORDER BY id DESC "
-                          "LIMIT ?", (n,)).fetchall()
-        db.close()
-    except sqlite3.Error as e:
-        return f"(no events: {e})"
-    return "\n".join(f"{time.strftime('%H:%M:%S', time.localtime(ts))} {vm or '-'} "
-                     f"{kind}: {msg}" for ts, vm, kind, msg in reversed(rows))
 
 
 def _wait(what, fn, timeout=60, every=0.25):

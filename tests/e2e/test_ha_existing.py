@@ -13,12 +13,11 @@ move brings the guest home to the operator's domain, as it is, with nothing lost
 from __future__ import annotations
 
 import os
-import sqlite3
 import time
 
 import pytest
 
-from harness.hasite import MAC, NETWORK, HASite, poll
+from harness.hasite import MAC, NETWORK, HASite, events_tail, poll
 from harness.nslab import ClusterLab, namespaces_available
 from vmreplica.cluster import agent
 from vmreplica.hypervisor.guest import read_demo_records
@@ -26,19 +25,6 @@ from vmreplica.hypervisor.guest import read_demo_records
 pytestmark = pytest.mark.e2e
 
 VM = "ops-ha"
-
-
-def _events_tail(home, n: int = 60) -> str:
-    """The last events of a node's home, read from its store (the daemon may be down)."""
-    try:
-        db = sqlite3.connect(f"file:{home / 'state.db'}?mode=ro", uri=True, timeout=5)
-        rows = db.execute("SELECT ts, vm, kind, message FROM events ORDER BY id DESC "
-                          "LIMIT ?", (n,)).fetchall()
-        db.close()
-    except sqlite3.Error as e:
-        return f"(no events: {e})"
-    return "\n".join(f"{time.strftime('%H:%M:%S', time.localtime(ts))} {vm or '-'} "
-                     f"{kind}: {msg}" for ts, vm, kind, msg in reversed(rows))
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +64,7 @@ def _diagnosis(s: HASite) -> str:
         except OSError:
             tail = []
         out.append(f"--- {n}: daemon.log\n" + "\n".join(tail[-30:]))
-        out.append(f"--- {n}: events\n" + _events_tail(s.homes[n]))
+        out.append(f"--- {n}: events\n" + events_tail(s.homes[n], 60))
     return "\n".join(out)
 
 

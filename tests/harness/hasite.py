@@ -254,3 +254,18 @@ def poll(what: str, fn: Callable, timeout: float = 60, every: float = 0.25):
         return wait_for(fn, timeout, every, what=what)
     except LabError as e:
         raise TimeoutError(str(e)) from None
+
+
+def events_tail(home: Path, n: int = 80) -> str:
+    """The last events of a node's home, read from its store (the daemon may be down):
+    the tests print them with a failure."""
+    import sqlite3
+    try:
+        db = sqlite3.connect(f"file:{Path(home) / 'state.db'}?mode=ro", uri=True, timeout=5)
+        rows = db.execute("SELECT ts, vm, kind, message FROM events ORDER BY id DESC "
+                          "LIMIT ?", (n,)).fetchall()
+        db.close()
+    except sqlite3.Error as e:
+        return f"(no events: {e})"
+    return "\n".join(f"{time.strftime('%H:%M:%S', time.localtime(ts))} {vm or '-'} "
+                     f"{kind}: {msg}" for ts, vm, kind, msg in reversed(rows))

@@ -310,6 +310,10 @@ def test_primary_killed_unplanned_failover_loses_nothing(pair, driver):
     _wait("the guest writing through the mirror",
           lambda: (read_demo_records(disk)["top"] or 0) > top + 10, timeout=60)
     os.kill(a.vm(vm)["pid"], signal.SIGKILL)            # the primary host "dies"
+    # site-a still answers here (only its QEMU died), so the failover asks it first. libvirtd
+    # notices its QEMU's death on its own event loop: until then site-a would rightly say the
+    # VM runs there and refuse an unplanned failover without --force (stop 24's CI run).
+    _wait("site-a to see its VM dead", lambda: a.vm(vm)["state"] == "stopped", timeout=30)
     on_a = read_demo_records(disk)
     b.run("failover", vm)
     on_b = _records(b, vm)              # the failover's disk: the head, before it boots

@@ -1,26 +1,42 @@
 #!/bin/bash
 # Build the vmreplica Debian guest: a small Debian 12 (bookworm) system made from Debian's
-# packages that boots from its own disk (SeaBIOS -> extlinux -> Debian's cloud kernel ->
-# systemd), with an ext4 root (label vmr-root), qemu-guest-agent and a workload service:
-# a SQLite bank (guest-src/debian/vmr-bank, checked by /usr/local/bin/bank-check).
+# packages that boots from its own disk both ways — BIOS (SeaBIOS -> gptmbr.bin ->
+# extlinux) and UEFI (OVMF -> systemd-boot) — into Debian's cloud kernel and systemd, with
+# an ext4 root (label vmr-root), qemu-guest-agent and a workload service: a SQLite bank
+# (guest-src/debian/vmr-bank, checked by /usr/local/bin/bank-check).
 #
 # Usage: bash scripts/build-debian-guest.sh OUTDIR        (as root)
 #
-# Writes OUTDIR/disk.qcow2 (a 1 GiB disk, one MBR partition) and OUTDIR/VERSION: its first
-# line is the recipe hash (this script and the guest-src/debian files it installs), the
-# next lines key=value facts (kernel, build date, seconds). Idempotent: does nothing when
+# Writes OUTDIR/disk.qcow2 (a 1 GiB disk) and OUTDIR/VERSION: its first line is the recipe
+# hash (this script and the guest-src/debian files it installs), the next lines key=value
+# facts (kernel, layout, build date, seconds). Idempotent: does nothing when
 # OUTDIR/VERSION's hash matches and disk.qcow2 exists. Installs the Debian packages it
-# needs (mmdebstrap, extlinux, ...) when missing. One build at a time per OUTDIR (flock);
-# the outputs are replaced atomically; loop devices and mounts are released on every exit
-# path (and those a killed build left behind, on the next run).
+# needs (mmdebstrap, extlinux, mtools, ...) when missing. One build at a time per OUTDIR
+# (flock); the outputs are replaced atomically; loop devices and mounts are released on
+# every exit path (and those a killed build left behind, on the next run).
 # Packages come from the host's apt sources (/etc/apt/sources.list.d/debian.sources, or
 # VMR_DEBIAN_SOURCES=FILE).
 #
-# Boot it under TCG (KVM cannot boot a Linux guest on these machines, see FIELD-NOTES):
-# machine pc, cpu qemu64, 512 MiB, a virtio disk, the org.qemu.guest_agent.0 virtio
-# serial port, console on ttyS0 (tests/integration/test_debian_guest.py has a libvirt
-# domain). The root account has no password (locked): run commands through the guest
-# agent (guest-exec), e.g. /usr/local/bin/bank-check.
+# The disk (GPT, one image for both firmwares):
+#   partition 1  the root: ext4, label vmr-root, GPT attribute LegacyBIOSBootable, with
+#                extlinux in /boot/extlinux; syslinux's gptmbr.bin in the protective MBR
+#                boots it under a BIOS.
+#   partition 2  the EFI system partition (64 MiB, vfat, label VMR-ESP): systemd-boot
+#                (Debian's systemd-boot-efi) as \EFI\BOOT\BOOTX64.EFI, the removable-media
+#                path firmware looks for without any boot entry, and a loader entry
+#                (\loader\entries\debian.conf) with copies of the kernel and the initrd.
+#                The host kernel has no vfat driver: the ESP is written with mtools, never
+#                mounted. The guest does not mount it either (systemd.gpt_auto=0): a
+#                kernel installed later inside the guest would not reach it.
+# Both boot entries give the kernel the same command line (root=LABEL=vmr-root
+# console=ttyS0).
+#
+# Boot it under TCG (KVM cannot boot a Linux guest on these machines, see FIELD-NOTES),
+# 512 MiB, a virtio disk, the org.qemu.guest_agent.0 virtio serial port, console on ttyS0:
+# BIOS: machine pc, cpu qemu64 (tests/integration/test_debian_guest.py has a libvirt
+# domain); UEFI: machine q35, OVMF_CODE_4M.fd with an NVRAM from OVMF_VARS_4M.fd
+# (tests/e2e/test_existing_uefi.py). The root account has no password (locked): run
+# commands through the guest agent (guest-exec), e.g. /usr/local/bin/bank-check.
 set -euo pipefail
 
 log() { echo "build-debian-guest: $*"; }
@@ -37,11 +53,15 @@ for f in "${GUEST_FILES[@]}"; do
 done
 
 SUITE=bookworm
-DISK_SIZE=1G
+DISK_MIB=1024              # the disk: 1 GiB
+ESP_MIB=64                 # its EFI system partition (partition 2, at the end)
 LABEL=vmr-root
+ESP_LABEL=VMR-ESP
 HOSTNAME_=vmr-debian
+# systemd-boot-efi: only its EFI binary is used (copied to the ESP); it installs no hooks
 PACKAGES=(linux-image-cloud-amd64 systemd-sysv udev dbus qemu-guest-agent sqlite3
-          iproute2 procps initramfs-tools zstd)
+          iproute2 procps initramfs-tools zstd systemd-boot-efi)
+SDBOOT=/usr/lib/systemd/boot/efi/systemd-bootx64.efi     # in the guest's root
 # the modules the initramfs needs to mount the root (MODULES=list keeps it small)
 INITRD_MODULES=(virtio_pci virtio_blk ext4)
 
@@ -137,7 +157,7 @@ t0=$SECONDS
 
 # command:package for every host tool this build runs
 TOOLS=(mmdebstrap:mmdebstrap extlinux:extlinux sfdisk:fdisk losetup:mount partx:util-linux
-       mkfs.ext4:e2fsprogs qemu-img:qemu-utils)
+       mkfs.ext4:e2fsprogs qemu-img:qemu-utils mkfs.vfat:dosfstools mcopy:mtools)
 missing=()
 for spec in "${TOOLS[@]}"; do
     cmd=${spec%%:*}; pkg=${spec#*:}
@@ -146,7 +166,7 @@ for spec in "${TOOLS[@]}"; do
         missing+=("$pkg")
     fi
 done
-[ -f /usr/lib/syslinux/mbr/mbr.bin ] || missing+=(syslinux-common)
+[ -f /usr/lib/syslinux/mbr/gptmbr.bin ] || missing+=(syslinux-common)
 if [ ${#missing[@]} -gt 0 ]; then
     log "installing Debian packages: ${missing[*]}"
     apt_install() {
@@ -160,7 +180,7 @@ if [ ${#missing[@]} -gt 0 ]; then
         apt_install || die "cannot install ${missing[*]} (apt-get install failed)"
     fi
 fi
-MBR=/usr/lib/syslinux/mbr/mbr.bin
+MBR=/usr/lib/syslinux/mbr/gptmbr.bin     # boots the GPT partition marked LegacyBIOSBootable
 MERGED_USR_HOOK=/usr/share/mmdebstrap/hooks/merged-usr
 [ -f "$MBR" ] || die "$MBR is missing (package syslinux-common)"
 
@@ -259,20 +279,31 @@ log "kernel $kver, initrd $(stat -c %s "$ROOT/boot/initrd.img-$kver") bytes"
 # --- 2. the disk -------------------------------------------------------------------------
 
 RAW=$WORK/disk.raw
-truncate -s "$DISK_SIZE" "$RAW"
-echo 'label: dos
-start=2048, type=83, bootable' | sfdisk -q "$RAW" > /dev/null || die "sfdisk failed"
+truncate -s "${DISK_MIB}M" "$RAW"
+# GPT: the root from 1 MiB, the ESP at the end (1 MiB left for the backup GPT)
+ROOT_TYPE=0FC63DAF-8483-4772-8E79-3D69D8477DE4      # Linux filesystem data
+ESP_TYPE=C12A7328-F81F-11D2-BA4B-00A0C93EC93B       # EFI system partition
+printf '%s\n' 'label: gpt' \
+    "start=1MiB, size=$((DISK_MIB - ESP_MIB - 2))MiB, type=$ROOT_TYPE, name=$LABEL, attrs=LegacyBIOSBootable" \
+    "start=$((DISK_MIB - ESP_MIB - 1))MiB, size=${ESP_MIB}MiB, type=$ESP_TYPE, name=$ESP_LABEL" |
+    sfdisk -q "$RAW" > /dev/null || die "sfdisk failed"
+# the boot code of the protective MBR (440 bytes: its partition table stays)
 dd if="$MBR" of="$RAW" bs=440 count=1 conv=notrunc status=none
 
 LOOP=$(losetup -f --show -P "$RAW") || die "losetup failed (are loop devices available?)"
 PART=${LOOP}p1
+ESP=${LOOP}p2
 for _ in $(seq 50); do
-    [ -b "$PART" ] && break
-    # partition scanning alone does not always create the partition (on this kernel)
+    [ -b "$PART" ] && [ -b "$ESP" ] && break
+    # partition scanning alone does not always create the partitions (on this kernel)
     partx -a "$LOOP" 2> /dev/null || true
     sleep 0.1
 done
-[ -b "$PART" ] || die "the partition $PART of $LOOP did not appear"
+[ -b "$PART" ] && [ -b "$ESP" ] || die "the partitions $PART and $ESP of $LOOP did not appear"
+
+# the kernel's command line, the same from both boot loaders (systemd.gpt_auto=0: the
+# guest does not look for the ESP to mount it, booted by systemd-boot or not)
+CMDLINE="root=LABEL=$LABEL ro console=ttyS0,115200 quiet no_timer_check systemd.gpt_auto=0"
 
 log "mkfs.ext4 -d (filling the file system)"
 mkfs.ext4 -q -L "$LABEL" -d "$ROOT" "$PART" || die "mkfs.ext4 failed"
@@ -286,11 +317,40 @@ TIMEOUT 0
 LABEL debian
     LINUX /boot/vmlinuz-$kver
     INITRD /boot/initrd.img-$kver
-    APPEND root=LABEL=$LABEL ro console=ttyS0,115200 quiet no_timer_check
+    APPEND $CMDLINE
 EOF
 out=$(extlinux --install "$MNT/boot/extlinux" 2>&1) || die "extlinux --install failed: $out"
 used=$(df -h --output=used "$MNT" | tail -n1 | tr -d ' ')
 umount "$MNT"
+
+# The ESP: staged in a directory, copied in with mtools (no vfat driver on the host).
+log "the EFI system partition (systemd-boot)"
+[ -f "$ROOT$SDBOOT" ] || die "no $SDBOOT in the guest's root (package systemd-boot-efi)"
+STAGE=$WORK/esp
+mkdir -p "$STAGE/EFI/BOOT" "$STAGE/loader/entries" "$STAGE/debian"
+cp "$ROOT$SDBOOT" "$STAGE/EFI/BOOT/BOOTX64.EFI"
+cp "$ROOT/boot/vmlinuz-$kver" "$ROOT/boot/initrd.img-$kver" "$STAGE/debian/"
+printf 'default debian.conf\ntimeout 0\neditor no\n' > "$STAGE/loader/loader.conf"
+cat > "$STAGE/loader/entries/debian.conf" <<EOF
+title   Debian GNU/Linux 12 (vmreplica)
+version $kver
+linux   /debian/vmlinuz-$kver
+initrd  /debian/initrd.img-$kver
+options $CMDLINE
+EOF
+mkfs.vfat -F 32 -n "$ESP_LABEL" "$ESP" > /dev/null || die "mkfs.vfat failed"
+# (mtools says "Could not get geometry of device" of a loop partition, harmlessly: its
+# messages are shown only when it fails)
+export MTOOLS_SKIP_CHECK=1
+mcopy -s -Q -i "$ESP" "$STAGE/EFI" "$STAGE/loader" "$STAGE/debian" :: 2> "$WORK/mtools.log" ||
+    { cat "$WORK/mtools.log" >&2; die "mcopy to the ESP failed"; }
+esp_listing=$(mdir -/ -b -i "$ESP" :: 2> "$WORK/mtools.log") ||
+    { cat "$WORK/mtools.log" >&2; die "cannot list the ESP"; }
+for f in ::/EFI/BOOT/BOOTX64.EFI ::/loader/loader.conf ::/loader/entries/debian.conf \
+         "::/debian/vmlinuz-$kver" "::/debian/initrd.img-$kver"; do
+    grep -qixF "$f" <<< "$esp_listing" || die "$f is missing from the ESP"
+done
+esp_used=$(du -sh "$STAGE" | cut -f1)
 losetup -d "$LOOP"
 LOOP=
 
@@ -301,11 +361,13 @@ chmod 0644 "$OUTDIR/.disk.qcow2.new"
     echo "$RECIPE"
     echo "suite=$SUITE"
     echo "kernel=$kver"
-    echo "disk_size=$DISK_SIZE"
+    echo "disk_size=${DISK_MIB}MiB"
+    echo "layout=gpt p1=root(ext4,LegacyBIOSBootable) p2=esp(vfat,${ESP_MIB}MiB)"
+    echo "boot=bios:gptmbr+extlinux uefi:systemd-boot"
     echo "built=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "build_seconds=$((SECONDS - t0))"
 } > "$OUTDIR/.VERSION.new"
 mv -f "$OUTDIR/.disk.qcow2.new" "$OUTDIR/disk.qcow2"
 mv -f "$OUTDIR/.VERSION.new" "$OUTDIR/VERSION"
 log "done in $((SECONDS - t0)) s: $OUTDIR/disk.qcow2 ($(stat -c %s "$OUTDIR/disk.qcow2") bytes;" \
-    "$used used in the guest's file system), kernel $kver, recipe $RECIPE"
+    "$used used in the guest's root, $esp_used in its ESP), kernel $kver, recipe $RECIPE"

@@ -1,8 +1,10 @@
 """The Debian guest (scripts/build-debian-guest.sh) under libvirt: it boots from its own
-disk (SeaBIOS -> extlinux -> Debian's cloud kernel -> systemd) under TCG, its guest agent
-answers, its SQLite bank runs (integrity ok, the total constant, the counter growing),
-fsfreeze works, and the bank survives a power cut (`virsh destroy`) with its integrity and
-total intact and no committed transfer lost.
+disk through a BIOS (machine pc: SeaBIOS -> gptmbr.bin -> extlinux -> Debian's cloud
+kernel -> systemd; the same disk boots through OVMF and systemd-boot in
+tests/e2e/test_existing_uefi.py) under TCG, its guest agent answers, its SQLite bank runs
+(integrity ok, the total constant, the counter growing), fsfreeze works, and the bank
+survives a power cut (`virsh destroy`) with its integrity and total intact and no
+committed transfer lost.
 
 The image is built once into guest/debian (the cache `make setup` will use); later runs
 reuse it while the recipe is unchanged. The domain, its isolated network and its files
@@ -27,6 +29,7 @@ from harness.debian import (
     agent,
     assert_sound,
     bank_check,
+    boot_firmware,
     build,
     console_tail,
     domain_xml,
@@ -72,6 +75,7 @@ def test_debian_guest_boots_runs_the_bank_and_survives_a_power_cut(request):
         must(virsh("start", dom))
         boot = wait_for_agent(dom, AGENT_TIMEOUT)
         print(f"[debian-guest] first boot to guest-ping: {boot:.1f} s")
+        assert boot_firmware(dom) == {"firmware": "bios"}       # SeaBIOS, not UEFI
 
         # the bank runs: integrity ok, total constant, counter growing
         first = wait_bank_above(dom, 0)

@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 PACKAGES=(qemu-system-x86 qemu-utils qemu-system-common python3-venv python3-libnbd
           python3-libvirt libvirt-daemon-system python3-cryptography rsync cpio busybox-static
           iproute2 procps chromium chromium-driver
+          ovmf    # UEFI firmware: the Debian guest booted through OVMF (tests/e2e/test_existing_uefi.py)
           curl)   # the README's tour reads /metrics with it (tests/e2e/test_readme_tour.py)
 # The HA stack (issue 8): Corosync, Pacemaker, corosync-qnetd/qdevice and their tools.
 mapfile -t CLUSTER_PACKAGES < <(grep -v '^#' scripts/cluster-packages.txt | grep .)

@@ -46,6 +46,17 @@ def fresh_dir(lab_root):
     return d
 
 
+@pytest.fixture
+def workdir(request):
+    """An operator's own folder for a domain's images, outside every vmreplica home
+    (libvirt-qemu must enter it): /tmp/vmr-<test module>-XXXX, removed afterwards."""
+    short = request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_")
+    d = Path(tempfile.mkdtemp(prefix=f"vmr-{short[:16]}-", dir="/tmp"))
+    os.chmod(d, 0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
 DRIVERS = os.environ.get("VMREPLICA_TEST_DRIVERS", "qemu,libvirt").split(",")
 
 # `make test` (scripts/run-tests.sh) runs the suite in two phases. First everything but

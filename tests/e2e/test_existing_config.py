@@ -16,11 +16,8 @@ system libvirtd.
 
 from __future__ import annotations
 
-import os
 import secrets
-import shutil
 import subprocess
-import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -93,13 +90,6 @@ def same(a: str, b: str) -> None:
     proc = subprocess.run(["qemu-img", "compare", "-U", a, b], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
-
-@pytest.fixture
-def workdir():
-    d = Path(tempfile.mkdtemp(prefix="vmr-config-", dir="/tmp"))
-    os.chmod(d, 0o755)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.mark.timeout(900)

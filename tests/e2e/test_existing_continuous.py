@@ -16,11 +16,8 @@ exco-b) and random domain names: another run may share the system libvirtd.
 from __future__ import annotations
 
 import functools
-import os
 import secrets
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -48,14 +45,6 @@ def sites(lab_root, libvirtd):
     yield a, b
     lab.teardown(a, b)
 
-
-@pytest.fixture
-def workdir():
-    """The operator's own folder for the domain's images (libvirt-qemu must enter it)."""
-    d = Path(tempfile.mkdtemp(prefix="vmr-exco-", dir="/tmp"))
-    os.chmod(d, 0o755)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def _create(path: Path, size: str, backing: Path | None = None) -> Path:

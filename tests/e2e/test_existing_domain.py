@@ -15,11 +15,8 @@ by a guest under libvirt's checkpoints reach the replica. Host names of their ow
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -46,14 +43,6 @@ def define(workdir: Path, name: str, disks) -> None:
     xml.write_text(demo_domain_xml(name, disks))
     virsh("define", str(xml))
 
-
-@pytest.fixture
-def workdir():
-    """The operator's own folder for the domain's images (libvirt-qemu must enter it)."""
-    d = Path(tempfile.mkdtemp(prefix="vmr-existing-", dir="/tmp"))
-    os.chmod(d, 0o755)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

@@ -16,14 +16,10 @@ share the system libvirtd. Loop devices are detached in a finally.
 
 from __future__ import annotations
 
-import os
 import secrets
-import shutil
 import subprocess
-import tempfile
 import time
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import pytest
 
@@ -47,14 +43,6 @@ def raw_io(path, *commands: str) -> None:
     proc = subprocess.run(args + [str(path)], capture_output=True, text=True)
     assert proc.returncode == 0 and "error" not in proc.stdout.lower(), proc.stdout + proc.stderr
 
-
-@pytest.fixture
-def workdir():
-    """The operator's own folder for the domain's images (libvirt-qemu must enter it)."""
-    d = Path(tempfile.mkdtemp(prefix="vmr-rawblk-", dir="/tmp"))
-    os.chmod(d, 0o755)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

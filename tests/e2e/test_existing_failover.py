@@ -17,7 +17,9 @@ the guest-agent channel, is protected as a whole VM:
   least what the primary had committed when the last cycle began;
 - reverse makes the operator's domain the replica (kept as it is, only differences
   move); a planned failback brings it home with zero loss (the counter continues from
-  the value read before the shutdown) and its XML exactly as defined; reverse again.
+  the value read before the shutdown) and its XML exactly as defined, and sets the
+  failover address set on its primary then (`set --failover-ip`) inside the guest, seen
+  through the agent (re-IP after a planned failover); reverse again.
 
 Host names of their own (deb-a, deb-b), random domain and network names: the system
 libvirtd may be shared with another run.
@@ -40,6 +42,7 @@ from harness.debian import (
     AGENT_TIMEOUT,
     BUILD_TIMEOUT,
     GUEST_CACHE,
+    addresses,
     assert_sound,
     bank_check,
     build,
@@ -50,6 +53,7 @@ from harness.debian import (
     virsh,
     wait_bank_above,
     wait_for_agent,
+    wait_reip,
 )
 from harness.operator import inactive_xml, network, network_users
 
@@ -57,6 +61,7 @@ pytestmark = pytest.mark.e2e
 
 NAMES = ("deb-a", "deb-b")
 MAC = "52:54:00:5e:17:01"
+FAILBACK_IP = f"{MAC}=10.78.0.7/24"
 
 
 def iflist(dom: str) -> list[tuple[str, str, str]]:
@@ -184,16 +189,25 @@ def test_existing_domain_fails_over_whole_on_its_mapped_network(request, fresh_d
         assert_sound(running)
         assert b.json("sync", name, "--verify")["verified"]
 
-        # Planned failback: zero loss, the domain at home exactly as it was defined.
+        # Planned failback: zero loss, the domain at home exactly as it was defined, and
+        # the failover address the operator set on deb-b (its primary now) set inside the
+        # guest once its agent answers (re-IP after a planned failover).
+        b.run("set", name, "--failover-ip", FAILBACK_IP)
         last = bank_check(replica_dom)["counter"]
         b.run("failover", name, "--prepare", "--shutdown")
         home = a.json("failover", name)
         assert home["planned"] is True and home["state"] == "failed_over", home
+        assert home["re_ip"], home
         wait_for_agent(name, AGENT_TIMEOUT)
         at_home = bank_check(name)
         assert_sound(at_home)
         assert at_home["counter"] >= last, (last, at_home)
-        assert inactive_xml(name) == before
+        rec = wait_reip(a, name, AGENT_TIMEOUT + 120)
+        assert rec["state"] == "done" and rec["vm"] == name, rec
+        assert "10.78.0.7/24" in addresses(name, MAC)
+        assert any(e["kind"] == "re-ip" and f"re-IP of {name} done" in e["message"]
+                   for e in a.json("events", name))
+        assert inactive_xml(name) == before             # (re-IP changes the guest, not XML)
         again = a.json("reverse", name)                 # deb-b its replica again
         assert again["bytes_moved"] < again["disk_bytes"] // 4
         assert a.json("status", name)[0]["role"] == "primary"

@@ -36,7 +36,7 @@ from harness.debian import (
     AGENT_TIMEOUT,
     BUILD_TIMEOUT,
     GUEST_CACHE,
-    agent,
+    addresses,
     build,
     console_tail,
     domain_xml,
@@ -44,6 +44,7 @@ from harness.debian import (
     must,
     virsh,
     wait_for_agent,
+    wait_reip,
 )
 from harness.operator import network
 
@@ -53,28 +54,6 @@ NAMES = ("reip-a", "reip-b")
 MAC = "52:54:00:5e:19:01"
 FAILOVER_IP = f"{MAC}=10.77.0.5/24,gw=10.77.0.1,dns=10.77.0.53"
 RESOLV = "# written by vmreplica at failover (re-IP)\nnameserver 10.77.0.53\n"
-
-
-def addresses(dom: str, mac: str) -> set[str]:
-    """ADDR/PREFIX of the guest's interface with ``mac`` (guest-network-get-interfaces)."""
-    for i in agent(dom, "guest-network-get-interfaces"):
-        if i.get("hardware-address", "").lower() == mac:
-            return {f"{a['ip-address']}/{a['prefix']}" for a in i.get("ip-addresses", [])
-                    if a.get("ip-address-type") == "ipv4"}
-    raise AssertionError(f"{dom} has no interface with MAC {mac}")
-
-
-def wait_reip(host: lab.LabHost, vm: str, timeout: float) -> dict:
-    """Polls the relationship's re-IP record until it is no longer waiting."""
-    t0 = time.monotonic()
-    rec = None
-    while time.monotonic() - t0 < timeout:
-        rec = host.json("status", vm)[0]["reip"]
-        assert rec is not None
-        if rec["state"] != "waiting":
-            return rec
-        time.sleep(1)
-    raise AssertionError(f"the re-IP of {vm} still waits after {timeout} s: {rec}")
 
 
 def reip_events(host: lab.LabHost, vm: str) -> list[str]:

@@ -106,6 +106,29 @@ def efi_variables(dom: str) -> set[str]:
     return set(out.split())
 
 
+def addresses(dom: str, mac: str) -> set[str]:
+    """ADDR/PREFIX of the guest's interface with ``mac`` (guest-network-get-interfaces)."""
+    for i in agent(dom, "guest-network-get-interfaces"):
+        if i.get("hardware-address", "").lower() == mac:
+            return {f"{a['ip-address']}/{a['prefix']}" for a in i.get("ip-addresses", [])
+                    if a.get("ip-address-type") == "ipv4"}
+    raise AssertionError(f"{dom} has no interface with MAC {mac}")
+
+
+def wait_reip(host, vm: str, timeout: float) -> dict:
+    """Polls the relationship's re-IP record on ``host`` (a lab.LabHost) until it is no
+    longer waiting."""
+    t0 = time.monotonic()
+    rec = None
+    while time.monotonic() - t0 < timeout:
+        rec = host.json("status", vm)[0]["reip"]
+        assert rec is not None
+        if rec["state"] != "waiting":
+            return rec
+        time.sleep(1)
+    raise AssertionError(f"the re-IP of {vm} still waits after {timeout} s: {rec}")
+
+
 def bank_check(dom: str) -> dict:
     code, out, err = guest_exec(dom, "/usr/local/bin/bank-check")
     assert code == 0, f"bank-check exited {code}: {out}{err}"

@@ -300,7 +300,10 @@ def start(host, vm: str, point=None, force: bool = False) -> dict:
             nvram.restore(rel, _point_id(label), host.driver.nvram_path(vm))
             merged = _commit_in_place(host, vm)
             host.driver.start(vm)
-            return _in_place_done(host, vm, planned, label, guard, merged)
+            # (the addresses the operator set for this host after the reverse, as below)
+            record = reip.launch(host, vm, vm, rel.failover_ips, "failover") \
+                if rel.failover_ips else None
+            return _in_place_done(host, vm, planned, label, guard, merged, record)
         bases = collapse.relocate_bases(host, vm)
         host.driver.collapse_prepare(vm, bases)
         rel = host.store.relationship(vm)
@@ -375,7 +378,8 @@ def _commit_in_place(host, vm: str) -> int:
     return merged
 
 
-def _in_place_done(host, vm: str, planned: bool, label: str, guard, merged: int) -> dict:
+def _in_place_done(host, vm: str, planned: bool, label: str, guard, merged: int,
+                   record: dict | None) -> dict:
     kind = "planned" if planned else "unplanned"
     if guard is not None:
         host.event("failover", guard["event"], vm)
@@ -384,7 +388,8 @@ def _in_place_done(host, vm: str, planned: bool, label: str, guard, merged: int)
                            "domain started as it is; committed at once (an existing "
                            "domain's own disks cannot be unwritten: no --cancel)", vm)
     out = {"vm": vm, "planned": planned, "point": label, "state": State.FAILED_OVER.value,
-           "merged_bytes": merged, "next": f"vmreplica reverse {vm}"}
+           "merged_bytes": merged, "re_ip": _reip_text(record),
+           "next": f"vmreplica reverse {vm}"}
     if guard is not None:
         out["primary"] = {k: v for k, v in guard.items() if k not in ("event", "warning")}
         if guard.get("warning"):

@@ -91,7 +91,6 @@ def same(a: str, b: str) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-
 @pytest.mark.timeout(900)
 def test_replica_definition_follows_the_primary(fresh_dir, libvirtd, workdir):
     tag = secrets.token_hex(3)

@@ -46,7 +46,6 @@ def sites(lab_root, libvirtd):
     lab.teardown(a, b)
 
 
-
 def _create(path: Path, size: str, backing: Path | None = None) -> Path:
     args = ["qemu-img", "create", "-q", "-f", "qcow2"]
     if backing is not None:

@@ -44,7 +44,6 @@ def define(workdir: Path, name: str, disks) -> None:
     virsh("define", str(xml))
 
 
-
 @pytest.fixture
 def exist_sites(fresh_dir, libvirtd):
     a, b = lab.two_sites(fresh_dir, driver="libvirt", names=NAMES)

@@ -44,7 +44,6 @@ def raw_io(path, *commands: str) -> None:
     assert proc.returncode == 0 and "error" not in proc.stdout.lower(), proc.stdout + proc.stderr
 
 
-
 @pytest.fixture
 def loop_device(workdir):
     """A 64 MiB loop device over a file of the work folder; detached afterwards."""

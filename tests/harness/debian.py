@@ -12,8 +12,12 @@ import subprocess
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from harness import operator
+
+if TYPE_CHECKING:
+    from harness.lab import LabHost
 
 REPO = Path(__file__).parents[2]
 BUILD_SCRIPT = REPO / "scripts" / "build-debian-guest.sh"
@@ -115,9 +119,8 @@ def addresses(dom: str, mac: str) -> set[str]:
     raise AssertionError(f"{dom} has no interface with MAC {mac}")
 
 
-def wait_reip(host, vm: str, timeout: float) -> dict:
-    """Polls the relationship's re-IP record on ``host`` (a lab.LabHost) until it is no
-    longer waiting."""
+def wait_reip(host: LabHost, vm: str, timeout: float) -> dict:
+    """Polls the relationship's re-IP record on ``host`` until it is no longer waiting."""
     t0 = time.monotonic()
     rec = None
     while time.monotonic() - t0 < timeout:

@@ -300,10 +300,9 @@ def start(host, vm: str, point=None, force: bool = False) -> dict:
             nvram.restore(rel, _point_id(label), host.driver.nvram_path(vm))
             merged = _commit_in_place(host, vm)
             host.driver.start(vm)
-            # (the addresses the operator set for this host after the reverse, as below)
-            record = reip.launch(host, vm, vm, rel.failover_ips, "failover") \
-                if rel.failover_ips else None
-            return _in_place_done(host, vm, planned, label, guard, merged, record)
+            # (the addresses the operator set for this host after the reverse)
+            return _in_place_done(host, vm, planned, label, guard, merged,
+                                  _reip_started(host, vm, rel))
         bases = collapse.relocate_bases(host, vm)
         host.driver.collapse_prepare(vm, bases)
         rel = host.store.relationship(vm)
@@ -322,9 +321,7 @@ def start(host, vm: str, point=None, force: bool = False) -> dict:
             raise
         if planned:
             _commit(host, vm)
-        # The addresses inside the guest: in the background, once its agent answers.
-        record = reip.launch(host, vm, vm, rel.failover_ips, "failover") \
-            if rel.failover_ips else None
+        record = _reip_started(host, vm, rel)
     kind = "planned" if planned else "unplanned"
     if not planned:
         assert guard is not None                # (unplanned: the primary was asked above)
@@ -376,6 +373,14 @@ def _commit_in_place(host, vm: str) -> int:
     rstore.drop_layers([p for c in rel.chains.values() for p in c[1:]])
     rstore.delete_chains(Path(rel.storage), vm)
     return merged
+
+
+def _reip_started(host, vm: str, rel: Relationship) -> dict | None:
+    """After a failover has started ``vm`` (the replica VM, or an existing domain at
+    home): its failover IPs set inside the guest in the background, once its agent
+    answers (replica.reip); the re-IP record, or None without failover IPs."""
+    return reip.launch(host, vm, vm, rel.failover_ips, "failover") if rel.failover_ips \
+        else None
 
 
 def _in_place_done(host, vm: str, planned: bool, label: str, guard, merged: int,

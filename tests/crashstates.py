@@ -234,7 +234,7 @@ class Scenario:
     vm: str
     head: Path                 # the replica's head (where each state is written)
     synced: Path               # the head as last synced, before the cycle
-    log: Path                  # the head's write log, cut at the ack
+    log: Path                  # the head's write log, cut once the cycle is applied
     expected: Path             # the primary's disk after the cycle
     previous: Path             # ... and before it
     db: Path                   # state.db* at the kill
@@ -288,6 +288,7 @@ def _history(a, b, vm: str, work: Path, *enable: str) -> tuple[Path, Path]:
     a.run("sync", vm)
     _qemu_io(disk, f"discard {REGION_A} 20M")
     a.run("sync", vm)
+    b.vm(vm)               # (a view waits for the apply that follows the ack)
     # The replica's head lost region A's clusters (the trim reached it).
     mapped = subprocess.run(["qemu-img", "map", "-U", "--output=json", "-f", "qcow2",
                              str(head)], capture_output=True, text=True, check=True).stdout
@@ -349,6 +350,10 @@ def prepare(a, b, vm: str, work: Path, cycle: list | None = None) -> Scenario:
     shutil.copyfile(disk, previous)
     _qemu_io(disk, *[f"write -P {p:#x} {o} {n}" for o, n, p in cycle])
     a.run("sync", vm)
+    # Acknowledged once staged; the apply follows, and a view of the VM waits for it.
+    # The states cover every crash from the first write to the checkpoint's sync: before
+    # the ack and after it alike, the stage is what start-up applies again.
+    b.vm(vm)
     found = sorted(logs.glob(f"{write_log_stem(head)}.*.log"))
     if len(found) != 1:
         raise AssertionError(f"expected one write log of {head.name}, found {found}")
@@ -359,7 +364,7 @@ def prepare(a, b, vm: str, work: Path, cycle: list | None = None) -> Scenario:
     _kill(b, head)
     log = work / "head.log"
     with open(found[0], "rb") as src, open(log, "wb") as dst:
-        dst.write(src.read(acked))               # the writes made before the ack
+        dst.write(src.read(acked))               # the apply's writes, up to its flush
     shutil.copyfile(head, work / "head.final")
     expected = work / "expected.qcow2"
     shutil.copyfile(disk, expected)

@@ -128,6 +128,7 @@ def test_uefi_debian_guest_and_its_variables_follow_every_cycle_and_every_point(
                 "--set-fallback-no-reboot")
         assert {"SHIM_VERBOSE", "FALLBACK_VERBOSE", "FB_NO_REBOOT"} <= variables(nvram)
         a.run("sync", name)
+        b.json("status", name)      # (a view waits for the apply that follows the ack)
         kept = list(b.home.rglob("nvram/*.fd"))
         assert any(k.read_bytes() == nvram.read_bytes() for k in kept), kept
 

@@ -31,6 +31,7 @@ def _kill_with_staged_cycles(a, b, vms_disks, monkeypatch):
     for i, (vm, disk) in enumerate(vms_disks):
         qemu_io(disk, f"write -P {0x21 + i} 1M 2M", f"write -P {0x41 + i} 64M 64K")
         a.run("sync", vm)
+    b.json("status")        # (a view waits for the applies that follow the acks)
     for vm, _ in vms_disks:
         assert list((b.home / "staging" / vm).glob("cycle-*.stage")), vm
     os.kill(b.daemon_pid(), signal.SIGKILL)

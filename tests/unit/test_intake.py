@@ -30,6 +30,7 @@ from vmreplica.errors import (
 from vmreplica.qemutools import img
 from vmreplica.replica import index as rindex
 from vmreplica.replica import lifecycle, receiver
+from vmreplica.replica.applies import Applies
 from vmreplica.service.host import VMLock
 from vmreplica.service.store import Store
 from vmreplica.tracking import scan
@@ -126,6 +127,7 @@ class FakeHost:
         self.unsynced: dict = {}
         self.unapplied: set[str] = set()
         self.mirror_targets: dict = {}
+        self.applies = Applies()
         self._locks: dict[str, VMLock] = {}
 
     def event(self, kind: str, message: str, vm: str | None = None) -> None:
@@ -145,6 +147,7 @@ def host(tmp_path, monkeypatch):
     monkeypatch.setenv("VMREPLICA_CHECKPOINT_DELAY", "600")
     h = FakeHost(tmp_path)
     storage = tmp_path / "storage"
+    storage.mkdir()
     h.store.add_relationship(Relationship(
         vm=VM, id="r1", role="replica", peer="site-a", state="replicating", epoch=2,
         storage=str(storage), disks=["d0"],
@@ -171,8 +174,30 @@ def _stream(cycle=5, epoch=2, blocks=(0, 1), compression="zstd", trailer=None, *
                                                           end=end)
 
 
-def _receive(host, data: bytes, peer=PEER, vm=VM) -> dict:
-    return receiver.receive_cycle(host, peer, vm, io.BytesIO(data))
+def _receive(host, data: bytes, peer=PEER, vm=VM, acknowledge=None) -> dict:
+    return receiver.receive_cycle(host, peer, vm, io.BytesIO(data), acknowledge)
+
+
+class Acks:
+    """The daemon's early answer (transport.http.Request.answer_now): what was answered,
+    and what the replica held at that moment."""
+
+    def __init__(self, host, fail: bool = False):
+        self.host, self.fail = host, fail
+        self.sent: list[dict] = []
+        self.seen: list[dict] = []
+
+    def __call__(self, answer: dict) -> None:
+        store = self.host.store
+        self.seen.append({"staged": [r["cycle"] for r in store.staged(VM)],
+                          "stage_files": all(os.path.exists(r["path"])
+                                             for r in store.staged(VM)),
+                          "opened": len(self.host.heads.opened),
+                          "written": self.host.heads.written(),
+                          "applying": self.host.applies.active()})
+        if self.fail:
+            raise BrokenPipeError("the primary is gone")
+        self.sent.append(answer)
 
 
 def _nothing_taken(host, last_applied=4, state="replicating") -> None:
@@ -322,6 +347,121 @@ def test_a_good_cycle_is_staged_then_applied_then_acknowledged(host):
     assert stage["cycle"] == 5 and (host.home.staging / VM / "cycle-00000005.stage").exists()
     with host.vm_lock(VM):
         assert host.store.staged(VM) == [] and list((host.home.staging / VM).iterdir()) == []
+
+
+def test_a_plain_delta_is_acknowledged_once_staged_and_applied_after_the_ack(host):
+    """Given a way to answer early (the daemon's), a plain delta is acknowledged once it
+    is staged durably and before its heads are touched; the apply follows on the same
+    thread, under the VM's lock, shown as running (replica.applies) until it is
+    recorded. The answer says it was staged, not applied."""
+    acks = Acks(host)
+    data, _ = _stream(blocks=(0, 3))
+    result = _receive(host, data, acknowledge=acks)
+    (answer,) = acks.sent
+    assert (answer["vm"], answer["cycle"], answer["applied"], answer["records"]) == \
+        (VM, 5, False, 2)
+    assert acks.seen == [{"staged": [5], "stage_files": True, "opened": 0,
+                          "written": False, "applying": [VM]}]
+    # Applied right after, whole, and recorded as the plain path records it.
+    assert result["applied"] and host.applies.active() == []
+    head = _head(host)
+    assert head[:BLOCK] == _block(0) and head[3 * BLOCK:4 * BLOCK] == _block(3)
+    rel = host.store.relationship(VM)
+    assert rel.last_applied_cycle == 5
+    (row,) = host.store.cycles(VM)
+    assert (row.cycle, row.ok, row.extents) == (5, 1, 2)
+    assert [r["cycle"] for r in host.store.staged(VM)] == [5]     # until its checkpoint
+
+
+@pytest.mark.parametrize("trailer,header", [({"point": "crash"}, {}), ({"final": True}, {}),
+                                            ({}, {"verify": True})],
+                         ids=["point", "final", "verify"])
+def test_a_point_a_final_or_a_verified_cycle_is_applied_before_its_ack(host, trailer, header,
+                                                                       monkeypatch):
+    """The point freezes the head, the planned failover and the verification read it:
+    these cycles are applied (durably) first and answered by the return value."""
+    acks = Acks(host)
+    applies = []
+
+    def apply_staged(host, vm, cycle, path, records, trailer, header, durable):
+        applies.append({"acked": len(acks.sent), "durable": durable})
+        return {"records": 1}
+
+    monkeypatch.setattr(receiver, "apply_staged", apply_staged)
+    data, _ = _stream(trailer=trailer, **header)
+    answer = _receive(host, data, acknowledge=acks)
+    assert applies == [{"acked": 0, "durable": True}]
+    assert acks.sent == [] and answer["applied"]
+
+
+def test_a_storage_short_of_room_for_the_apply_applies_before_the_ack(host, monkeypatch):
+    """Without room for the cycle's bytes (and qcow2's tables) beside what the heads hold,
+    the apply comes first: a storage that fills up fails this cycle at the primary,
+    which keeps its changes."""
+    free = os.statvfs(host.store.relationship(VM).storage)
+    monkeypatch.setattr(receiver, "APPLY_MARGIN", free.f_bavail * free.f_frsize)
+    acks = Acks(host)
+    data, _ = _stream(blocks=(0,))
+    answer = _receive(host, data, acknowledge=acks)
+    assert acks.sent == [] and answer["applied"]
+
+
+def test_an_acknowledgement_that_cannot_be_sent_still_leaves_the_cycle_applied(host):
+    """The primary went away as the ack was sent: it keeps its changes and sends them
+    again; the staged cycle is applied all the same (applying twice gives the same)."""
+    data, _ = _stream(blocks=(2,))
+    _receive(host, data, acknowledge=Acks(host, fail=True))
+    assert _head(host)[2 * BLOCK:3 * BLOCK] == _block(2)
+    assert host.store.relationship(VM).last_applied_cycle == 5
+    assert host.applies.active() == []
+
+
+def test_a_failed_apply_after_the_ack_keeps_the_stage_and_nothing_reads_the_heads(
+        host, monkeypatch):
+    """Acknowledged, then the storage fills: the primary has released its changes, so the
+    stage is all there is: it stays, the VM is marked, and the next taker of the lock
+    applies it whole once there is room."""
+    monkeypatch.setattr(img, "repair", lambda head: {})
+    host.heads.room = BLOCK
+    acks = Acks(host)
+    data, _ = _stream(blocks=(0, 1, 2))
+    with pytest.raises(StorageFull, match="is full: cycle 5 is staged but not applied"):
+        _receive(host, data, acknowledge=acks)
+    assert [a["applied"] for a in acks.sent] == [False]
+    assert host.applies.active() == [] and host.unapplied == {VM}
+    assert [r["cycle"] for r in host.store.staged(VM)] == [5]
+    assert host.store.relationship(VM).last_applied_cycle == 4
+    host.heads.room = None
+    with host.vm_lock(VM):
+        head = _head(host)
+        assert [head[n * BLOCK:(n + 1) * BLOCK] == _block(n) for n in range(3)] == [True] * 3
+        assert host.store.relationship(VM).last_applied_cycle == 5
+
+
+def test_a_view_waits_for_the_apply_of_an_acknowledged_cycle():
+    """replica.applies: a view of a VM waits while an acknowledged cycle of it is being
+    applied, not for other VMs, and not beyond its bound."""
+    import threading
+    applies = Applies()
+    assert applies.wait(VM, timeout=0) and applies.wait_all(timeout=0)
+    release = threading.Event()
+    entered = threading.Event()
+
+    def apply():
+        with applies.running(VM):
+            entered.set()
+            release.wait(10)
+
+    t = threading.Thread(target=apply)
+    t.start()
+    entered.wait(10)
+    assert applies.active() == [VM]
+    assert not applies.wait(VM, timeout=0.05) and not applies.wait_all(timeout=0.05)
+    assert applies.wait("other", timeout=0)
+    release.set()
+    assert applies.wait(VM, timeout=10) and applies.wait_all(timeout=10)
+    t.join()
+    assert applies.active() == []
 
 
 def test_a_final_cycle_is_applied_durably_and_allows_a_planned_failover(host):

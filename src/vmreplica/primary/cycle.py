@@ -148,7 +148,7 @@ def run_cycle(host, vm: str, mode: str = "delta", verify: bool = False,
                         op.phase = "verifying the replica"
                     differs = _verify(point, disks, answer) if verify else []
                     session.end_pause()
-                    clock.mark("read, ship, replica stages + applies + acks")
+                    clock.mark("read, ship, replica stages + acks (a point: applies first)")
                 except BaseException:
                     point.close()
                     try:

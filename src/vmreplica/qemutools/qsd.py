@@ -7,12 +7,14 @@ into a replica head. Closed with QMP ``quit`` so persistent bitmaps are stored c
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import socket
 import stat
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Self
@@ -297,10 +299,25 @@ def reap(run_dir: Path, timeout: float = 15.0) -> list[int]:
     return stopped
 
 
+@functools.cache
+def io_uring_works() -> bool:
+    """Whether QEMU here opens a file with ``aio=io_uring`` (built with liburing, on a
+    kernel that allows it: ``kernel.io_uring_disabled``). Asked once, of qemu-img."""
+    with tempfile.NamedTemporaryFile(prefix="vmr-aio-") as f:
+        f.truncate(4096)
+        proc = subprocess.run(["qemu-img", "info", "--image-opts",
+                               f"driver=file,filename={f.name},aio=io_uring"],
+                              capture_output=True, text=True, timeout=60)
+    if proc.returncode:
+        log.info("aio=io_uring is not available here (%s): buffered head writes use "
+                 "QEMU's thread pool", proc.stderr.strip())
+    return proc.returncode == 0
+
+
 def qcow2_node(path: Path | str, node: str, read_only: bool = False,
                backing: str | None | bool = True,
                direct: bool = False, flush: bool = True,
-               write_log: str | None = None) -> list[dict]:
+               write_log: str | None = None, aio: str | None = None) -> list[dict]:
     """The blockdevs (file + qcow2) that open ``path`` as node ``node``.
 
     No ``preallocate`` filter: QEMU 7.2's (Debian 12) loses data when concurrent writes
@@ -316,6 +333,8 @@ def qcow2_node(path: Path | str, node: str, read_only: bool = False,
 
     With ``direct`` the file is opened O_DIRECT (``cache.direct``, Linux native AIO): no
     copy into the page cache and nothing left dirty for the flush (see heads.py).
+    Otherwise ``aio`` chooses how the file's buffered I/O is done (None: QEMU's thread
+    pool; ``io_uring``: io_uring_works).
 
     Without ``flush`` a flush request writes qcow2's cached metadata into the file but
     does not fdatasync it (``cache.no-flush``). That also voids qcow2's own write order
@@ -335,6 +354,8 @@ def qcow2_node(path: Path | str, node: str, read_only: bool = False,
     if direct:
         cache["direct"] = True
         file_node["aio"] = "native"
+    elif aio:
+        file_node["aio"] = aio
     if not flush and not read_only:
         cache["no-flush"] = True
     if cache:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..errors import OperationError
 from ..qemutools import img, nbdio
-from ..qemutools.qsd import StorageDaemon, qcow2_node
+from ..qemutools.qsd import StorageDaemon, io_uring_works, qcow2_node
 
 log = logging.getLogger("vmreplica.replica")
 
@@ -104,9 +104,10 @@ class HeadServer:
         self.direct = direct
         blockdevs, exports = [], []
         for i, head in enumerate(self.heads):
-            blockdevs += qcow2_node(head, f"h{i}",
-                                    direct=direct and direct_io_works(head),
-                                    write_log=_new_write_log(head))
+            o_direct = direct and direct_io_works(head)
+            blockdevs += qcow2_node(head, f"h{i}", direct=o_direct,
+                                    write_log=_new_write_log(head),
+                                    aio=None if o_direct or not io_uring_works() else "io_uring")
             exports.append({"type": "nbd", "id": f"e{i}", "node-name": f"h{i}",
                             "name": f"h{i}", "writable": True})
         self.qsd = StorageDaemon(run_dir, f"hd-{_short(vm)}", blockdevs, exports).start()

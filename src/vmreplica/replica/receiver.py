@@ -1,13 +1,16 @@
-"""The intake of a cycle on the replica: parse, stage, apply, acknowledge.
+"""The intake of a cycle on the replica: parse, stage, acknowledge, apply.
 
 A cycle is staged durably first (records written as they arrive, each verified, then
-fsync + rename + directory fsync + a row in the state store), applied into the heads and
-flushed to the disk (replica.staged), and only then acknowledged; the hash index's
-fdatasync, the synced record of the apply and the stage's removal follow the ack
-(replica.checkpoint). At start-up every staged cycle still listed is applied again
-before the daemon serves anything (replica.recovery; invariant 1: no torn head). An
-initial copy or a resync (nothing consistent to protect yet) is applied as it streams
-in.
+fsync + rename + directory fsync + a synced row in the state store); a plain delta is
+acknowledged then, and applied into the heads and flushed to the disk right after, on
+the same thread and under the VM's lock (replica.applies: what takes the lock or shows
+the VM waits for it). A cycle that makes a recovery point, a planned failover's last
+and a verified one are applied before their ack (the point, the failover and the
+verification read the heads). The hash index's fdatasync, the synced record of the apply
+and the stage's removal follow later (replica.checkpoint). At start-up every staged
+cycle still listed is applied again before the daemon serves anything
+(replica.recovery; invariant 1: no torn head). An initial copy or a resync (nothing
+consistent to protect yet) is applied as it streams in.
 
 The replica's other entry points live with their concerns: a relationship's life
 (replica.lifecycle), its removal (replica.removal), start-up recovery and the redo of
@@ -16,8 +19,12 @@ staged cycles (replica.recovery).
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import time
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 from ..domain.states import State
@@ -30,6 +37,8 @@ from . import checks, mirror, unapplied
 from . import index as rindex
 from . import store as rstore
 from .staged import apply_staged, manifest_of, record_applied, write_heads
+
+log = logging.getLogger("vmreplica.replica")
 
 
 class _Tee:
@@ -48,13 +57,17 @@ class _Tee:
 
 
 KEEP_IN_MEMORY = 256 << 20  # a staged delta up to this size is applied from memory
+APPLY_MARGIN = 64 << 20     # room beyond a cycle's bytes for an ack before the apply
 
 
-def receive_cycle(host, peer: dict, vm: str, body) -> dict:
-    """Receive one cycle. A delta is verified and staged durably, then applied, then
-    acknowledged, then checkpointed (replica.checkpoint); an initial copy
-    (nothing consistent to protect yet) is applied as it streams in, and the replica
-    counts as seeded only once all of it is verified and synced."""
+def receive_cycle(host, peer: dict, vm: str, body,
+                  acknowledge: Callable[[dict], None] | None = None) -> dict:
+    """Receive one cycle. A delta is verified and staged durably, then (plain) sent to
+    ``acknowledge`` and applied, or (a point, a planned failover's last, verified)
+    applied and returned as the answer; checkpointed later (replica.checkpoint). An
+    initial copy (nothing consistent to protect yet) is applied as it streams in, and
+    the replica counts as seeded only once all of it is verified and synced. Without
+    ``acknowledge`` every delta is applied before it is answered."""
     rel = checks.own_relationship(host, peer, vm)
     reader = wire.CycleReader(body.read, pool=POOL)
     header = reader.start()
@@ -63,13 +76,16 @@ def receive_cycle(host, peer: dict, vm: str, body) -> dict:
     lock = host.vm_lock(vm)
     # An initial copy or a resync rewrites the heads whatever they hold: it does not wait
     # for a staged cycle that cannot be applied (it supersedes it, below).
-    with (lock if kind == "delta" else lock.as_is()):
+    # (``applying``: a delta acknowledged before its apply is shown as being applied
+    # until its history row is written too.)
+    with (lock if kind == "delta" else lock.as_is()), ExitStack() as applying:
         # A cycle means the primary is catching up (continuous mode dropped to cycles).
         mirror.close_target(host, vm)
         row = host.store.start_cycle(vm, cycle, kind)   # the replica's cycle history
         try:
             if kind == "delta":
-                result = _receive_delta(host, vm, cycle, reader, body)
+                result = _receive_delta(host, vm, cycle, reader, body, acknowledge,
+                                        applying)
             else:
                 result = receive_initial(host, vm, cycle, reader)
         except Exception as e:
@@ -123,7 +139,8 @@ def receive_initial(host, vm: str, cycle: int, reader: wire.CycleReader) -> dict
             **manifest_of(rel, stats)}
 
 
-def _receive_delta(host, vm: str, cycle: int, reader: wire.CycleReader, body) -> dict:
+def _receive_delta(host, vm: str, cycle: int, reader: wire.CycleReader, body,
+                   acknowledge: Callable[[dict], None] | None, applying: ExitStack) -> dict:
     sdir = host.home.staging / vm
     sdir.mkdir(parents=True, exist_ok=True)
     part = sdir / f"incoming-{cycle:08d}-{time.monotonic_ns()}.part"
@@ -160,12 +177,23 @@ def _receive_delta(host, vm: str, cycle: int, reader: wire.CycleReader, body) ->
         settle.join()
     host.store.add_staged(vm, cycle, str(final))
     t_staged = time.monotonic()
-    # Checkpointed after the ack (replica.checkpoint) unless the cycle makes a recovery point
-    # (a point freezes the head as it is on disk) or is a planned failover's last.
-    # (--verify reads the heads whole anyway.)
+    # Checkpointed later (replica.checkpoint) unless the cycle makes a recovery point (a
+    # point freezes the head as it is on disk) or is a planned failover's last; these
+    # two and a verified cycle (its answer holds the heads' digests) are applied before
+    # their ack, the others acknowledged now: staged durably, they survive a power cut.
     trailer = reader.trailer or {}
     assert reader.header is not None                # (started by the caller)
     durable = bool(trailer.get("point") or trailer.get("final") or reader.header.get("verify"))
+    staged = {"vm": vm, "cycle": cycle, "records": trailer.get("records", 0),
+              "receive_seconds": round(t_recv - t_start, 4),
+              "stage_seconds": round(t_staged - t_recv, 4)}
+    if acknowledge is not None and not durable and _room_to_apply(rel.storage, reader.raw_bytes):
+        applying.enter_context(host.applies.running(host.lock_key(vm)))
+        try:
+            acknowledge({**staged, "applied": False})
+        except OSError as e:
+            # The primary may not have it: it sends these changes again; applied anyway.
+            log.info("the acknowledgement of %s cycle %d was not delivered: %s", vm, cycle, e)
     try:
         result = apply_staged(host, vm, cycle, final, kept, reader.trailer, reader.header,
                               durable=durable)
@@ -175,10 +203,20 @@ def _receive_delta(host, vm: str, cycle: int, reader: wire.CycleReader, body) ->
         raise unapplied.mark(host, vm, cycle, final, e) from None
     for rec in kept or ():
         POOL.put(rec.payload)      # applied and flushed: the next cycle's buffers
-    result.update(receive_seconds=round(t_recv - t_start, 4),
-                  stage_seconds=round(t_staged - t_recv, 4),
-                  apply_seconds=round(time.monotonic() - t_staged, 4))
-    return {"vm": vm, "cycle": cycle, "applied": True, **result}
+    return {**staged, "applied": True, **result,
+            "apply_seconds": round(time.monotonic() - t_staged, 4)}
+
+
+def _room_to_apply(storage: str, raw_bytes: int) -> bool:
+    """Whether the replica's storage surely holds what applying ``raw_bytes`` allocates
+    (every byte new, plus qcow2's tables). If not, the cycle is applied before its ack,
+    so that a storage that fills up fails this cycle, at the primary too, and the
+    primary keeps its changes (instead of hearing of it at its next cycle)."""
+    try:
+        free = shutil.disk_usage(storage).free
+    except OSError:
+        return False
+    return free >= raw_bytes + raw_bytes // 32 + APPLY_MARGIN
 
 
 def _fsync_dir(d: Path) -> None:

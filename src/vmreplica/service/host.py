@@ -43,6 +43,8 @@ class Host:
         self.activity = Activity()   # what runs now (cycles, probes): for progress
         from ..replica.heads import HeadServers
         self.heads = HeadServers(home.run)
+        from ..replica.applies import Applies
+        self.applies = Applies()    # acknowledged cycles being applied (views wait for them)
         self.mirror_targets: dict = {}     # vm → replica.mirror.MirrorTarget
         from ..primary.continuous import Continuous
         self.continuous = Continuous(self)
@@ -121,6 +123,7 @@ class Host:
     def close(self) -> None:
         from ..replica import checkpoint
         from ..replica.mirror import close_target
+        self.applies.wait_all()     # (what is cut short is staged: redone at the next start)
         checkpoint.settle_all(self)
         for vm in list(self.mirror_targets):
             close_target(self, vm, keep_open_flag=True)   # reopened at the next start

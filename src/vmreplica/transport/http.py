@@ -39,6 +39,20 @@ class Request:
         self.headers = handler.headers
         self.peer_fingerprint: str | None = getattr(handler, "peer_fingerprint", None)
         self._reader: BodyReader | None = None
+        self.answered = False
+
+    def answer_now(self, data: dict) -> None:
+        """Send the JSON answer ``data`` now and let the route go on working (the replica
+        acknowledges a staged cycle, then applies it). What the route returns is then
+        not sent, and an error it raises afterwards is logged: the client has its
+        answer. The connection closes when the route ends."""
+        h = self.handler
+        if self._reader is not None and not self._reader.done:
+            h._drain(self)                   # (the chunked body's last, empty chunk)
+        h.close_connection = True
+        self.answered = True                 # (once: a failed send is not sent again)
+        h._send_json(200, data)
+        h.wfile.flush()
 
     def body(self) -> BodyReader:
         """The request body as a stream with ``read(n)`` (Content-Length or chunked)."""
@@ -209,14 +223,15 @@ class Handler(BaseHTTPRequestHandler):
         req = Request(self, params)
         try:
             result = fn(req)
-        except errors.VmreplicaError as e:
-            self._drain(req)
-            return self._send_json(_STATUS.get(e.code, 500), {"error": e.to_json()})
-        except Exception as e:  # noqa: BLE001 — the daemon must answer, not die
-            log.exception("internal error on %s %s", self.command, self.path)
-            self._drain(req)
-            return self._send_json(500, {"error": {"code": "error",
-                                                   "message": f"internal error: {e}"}})
+        except Exception as e:  # noqa: BLE001 — answered, or the error is the answer
+            if not req.answered:
+                return self._failed(req, e)
+            log.error("%s %s failed after its answer: %s", self.command, self.path,
+                      getattr(e, "message", None) or e, exc_info=not isinstance(
+                          e, errors.VmreplicaError))
+            return None
+        if req.answered:
+            return None
         if req._reader is not None and not req._reader.done:
             # Consume what is left of the body (a chunked stream's last, empty chunk):
             # closing with unread bytes makes TCP reset the connection, and the client
@@ -230,6 +245,16 @@ class Handler(BaseHTTPRequestHandler):
         if isinstance(result, (dict, list)):
             return self._send_json(200, result)
         return self._send_stream(result)
+
+    def _failed(self, req: Request, e: Exception) -> None:
+        """A route raised before answering: the error as JSON (an unexpected one logged)."""
+        if not isinstance(e, errors.VmreplicaError):   # the daemon must answer, not die
+            log.error("internal error on %s %s", self.command, self.path, exc_info=e)
+        self._drain(req)
+        if isinstance(e, errors.VmreplicaError):
+            return self._send_json(_STATUS.get(e.code, 500), {"error": e.to_json()})
+        return self._send_json(500, {"error": {"code": "error",
+                                               "message": f"internal error: {e}"}})
 
     def _drain(self, req: Request) -> None:
         """After an error, read what is left of the body (small) or close the connection."""

@@ -53,7 +53,9 @@ def replication_routes(host) -> Router:
     def cycle(req):
         peer = trust.require_peer(host, req.peer_fingerprint)
         removal.refuse_if_removed(host, peer, req.params["vm"])
-        return receiver.receive_cycle(host, peer, req.params["vm"], req.body())
+        # (a plain delta is acknowledged once staged, then applied: req.answer_now)
+        return receiver.receive_cycle(host, peer, req.params["vm"], req.body(),
+                                      acknowledge=req.answer_now)
 
     @r.route("POST", "/v1/replica/relationships/{vm}/adopt")
     def replica_adopt(req):

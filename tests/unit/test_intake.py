@@ -406,6 +406,18 @@ def test_a_storage_short_of_room_for_the_apply_applies_before_the_ack(host, monk
     assert acks.sent == [] and answer["applied"]
 
 
+def test_a_cycle_too_large_to_keep_in_memory_is_applied_before_the_ack(host, monkeypatch):
+    """A catch-up too large to hold is applied from its stage before it is answered: the
+    views of a VM wait for an apply after an ack, which is kept short."""
+    monkeypatch.setattr(receiver, "KEEP_IN_MEMORY", BLOCK)
+    acks = Acks(host)
+    data, _ = _stream(blocks=(0, 1, 2))
+    answer = _receive(host, data, acknowledge=acks)
+    assert acks.sent == [] and answer["applied"]
+    head = _head(host)
+    assert [head[n * BLOCK:(n + 1) * BLOCK] == _block(n) for n in range(3)] == [True] * 3
+
+
 def test_an_acknowledgement_that_cannot_be_sent_still_leaves_the_cycle_applied(host):
     """The primary went away as the ack was sent: it keeps its changes and sends them
     again; the staged cycle is applied all the same (applying twice gives the same)."""

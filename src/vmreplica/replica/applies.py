@@ -1,14 +1,15 @@
 """Delta cycles acknowledged once staged whose apply is still running, by VM.
 
-A plain delta cycle (no recovery point, not a planned failover's last, not verified) is
-acknowledged as soon as it is staged durably (replica.receiver): the primary releases its
-tracking point and is done, and the apply into the heads follows on the same thread,
-under the VM's lock. Everything that operates on the heads takes that lock and so waits
-for the apply (a failover, a recovery point, the next cycle, a removal); the views of a
-VM (``vm show``, ``status``, ``measure``, the points) do not take the lock (an initial
-copy holds it for hours) and wait here instead, so that nobody sees a VM's replica as
-of before a cycle it has acknowledged. A crash during the apply loses nothing: the
-stage is applied again at start-up (replica.recovery, invariant 1).
+A plain delta cycle (no recovery point, not a planned failover's last, not verified, up
+to 256 MiB, with room for it in the replica's storage) is acknowledged as soon as it is
+staged durably (replica.receiver): the primary releases its tracking point and is done,
+and the apply into the heads follows on the same thread, under the VM's lock.
+Everything that operates on the heads takes that lock and so waits for the apply (a
+failover, a recovery point, the next cycle, a removal); the views of a VM (``vm show``,
+``status``, ``measure``, the points) do not take the lock (an initial copy holds it for
+hours) and wait here instead, so that nobody sees a VM's replica as of before a cycle
+it has acknowledged. A crash during the apply loses nothing: the stage is applied again
+at start-up (replica.recovery, invariant 1).
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ acknowledged then, and applied into the heads and flushed to the disk right afte
 the same thread and under the VM's lock (replica.applies: what takes the lock or shows
 the VM waits for it). A cycle that makes a recovery point, a planned failover's last
 and a verified one are applied before their ack (the point, the failover and the
-verification read the heads). The hash index's fdatasync, the synced record of the apply
+verification read the heads), and so are a cycle too large to keep in memory and one
+the replica's storage may not have room for. The hash index's fdatasync, the synced record of the apply
 and the stage's removal follow later (replica.checkpoint). At start-up every staged
 cycle still listed is applied again before the daemon serves anything
 (replica.recovery; invariant 1: no torn head). An initial copy or a resync (nothing
@@ -187,7 +188,11 @@ def _receive_delta(host, vm: str, cycle: int, reader: wire.CycleReader, body,
     staged = {"vm": vm, "cycle": cycle, "records": trailer.get("records", 0),
               "receive_seconds": round(t_recv - t_start, 4),
               "stage_seconds": round(t_staged - t_recv, 4)}
-    if acknowledge is not None and not durable and _room_to_apply(rel.storage, reader.raw_bytes):
+    # A cycle too large to keep in memory (a catch-up after a long cut) is applied before
+    # its ack too: the apply after an ack is what the VM's views wait for, so it is kept
+    # short (KEEP_IN_MEMORY: 256 MiB, about a second).
+    if acknowledge is not None and not durable and kept is not None and \
+            _room_to_apply(rel.storage, reader.raw_bytes):
         applying.enter_context(host.applies.running(host.lock_key(vm)))
         try:
             acknowledge({**staged, "applied": False})

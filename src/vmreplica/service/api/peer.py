@@ -142,6 +142,7 @@ def replication_routes(host) -> Router:
         rel = host.store.relationship(req.params["vm"])
         if rel is None or rel.peer != peer["name"]:
             raise Refused(f"{host.name} holds no replica of {req.params['vm']} for {peer['name']}")
+        host.applies.wait(host.lock_key(req.params["vm"]))   # (an acknowledged cycle's apply)
         return {"points": rpoints.listing(host, req.params["vm"])}
 
     @r.route("GET", "/v1/replica/relationships/{vm}/manifest")

@@ -5,7 +5,9 @@ crash-state harness does) leaves the fdatasync to its caller."""
 
 from __future__ import annotations
 
-from vmreplica.qemutools.qsd import qcow2_node
+from pathlib import Path
+
+from vmreplica.qemutools.qsd import io_uring_works, qcow2_node
 from vmreplica.replica.heads import direct_io_works, write_log_stem
 
 
@@ -24,6 +26,26 @@ def test_a_head_node_stack():
     assert nodes[1]["file"] == "h0-file"
     plain = qcow2_node("/x/base.qcow2", "b", read_only=True)
     assert [n["driver"] for n in plain] == ["file", "qcow2"] and "cache" not in plain[0]
+
+
+def test_a_buffered_head_node_takes_the_aio_it_is_given_a_direct_one_native():
+    """A delta's heads (buffered) use io_uring where QEMU can (HeadServer asks
+    io_uring_works); an O_DIRECT head keeps native AIO whatever is asked."""
+    assert qcow2_node("/x/head.qcow2", "h0", aio="io_uring")[0]["aio"] == "io_uring"
+    assert "aio" not in qcow2_node("/x/head.qcow2", "h0")[0]           # QEMU's threads
+    assert qcow2_node("/x/head.qcow2", "h0", direct=True, aio="io_uring")[0]["aio"] == "native"
+
+
+def test_io_uring_is_asked_of_this_qemu_once():
+    """The answer is what qemu-img says of aio=io_uring on this kernel (Debian 12's QEMU
+    is built with liburing; the tests run as root, so only io_uring_disabled=2 refuses
+    it), and it is cached."""
+    sysctl = Path("/proc/sys/kernel/io_uring_disabled")
+    allowed = not sysctl.exists() or sysctl.read_text().strip() != "2"
+    io_uring_works.cache_clear()
+    assert io_uring_works() is allowed
+    assert io_uring_works.cache_info().misses == 1 and io_uring_works() is io_uring_works()
+    assert io_uring_works.cache_info().hits >= 1
 
 
 def test_a_head_node_without_flush_leaves_the_fdatasync_to_the_caller():

@@ -7,11 +7,11 @@ the same thread and under the VM's lock (replica.applies: what takes the lock or
 the VM waits for it). A cycle that makes a recovery point, a planned failover's last
 and a verified one are applied before their ack (the point, the failover and the
 verification read the heads), and so are a cycle too large to keep in memory and one
-the replica's storage may not have room for. The hash index's fdatasync, the synced record of the apply
-and the stage's removal follow later (replica.checkpoint). At start-up every staged
-cycle still listed is applied again before the daemon serves anything
-(replica.recovery; invariant 1: no torn head). An initial copy or a resync (nothing
-consistent to protect yet) is applied as it streams in.
+the replica's storage may not have room for. The hash index's fdatasync, the synced
+record of the apply and the stage's removal follow later (replica.checkpoint). At
+start-up every staged cycle still listed is applied again before the daemon serves
+anything (replica.recovery; invariant 1: no torn head). An initial copy or a resync
+(nothing consistent to protect yet) is applied as it streams in.
 
 The replica's other entry points live with their concerns: a relationship's life
 (replica.lifecycle), its removal (replica.removal), start-up recovery and the redo of

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -194,7 +195,7 @@ class Acks:
                                              for r in store.staged(VM)),
                           "opened": len(self.host.heads.opened),
                           "written": self.host.heads.written(),
-                          "applying": self.host.applies.active()})
+                          "applying": not self.host.applies.wait(VM, timeout=0)})
         if self.fail:
             raise BrokenPipeError("the primary is gone")
         self.sent.append(answer)
@@ -361,9 +362,9 @@ def test_a_plain_delta_is_acknowledged_once_staged_and_applied_after_the_ack(hos
     assert (answer["vm"], answer["cycle"], answer["applied"], answer["records"]) == \
         (VM, 5, False, 2)
     assert acks.seen == [{"staged": [5], "stage_files": True, "opened": 0,
-                          "written": False, "applying": [VM]}]
+                          "written": False, "applying": True}]
     # Applied right after, whole, and recorded as the plain path records it.
-    assert result["applied"] and host.applies.active() == []
+    assert result["applied"] and host.applies.wait(VM, timeout=0)
     head = _head(host)
     assert head[:BLOCK] == _block(0) and head[3 * BLOCK:4 * BLOCK] == _block(3)
     rel = host.store.relationship(VM)
@@ -371,6 +372,41 @@ def test_a_plain_delta_is_acknowledged_once_staged_and_applied_after_the_ack(hos
     (row,) = host.store.cycles(VM)
     assert (row.cycle, row.ok, row.extents) == (5, 1, 2)
     assert [r["cycle"] for r in host.store.staged(VM)] == [5]     # until its checkpoint
+
+
+def test_before_the_ack_the_stage_is_synced_renamed_its_folder_synced_and_its_row_committed(
+        host, tmp_path, monkeypatch):
+    """An ack before the apply stands on the stage alone: at the moment of the ack its
+    bytes were fsynced (as the .part file), the rename made durable by the staging
+    folder's fsync, and its row committed (seen from another connection; the store
+    commits with synchronous=FULL outside Store.unsynced). The heads are not touched."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    at_ack: list[dict] = []
+
+    def acknowledge(answer: dict) -> None:
+        import sqlite3
+        db = sqlite3.connect(f"file:{tmp_path / 'state.db'}?mode=ro", uri=True)
+        try:
+            rows = db.execute("SELECT cycle, path FROM staged_cycles").fetchall()
+        finally:
+            db.close()
+        at_ack.append({"synced": list(synced), "rows": rows,
+                       "written": host.heads.written()})
+
+    _receive(host, _stream()[0], acknowledge=acknowledge)
+    stage = host.home.staging / VM / "cycle-00000005.stage"
+    (seen,) = at_ack
+    assert [Path(p).name.startswith("incoming-00000005-") and p.endswith(".part")
+            for p in seen["synced"][:1]] == [True]
+    assert seen["synced"][1:] == [str(stage.parent)]
+    assert seen["rows"] == [(5, str(stage))] and seen["written"] is False
 
 
 @pytest.mark.parametrize("trailer,header", [({"point": "crash"}, {}), ({"final": True}, {}),
@@ -425,7 +461,7 @@ def test_an_acknowledgement_that_cannot_be_sent_still_leaves_the_cycle_applied(h
     _receive(host, data, acknowledge=Acks(host, fail=True))
     assert _head(host)[2 * BLOCK:3 * BLOCK] == _block(2)
     assert host.store.relationship(VM).last_applied_cycle == 5
-    assert host.applies.active() == []
+    assert host.applies.wait(VM, timeout=0)
 
 
 def test_a_failed_apply_after_the_ack_keeps_the_stage_and_nothing_reads_the_heads(
@@ -440,7 +476,7 @@ def test_a_failed_apply_after_the_ack_keeps_the_stage_and_nothing_reads_the_head
     with pytest.raises(StorageFull, match="is full: cycle 5 is staged but not applied"):
         _receive(host, data, acknowledge=acks)
     assert [a["applied"] for a in acks.sent] == [False]
-    assert host.applies.active() == [] and host.unapplied == {VM}
+    assert host.applies.wait(VM, timeout=0) and host.unapplied == {VM}
     assert [r["cycle"] for r in host.store.staged(VM)] == [5]
     assert host.store.relationship(VM).last_applied_cycle == 4
     host.heads.room = None
@@ -467,13 +503,13 @@ def test_a_view_waits_for_the_apply_of_an_acknowledged_cycle():
     t = threading.Thread(target=apply)
     t.start()
     entered.wait(10)
-    assert applies.active() == [VM]
+    assert not applies.wait(VM, timeout=0)
     assert not applies.wait(VM, timeout=0.05) and not applies.wait_all(timeout=0.05)
     assert applies.wait("other", timeout=0)
     release.set()
     assert applies.wait(VM, timeout=10) and applies.wait_all(timeout=10)
     t.join()
-    assert applies.active() == []
+    assert applies.wait(VM, timeout=0) and applies.wait_all(timeout=0)
 
 
 def test_a_final_cycle_is_applied_durably_and_allows_a_planned_failover(host):

@@ -41,10 +41,6 @@ class Applies:
                     del self._running[key]
             done.set()
 
-    def active(self) -> list[str]:
-        with self._guard:
-            return sorted(self._running)
-
     def wait(self, key: str, timeout: float = WAIT) -> bool:
         """Wait until VM ``key`` has no acknowledged cycle being applied (True), or
         ``timeout`` seconds (False)."""

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -217,11 +216,8 @@ def _room_to_apply(storage: str, raw_bytes: int) -> bool:
     (every byte new, plus qcow2's tables). If not, the cycle is applied before its ack,
     so that a storage that fills up fails this cycle, at the primary too, and the
     primary keeps its changes (instead of hearing of it at its next cycle)."""
-    try:
-        free = shutil.disk_usage(storage).free
-    except OSError:
-        return False
-    return free >= raw_bytes + raw_bytes // 32 + APPLY_MARGIN
+    free = unapplied.free_space(storage)
+    return free is not None and free >= raw_bytes + raw_bytes // 32 + APPLY_MARGIN
 
 
 def _fsync_dir(d: Path) -> None:

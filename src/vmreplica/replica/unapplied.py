@@ -31,7 +31,8 @@ from ..errors import Conflict, OperationError, StorageFull, VmreplicaError
 MiB = 1 << 20
 
 
-def _space(storage: str) -> int | None:
+def free_space(storage: str) -> int | None:
+    """The bytes free on the file system of ``storage`` (None: it cannot be read)."""
     try:
         return shutil.disk_usage(storage).free
     except OSError:
@@ -51,7 +52,7 @@ def mark(host, vm: str, cycle: int, stage: Path | str | None,
             needed = os.path.getsize(stage)
         except OSError:
             pass
-    free = _space(storage)
+    free = free_space(storage)
     reason = getattr(error, "message", None) or str(error) or type(error).__name__
     if isinstance(error, StorageFull):
         message = (f"the replica storage {storage} on {host.name} is full: cycle {cycle} is "
@@ -90,7 +91,7 @@ def refusal(host, vm: str, error: BaseException) -> VmreplicaError:
     rel = host.store.relationship(vm)
     pending = (rel.apply_pending if rel else None) or {}
     message = pending.get("error") or (getattr(error, "message", None) or str(error))
-    free = _space(pending["storage"]) if pending.get("storage") else None
+    free = free_space(pending["storage"]) if pending.get("storage") else None
     if pending.get("code") == StorageFull.code:
         pending = dict(pending, free_bytes=free)
         host.store.update_relationship(vm, apply_pending=pending)

@@ -1,6 +1,6 @@
 """What the two APIs share, and the dashboard runs too: a yes/no flag of a request's
 query, and the recovery points and failover actions the management API's routes and the
-dashboard's actions (web.actions) both call.
+dashboard's actions (web.actions) both call, and the wait of a view for an acknowledged cycle's apply.
 """
 
 from __future__ import annotations
@@ -15,6 +15,16 @@ from ...transport.http import Request
 
 def flag(req: Request, name: str) -> bool:
     return req.query.get(name, "") in ("1", "true", "yes")
+
+
+def settled(host, vm: str | None) -> None:
+    """Before a view of ``vm`` (of every VM: None): the apply of a cycle this replica has
+    acknowledged, waited for (replica.applies), so that no view shows the replica as it
+    was before a cycle it acknowledged."""
+    if vm:
+        host.applies.wait(host.lock_key(vm))
+    else:
+        host.applies.wait_all()
 
 
 def recovery_points(host, vm: str) -> list[dict]:

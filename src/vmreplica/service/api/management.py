@@ -19,19 +19,11 @@ from ...primary import relationship as prim
 from ...primary import resync
 from ...transport.http import Router
 from .. import monitor, operations, trust, vms
-from .common import failover, flag, recovery_points
+from .common import failover, flag, recovery_points, settled
 
 
 def management_routes(host, daemon) -> Router:
     r = Router()
-
-    def settled(vm: str | None) -> None:
-        """A view of a VM (all VMs: None) waits for the apply of a cycle this replica
-        has acknowledged (replica.applies): it never shows the replica as before it."""
-        if vm:
-            host.applies.wait(host.lock_key(vm))
-        else:
-            host.applies.wait_all()
 
     @r.route("GET", "/v1/ping")
     def ping(req):
@@ -165,7 +157,7 @@ def management_routes(host, daemon) -> Router:
 
     @r.route("GET", "/v1/vms/{name}")
     def vm_show(req):
-        settled(req.params["name"])
+        settled(host, req.params["name"])
         return vms.show(host, req.params["name"])
 
     @r.route("POST", "/v1/vms/{name}/start")
@@ -261,7 +253,7 @@ def management_routes(host, daemon) -> Router:
 
     @r.route("GET", "/v1/relationships/{vm}/points")
     def points_list(req):
-        settled(req.params["vm"])
+        settled(host, req.params["vm"])
         return {"points": recovery_points(host, req.params["vm"])}
 
     @r.route("POST", "/v1/relationships/{vm}/failover")
@@ -309,7 +301,7 @@ def management_routes(host, daemon) -> Router:
 
     @r.route("GET", "/v1/status")
     def status(req):
-        settled(req.query.get("vm"))
+        settled(host, req.query.get("vm"))
         return {"host": host.name, "relationships": monitor.status(host, req.query.get("vm"))}
 
     @r.route("GET", "/v1/relationships/{vm}/measure")
@@ -317,7 +309,7 @@ def management_routes(host, daemon) -> Router:
         hours = req.query.get("hours")
         if hours is not None and (not str(hours).isdigit() or not 1 <= int(hours) <= 90 * 24):
             raise UsageError(f"invalid hours {hours!r}", hint="a whole number, 1 to 2160")
-        settled(req.params["vm"])
+        settled(host, req.params["vm"])
         return monitor.measure_vm(host, req.params["vm"],
                                   int(hours) if hours else monitor.HISTORY_HOURS)
 

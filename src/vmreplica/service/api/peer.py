@@ -16,7 +16,7 @@ from ...replica import points as rpoints
 from ...replica import reverse as rreverse
 from ...transport.http import Request, Router
 from .. import trust
-from .common import flag
+from .common import flag, settled
 
 
 def _epoch(req: Request) -> int:
@@ -142,7 +142,7 @@ def replication_routes(host) -> Router:
         rel = host.store.relationship(req.params["vm"])
         if rel is None or rel.peer != peer["name"]:
             raise Refused(f"{host.name} holds no replica of {req.params['vm']} for {peer['name']}")
-        host.applies.wait(host.lock_key(req.params["vm"]))   # (an acknowledged cycle's apply)
+        settled(host, req.params["vm"])
         return {"points": rpoints.listing(host, req.params["vm"])}
 
     @r.route("GET", "/v1/replica/relationships/{vm}/manifest")
